@@ -1,0 +1,75 @@
+"""Pure tensor math for compression: truncated SVD, rank rules, spectra.
+
+Everything here takes tensors (or numbers) and returns tensors (or numbers): no modules, no
+recipe objects, so each formula can be tested alone against an independent computation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values of a 2-D matrix, descending, computed in float64 for stable energy sums."""
+    return torch.linalg.svdvals(matrix.detach().to(torch.float64))
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest rank r whose truncation keeps at least `energy` of sum(s^2).
+
+    `energy` is a fraction in (0, 1]. A zero matrix has rank 1 by convention (a factorization
+    needs at least one component).
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    squares = singular_values.to(torch.float64) ** 2
+    total = squares.sum()
+    if total <= 0:
+        return 1
+    kept = torch.cumsum(squares, 0) / total
+    # A tiny slack so that energy=1.0 is reached despite rounding in the cumulative sum.
+    rank = int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+    return min(rank, singular_values.numel())
+
+
+def energy_kept(singular_values: torch.Tensor, rank: int) -> float:
+    """Fraction of sum(s^2) kept by the rank-`rank` truncation."""
+    squares = singular_values.to(torch.float64) ** 2
+    total = float(squares.sum())
+    return 1.0 if total == 0 else float(squares[:rank].sum()) / total
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Entropy effective rank exp(H(p)), p = s / sum(s) (Roy and Vetterli, 2007)."""
+    s = singular_values.to(torch.float64)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+def rank_for_param_ratio(rows: int, cols: int, ratio: float) -> int:
+    """Largest rank whose two factors hold at most `ratio` of a dense rows x cols matrix's entries.
+
+    r (rows + cols) <= ratio * rows * cols; at least 1.
+    """
+    if ratio <= 0:
+        raise ValueError(f"ratio must be positive, got {ratio}")
+    return max(1, math.floor(ratio * rows * cols / (rows + cols)))
+
+
+def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the best rank-`rank` approximation of `matrix` (m, n) into B (m, r) @ A (r, n).
+
+    The singular values are shared as sqrt(S) on both sides, so neither factor dominates in scale
+    (which keeps fine-tuning of the two factors well conditioned).
+    """
+    work = matrix.detach().to(torch.float64)
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    root = torch.sqrt(s[:rank])
+    first = root[:, None] * vh[:rank]  # A: (r, n)
+    second = u[:, :rank] * root[None, :]  # B: (m, r)
+    return first.to(matrix.dtype), second.to(matrix.dtype)

@@ -1,0 +1,172 @@
+"""The method lifecycle shared by every compression method, and target selection.
+
+A method is one file: a pydantic `Stage` schema (its recipe parameters) and a `Method` subclass.
+The pipeline drives every method the same way:
+
+    plan(model, profile)     -> per-layer decisions (data, printable; no weights change)
+    prepare(model, plan)     structural change before fine-tuning (factorize, group map)
+    loss(model, batch, out)  extra loss terms during fine-tuning (regularizers, distillation)
+    after_step(model, step)  hook after each optimizer step (projections, proximal steps)
+    finalize(model)          structural change after fine-tuning (decompose, drop groups)
+    edits()                  the structural edits made, as data, to rebuild the model later
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import RecipeError
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv2d": nn.Conv2d,
+    "Embedding": nn.Embedding,
+}
+
+
+class Strict(BaseModel):
+    """A recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Targets(Strict):
+    """Which layers a stage touches: module-name patterns and layer types.
+
+    Patterns are shell globs over module names (`layer1.*.conv2`), or regular expressions when
+    written `re:...`. A layer is targeted when its type is listed, it matches an `include`
+    pattern and no `exclude` pattern. Every pattern must match at least one layer.
+    """
+
+    include: list[str] = Field(default_factory=lambda: ["*"], description="name globs or re:regex to include")
+    exclude: list[str] = Field(default_factory=list, description="name globs or re:regex to leave alone")
+    types: list[Literal["Linear", "Conv2d", "Embedding"]] = Field(
+        default_factory=lambda: ["Linear", "Conv2d"], description="layer types to consider"
+    )
+
+
+class Stage(Strict):
+    """Fields every stage has; each method's schema adds its own parameters."""
+
+    method: str
+    targets: Targets = Field(default_factory=Targets)
+
+
+@dataclass
+class Decision:
+    """What a method does to one layer, and what it costs before and after (per sample)."""
+
+    name: str
+    method: str
+    layer_type: str
+    action: str  # "factorize", "prune", "keep" (left dense) ...
+    weight_shape: list[int]
+    params_before: int
+    macs_before: int
+    params_after: int
+    macs_after: int
+    rank: int | None = None
+    full_rank: int | None = None
+    scheme: str | None = None
+    energy: float | None = None
+    factor_shapes: list[list[int]] | None = None
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return {k: v for k, v in row.items() if v is not None}
+
+
+@dataclass
+class LayerProfile:
+    """Per-sample input and output shapes of a layer, recorded from one forward pass."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+class Method:
+    """Base class: a method that does nothing. Subclasses override what they need."""
+
+    name: ClassVar[str]
+    schema: ClassVar[type[Stage]]
+
+    def __init__(self, stage: Stage, stage_index: int):
+        self.stage = stage
+        self.stage_index = stage_index
+        self.decisions: list[Decision] = []
+
+    def plan(self, model: nn.Module, profile: dict[str, LayerProfile]) -> list[Decision]:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> None:
+        """Structural change before fine-tuning, following `self.decisions`."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
+        """Extra named loss terms for this step (added to the task loss)."""
+        return {}
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimizer step."""
+
+    def finalize(self, model: nn.Module) -> None:
+        """Structural change after fine-tuning."""
+
+    def edits(self) -> list[dict[str, Any]]:
+        """The structural edits this method made, as JSON-able data (see checkpoint.apply_edits)."""
+        return []
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def select_targets(model: nn.Module, targets: Targets, path: str) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs a stage's `targets` picks, in model order.
+
+    A pattern that matches no layer of the listed types is a recipe error naming its key path
+    (`path` is where `targets` sits in the recipe, e.g. `stages[0].targets`).
+    """
+    types = tuple(LAYER_TYPES[t] for t in targets.types)
+    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+    names = [n for n, _ in candidates]
+    for key in ("include", "exclude"):
+        for i, pattern in enumerate(getattr(targets, key)):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise RecipeError(f"{path}.{key}[{i}]: invalid regular expression {pattern!r}: {exc}") from None
+            if not any(_matches(pattern, n) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+                hint = f"; close layer names: {', '.join(close)}" if close else f"; layers of types {targets.types}: {_preview(names)}"
+                raise RecipeError(f"{path}.{key}[{i}]: pattern {pattern!r} matches no layer{hint}")
+    return [
+        (n, m) for n, m in candidates
+        if any(_matches(p, n) for p in targets.include) and not any(_matches(p, n) for p in targets.exclude)
+    ]
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule at dotted `name` for `new`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

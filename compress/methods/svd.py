@@ -1,0 +1,126 @@
+"""`method: svd` -- plain truncated-SVD factorization, no training of its own.
+
+The floor every other method must beat at the same budget. Each targeted Linear or Conv2d is
+replaced by two thinner layers (METHODS.md section 0) at a rank chosen by a fixed value, a
+parameter ratio or a singular-value energy. A layer whose factorization would not reduce MACs
+is left dense, and the plan says why.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from .. import layers, linalg
+from .base import Decision, LayerProfile, Method, Stage, replace_module, select_targets
+
+
+class RankRule(Stage):
+    """How a rank is chosen: exactly one of `rank`, `ratio`, `energy` (default: energy 0.9)."""
+
+    rank: int | None = Field(None, gt=0, description="fixed rank (capped at the layer's full rank)")
+    ratio: float | None = Field(None, gt=0, le=1, description="fraction of the layer's parameters to keep")
+    energy: float | None = Field(None, gt=0, le=1, description="fraction of sum(s^2) of singular values to keep")
+    scheme: Literal["channel", "spatial"] = Field(
+        "channel", description="how a Conv2d weight becomes a matrix: channel (N x C kh kw) or spatial (C kh x N kw)"
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of rank, ratio, energy, not {' and '.join(given)}")
+        if not given:
+            self.energy = 0.9
+        return self
+
+    def choose_rank(self, singular_values, rows: int, cols: int) -> int:
+        full = min(rows, cols)
+        if self.rank is not None:
+            return min(self.rank, full)
+        if self.ratio is not None:
+            return min(linalg.rank_for_param_ratio(rows, cols, self.ratio), full)
+        return linalg.energy_rank(singular_values, self.energy)
+
+
+class SvdStage(RankRule):
+    method: Literal["svd"] = "svd"
+
+
+def plan_factorization(method: Method, model: nn.Module, profile: dict[str, LayerProfile],
+                       rule: RankRule) -> list[Decision]:
+    """Per-layer factorization decisions for the targets of `rule` (shared by SVD-based methods)."""
+    decisions = []
+    path = f"stages[{method.stage_index}].targets"
+    for name, layer in select_targets(model, rule.targets, path):
+        decisions.append(_decide(method.name, name, layer, profile.get(name), rule))
+    return decisions
+
+
+def _decide(method: str, name: str, layer: nn.Module, shapes: LayerProfile | None, rule: RankRule) -> Decision:
+    kind = type(layer).__name__
+    weight_shape = list(layer.weight.shape)
+    params = sum(p.numel() for p in layer.parameters())
+
+    def keep(reason: str, macs: int = 0, **extra) -> Decision:
+        return Decision(name, method, kind, "keep", weight_shape, params, macs, params, macs, reason=reason, **extra)
+
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return keep(f"{method} factorizes Linear and Conv2d layers only")
+    if shapes is None:
+        return keep("layer did not run in the forward pass")
+    dense = layers.dense_cost(layer, shapes.out_shape)
+    if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+        return keep(f"grouped convolution (groups={layer.groups}) is not factorized", dense.macs)
+    scheme = rule.scheme if isinstance(layer, nn.Conv2d) else None
+    matrix = layers.layer_matrix(layer, scheme or "channel")
+    rows, cols = matrix.shape
+    s = linalg.singular_values(matrix)
+    rank = rule.choose_rank(s, rows, cols)
+    after = layers.factorized_cost(layer, rank, scheme or "channel", shapes.in_shape, shapes.out_shape)
+    info = dict(rank=rank, full_rank=min(rows, cols), scheme=scheme, energy=round(linalg.energy_kept(s, rank), 6))
+    if after.macs >= dense.macs:
+        limit = _breakeven_rank(layer, scheme or "channel", shapes, dense.macs)
+        hint = f"factorizing pays off only below rank {limit}" if limit > 1 else "factorizing never pays off here"
+        return keep(f"rank {rank} would not reduce MACs ({after.macs} >= {dense.macs}); {hint}", dense.macs, **info)
+    module = layers.empty_factorized(layer, rank, scheme or "channel")
+    factor_shapes = [list(module.first.weight.shape), list(module.second.weight.shape)]
+    return Decision(name, method, kind, "factorize", weight_shape, params, dense.macs, after.params, after.macs,
+                    factor_shapes=factor_shapes, **info)
+
+
+def _breakeven_rank(layer, scheme, shapes, dense_macs) -> int:
+    """The smallest rank at which the factorization costs at least as many MACs as the dense layer."""
+    rank = 1
+    while layers.factorized_cost(layer, rank, scheme, shapes.in_shape, shapes.out_shape).macs < dense_macs:
+        rank += 1
+    return rank
+
+
+def factorize_planned(model: nn.Module, decisions: list[Decision]) -> None:
+    """Replace every layer planned as `factorize` by its truncated-SVD factorization."""
+    for d in decisions:
+        if d.action == "factorize":
+            layer = model.get_submodule(d.name)
+            replace_module(model, d.name, layers.factorize(layer, d.rank, d.scheme or "channel"))
+
+
+def factorize_edits(decisions: list[Decision]) -> list[dict]:
+    return [{"op": "factorize", "name": d.name, "rank": d.rank, "scheme": d.scheme or "channel"}
+            for d in decisions if d.action == "factorize"]
+
+
+class Svd(Method):
+    name = "svd"
+    schema = SvdStage
+
+    def plan(self, model, profile):
+        self.decisions = plan_factorization(self, model, profile, self.stage)
+        return self.decisions
+
+    def prepare(self, model):
+        factorize_planned(model, self.decisions)
+
+    def edits(self):
+        return factorize_edits(self.decisions)

@@ -1,0 +1,258 @@
+"""The recipe: a typed YAML schema (pydantic v2), loading, and errors that name the key path.
+
+A recipe says *what* to do to a model (stages of methods over targeted layers), how to fine-tune,
+export and benchmark it, and which gates a CI job holds it to. `compress recipe schema` prints
+its JSON Schema for editors.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from .errors import RecipeError
+from .methods import METHODS
+from .methods.base import Strict
+
+
+class ModelSection(Strict):
+    """How to build the model when the checkpoint does not say (e.g. a `.safetensors` state dict)."""
+
+    factory: str | None = Field(None, description="'package.module:callable' that returns the nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+
+class DataSection(Strict):
+    """Where the data comes from. A source is a file (.pt, .npz, .safetensors; relative paths are
+    taken from the recipe's folder) whose keys are the model's input names plus an optional
+    target, or a bundled set `bundled:NAME/SPLIT` (e.g. `bundled:digits/train`)."""
+
+    train: str | None = Field(None, description="fine-tuning data")
+    calibration: str | None = Field(None, description="data for statistics and decisions (default: train)")
+    eval: str | None = Field(None, description="data the metric is measured on (default: calibration)")
+    target: str = Field("target", description="key of the labels; absent labels mean distillation only")
+    batch_size: int = Field(64, gt=0)
+    metric: Literal["auto", "accuracy", "mse", "agreement"] = Field(
+        "auto", description="auto: accuracy for class labels, mse for real-valued targets, "
+        "top-1 agreement with the original model when there are no labels"
+    )
+
+
+class InputSpec(Strict):
+    """One forward argument of the model, in call order."""
+
+    name: str
+    shape: list[Annotated[int, Field(gt=0)]] = Field(description="shape of one sample, without the batch axis")
+    dtype: Literal["float32", "float64", "float16", "int64", "int32", "bool"] = "float32"
+    dynamic_axes: dict[int, str] = Field(
+        default_factory=dict, description="axes besides the batch (axis 0) whose size may vary, e.g. {1: sequence}"
+    )
+
+
+class DistillSection(Strict):
+    weight: float = Field(0.0, ge=0, description="weight of distillation from the frozen original (forced to 1 without labels if 0)")
+    loss: Literal["kl", "mse"] = "kl"
+    temperature: float = Field(1.0, gt=0)
+
+
+class FinetuneSection(Strict):
+    """The single fine-tuning loop every method shares. Zero epochs and steps: no fine-tuning."""
+
+    epochs: int = Field(0, ge=0)
+    steps: int | None = Field(None, ge=0, description="total optimizer steps; overrides epochs when set")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    loss: Literal["auto", "cross_entropy", "mse", "bce"] = Field(
+        "auto", description="task loss when labels exist; auto: cross_entropy for integer labels, else mse"
+    )
+    distill: DistillSection = Field(default_factory=DistillSection)
+    clip_grad_norm: float | None = Field(None, gt=0)
+
+
+class ParitySection(Strict):
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0)
+
+
+class ExportSection(Strict):
+    opset: int = Field(17, ge=13, le=21)
+    dynamic_batch: bool = True
+    parity: ParitySection = Field(default_factory=ParitySection)
+
+
+class BenchSection(Strict):
+    """ONNX Runtime latency: same session options for both models, runs interleaved."""
+
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32], min_length=1)
+    threads: int = Field(1, gt=0, description="ONNX Runtime intra-op threads")
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(50, gt=0)
+
+
+class GatesSection(Strict):
+    """Limits that make `apply` exit 3 (after writing the report) when missed."""
+
+    max_metric_drop: float | None = Field(None, ge=0, description="largest allowed drop of the metric (accuracy as a fraction)")
+    min_speedup: float | None = Field(None, gt=0, description="p50 latency ratio original/compressed at speedup_batch")
+    speedup_batch: int | None = Field(None, gt=0, description="batch size min_speedup applies to (default: the largest benchmarked)")
+    min_size_ratio: float | None = Field(None, gt=0, description="ONNX file size ratio original/compressed")
+
+
+StageUnion = Annotated[Union[tuple(cls.schema for cls in METHODS.values())], Field(discriminator="method")]
+
+
+class Recipe(Strict):
+    """A compression recipe."""
+
+    name: str | None = None
+    description: str | None = None
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    inputs: list[InputSpec] | None = Field(None, description="forward arguments; default: the data's keys, in file order")
+    stages: list[StageUnion] = Field(min_length=1)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    bench: BenchSection = Field(default_factory=BenchSection)
+    gates: GatesSection = Field(default_factory=GatesSection)
+
+    @model_validator(mode="after")
+    def _speedup_batch_is_benchmarked(self):
+        b = self.gates.speedup_batch
+        if b is not None and b not in self.bench.batch_sizes:
+            raise ValueError(f"gates.speedup_batch {b} is not among bench.batch_sizes {self.bench.batch_sizes}")
+        return self
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from (for relative paths and the report)."""
+
+    def __init__(self, recipe: Recipe, path: Path | None, sha256: str):
+        self.recipe = recipe
+        self.path = path
+        self.sha256 = sha256
+
+    def resolve(self, source: str) -> str:
+        """A data source as given, with a relative file path taken from the recipe's folder."""
+        if source.startswith("bundled:") or self.path is None or Path(source).is_absolute():
+            return source
+        return str(self.path.parent / source)
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a recipe file; every mistake is a RecipeError naming the key path."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    return LoadedRecipe(parse_recipe(raw, str(path)), path, hashlib.sha256(raw).hexdigest())
+
+
+def parse_recipe(text: str | bytes, origin: str = "recipe") -> Recipe:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise RecipeError(f"{origin}{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{origin}: YAML error: {exc}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{origin}: not a text file") from None
+    if not isinstance(document, dict):
+        kind = "empty" if document is None else f"a {type(document).__name__}"
+        raise RecipeError(f"{origin}: a recipe is a YAML mapping with at least `stages:`, this is {kind}")
+    try:
+        return Recipe.model_validate(document)
+    except ValidationError as exc:
+        raise RecipeError(f"{origin}: " + format_errors(exc)) from None
+
+
+def format_errors(exc: ValidationError, limit: int = 3) -> str:
+    """pydantic errors as `key.path: message` on one line (the first few)."""
+    parts = [_format_one(err) for err in exc.errors()[:limit]]
+    more = len(exc.errors()) - limit
+    return " | ".join(parts) + (f" | (+{more} more)" if more > 0 else "")
+
+
+def _format_one(err: dict) -> str:
+    loc = list(err["loc"])
+    path = _loc_path(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        return f"{path}: unknown key{hint}"
+    if kind == "union_tag_invalid":
+        return f"{path}.method: unknown method {err['input'].get('method')!r}; available: {', '.join(METHODS)}"
+    if kind == "union_tag_not_found":
+        return f"{path}: a stage needs `method:` (one of {', '.join(METHODS)})"
+    message = err["msg"].removeprefix("Value error, ")
+    if not path:
+        return message
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {message} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else f"{path}: {message}"
+
+
+def _loc_path(loc: list) -> str:
+    """('stages', 0, 'svd', 'energy') -> 'stages[0].energy' (the union tag is not a key)."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif loc[0] == "stages" and i == 2 and part in METHODS:
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _fields_at(loc: list) -> list[str]:
+    """The keys allowed at a location, for 'did you mean' hints."""
+    model: Any = Recipe
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            continue
+        if loc[0] == "stages" and i == 2 and part in METHODS:  # the union tag picks the stage schema
+            model = METHODS[part].schema
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = _unwrap(fields[part].annotation)
+    return list(getattr(model, "model_fields", None) or [])
+
+
+def _unwrap(annotation):
+    """list[X] / X | None / Annotated[X, ...] -> X (leaves the stage union alone)."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (list, typing.List):
+            annotation = typing.get_args(annotation)[0]
+        elif origin is Union or str(origin) == "<class 'types.UnionType'>":
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) == 1:
+                annotation = args[0]
+            else:
+                return annotation
+        else:
+            return annotation
+
+
+def json_schema() -> dict:
+    return Recipe.model_json_schema()

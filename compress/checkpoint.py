@@ -1,0 +1,214 @@
+"""Loading and saving models, safely by default.
+
+The safe checkpoint is a dict readable with `torch.load(weights_only=True)`:
+
+    {"format": "compress.checkpoint", "version": 1,
+     "factory": "package.module:callable", "kwargs": {...},   # how to build the original model
+     "edits": [{"op": "factorize", "name": ..., "rank": ..., "scheme": ...}, ...],
+     "state_dict": {...}, "inputs": [{"name", "shape", "dtype"}], "metadata": {...}}
+
+Loading it imports the factory, builds the model, replays the structural edits (so a compressed
+model reloads without unpickling anything) and loads the weights. A `.safetensors` state dict
+works the same way with the factory named in the recipe. A whole pickled module
+(`torch.save(model)`) is loaded only when the user trusts it, because unpickling runs code.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import layers
+from .errors import UserError
+from .methods.base import replace_module
+
+FORMAT = "compress.checkpoint"
+VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    path: str
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict] | None = None
+    edits: list[dict] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pickled(self) -> bool:
+        return self.factory is None
+
+
+def import_factory(reference: str):
+    """The callable named by 'package.module:callable'."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"factory {reference!r}: expected 'package.module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"factory {reference!r}: cannot import {module_name!r} ({exc})") from None
+    try:
+        target = module
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise UserError(f"factory {reference!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise UserError(f"factory {reference!r}: {attr!r} is not callable")
+    return target
+
+
+def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        model = import_factory(factory)(**kwargs)
+    except UserError:
+        raise
+    except TypeError as exc:
+        raise UserError(f"factory {factory!r}: does not accept kwargs {sorted(kwargs)} ({exc})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"factory {factory!r}: returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def apply_edits(model: nn.Module, edits: list[dict]) -> None:
+    """Replay structural edits on a freshly built model (weights are loaded afterwards)."""
+    for edit in edits:
+        op = edit.get("op")
+        if op == "factorize":
+            layer = model.get_submodule(edit["name"])
+            replace_module(model, edit["name"], layers.empty_factorized(layer, edit["rank"], edit["scheme"]))
+        else:
+            raise UserError(f"checkpoint edit {op!r} is not known to this version of compress")
+
+
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly; a mismatch names the first missing and unexpected keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if unexpected:
+            parts.append(f"unexpected {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise UserError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
+    for k, v in state_dict.items():
+        if expected[k].shape != v.shape:
+            raise UserError(f"{source}: weight {k!r} has shape {list(v.shape)}, the model expects {list(expected[k].shape)}")
+    model.load_state_dict(state_dict)
+
+
+def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None = None,
+               trust: bool = False) -> LoadedModel:
+    """Load a model from a safe checkpoint, a safetensors/state-dict file plus `factory`, or
+    (with `trust`) a whole pickled module."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise UserError(f"{source}: model file not found")
+    if path.stat().st_size == 0:
+        raise UserError(f"{source}: model file is empty")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(source)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{source}: not a readable safetensors file ({exc})") from None
+        return _from_state_dict(state, source, factory, kwargs or {})
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
+            raise UserError(f"{source}: not a readable checkpoint ({_first_line(exc)})") from None
+        if not trust:
+            raise UserError(f"{source}: holds pickled Python objects (e.g. a whole torch.save(model)); "
+                            "unpickling runs code, so pass --trust-checkpoint if you trust its source") from None
+        return _from_pickle(source)
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{source}: not a readable checkpoint, truncated or not made by torch.save "
+                        f"({_first_line(exc)})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _from_safe_checkpoint(obj, source)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _from_state_dict(obj, source, factory, kwargs or {})
+    raise UserError(f"{source}: not a model checkpoint (expected a compress checkpoint, a state dict with "
+                    f"model.factory in the recipe, or a pickled module; found {type(obj).__name__})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def _from_safe_checkpoint(obj: dict, source: str) -> LoadedModel:
+    version = obj.get("version")
+    if version != VERSION:
+        raise UserError(f"{source}: checkpoint format version {version!r} is not supported "
+                        f"(this compress reads version {VERSION}); upgrade compress")
+    model = build_model(obj["factory"], obj.get("kwargs", {}))
+    apply_edits(model, obj.get("edits", []))
+    load_state(model, obj["state_dict"], source)
+    return LoadedModel(model.eval(), source, obj["factory"], obj.get("kwargs", {}), obj.get("inputs"),
+                       list(obj.get("edits", [])), obj.get("metadata", {}))
+
+
+def _from_state_dict(state: dict, source: str, factory: str | None, kwargs: dict) -> LoadedModel:
+    if factory is None:
+        raise UserError(f"{source}: a bare state dict does not say how to build the model; "
+                        "name it in the recipe as model.factory ('package.module:callable')")
+    model = build_model(factory, kwargs)
+    load_state(model, state, source)
+    return LoadedModel(model.eval(), source, factory, kwargs)
+
+
+def _from_pickle(source: str) -> LoadedModel:
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling can fail in arbitrary user code
+        raise UserError(f"{source}: cannot unpickle ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(obj, nn.Module):
+        raise UserError(f"{source}: the pickle holds a {type(obj).__name__}, not an nn.Module")
+    return LoadedModel(obj.eval(), source)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, factory: str, kwargs: dict[str, Any], *,
+                    inputs: list[dict] | None = None, edits: list[dict] | None = None,
+                    metadata: dict[str, Any] | None = None) -> None:
+    """Write the safe checkpoint format, atomically (temporary file renamed into place)."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "factory": factory, "kwargs": dict(kwargs),
+        "edits": list(edits or []), "inputs": inputs, "metadata": dict(metadata or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    _atomic_save(payload, Path(path))
+
+
+def save_pickled_module(path: str | Path, model: nn.Module) -> None:
+    """Whole-module pickle, for models that came without a factory (reload needs --trust-checkpoint)."""
+    _atomic_save(model, Path(path))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

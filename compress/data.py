@@ -1,0 +1,102 @@
+"""Data sources: tensor files and the bundled example data, and batching.
+
+A data set is a dict of tensors with equal first dimension: the model's forward arguments by
+name, plus an optional target. Files are read without unpickling anything: `.pt` with
+`weights_only=True`, `.npz` with `allow_pickle=False`, `.safetensors` natively.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+BUNDLED_PREFIX = "bundled:"
+
+
+class Dataset:
+    """Named tensors sharing their first dimension, with the source they came from."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str):
+        if not tensors:
+            raise UserError(f"{source}: holds no tensors")
+        lengths = {k: v.shape[0] if v.dim() else None for k, v in tensors.items()}
+        if None in lengths.values() or len(set(lengths.values())) != 1:
+            raise UserError(f"{source}: tensors must share their first (sample) dimension, got {lengths}")
+        if next(iter(lengths.values())) == 0:
+            raise UserError(f"{source}: holds zero samples")
+        self.tensors = tensors
+        self.source = source
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            yield {k: v[idx] for k, v in self.tensors.items()}
+
+    def head(self, count: int) -> dict[str, torch.Tensor]:
+        """The first `count` samples (repeated cyclically when the set is smaller)."""
+        idx = torch.arange(count) % len(self)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def load_source(source: str) -> Dataset:
+    """Load a data source: a tensor file or `bundled:NAME/SPLIT`."""
+    if source.startswith(BUNDLED_PREFIX):
+        from .examples import bundled_data
+
+        return Dataset(bundled_data(source[len(BUNDLED_PREFIX):]), source)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{source}: data file not found")
+    if path.stat().st_size == 0:
+        raise UserError(f"{source}: data file is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                tensors = {k: torch.from_numpy(np.ascontiguousarray(archive[k])) for k in archive.files}
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        elif suffix in (".pt", ".pth"):
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{source}: unknown data format {suffix!r}; use .pt, .npz or .safetensors")
+    except UserError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{source}: not a readable {suffix} tensor file ({first[:160]})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise UserError(f"{source}: expected a mapping of names to tensors")
+    return Dataset({k: _default_dtype(v) for k, v in tensors.items()}, source)
+
+
+def _default_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    # NumPy defaults to float64; models almost always want float32.
+    return tensor.float() if tensor.dtype == torch.float64 else tensor
+
+
+def split_batch(batch: dict[str, torch.Tensor], input_names: list[str], target: str):
+    """(positional model inputs, target or None) from a batch."""
+    return tuple(batch[n] for n in input_names), batch.get(target)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

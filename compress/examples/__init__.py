@@ -1,0 +1,37 @@
+"""Bundled examples: small models on real data that ships with a package (no downloads)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+
+
+def _digits(split: str) -> dict[str, torch.Tensor]:
+    from .digits import digits_split
+
+    return digits_split(split)
+
+
+# bundled data sets, `bundled:NAME/SPLIT` in a recipe
+DATASETS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {"digits": _digits}
+
+
+def bundled_data(spec: str) -> dict[str, torch.Tensor]:
+    name, _, split = spec.partition("/")
+    if name not in DATASETS:
+        raise UserError(f"bundled:{spec}: no bundled data set {name!r}; available: {', '.join(DATASETS)}")
+    return DATASETS[name](split or "train")
+
+
+def _train_digits_resnet(path, **kwargs):
+    from .digits import train_digits_resnet
+
+    return train_digits_resnet(path, **kwargs)
+
+
+# `compress example NAME PATH`: a callable that trains and writes a checkpoint, returning a summary
+EXAMPLES: dict[str, tuple[Callable, str]] = {
+    "digits-resnet": (_train_digits_resnet, "residual CNN (BatchNorm) on scikit-learn's 8x8 handwritten digits"),
+}

@@ -1,0 +1,139 @@
+"""The single training loop every method shares, and evaluation.
+
+Task loss when labels exist (cross-entropy, MSE or BCE), distillation from the frozen original
+otherwise (or both, weighted). Methods add loss terms and after-step hooks; they never own a loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset, split_batch, to_device
+from .errors import UserError
+from .metrics import primary_output
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    seconds: float
+    samples_per_s: float
+    final_loss: float | None
+
+
+def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "auto":
+        kind = "mse" if target.is_floating_point() else "cross_entropy"
+    if kind == "cross_entropy":
+        return F.cross_entropy(output, target)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(output.reshape(target.shape), target.float())
+    return F.mse_loss(output.reshape(target.shape).float(), target.float())
+
+
+def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def total_steps(cfg, n_samples: int, batch_size: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return cfg.epochs * math.ceil(n_samples / batch_size)
+
+
+def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key: str, cfg, batch_size: int, *,
+             teacher: nn.Module | None = None, methods=(), device: torch.device = torch.device("cpu"),
+             seed: int = 0, progress: bool = True, desc: str = "fine-tune") -> TrainResult:
+    """Train `model` in place for the steps `cfg` asks (a FinetuneSection); returns throughput figures."""
+    steps = total_steps(cfg, len(data), batch_size)
+    if steps == 0:
+        return TrainResult(0, 0.0, 0.0, 0.0, None)
+    has_labels = target_key in data.keys()
+    distill_weight = cfg.distill.weight if has_labels else (cfg.distill.weight or 1.0)
+    if distill_weight > 0 and teacher is None:
+        raise UserError("distillation needs the original model as teacher")
+    model.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                 if cfg.schedule == "cosine" else None)
+    generator = torch.Generator().manual_seed(seed)
+    step, samples, loss_value = 0, 0, None
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step", leave=False)
+    while step < steps:
+        for batch in data.batches(batch_size, shuffle=True, generator=generator, drop_last=True):
+            batch = to_device(batch, device)
+            inputs, target = split_batch(batch, input_names, target_key)
+            outputs = model(*inputs)
+            out = primary_output(outputs)
+            terms: dict[str, torch.Tensor] = {}
+            if has_labels:
+                terms["task"] = task_loss(cfg.loss, out, target)
+            if distill_weight > 0:
+                with torch.no_grad():
+                    ref = primary_output(teacher(*inputs))
+                terms["distill"] = distill_weight * distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature)
+            for method in methods:
+                terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                bar.close()
+                raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
+                                f"{float(loss)}; lower finetune.lr or set finetune.clip_grad_norm")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            for method in methods:
+                method.after_step(model, step)
+            step += 1
+            samples += inputs[0].shape[0]
+            loss_value = float(loss.detach())
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            if step >= steps:
+                break
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+    return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Dataset, input_names: list[str], batch_size: int,
+            device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The model's primary output on every sample, in order, on the CPU."""
+    model.to(device).eval()
+    outs = []
+    for batch in data.batches(batch_size):
+        inputs = tuple(batch[n].to(device) for n in input_names)
+        outs.append(primary_output(model(*inputs)).float().cpu())
+    return torch.cat(outs)

@@ -5,7 +5,6 @@ otherwise (or both, weighted). Methods add loss terms and after-step hooks; they
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -57,7 +56,7 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimizer
 def total_steps(cfg, n_samples: int, batch_size: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
-    return cfg.epochs * math.ceil(n_samples / batch_size)
+    return cfg.epochs * max(1, n_samples // batch_size)  # the loop drops the last partial batch
 
 
 def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key: str, cfg, batch_size: int, *,

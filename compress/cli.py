@@ -1,0 +1,310 @@
+"""The `compress` command line (click). Every verb is a thin layer over the library."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CompressError, UserError
+
+EPILOG_FIRST_RUN = """\b
+First run:
+  compress example digits-resnet model.pt
+  compress apply --recipe recipes/svd.yaml model.pt --out out/svd
+"""
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def command_errors(fn):
+    """One line and a distinct exit code for every failure; the traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as exc:
+            if debug:
+                traceback.print_exc()
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", 130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+            if debug:
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _fail(f"internal error ({type(exc).__name__}: {first[:200]}); rerun with --debug for the traceback "
+                  "and report it", 1)
+
+    return wrapper
+
+
+def common(fn):
+    """--debug and --quiet on every verb, and the error handling above."""
+    fn = command_errors(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bars, only results and errors.")(fn)
+    fn = click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")(fn)
+    return fn
+
+
+recipe_option = click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), required=True,
+                             help="Recipe YAML file (see `compress recipe schema`).")
+trust_option = click.option("--trust-checkpoint", is_flag=True,
+                            help="Allow loading a whole pickled module (unpickling runs code: only for files you trust).")
+device_option = click.option("--device", default="cpu", show_default=True,
+                             help="Device for fine-tuning and calibration: cpu, cuda, cuda:1, or auto.")
+seed_option = click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's `seed`, else 0).")
+
+
+@click.group(epilog=EPILOG_FIRST_RUN, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="compress")
+def cli():
+    """Compress PyTorch models with low-rank and structured methods, export a verified ONNX model,
+    and report size, MACs, accuracy and measured latency before and after.
+
+    Exit codes: 0 success, 1 internal error, 2 user error (bad recipe, file or data),
+    3 a gate missed, 4 ONNX parity failed, 130 interrupted.
+    """
+
+
+def _context(recipe_path, model, trust, seed=None, device="cpu", quiet=False, **gates):
+    from .pipeline import Options, load_context
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    options = Options(seed=seed, device=device, trust_checkpoint=trust, progress=not quiet, **gates)
+    return load_context(recipe, model, options), options
+
+
+@cli.command(epilog="""\b
+Example:
+  compress apply --recipe recipes/svd.yaml model.pt --out out/svd
+  compress apply -r recipes/svd.yaml model.pt --out out/svd --force --max-metric-drop 0.01""")
+@recipe_option
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: out/<recipe name>). Holds model.pt, model.onnx, report.json, report.md.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@seed_option
+@device_option
+@trust_option
+@click.option("--max-metric-drop", type=float, default=None, help="Gate: exit 3 if the metric drops by more (accuracy as a fraction).")
+@click.option("--min-speedup", type=float, default=None, help="Gate: exit 3 if p50 latency speedup is lower.")
+@click.option("--min-size-ratio", type=float, default=None, help="Gate: exit 3 if the ONNX size ratio original/compressed is lower.")
+@common
+def apply(recipe_path, model, out, force, seed, device, trust_checkpoint, max_metric_drop, min_speedup, min_size_ratio,
+          debug, quiet):
+    """Compress MODEL by RECIPE: plan, fine-tune, export ONNX, check parity, benchmark, report.
+
+    MODEL is a compress checkpoint (e.g. from `compress example`), a .safetensors or state-dict
+    file with model.factory in the recipe, or a pickled module with --trust-checkpoint.
+    """
+    from .pipeline import apply as run_apply
+
+    ctx, options = _context(recipe_path, model, trust_checkpoint, seed, device, quiet, max_metric_drop=max_metric_drop,
+                            min_speedup=min_speedup, min_size_ratio=min_size_ratio)
+    out = Path(out) if out else Path("out") / Path(recipe_path).stem
+    try:
+        result = run_apply(ctx, out, options, force=force)
+    except CompressError as exc:
+        if exc.exit_code == 3:  # the report was written; show it before failing
+            _print_summary(getattr(exc, "result", None), out)
+        raise
+    _print_summary(result, out)
+
+
+def _print_summary(result, out: Path | None = None) -> None:
+    if not result:
+        return
+    o, c, r = result["original"], result["compressed"], result["ratios"]
+    fmt = lambda m: "-" if not m else f"{m['name']} {m['value']:.4f}"  # noqa: E731
+    click.echo(f"params {o['params']:,} -> {c['params']:,} ({r['params']}x)  MACs {o['macs']:,} -> {c['macs']:,} ({r['macs']}x)")
+    click.echo(f"metric {fmt(o['metric'])} -> {fmt(c['metric'])} (model.onnx: {fmt(c.get('onnx_metric'))})")
+    click.echo("speedup (p50) " + ", ".join(f"batch {b}: {s}x" for b, s in r["speedup"].items())
+               + f"  parity max abs diff {result['parity']['max_abs_diff']:.2e}")
+    if out is not None:
+        click.echo(f"wrote {out}/model.pt, model.onnx, report.json, report.md")
+
+
+@cli.command(epilog="""\b
+Example:
+  compress plan --recipe recipes/svd.yaml model.pt
+  compress plan -r recipes/svd.yaml model.pt --json > plan.json""")
+@recipe_option
+@click.argument("model", type=click.Path(dir_okay=False))
+@trust_option
+@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
+@common
+def plan(recipe_path, model, trust_checkpoint, as_json, debug, quiet):
+    """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
+    from .bench import count_macs, count_params
+    from .pipeline import plan as make_plan
+    from .report import layers_table
+
+    ctx, _ = _context(recipe_path, model, trust_checkpoint, quiet=quiet)
+    _, rows = make_plan(ctx)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo("\n".join(layers_table(rows)))
+    params, macs = count_params(ctx.loaded.model), count_macs(ctx.loaded.model, ctx.sample)
+    saved_p = sum(r["params_before"] - r["params_after"] for r in rows)
+    saved_m = sum(r["macs_before"] - r["macs_after"] for r in rows)
+    click.echo(f"\nmodel: {params:,} params -> {params - saved_p:,} ({params / max(1, params - saved_p):.2f}x); "
+               f"{macs:,} MACs per sample -> {macs - saved_m:,} ({macs / max(1, macs - saved_m):.2f}x); "
+               f"{sum(r['action'] != 'keep' for r in rows)} of {len(rows)} targeted layers changed")
+
+
+@cli.command(epilog="""\b
+Example:
+  compress inspect model.pt
+  compress inspect model.pt --recipe recipes/svd.yaml --json""")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Recipe for the factory, inputs or data when the checkpoint does not carry them.")
+@trust_option
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@common
+def inspect(model, recipe_path, trust_checkpoint, as_json, debug, quiet):
+    """Per-layer type, weight shape, params, MACs, singular-value energy ranks (90/95/99%) and
+    effective rank of MODEL's Linear, Conv2d and Embedding layers."""
+    from .inspection import inspect_model
+
+    rows, totals = inspect_model(model, recipe_path, trust_checkpoint)
+    if as_json:
+        click.echo(json.dumps({"layers": rows, "total": totals}, indent=2))
+        return
+    click.echo("| layer | type | weight | params | MACs | rank@90% | rank@95% | rank@99% | full rank | eff. rank |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        click.echo(f"| {r['name']} | {r['type']} | {'x'.join(map(str, r['weight_shape']))} | {r['params']:,} | "
+                   f"{r['macs']:,} | {r['rank_90']} | {r['rank_95']} | {r['rank_99']} | {r['full_rank']} | "
+                   f"{r['effective_rank']:.1f} |")
+    click.echo(f"\ntotal: {totals['params']:,} params, {totals['macs']:,} MACs per sample"
+               + (f" (inputs: {', '.join(totals['inputs'])})" if totals.get("inputs") else ""))
+
+
+@cli.command("export", epilog="""\b
+Example:
+  compress export out/svd/model.pt --out model.onnx
+  compress export model.pt --recipe recipes/svd.yaml --out model.onnx --force""")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Recipe for export options, data for the parity batch, factory or inputs.")
+@click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists.")
+@trust_option
+@common
+def export_cmd(model, out, recipe_path, force, trust_checkpoint, debug, quiet):
+    """Export MODEL to ONNX, run onnx.checker, and check ONNX Runtime against torch (parity)."""
+    from .inspection import export_model
+
+    result = export_model(model, Path(out), recipe_path, trust_checkpoint, force)
+    click.echo(f"wrote {out}: {result['onnx_bytes']:,} bytes; parity max abs diff {result['max_abs_diff']:.2e}, "
+               f"max rel diff {result['max_rel_diff']:.2e} (passed)")
+
+
+@cli.command(epilog="""\b
+Example:
+  compress bench out/svd/model.onnx
+  compress bench original.onnx out/svd/model.onnx --batch-sizes 1,32 --runs 100
+  compress bench encoder.onnx --dim sequence=128""")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--batch-sizes", default="1,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--dim", "dims", multiple=True, help="Size of a named dynamic axis other than the batch, NAME=SIZE.")
+@click.option("--json", "as_json", is_flag=True, help="Print latencies as JSON.")
+@common
+def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quiet):
+    """ONNX Runtime latency (p50/p90/p99 ms) of one or more ONNX MODELS, runs interleaved."""
+    from .bench import latency
+    from .inspection import onnx_feeds
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers like 1,32") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError("--batch-sizes: give positive batch sizes, e.g. 1,32")
+    named = {}
+    for d in dims:
+        key, _, value = d.partition("=")
+        if not value.isdigit():
+            raise UserError(f"--dim {d!r}: expected NAME=SIZE, e.g. sequence=128")
+        named[key] = int(value)
+    labels = {}
+    for path in models:
+        label = path if path not in labels else f"{path}#{len(labels)}"
+        labels[label] = path
+    feeds = onnx_feeds(models[0], sizes, named)
+    result = latency(labels, feeds, threads, warmup, runs, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo("| model | batch | p50 ms | p90 ms | p99 ms |")
+    click.echo("|---|---|---|---|---|")
+    for label, per_batch in result.items():
+        for bs, s in per_batch.items():
+            click.echo(f"| {label} | {bs} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} |")
+
+
+@cli.command(epilog="""\b
+Example:
+  compress example digits-resnet model.pt""")
+@click.argument("name", type=click.Choice(sorted(__import__("compress.examples", fromlist=["EXAMPLES"]).EXAMPLES)))
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the example's own).")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@seed_option
+@device_option
+@common
+def example(name, path, epochs, force, seed, device, debug, quiet):
+    """Train a bundled example model on bundled real data and write a safe checkpoint to PATH."""
+    from .examples import EXAMPLES
+    from .pipeline import resolve_device
+
+    if Path(path).exists() and not force:
+        raise UserError(f"{path}: file exists; pass --force to overwrite it")
+    train, _ = EXAMPLES[name]
+    kwargs = {"seed": seed or 0, "progress": not quiet, "device": resolve_device(device)}
+    if epochs is not None:
+        kwargs["epochs"] = epochs
+    summary = train(path, **kwargs)
+    details = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    click.echo(f"wrote {path} ({name}): {details}")
+
+
+@cli.group()
+def recipe():
+    """Recipe tools."""
+
+
+@recipe.command(epilog="""\b
+Example:
+  compress recipe schema > recipe.schema.json""")
+def schema():
+    """Print the recipe's JSON Schema (for editor completion and validation)."""
+    from .recipe import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+def main() -> None:
+    cli(prog_name="compress")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""ONNX export, structural check, and parity against the torch model on real data.
+
+Uses torch's TorchScript-based exporter (`dynamo=False`): it needs no extra dependency, handles
+dynamic batch and sequence axes through `dynamic_axes`, and exports the factorized layers as
+plain Gemm/Conv ops. The graph exposes the model's primary output (the tensor itself, the first
+of a tuple, or `logits`), which is what the metric and the parity check look at.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Dataset
+from .errors import UserError
+from .metrics import primary_output
+
+OUTPUT_NAME = "output"
+
+
+class PrimaryOutput(nn.Module):
+    """Wraps a model so that it returns only its primary output tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return primary_output(self.model(*inputs))
+
+
+def dynamic_axes_for(input_names: list[str], sample_inputs: tuple[torch.Tensor, ...], declared: dict[str, dict[int, str]],
+                     dynamic_batch: bool) -> dict[str, dict[int, str]]:
+    """Batch axis on every input and the output; a sequence axis on 2-D integer inputs (token ids,
+    masks) unless the recipe declares the input's axes itself."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, tensor in zip(input_names, sample_inputs):
+        entry = {0: "batch"} if dynamic_batch else {}
+        if name in declared:
+            entry.update(declared[name])
+        elif tensor.dim() == 2 and not tensor.is_floating_point():
+            entry[1] = "sequence"
+        if entry:
+            axes[name] = entry
+    if dynamic_batch:
+        axes[OUTPUT_NAME] = {0: "batch"}
+    return axes
+
+
+def export_onnx(model: nn.Module, sample_inputs: tuple[torch.Tensor, ...], input_names: list[str], path: str | Path,
+                opset: int = 17, dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export on the CPU in eval mode, then run onnx.checker on the file."""
+    import onnx
+
+    wrapped = PrimaryOutput(model).cpu().eval()
+    inputs = tuple(t.cpu() for t in sample_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(wrapped, inputs, str(path), input_names=input_names, output_names=[OUTPUT_NAME],
+                              dynamic_axes=dynamic_axes or {}, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+        except Exception as exc:  # the exporter raises many types; the user needs the first line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"ONNX export failed: {first[:200]}") from exc
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def to_feed(input_names: list[str], inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    return {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)}
+
+
+def onnx_predict(path: str | Path, data: Dataset, input_names: list[str], batch_size: int, threads: int = 1) -> torch.Tensor:
+    """The ONNX model's output on every sample of `data`, in order."""
+    from .bench import make_session
+
+    session = make_session(str(path), threads)
+    outs = [session.run([OUTPUT_NAME], to_feed(input_names, tuple(b[n] for n in input_names)))[0]
+            for b in data.batches(batch_size)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def parity(reference: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: float) -> dict:
+    """Max absolute and relative difference; passed when |a - b| <= atol + rtol |a| everywhere."""
+    ref = reference.double()
+    cand = candidate.double().reshape(ref.shape)
+    diff = (ref - cand).abs()
+    rel = diff / ref.abs().clamp_min(1e-6)  # relative to |ref|, floored so exact zeros do not divide by 0
+    return {
+        "max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
+        "max_rel_diff": float(rel.max()) if rel.numel() else 0.0,
+        "atol": atol,
+        "rtol": rtol,
+        "passed": bool((diff <= atol + rtol * ref.abs()).all()),
+    }

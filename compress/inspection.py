@@ -1,0 +1,119 @@
+"""The stand-alone verbs: `inspect` (per-layer spectra and costs) and `export` (ONNX + parity),
+and input feeds for `bench`, all working from a checkpoint alone or with a recipe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import bench, export, linalg
+from .checkpoint import load_model
+from .errors import ParityError, UserError
+from .layers import layer_matrix
+from .metrics import primary_output
+from .methods.base import LAYER_TYPES
+
+
+def _load(model_path, recipe_path, trust):
+    """(model, input names, one sample, recipe section or None, eval data or None)."""
+    from .pipeline import Options, load_context, synthetic_sample
+    from .recipe import load_recipe
+
+    if recipe_path is not None:
+        ctx = load_context(load_recipe(recipe_path), model_path, Options(trust_checkpoint=trust))
+        return ctx.loaded.model, ctx.input_names, ctx.sample, ctx.recipe.recipe, ctx.data["eval"]
+    loaded = load_model(model_path, trust=trust)
+    if not loaded.inputs:
+        raise UserError(f"{model_path}: the checkpoint does not describe the model's inputs; "
+                        "pass --recipe with `inputs:` or `data:`")
+    return loaded.model, [s["name"] for s in loaded.inputs], synthetic_sample(loaded.inputs), None, None
+
+
+def inspect_model(model_path, recipe_path=None, trust=False) -> tuple[list[dict], dict]:
+    model, names, sample, _, _ = _load(model_path, recipe_path, trust)
+    macs = bench.macs_by_module(model, sample)
+    rows = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, tuple(LAYER_TYPES.values())):
+            continue
+        weight = module.weight.detach()
+        matrix = weight if isinstance(module, nn.Embedding) else layer_matrix(module, "channel")
+        s = linalg.singular_values(matrix)
+        rows.append({
+            "name": name, "type": type(module).__name__, "weight_shape": list(weight.shape),
+            "params": sum(p.numel() for p in module.parameters(recurse=False)), "macs": macs.get(name, 0),
+            "rank_90": linalg.energy_rank(s, 0.90), "rank_95": linalg.energy_rank(s, 0.95),
+            "rank_99": linalg.energy_rank(s, 0.99), "full_rank": min(matrix.shape),
+            "effective_rank": round(linalg.effective_rank(s), 3),
+        })
+    totals = {"params": bench.count_params(model), "macs": bench.count_macs(model, sample), "inputs": names}
+    return rows, totals
+
+
+def export_model(model_path, out: Path, recipe_path=None, trust=False, force=False) -> dict:
+    if out.exists() and not force:
+        raise UserError(f"{out}: file exists; pass --force to overwrite it")
+    model, names, sample, recipe, data = _load(model_path, recipe_path, trust)
+    opset, atol, rtol, declared, dynamic_batch = 17, 1e-4, 1e-3, {}, True
+    if recipe is not None:
+        opset, atol, rtol = recipe.export.opset, recipe.export.parity.atol, recipe.export.parity.rtol
+        declared = {s.name: s.dynamic_axes for s in recipe.inputs or [] if s.dynamic_axes}
+        dynamic_batch = recipe.export.dynamic_batch
+    batch = sample if data is None else tuple(data.head(min(64, len(data)))[n] for n in names)
+    axes = export.dynamic_axes_for(names, sample, declared, dynamic_batch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        export.export_onnx(model, sample, names, partial, opset, axes)
+        with torch.no_grad():
+            reference = primary_output(model.eval()(*batch))
+        got = bench.make_session(str(partial), 1).run([export.OUTPUT_NAME], export.to_feed(names, batch))[0]
+        result = export.parity(reference, torch.from_numpy(got), atol, rtol)
+        if not result["passed"]:
+            raise ParityError(f"{out}: ONNX Runtime disagrees with torch: max abs diff {result['max_abs_diff']:.3g} "
+                              f"(atol {atol}, rtol {rtol}); file not written")
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    result["onnx_bytes"] = out.stat().st_size
+    return result
+
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def onnx_feeds(path: str, batch_sizes: list[int], dims: dict[str, int]) -> dict[int, dict[str, np.ndarray]]:
+    """Random inputs for an ONNX model per batch size: axis 0 is the batch, other dynamic axes
+    take their size from `dims` (by name)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: ONNX file not found")
+    try:
+        session = bench.make_session(path, 1)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        raise UserError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for bs in batch_sizes:
+        feed = {}
+        for inp in session.get_inputs():
+            shape = []
+            for axis, size in enumerate(inp.shape):
+                if isinstance(size, int):
+                    shape.append(size)
+                elif axis == 0:
+                    shape.append(bs)
+                elif size in dims:
+                    shape.append(dims[size])
+                else:
+                    raise UserError(f"{path}: axis {axis} ({size!r}) of input {inp.name!r} is dynamic; "
+                                    f"give its size with --dim {size}=N")
+            dtype = ORT_DTYPES.get(inp.type)
+            if dtype is None:
+                raise UserError(f"{path}: input {inp.name!r} has type {inp.type}, which bench cannot fill")
+            feed[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                              else np.zeros(shape, dtype=dtype))
+        feeds[bs] = feed
+    return feeds

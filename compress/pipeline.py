@@ -1,0 +1,355 @@
+"""The one pipeline: load -> plan -> prepare -> fine-tune -> finalize -> export -> verify -> bench -> report.
+
+`apply(...)` is the whole library behind `compress apply`; `plan(...)` stops after the decisions.
+Outputs are written into a temporary folder beside `--out` and renamed into place at the end, so a
+failed run never leaves files that look finished.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import bench, export, report as reporting
+from .checkpoint import LoadedModel, load_model, save_checkpoint, save_pickled_module
+from .data import Dataset, load_source, split_batch
+from .errors import GateFailed, ParityError, UserError
+from .finetune import finetune, predict
+from .methods import METHODS, Method
+from .metrics import choose_metric, drop, primary_output, score
+from .recipe import LoadedRecipe
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+
+
+@dataclass
+class Options:
+    """What the command line adds to a recipe."""
+
+    seed: int | None = None
+    device: str = "cpu"
+    trust_checkpoint: bool = False
+    progress: bool = True
+    max_metric_drop: float | None = None
+    min_speedup: float | None = None
+    min_size_ratio: float | None = None
+
+
+@dataclass
+class Context:
+    """Everything loaded before planning: the model, data, input names and shapes."""
+
+    recipe: LoadedRecipe
+    loaded: LoadedModel
+    input_names: list[str]
+    sample: tuple[torch.Tensor, ...]  # one real (or synthetic) sample, batch size 1
+    data: dict[str, Dataset | None]
+    target: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options) -> Context:
+    timings: dict[str, float] = {}
+    r = recipe.recipe
+    with timed(timings, "load"):
+        loaded = load_model(model_path, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint)
+        sources = {"train": r.data.train, "calibration": r.data.calibration or r.data.train}
+        sources["eval"] = r.data.eval or sources["calibration"]
+        cache: dict[str, Dataset] = {}
+        data: dict[str, Dataset | None] = {}
+        for role, source in sources.items():
+            if source is None:
+                data[role] = None
+                continue
+            resolved = recipe.resolve(source)
+            if resolved not in cache:
+                cache[resolved] = load_source(resolved)
+            data[role] = cache[resolved]
+        input_names, sample = _inputs(r, loaded, data, r.data.target)
+        _check_fit(loaded.model, input_names, sample, data, r.data.target)
+    return Context(recipe, loaded, input_names, sample, data, r.data.target, timings)
+
+
+def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str):
+    """Input names in call order and one sample: from the recipe, else the checkpoint, else the data."""
+    specs = [s.model_dump() for s in r.inputs] if r.inputs else loaded.inputs
+    some = next((d for d in data.values() if d is not None), None)
+    if specs:
+        names = [s["name"] for s in specs]
+    elif some is not None:
+        names = [k for k in some.keys() if k != target]
+    else:
+        raise UserError("cannot tell the model's inputs: add `inputs:` or `data:` to the recipe")
+    if some is not None:
+        for role, d in data.items():
+            if d is None:
+                continue
+            missing = [n for n in names if n not in d.keys()]
+            if missing:
+                raise UserError(f"{d.source}: has no key {missing[0]!r} for model input (keys: {', '.join(d.keys())}); "
+                                f"rename it or set `inputs:` in the recipe")
+        first = some.head(1)
+        return names, tuple(first[n] for n in names)
+    return names, synthetic_sample(specs)
+
+
+def synthetic_sample(specs: list[dict]) -> tuple[torch.Tensor, ...]:
+    """One sample per input spec when there is no data: standard normal floats, zero integers
+    (a valid index for any embedding table)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in specs:
+        dtype = DTYPES[s.get("dtype", "float32")]
+        shape = (1, *s["shape"])
+        out.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+    return tuple(out)
+
+
+def _check_fit(model: nn.Module, names: list[str], sample, data, target: str) -> None:
+    """Run one sample through the model so that misfitting data fails now, with its name."""
+    source = next((d.source for d in data.values() if d is not None), "recipe inputs")
+    try:
+        with torch.no_grad():
+            model.eval()(*sample)
+    except Exception as exc:  # any error inside the user's forward means the data does not fit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        shapes = ", ".join(f"{n} {list(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for n, t in zip(names, sample))
+        raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first[:160]}") from None
+
+
+def make_methods(recipe: LoadedRecipe) -> list[Method]:
+    return [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
+
+
+def plan(ctx: Context, model: nn.Module | None = None) -> tuple[list[Method], list[dict]]:
+    """Per-layer decisions of every stage, without changing any weight."""
+    model = model if model is not None else ctx.loaded.model
+    methods = make_methods(ctx.recipe)
+    with timed(ctx.timings, "plan"):
+        profile = bench.profile_layers(model, ctx.sample)
+        rows = []
+        for method in methods:
+            rows += [d.as_dict() for d in method.plan(model, profile)]
+    return methods, rows
+
+
+def _evaluate(model: nn.Module, ctx: Context, device, reference: torch.Tensor | None):
+    """(metric dict, outputs) on the eval data, or (None, None) without eval data."""
+    data = ctx.data["eval"]
+    if data is None:
+        return None, None
+    outputs = predict(model, data, ctx.input_names, ctx.recipe.recipe.data.batch_size * 4, device)
+    target = data.tensors.get(ctx.target)
+    name = choose_metric(ctx.recipe.recipe.data.metric, target)
+    return {"name": name, "value": round(score(name, outputs, target, reference), 6)}, outputs
+
+
+def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dict:
+    """Run the whole recipe and write model.pt, model.onnx, report.json and report.md to `out`."""
+    r = ctx.recipe.recipe
+    seed = r.seed if options.seed is None else options.seed
+    torch.manual_seed(seed)
+    device = resolve_device(options.device)
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out}: output folder exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        result = _run(ctx, work, options, seed, device)
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    failed = [g for g in result["gates"]["checked"] if not g["passed"]]
+    if failed:
+        error = GateFailed("gate missed: " + "; ".join(f"{g['gate']} {g['limit']} (measured {g['value']})" for g in failed)
+                           + f"; report in {out}")
+        error.result = result
+        raise error
+    return result
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_dir(work: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out)
+
+
+def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.device) -> dict:
+    r = ctx.recipe.recipe
+    timings = ctx.timings
+    original = ctx.loaded.model.cpu().eval()
+    with timed(timings, "evaluate"):
+        metric_before, reference = _evaluate(original, ctx, device, None)
+        if metric_before and metric_before["name"] == "agreement":
+            metric_before["value"] = 1.0
+    original_macs = bench.count_macs(original, ctx.sample)
+    methods, _ = plan(ctx, original)
+    compressed = copy.deepcopy(original)
+    with timed(timings, "prepare"):
+        for method in methods:
+            method.prepare(compressed)
+    train = ctx.data["train"]
+    steps_wanted = r.finetune.steps or r.finetune.epochs
+    if steps_wanted and train is None:
+        raise UserError("finetune asks for training but the recipe names no `data.train`")
+    with timed(timings, "finetune"):
+        trained = None
+        if train is not None and steps_wanted:
+            trained = finetune(compressed, train, ctx.input_names, ctx.target, r.finetune, r.data.batch_size,
+                               teacher=copy.deepcopy(original), methods=methods, device=device, seed=seed,
+                               progress=options.progress)
+    with timed(timings, "finalize"):
+        for method in methods:
+            method.finalize(compressed)
+    compressed = compressed.cpu().eval()
+    with timed(timings, "evaluate"):
+        metric_after, _ = _evaluate(compressed, ctx, torch.device("cpu"), reference)
+    # decisions as finally applied (finalize may have changed ranks or groups)
+    rows = [d.as_dict() for m in methods for d in m.decisions]
+
+    with timed(timings, "export"):
+        declared = {s.name: s.dynamic_axes for s in r.inputs or [] if s.dynamic_axes}
+        axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, r.export.dynamic_batch)
+        original_onnx, compressed_onnx = work / "original.onnx", work / "model.onnx"
+        export.export_onnx(original, ctx.sample, ctx.input_names, original_onnx, r.export.opset, axes)
+        export.export_onnx(compressed, ctx.sample, ctx.input_names, compressed_onnx, r.export.opset, axes)
+    with timed(timings, "parity"):
+        check_batch = _real_batch(ctx, min(64, max(r.bench.batch_sizes)))
+        with torch.no_grad():
+            torch_out = primary_output(compressed(*check_batch))
+        session = bench.make_session(str(compressed_onnx), r.bench.threads)
+        onnx_out = torch.from_numpy(session.run([export.OUTPUT_NAME], export.to_feed(ctx.input_names, check_batch))[0])
+        parity = export.parity(torch_out, onnx_out, r.export.parity.atol, r.export.parity.rtol)
+        if not parity["passed"]:
+            raise ParityError(f"model.onnx disagrees with the torch model: max abs diff {parity['max_abs_diff']:.3g}, "
+                              f"max rel diff {parity['max_rel_diff']:.3g} over export.parity (atol {parity['atol']}, "
+                              f"rtol {parity['rtol']}); no ONNX model kept")
+        onnx_metric = None
+        if ctx.data["eval"] is not None and metric_after is not None:
+            outs = export.onnx_predict(compressed_onnx, ctx.data["eval"], ctx.input_names, r.data.batch_size * 4, r.bench.threads)
+            target = ctx.data["eval"].tensors.get(ctx.target)
+            onnx_metric = {"name": metric_after["name"],
+                           "value": round(score(metric_after["name"], outs, target, reference), 6)}
+    with timed(timings, "bench"):
+        feeds = {bs: export.to_feed(ctx.input_names, _real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
+        lat = bench.latency({"original": str(original_onnx), "compressed": str(compressed_onnx)}, feeds,
+                            r.bench.threads, r.bench.warmup, r.bench.runs, progress=options.progress)
+
+    with timed(timings, "save"):
+        _save_model(ctx, compressed, methods, work / "model.pt", metric_after)
+    original_onnx_bytes = original_onnx.stat().st_size
+    original_onnx.unlink()  # measured and benchmarked; the output keeps only the compressed model
+
+    orig = {"params": bench.count_params(original), "macs": original_macs, "onnx_bytes": original_onnx_bytes,
+            "metric": metric_before, "latency_ms": lat["original"]}
+    comp = {"params": bench.count_params(compressed), "macs": bench.count_macs(compressed, ctx.sample),
+            "onnx_bytes": compressed_onnx.stat().st_size, "metric": metric_after, "onnx_metric": onnx_metric,
+            "latency_ms": lat["compressed"], "checkpoint_bytes": (work / "model.pt").stat().st_size}
+    result: dict[str, Any] = {
+        "recipe": str(ctx.recipe.path), "recipe_name": r.name, "recipe_sha256": ctx.recipe.sha256,
+        "model": ctx.loaded.path, "seed": seed, "device": str(device), "inputs": ctx.input_names,
+        "original": orig, "compressed": comp,
+        "ratios": {"params": reporting.ratio(orig["params"], comp["params"]),
+                   "macs": reporting.ratio(orig["macs"], comp["macs"]),
+                   "onnx_bytes": reporting.ratio(orig["onnx_bytes"], comp["onnx_bytes"]),
+                   "speedup": reporting.speedups(orig["latency_ms"], comp["latency_ms"])},
+        "parity": parity,
+        "layers": rows,
+        "finetune": None if trained is None else {"steps": trained.steps, "epochs": round(trained.epochs, 3),
+                                                   "seconds": round(trained.seconds, 3),
+                                                   "samples_per_s": round(trained.samples_per_s, 1),
+                                                   "final_loss": trained.final_loss},
+        "bench": r.bench.model_dump(),
+        "versions": reporting.versions(),
+        "timings_s": dict(timings),
+    }
+    result["gates"] = check_gates(result, r.gates, options)
+    reporting.write_json(result, work / "report.json")
+    (work / "report.md").write_text(reporting.to_markdown(result))
+    return result
+
+
+def _real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
+    """`size` real samples from the eval data (cycled if fewer), or the synthetic sample repeated."""
+    data = ctx.data["eval"]
+    if data is None:
+        return tuple(t.expand(size, *t.shape[1:]).contiguous() for t in ctx.sample)
+    batch = data.head(size)
+    return split_batch(batch, ctx.input_names, ctx.target)[0]
+
+
+def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Path, metric: dict | None) -> None:
+    loaded = ctx.loaded
+    if loaded.pickled:
+        save_pickled_module(path, model)
+        return
+    edits = list(loaded.edits) + [e for m in methods for e in m.edits()]
+    inputs = [{"name": n, "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+              for n, t in zip(ctx.input_names, ctx.sample)]
+    save_checkpoint(path, model, loaded.factory, loaded.kwargs, inputs=inputs, edits=edits,
+                    metadata={"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path})
+
+
+def check_gates(result: dict, gates, options: Options) -> dict:
+    """Each gate set in the recipe or on the command line (the command line wins), with its value."""
+    max_drop = options.max_metric_drop if options.max_metric_drop is not None else gates.max_metric_drop
+    min_speedup = options.min_speedup if options.min_speedup is not None else gates.min_speedup
+    min_size = options.min_size_ratio if options.min_size_ratio is not None else gates.min_size_ratio
+    checked = []
+    if max_drop is not None:
+        before, after = result["original"]["metric"], result["compressed"]["metric"]
+        if before is None or after is None:
+            raise UserError("gate max_metric_drop needs eval data (data.eval) to measure a metric")
+        value = round(drop(before["name"], before["value"], after["value"]), 6)
+        checked.append({"gate": "max_metric_drop", "limit": max_drop, "value": value, "passed": value <= max_drop})
+    if min_speedup is not None:
+        batch = str(gates.speedup_batch or max(int(b) for b in result["ratios"]["speedup"]))
+        value = result["ratios"]["speedup"][batch]
+        checked.append({"gate": f"min_speedup@batch{batch}", "limit": min_speedup, "value": value,
+                        "passed": value is not None and value >= min_speedup})
+    if min_size is not None:
+        value = result["ratios"]["onnx_bytes"]
+        checked.append({"gate": "min_size_ratio", "limit": min_size, "value": value,
+                        "passed": value is not None and value >= min_size})
+    return {"checked": checked, "passed": all(g["passed"] for g in checked)}

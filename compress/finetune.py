@@ -102,7 +102,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                 bar.close()
                 raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
-                                f"{float(loss)}; lower finetune.lr or set finetune.clip_grad_norm")
+                                f"{float(loss.detach())}; lower finetune.lr or set finetune.clip_grad_norm")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad_norm:

@@ -223,6 +223,7 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
         metric_before, reference = _evaluate(original, ctx, device, None)
         if metric_before and metric_before["name"] == "agreement":
             metric_before["value"] = 1.0
+    original.cpu()  # evaluation may have moved it to the device; counting and planning run on the CPU
     original_macs = bench.count_macs(original, ctx.sample)
     methods, _ = plan(ctx, original)
     compressed = copy.deepcopy(original)

@@ -1,0 +1,184 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress.checkpoint import load_model
+from compress.data import load_source
+from compress.export import onnx_predict
+from compress.metrics import score
+
+from .conftest import REPO
+
+
+@pytest.fixture
+def applied(digits_model, write_recipe, run_cli, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("apply", "--recipe", write_recipe(), digits_model, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, result
+
+
+def test_apply_writes_verified_outputs_and_report(applied):
+    out, result = applied
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    for side in ("original", "compressed"):
+        for key in ("params", "macs", "onnx_bytes", "metric", "latency_ms"):
+            assert key in report[side]
+        assert set(report[side]["latency_ms"]) == {"1", "8"}
+        assert {"p50", "p90", "p99"} <= set(report[side]["latency_ms"]["1"])
+    assert report["compressed"]["macs"] < report["original"]["macs"]
+    assert report["compressed"]["params"] < report["original"]["params"]
+    assert report["parity"]["passed"] and {"max_abs_diff", "max_rel_diff"} <= set(report["parity"])
+    assert {"recipe_sha256", "seed", "versions", "layers"} <= set(report)
+    factorized = [row for row in report["layers"] if row["action"] == "factorize"]
+    assert factorized and all({"name", "method", "rank", "params_before", "params_after", "macs_before",
+                               "macs_after", "weight_shape"} <= set(row) for row in factorized)
+    onnx.checker.check_model(str(out / "model.onnx"))
+    assert "params" in result.output and "speedup" in result.output
+
+
+def test_reported_accuracy_is_what_the_onnx_model_scores(applied):
+    out, _ = applied
+    report = json.loads((out / "report.json").read_text())
+    test = load_source("bundled:digits/test")
+    outputs = onnx_predict(out / "model.onnx", test, ["image"], 100)
+    accuracy = score("accuracy", outputs, test.tensors["target"], None)
+    assert report["compressed"]["metric"]["name"] == "accuracy"
+    assert report["compressed"]["metric"]["value"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["compressed"]["onnx_metric"]["value"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_compressed_checkpoint_reloads_safely_and_matches_onnx(applied):
+    out, _ = applied
+    loaded = load_model(out / "model.pt")  # no --trust-checkpoint: factory + edits + weights
+    x = load_source("bundled:digits/test").head(16)["image"]
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.model(x).numpy(), got, atol=1e-4, rtol=1e-3)
+
+
+def test_existing_output_is_refused_without_force(applied, digits_model, write_recipe, run_cli):
+    out, _ = applied
+    before = (out / "report.json").read_bytes()
+    result = run_cli("apply", "-r", write_recipe(), digits_model, "--out", out, "-q")
+    assert result.exit_code == 2 and "pass --force" in result.stderr
+    assert (out / "report.json").read_bytes() == before
+    result = run_cli("apply", "-r", write_recipe(), digits_model, "--out", out, "-q", "--force")
+    assert result.exit_code == 0
+
+
+def test_missed_gate_exits_3_after_writing_the_report(digits_model, write_recipe, run_cli, tmp_path):
+    out = tmp_path / "gated"
+    result = run_cli("apply", "-r", write_recipe(), digits_model, "--out", out, "-q", "--min-size-ratio", "100")
+    assert result.exit_code == 3
+    assert "min_size_ratio 100" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"]["passed"] is False and report["gates"]["checked"][0]["gate"] == "min_size_ratio"
+
+
+def test_parity_failure_exits_4_and_leaves_no_onnx(digits_model, write_recipe, run_cli, tmp_path):
+    out = tmp_path / "strict"
+    recipe = write_recipe(extra="export: {parity: {atol: 0.0, rtol: 0.0}}")
+    result = run_cli("apply", "-r", recipe, digits_model, "--out", out, "-q")
+    assert result.exit_code == 4, result.stderr
+    assert "no ONNX model kept" in result.stderr
+    assert not out.exists()
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_untrusted_pickle_is_refused(tmp_path, write_recipe, run_cli):
+    from compress.examples.digits import digits_resnet
+
+    torch.save(digits_resnet(width=8), tmp_path / "whole.pt")
+    result = run_cli("plan", "-r", write_recipe(), tmp_path / "whole.pt")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "--trust-checkpoint" in result.stderr
+    result = run_cli("plan", "-r", write_recipe(), tmp_path / "whole.pt", "--trust-checkpoint")
+    assert result.exit_code == 0 and "factorize" in result.output
+
+
+def test_plan_lists_decisions_and_target_errors(digits_model, write_recipe, run_cli):
+    result = run_cli("plan", "-r", write_recipe(), digits_model, "--json")
+    rows = json.loads(result.output)
+    assert {r["name"] for r in rows} == {f"layer{b}.{i}.conv{c}" for b in (1, 2) for i in (0, 1) for c in (1, 2)}
+    bad = write_recipe("""\
+        data: {eval: bundled:digits/test}
+        stages:
+          - method: svd
+            targets: {include: ["layer3.*"]}
+        """, name="bad.yaml")
+    result = run_cli("plan", "-r", bad, digits_model)
+    assert result.exit_code == 2
+    assert "stages[0].targets.include[0]: pattern 'layer3.*' matches no layer" in result.stderr
+
+
+def test_plan_keeps_layers_that_would_not_get_cheaper(digits_model, write_recipe, run_cli):
+    recipe = write_recipe("""\
+        data: {eval: bundled:digits/test}
+        stages:
+          - method: svd
+            targets: {include: ["fc", "stem.0"]}
+            energy: 1.0
+        """)
+    rows = json.loads(run_cli("plan", "-r", recipe, digits_model, "--json").output)
+    assert [r["action"] for r in rows] == ["keep", "keep"]
+    assert all("would not reduce MACs" in r["reason"] for r in rows)
+
+
+def test_data_that_does_not_fit_the_model(digits_model, write_recipe, run_cli, tmp_path):
+    torch.save({"image": torch.rand(10, 3, 8, 8), "target": torch.zeros(10, dtype=torch.long)}, tmp_path / "rgb.pt")
+    np.savez(tmp_path / "wrong.npz", pixels=np.zeros((10, 1, 8, 8)))
+    for name, message in (("rgb.pt", "do not fit the model"), ("wrong.npz", "has no key 'image'")):
+        recipe = write_recipe(f"data: {{eval: {name}}}\nstages: [{{method: svd}}]\n", name=f"{name}.yaml")
+        result = run_cli("plan", "-r", recipe, digits_model)
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_inspect_export_bench_and_schema(digits_model, run_cli, tmp_path):
+    result = run_cli("inspect", digits_model, "--json")
+    info = json.loads(result.output)
+    conv = next(r for r in info["layers"] if r["name"] == "layer1.0.conv1")
+    assert conv["rank_90"] <= conv["rank_95"] <= conv["rank_99"] <= conv["full_rank"] == 16
+    assert conv["macs"] == 16 * 16 * 9 * 64
+    onnx_path = tmp_path / "m.onnx"
+    result = run_cli("export", digits_model, "--out", onnx_path)
+    assert result.exit_code == 0 and onnx_path.is_file() and "passed" in result.output
+    assert run_cli("export", digits_model, "--out", onnx_path).exit_code == 2
+    result = run_cli("bench", onnx_path, "--batch-sizes", "1,4", "--runs", "3", "--warmup", "1", "--json", "-q")
+    latency = json.loads(result.output)
+    assert set(latency[str(onnx_path)]) == {"1", "4"}
+    schema = json.loads(run_cli("recipe", "schema").output)
+    assert "stages" in schema["properties"]
+
+
+def test_example_refuses_to_overwrite(digits_model, run_cli):
+    result = run_cli("example", "digits-resnet", digits_model)
+    assert result.exit_code == 2 and "pass --force" in result.stderr
+
+
+def test_python_dash_m_and_help_teach_by_example():
+    for verb in ("apply", "plan", "inspect", "export", "bench", "example"):
+        out = subprocess.run([sys.executable, "-m", "compress", verb, "--help"], capture_output=True, text=True, check=True)
+        assert "Example:" in out.stdout and "compress " + verb in out.stdout
+
+
+def test_diverging_finetune_is_a_user_error(digits_model, write_recipe, run_cli, tmp_path):
+    recipe = write_recipe(extra="", steps=30).read_text().replace("lr: 0.001", "lr: 1.0e+12")
+    path = tmp_path / "diverge.yaml"
+    path.write_text(recipe)
+    result = run_cli("apply", "-r", path, digits_model, "--out", tmp_path / "d", "-q")
+    assert result.exit_code == 2 and "diverged" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_readme_recipes_run_on_the_bundled_example(digits_model, run_cli):
+    result = run_cli("plan", "-r", REPO / "recipes" / "svd.yaml", digits_model)
+    assert result.exit_code == 0, result.stderr

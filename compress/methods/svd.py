@@ -53,12 +53,35 @@ def plan_factorization(method: Method, model: nn.Module, profile: dict[str, Laye
     """Per-layer factorization decisions for the targets of `rule` (shared by SVD-based methods)."""
     decisions = []
     path = f"stages[{method.stage_index}].targets"
+    fused = fused_weight_users(model)
     for name, layer in select_targets(model, rule.targets, path):
-        decisions.append(_decide(method.name, name, layer, profile.get(name), rule))
+        blocked = f"its weight is read directly by {fused[name]}; replacing the layer would break it" if name in fused else None
+        decisions.append(_decide(method.name, name, layer, profile.get(name), rule, blocked))
     return decisions
 
 
-def _decide(method: str, name: str, layer: nn.Module, shapes: LayerProfile | None, rule: RankRule) -> Decision:
+# parent types that read some children's `.weight` themselves instead of calling them (fused
+# kernels, fast paths), so those children cannot be swapped for a factorized module
+FUSED_CHILDREN: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),
+    nn.TransformerDecoderLayer: ("linear1", "linear2"),
+}
+
+
+def fused_weight_users(model: nn.Module) -> dict[str, str]:
+    """{layer name: who reads its weight directly} for the layers covered by FUSED_CHILDREN."""
+    found = {}
+    for name, module in model.named_modules():
+        for parent_type, children in FUSED_CHILDREN.items():
+            if isinstance(module, parent_type):
+                prefix = f"{name}." if name else ""
+                found.update({prefix + child: f"{type(module).__name__} {name!r}" for child in children})
+    return found
+
+
+def _decide(method: str, name: str, layer: nn.Module, shapes: LayerProfile | None, rule: RankRule,
+            blocked: str | None = None) -> Decision:
     kind = type(layer).__name__
     weight_shape = list(layer.weight.shape)
     params = sum(p.numel() for p in layer.parameters())
@@ -66,6 +89,8 @@ def _decide(method: str, name: str, layer: nn.Module, shapes: LayerProfile | Non
     def keep(reason: str, macs: int = 0, **extra) -> Decision:
         return Decision(name, method, kind, "keep", weight_shape, params, macs, params, macs, reason=reason, **extra)
 
+    if blocked:
+        return keep(blocked)
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         return keep(f"{method} factorizes Linear and Conv2d layers only")
     if shapes is None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import bench, export, report as reporting
-from .checkpoint import LoadedModel, load_model, save_checkpoint, save_pickled_module
+from .checkpoint import LoadedModel, current_umask, load_model, save_checkpoint, save_pickled_module
 from .data import Dataset, load_source, split_batch
 from .errors import GateFailed, ParityError, UserError
 from .finetune import finetune, predict
@@ -185,7 +185,7 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
         raise UserError(f"{out}: output folder exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+    os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
         result = _run(ctx, work, options, seed, device)
         _replace_dir(work, out)
@@ -199,12 +199,6 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
         error.result = result
         raise error
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(work: Path, out: Path) -> None:

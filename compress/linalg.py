@@ -73,3 +73,37 @@ def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     first = root[:, None] * vh[:rank]  # A: (r, n)
     second = u[:, :rank] * root[None, :]  # B: (m, r)
     return first.to(matrix.dtype), second.to(matrix.dtype)
+
+
+def energy_ranks(singular_values: torch.Tensor, energy: float) -> torch.Tensor:
+    """`energy_rank` for a batch of spectra (..., k): the minimal rank per matrix, as a tensor."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    squares = singular_values.to(torch.float64) ** 2
+    total = squares.sum(-1, keepdim=True)
+    kept = torch.cumsum(squares, -1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    ranks = (kept < energy - 1e-12).sum(-1) + 1
+    return ranks.clamp(max=singular_values.shape[-1])
+
+
+def energy_truncation(matrices: torch.Tensor, energy: float):
+    """Trained Rank Pruning's projection T_e for a batch of matrices (..., m, n).
+
+    For each matrix: SVD, keep the smallest rank r whose energy sum_{i<=r} s_i^2 / sum s_i^2 is
+    at least `energy`. Returns (U_r S_r V_r^T, U_r V_r^T, r): the projection, the nuclear norm's
+    sub-gradient at it, and the ranks (a tensor of the batch shape).
+    """
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    ranks = energy_ranks(s, energy)
+    keep = (torch.arange(s.shape[-1], device=s.device) < ranks.to(s.device)[..., None]).to(s.dtype)
+    projected = (u * (s * keep)[..., None, :]) @ vh
+    subgradient = (u * keep[..., None, :]) @ vh
+    return projected, subgradient, ranks
+
+
+def threshold_rank(singular_values: torch.Tensor, threshold: float) -> int:
+    """How many singular values are at least `threshold` times the largest (at least 1)."""
+    s = singular_values.to(torch.float64)
+    if s.numel() == 0 or s[0] <= 0:
+        return 1
+    return max(1, int((s >= threshold * s[0]).sum()))

@@ -237,6 +237,14 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
     with timed(timings, "finalize"):
         for method in methods:
             method.finalize(compressed)
+    post_epochs = max((m.post_finetune_epochs() for m in methods), default=0)
+    post = None
+    if post_epochs and train is not None:
+        with timed(timings, "post_finetune"):
+            post = finetune(compressed, train, ctx.input_names, ctx.target,
+                            r.finetune.model_copy(update={"epochs": post_epochs, "steps": None}), r.data.batch_size,
+                            teacher=copy.deepcopy(original), device=device, seed=seed + 1,
+                            progress=options.progress, desc="post-finetune")
     compressed = compressed.cpu().eval()
     with timed(timings, "evaluate"):
         metric_after, _ = _evaluate(compressed, ctx, torch.device("cpu"), reference)
@@ -292,10 +300,8 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
                    "speedup": reporting.speedups(orig["latency_ms"], comp["latency_ms"])},
         "parity": parity,
         "layers": rows,
-        "finetune": None if trained is None else {"steps": trained.steps, "epochs": round(trained.epochs, 3),
-                                                   "seconds": round(trained.seconds, 3),
-                                                   "samples_per_s": round(trained.samples_per_s, 1),
-                                                   "final_loss": trained.final_loss},
+        "finetune": _train_summary(trained),
+        "post_finetune": _train_summary(post),
         "bench": r.bench.model_dump(),
         "versions": reporting.versions(),
         "timings_s": dict(timings),
@@ -304,6 +310,13 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
     reporting.write_json(result, work / "report.json")
     (work / "report.md").write_text(reporting.to_markdown(result))
     return result
+
+
+def _train_summary(trained) -> dict | None:
+    if trained is None:
+        return None
+    return {"steps": trained.steps, "epochs": round(trained.epochs, 3), "seconds": round(trained.seconds, 3),
+            "samples_per_s": round(trained.samples_per_s, 1), "final_loss": trained.final_loss}
 
 
 def _real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:

@@ -61,7 +61,7 @@ def layers_table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         rank = f"{r['rank']}/{r['full_rank']}" if r.get("rank") else "-"
-        note = r.get("reason") or (f"{r['scheme']} scheme, energy {r['energy']:.3f}" if r.get("scheme") else
+        note = r.get("reason") or r.get("note") or (f"{r['scheme']} scheme, energy {r['energy']:.3f}" if r.get("scheme") else
                                    (f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""))
         lines.append(f"| {r['name']} | {r['layer_type']} | {r['action']} | {rank} | "
                      f"{_num(r['params_before'])} -> {_num(r['params_after'])} | "

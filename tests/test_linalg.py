@@ -53,3 +53,43 @@ def test_truncated_factors_full_rank_reconstructs_and_truncation_is_optimal():
     s = torch.linalg.svdvals(m)
     # Eckart-Young: the Frobenius error of the best rank-3 approximation is the dropped tail.
     assert torch.linalg.norm(m - b @ a) == pytest.approx(math.sqrt(float((s[3:] ** 2).sum())), rel=1e-9)
+
+
+def test_energy_ranks_batch_matches_single():
+    gen = torch.Generator().manual_seed(3)
+    spectra = torch.sort(torch.rand(5, 12, generator=gen), descending=True).values
+    for energy in (0.3, 0.9, 0.99, 1.0):
+        batch = linalg.energy_ranks(spectra, energy)
+        assert batch.tolist() == [linalg.energy_rank(s, energy) for s in spectra]
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
+def test_energy_truncation_keeps_energy_with_minimal_rank(energy):
+    gen = torch.Generator().manual_seed(4)
+    mats = torch.randn(3, 10, 7, generator=gen, dtype=torch.float64)
+    projected, subgradient, ranks = linalg.energy_truncation(mats, energy)
+    for m, p, g, r in zip(mats, projected, subgradient, ranks.tolist()):
+        s = torch.linalg.svdvals(m)
+        assert torch.linalg.matrix_rank(p) == r
+        assert float((torch.linalg.svdvals(p) ** 2).sum() / (s ** 2).sum()) >= energy - 1e-12
+        assert float((s[: r - 1] ** 2).sum() / (s ** 2).sum()) < energy  # one fewer would not do
+        # the truncation is the best rank-r approximation and G = U_r V_r^T has r unit singular values
+        assert torch.allclose(torch.linalg.svdvals(g)[:r], torch.ones(r, dtype=torch.float64))
+        assert torch.linalg.norm(m - p) ** 2 == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-9)
+
+
+def test_nuclear_subgradient_equals_autograd_gradient():
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(6, 6), (8, 5), (4, 9)]:
+        w = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        torch.linalg.matrix_norm(w, "nuc").backward()
+        _, subgradient, ranks = linalg.energy_truncation(w.detach(), 1.0)
+        assert int(ranks) == min(shape)
+        assert torch.allclose(subgradient, w.grad, atol=1e-10)
+
+
+def test_threshold_rank():
+    s = torch.tensor([10.0, 5.0, 1.0, 0.5])
+    assert linalg.threshold_rank(s, 0.1) == 3
+    assert linalg.threshold_rank(s, 0.9) == 1
+    assert linalg.threshold_rank(s, 0.0) == 4

@@ -1,7 +1,8 @@
 """The registry of compression methods: adding one is one file and one line here."""
 from .base import Decision, LayerProfile, Method, Stage, Targets
 from .svd import Svd
+from .trp import Trp
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Svd,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Svd, Trp)}
 
 __all__ = ["METHODS", "Decision", "LayerProfile", "Method", "Stage", "Targets"]

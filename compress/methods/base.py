@@ -8,6 +8,7 @@ The pipeline drives every method the same way:
     loss(model, batch, out)  extra loss terms during fine-tuning (regularizers, distillation)
     after_step(model, step)  hook after each optimizer step (projections, proximal steps)
     finalize(model)          structural change after fine-tuning (decompose, drop groups)
+    post_finetune_epochs()   extra epochs on the finalized model, if the method wants them
     edits()                  the structural edits made, as data, to rebuild the model later
 """
 from __future__ import annotations
@@ -120,6 +121,10 @@ class Method:
 
     def finalize(self, model: nn.Module) -> None:
         """Structural change after fine-tuning."""
+
+    def post_finetune_epochs(self) -> int:
+        """Epochs of fine-tuning this method asks for after `finalize` (the same loop, no hooks)."""
+        return 0
 
     def edits(self) -> list[dict[str, Any]]:
         """The structural edits this method made, as JSON-able data (see checkpoint.apply_edits)."""

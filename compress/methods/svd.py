@@ -7,7 +7,7 @@ is left dense, and the plan says why.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
@@ -56,7 +56,8 @@ def plan_factorization(method: Method, model: nn.Module, profile: dict[str, Laye
     fused = fused_weight_users(model)
     for name, layer in select_targets(model, rule.targets, path):
         blocked = f"its weight is read directly by {fused[name]}; replacing the layer would break it" if name in fused else None
-        decisions.append(_decide(method.name, name, layer, profile.get(name), rule, blocked))
+        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), rule.scheme,
+                                              rule.choose_rank, blocked))
     return decisions
 
 
@@ -80,8 +81,23 @@ def fused_weight_users(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def _decide(method: str, name: str, layer: nn.Module, shapes: LayerProfile | None, rule: RankRule,
-            blocked: str | None = None) -> Decision:
+def unfactorizable(method: str, layer: nn.Module, shapes: LayerProfile | None, blocked: str | None = None) -> str | None:
+    """Why a layer cannot be factorized at all, or None when it can."""
+    if blocked:
+        return blocked
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return f"{method} factorizes Linear and Conv2d layers only"
+    if shapes is None:
+        return "layer did not run in the forward pass"
+    if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+        return f"grouped convolution (groups={layer.groups}) is not factorized"
+    return None
+
+
+def decide_factorization(method: str, name: str, layer: nn.Module, shapes: LayerProfile | None, conv_scheme: str,
+                         choose_rank: Callable, blocked: str | None = None) -> Decision:
+    """Whether and at what rank to factorize one layer; `choose_rank(singular_values, rows, cols)`
+    picks the rank, and a rank that would not reduce MACs leaves the layer dense."""
     kind = type(layer).__name__
     weight_shape = list(layer.weight.shape)
     params = sum(p.numel() for p in layer.parameters())
@@ -89,20 +105,16 @@ def _decide(method: str, name: str, layer: nn.Module, shapes: LayerProfile | Non
     def keep(reason: str, macs: int = 0, **extra) -> Decision:
         return Decision(name, method, kind, "keep", weight_shape, params, macs, params, macs, reason=reason, **extra)
 
-    if blocked:
-        return keep(blocked)
-    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-        return keep(f"{method} factorizes Linear and Conv2d layers only")
-    if shapes is None:
-        return keep("layer did not run in the forward pass")
-    dense = layers.dense_cost(layer, shapes.out_shape)
-    if isinstance(layer, nn.Conv2d) and layer.groups > 1:
-        return keep(f"grouped convolution (groups={layer.groups}) is not factorized", dense.macs)
-    scheme = rule.scheme if isinstance(layer, nn.Conv2d) else None
+    reason = unfactorizable(method, layer, shapes, blocked)
+    known = shapes is not None and isinstance(layer, (nn.Linear, nn.Conv2d))
+    dense = layers.dense_cost(layer, shapes.out_shape) if known else layers.LayerCost(params, 0)
+    if reason:
+        return keep(reason, dense.macs)
+    scheme = conv_scheme if isinstance(layer, nn.Conv2d) else None
     matrix = layers.layer_matrix(layer, scheme or "channel")
     rows, cols = matrix.shape
     s = linalg.singular_values(matrix)
-    rank = rule.choose_rank(s, rows, cols)
+    rank = choose_rank(s, rows, cols)
     after = layers.factorized_cost(layer, rank, scheme or "channel", shapes.in_shape, shapes.out_shape)
     info = dict(rank=rank, full_rank=min(rows, cols), scheme=scheme, energy=round(linalg.energy_kept(s, rank), 6))
     if after.macs >= dense.macs:

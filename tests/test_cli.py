@@ -182,3 +182,19 @@ def test_diverging_finetune_is_a_user_error(digits_model, write_recipe, run_cli,
 def test_readme_recipes_run_on_the_bundled_example(digits_model, run_cli):
     result = run_cli("plan", "-r", REPO / "recipes" / "svd.yaml", digits_model)
     assert result.exit_code == 0, result.stderr
+
+
+def test_per_layer_ranks_override_the_rule(digits_model, write_recipe, run_cli):
+    recipe = write_recipe("""\
+        data: {eval: bundled:digits/test}
+        stages:
+          - method: svd
+            targets: {types: [Conv2d], include: ["layer1.*"]}
+            rank: 2
+            ranks: {layer1.0.conv1: 3}
+        """)
+    rows = {r["name"]: r["rank"] for r in json.loads(run_cli("plan", "-r", recipe, digits_model, "--json").output)}
+    assert rows["layer1.0.conv1"] == 3 and rows["layer1.0.conv2"] == 2
+    bad = write_recipe("stages: [{method: svd, ranks: {nope: 3}}]\ndata: {eval: bundled:digits/test}\n", name="bad.yaml")
+    result = run_cli("plan", "-r", bad, digits_model)
+    assert result.exit_code == 2 and "stages[0].ranks.nope: no targeted layer has this name" in result.stderr

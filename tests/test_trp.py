@@ -96,7 +96,7 @@ def test_nuclear_term_gradient_is_lambda_times_subgradient():
         assert torch.allclose(model.get_submodule(name).weight.grad, 0.01 * method.subgradients[name])
     # the loss value at the projection is lambda times the sum of nuclear norms
     value = float(method.loss(model, {}, None)["nuclear"].detach())
-    norms = sum(float(torch.linalg.matrix_norm(layer_matrix(model.get_submodule(n), "channel"), "nuc"))
+    norms = sum(float(torch.linalg.matrix_norm(layer_matrix(model.get_submodule(n), "channel").detach(), "nuc"))
                 for n in method.names)
     assert value == pytest.approx(0.01 * norms, rel=1e-4)
 

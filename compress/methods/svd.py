@@ -7,17 +7,20 @@ is left dense, and the plan says why.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+import functools
+from typing import Annotated, Callable, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
 
 from .. import layers, linalg
+from ..errors import RecipeError
 from .base import Decision, LayerProfile, Method, Stage, replace_module, select_targets
 
 
 class RankRule(Stage):
-    """How a rank is chosen: exactly one of `rank`, `ratio`, `energy` (default: energy 0.9)."""
+    """How a rank is chosen: at most one of `rank`, `ratio`, `energy` (default: energy 0.9), and
+    optionally fixed ranks for named layers."""
 
     rank: int | None = Field(None, gt=0, description="fixed rank (capped at the layer's full rank)")
     ratio: float | None = Field(None, gt=0, le=1, description="fraction of the layer's parameters to keep")
@@ -25,6 +28,9 @@ class RankRule(Stage):
     scheme: Literal["channel", "spatial"] = Field(
         "channel", description="how a Conv2d weight becomes a matrix: channel (N x C kh kw) or spatial (C kh x N kw)"
     )
+    ranks: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="fixed rank per layer name, overriding the rule for those layers "
+        "(e.g. to match another run's ranks)")
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -35,8 +41,10 @@ class RankRule(Stage):
             self.energy = 0.9
         return self
 
-    def choose_rank(self, singular_values, rows: int, cols: int) -> int:
+    def choose_rank(self, singular_values, rows: int, cols: int, name: str | None = None) -> int:
         full = min(rows, cols)
+        if name in self.ranks:
+            return min(self.ranks[name], full)
         if self.rank is not None:
             return min(self.rank, full)
         if self.ratio is not None:
@@ -52,12 +60,16 @@ def plan_factorization(method: Method, model: nn.Module, profile: dict[str, Laye
                        rule: RankRule) -> list[Decision]:
     """Per-layer factorization decisions for the targets of `rule` (shared by SVD-based methods)."""
     decisions = []
-    path = f"stages[{method.stage_index}].targets"
+    path = f"stages[{method.stage_index}]"
     fused = fused_weight_users(model)
-    for name, layer in select_targets(model, rule.targets, path):
+    targets = select_targets(model, rule.targets, f"{path}.targets")
+    for name in rule.ranks:
+        if name not in dict(targets):
+            raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
+    for name, layer in targets:
         blocked = f"its weight is read directly by {fused[name]}; replacing the layer would break it" if name in fused else None
-        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), rule.scheme,
-                                              rule.choose_rank, blocked))
+        choose = functools.partial(rule.choose_rank, name=name)
+        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), rule.scheme, choose, blocked))
     return decisions
 
 

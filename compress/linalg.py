@@ -94,11 +94,18 @@ def energy_truncation(matrices: torch.Tensor, energy: float):
     sub-gradient at it, and the ranks (a tensor of the batch shape).
     """
     u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    return truncate_svd_by_energy(u, s, vh, energy)
+
+
+def truncate_svd_by_energy(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, energy: float):
+    """`energy_truncation` from an SVD already computed: (U_r S_r V_r^T, U_r V_r^T, ranks)."""
     ranks = energy_ranks(s, energy)
+    return _truncate(u, s, vh, ranks) + (ranks,)
+
+
+def _truncate(u, s, vh, ranks):
     keep = (torch.arange(s.shape[-1], device=s.device) < ranks.to(s.device)[..., None]).to(s.dtype)
-    projected = (u * (s * keep)[..., None, :]) @ vh
-    subgradient = (u * keep[..., None, :]) @ vh
-    return projected, subgradient, ranks
+    return (u * (s * keep)[..., None, :]) @ vh, (u * keep[..., None, :]) @ vh
 
 
 def threshold_rank(singular_values: torch.Tensor, threshold: float) -> int:
@@ -107,3 +114,27 @@ def threshold_rank(singular_values: torch.Tensor, threshold: float) -> int:
     if s.numel() == 0 or s[0] <= 0:
         return 1
     return max(1, int((s >= threshold * s[0]).sum()))
+
+
+def energy_truncation_in_subspace(matrices: torch.Tensor, basis: torch.Tensor, energy: float):
+    """`energy_truncation` computed within a tracked subspace: the cheap path for TRP.
+
+    One subspace iteration refines `basis` (..., m, q) towards the top-q left singular vectors of
+    `matrices` (..., m, n); the truncation is then taken within span(basis), whose SVD is exact
+    and small (q x n). The energy is measured against the full ||M||_F^2, so every projection
+    returned keeps at least `energy`; the rank is minimal up to how well the subspace has
+    converged (it tracks the weights step by step, so it converges while training runs).
+    Returns (projected, subgradient, ranks, reached, new_basis): `reached` is False for a
+    matrix whose energy the subspace cannot reach (use `energy_truncation` for it).
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    q, _ = torch.linalg.qr(matrices @ (matrices.mT @ basis))
+    ub, s, vh = torch.linalg.svd(q.mT @ matrices, full_matrices=False)
+    u = q @ ub
+    total = matrices.square().sum((-2, -1)).to(torch.float64)
+    kept = torch.cumsum(s.to(torch.float64) ** 2, -1) / total.clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+    reached = kept[..., -1] >= energy - 1e-12
+    ranks = ((kept < energy - 1e-12).sum(-1) + 1).clamp(max=s.shape[-1])
+    projected, subgradient = _truncate(u, s, vh, ranks)
+    return projected, subgradient, ranks, reached, u

@@ -93,3 +93,29 @@ def test_threshold_rank():
     assert linalg.threshold_rank(s, 0.1) == 3
     assert linalg.threshold_rank(s, 0.9) == 1
     assert linalg.threshold_rank(s, 0.0) == 4
+
+
+def test_subspace_truncation_keeps_energy_and_converges_to_the_exact_one():
+    gen = torch.Generator().manual_seed(6)
+    # matrices with a decaying spectrum, like trained weights
+    u, _ = torch.linalg.qr(torch.randn(3, 40, 40, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(3, 30, 30, generator=gen, dtype=torch.float64))
+    s = 0.8 ** torch.arange(30, dtype=torch.float64)
+    mats = (u[..., :30] * s) @ v.mT
+    exact, exact_g, exact_r = linalg.energy_truncation(mats, 0.95)
+    basis = torch.linalg.qr(torch.randn(3, 40, 16, generator=gen, dtype=torch.float64))[0]
+    for _ in range(8):
+        projected, subgradient, ranks, reached, basis = linalg.energy_truncation_in_subspace(mats, basis, 0.95)
+        assert bool(reached.all())
+        kept = (projected ** 2).sum((-2, -1)) / (mats ** 2).sum((-2, -1))
+        assert bool((kept >= 0.95 - 1e-12).all())  # the guarantee holds at every iteration
+    assert ranks.tolist() == exact_r.tolist()
+    assert torch.allclose(projected, exact, atol=1e-8) and torch.allclose(subgradient, exact_g, atol=1e-6)
+
+
+def test_subspace_truncation_says_when_the_subspace_is_too_small():
+    gen = torch.Generator().manual_seed(7)
+    mats = torch.randn(2, 20, 20, generator=gen, dtype=torch.float64)  # flat spectrum
+    basis = torch.linalg.qr(torch.randn(2, 20, 3, generator=gen, dtype=torch.float64))[0]
+    *_, reached, _ = linalg.energy_truncation_in_subspace(mats, basis, 0.9)
+    assert not bool(reached.any())

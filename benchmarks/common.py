@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmarks: train the bundled example, run recipes in-process."""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from compress.examples.digits import train_digits_resnet
+from compress.pipeline import Options, apply, load_context
+from compress.recipe import LoadedRecipe, Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def example_model(workdir: Path, seed: int = 0) -> tuple[Path, dict]:
+    path = workdir / "digits-resnet.pt"
+    summary = train_digits_resnet(path, seed=seed, progress=False)
+    return path, summary
+
+
+def load_recipe_dict(name: str) -> dict:
+    return yaml.safe_load((REPO / "recipes" / name).read_text())
+
+
+def run_recipe(document: dict, model: Path, workdir: Path, label: str) -> dict:
+    """Run a recipe given as a dict through the same pipeline as `compress apply`; its report."""
+    recipe = LoadedRecipe(Recipe.model_validate(copy.deepcopy(document)), REPO / "recipes" / f"{label}.yaml", label)
+    ctx = load_context(recipe, model, Options(progress=False))
+    return apply(ctx, workdir / label, Options(progress=False), force=True)
+
+
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="compress-bench-"))
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"

@@ -1,5 +1,9 @@
 """Loading and saving models, safely by default.
 
+`apply` also writes a self-describing artifact beside `model.pt`: `model.safetensors` (weights)
+and `compression.json` (format, version, the original factory and kwargs, the structural edits,
+the inputs). `load(folder)` rebuilds the compressed model from those two files alone.
+
 The safe checkpoint is a dict readable with `torch.load(weights_only=True)`:
 
     {"format": "compress.checkpoint", "version": 1,
@@ -15,6 +19,7 @@ works the same way with the factory named in the recipe. A whole pickled module
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pickle
 import tempfile
@@ -31,6 +36,10 @@ from .methods.base import replace_module
 
 FORMAT = "compress.checkpoint"
 VERSION = 1
+ARTIFACT_FORMAT = "compress.artifact"
+ARTIFACT_VERSION = 1
+ARTIFACT_NAME = "compression.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -83,12 +92,14 @@ def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
 def apply_edits(model: nn.Module, edits: list[dict]) -> None:
     """Replay structural edits on a freshly built model (weights are loaded afterwards)."""
     for edit in edits:
-        op = edit.get("op")
-        if op == "factorize":
+        op = edit.get("op") if isinstance(edit, dict) else None
+        if op != "factorize":
+            raise UserError(f"structural edit {edit!r} is not known to this version of compress")
+        try:
             layer = model.get_submodule(edit["name"])
-            replace_module(model, edit["name"], layers.empty_factorized(layer, edit["rank"], edit["scheme"]))
-        else:
-            raise UserError(f"checkpoint edit {op!r} is not known to this version of compress")
+            replace_module(model, edit["name"], layers.empty_factorized(layer, int(edit["rank"]), edit["scheme"]))
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            raise UserError(f"structural edit {edit!r} does not fit the model built by the factory ({exc})") from None
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -115,19 +126,16 @@ def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None
     (with `trust`) a whole pickled module."""
     path = Path(path)
     source = str(path)
+    if path.is_dir() and (path / ARTIFACT_NAME).is_file():
+        return load_artifact(path / ARTIFACT_NAME)
     if not path.is_file():
         raise UserError(f"{source}: model file not found")
     if path.stat().st_size == 0:
         raise UserError(f"{source}: model file is empty")
+    if path.suffix.lower() == ".json":
+        return load_artifact(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(source)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{source}: not a readable safetensors file ({exc})") from None
-        return _from_state_dict(state, source, factory, kwargs or {})
+        return _from_state_dict(_read_safetensors(path), source, factory, kwargs or {})
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -146,6 +154,62 @@ def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None
         return _from_state_dict(obj, source, factory, kwargs or {})
     raise UserError(f"{source}: not a model checkpoint (expected a compress checkpoint, a state dict with "
                     f"model.factory in the recipe, or a pickled module; found {type(obj).__name__})")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def save_artifact(folder: Path, model: nn.Module, factory: str, kwargs: dict[str, Any], edits: list[dict],
+                  inputs: list[dict] | None, metadata: dict[str, Any] | None = None) -> None:
+    """Write `model.safetensors` (weights) and `compression.json` (how to rebuild the structure):
+    the self-describing artifact that reloads without unpickling anything."""
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share memory; a state dict is saved as independent copies
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": ARTIFACT_FORMAT})
+    description = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "factory": factory, "kwargs": kwargs,
+                   "edits": edits, "inputs": inputs, "weights": WEIGHTS_NAME, "metadata": metadata or {}}
+    (folder / ARTIFACT_NAME).write_text(json.dumps(description, indent=2) + "\n")
+
+
+def load_artifact(path: Path) -> LoadedModel:
+    """Rebuild a compressed model from `compression.json` and the weights file it names."""
+    source = str(path)
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{source}: not a readable compression.json ({_first_line(exc)})") from None
+    if not isinstance(description, dict) or description.get("format") != ARTIFACT_FORMAT:
+        raise UserError(f"{source}: not a compress artifact description (no \"format\": \"{ARTIFACT_FORMAT}\")")
+    version = description.get("version")
+    if version != ARTIFACT_VERSION:
+        raise UserError(f"{source}: artifact format version {version!r} is not supported "
+                        f"(this compress reads version {ARTIFACT_VERSION}); upgrade compress")
+    for key in ("factory", "edits"):
+        if key not in description:
+            raise UserError(f"{source}: missing key {key!r}")
+    model = build_model(description["factory"], description.get("kwargs") or {})
+    apply_edits(model, description["edits"])
+    weights = path.parent / description.get("weights", WEIGHTS_NAME)
+    load_state(model, _read_safetensors(weights), str(weights))
+    return LoadedModel(model.eval(), source, description["factory"], description.get("kwargs") or {},
+                       description.get("inputs"), list(description["edits"]), description.get("metadata") or {})
+
+
+def load(path: str | Path, trust_checkpoint: bool = False) -> nn.Module:
+    """The model in a checkpoint, an artifact folder (compression.json + model.safetensors) or a
+    compression.json, in eval mode."""
+    return load_model(path, trust=trust_checkpoint).model
 
 
 def _first_line(exc: BaseException) -> str:

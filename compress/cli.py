@@ -20,7 +20,8 @@ First run:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    one_line = " ".join(message.split())  # a message is one line, whatever text it quotes
+    click.echo(f"error: {one_line}", err=True)
     sys.exit(code)
 
 
@@ -92,7 +93,7 @@ Example:
   compress apply --recipe recipes/svd.yaml model.pt --out out/svd
   compress apply -r recipes/svd.yaml model.pt --out out/svd --force --max-metric-drop 0.01""")
 @recipe_option
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: out/<recipe name>). Holds model.pt, model.onnx, report.json, report.md.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
@@ -142,7 +143,7 @@ Example:
   compress plan --recipe recipes/svd.yaml model.pt
   compress plan -r recipes/svd.yaml model.pt --json > plan.json""")
 @recipe_option
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
 @common
@@ -170,7 +171,7 @@ def plan(recipe_path, model, trust_checkpoint, as_json, debug, quiet):
 Example:
   compress inspect model.pt
   compress inspect model.pt --recipe recipes/svd.yaml --json""")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="Recipe for the factory, inputs or data when the checkpoint does not carry them.")
 @trust_option
@@ -199,7 +200,7 @@ def inspect(model, recipe_path, trust_checkpoint, as_json, debug, quiet):
 Example:
   compress export out/svd/model.pt --out model.onnx
   compress export model.pt --recipe recipes/svd.yaml --out model.onnx --force""")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="Recipe for export options, data for the parity batch, factory or inputs.")
@@ -300,6 +301,40 @@ def schema():
     from .recipe import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+@recipe.command("check", epilog="""\b
+Example:
+  compress recipe check recipes/svd.yaml
+  compress recipe check recipes/svd.yaml model.pt""")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.argument("model", required=False, type=click.Path())
+@trust_option
+@common
+def check(recipe_path, model, trust_checkpoint, debug, quiet):
+    """Validate RECIPE without running it. With MODEL, also load the model and the data, show
+    what each target pattern matched, and plan every stage (no training)."""
+    from .methods.base import pattern_matches, select_targets
+    from .pipeline import Options, load_context, plan as make_plan
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe_path)
+    stages = loaded.recipe.stages
+    click.echo(f"{recipe_path}: valid recipe, {len(stages)} stage(s): " + ", ".join(s.method for s in stages))
+    if model is None:
+        return
+    ctx = load_context(loaded, model, Options(trust_checkpoint=trust_checkpoint))
+    for i, stage in enumerate(stages):
+        path = f"stages[{i}].targets"
+        click.echo(f"stages[{i}] ({stage.method}), types {', '.join(stage.targets.types)}:")
+        for key, names in pattern_matches(ctx.loaded.model, stage.targets, path).items():
+            pattern = getattr(stage.targets, key.split("[")[0])[int(key.split("[")[1][:-1])]
+            click.echo(f"  {key} {pattern!r} matches {len(names)}: {', '.join(names)}")
+        chosen = [n for n, _ in select_targets(ctx.loaded.model, stage.targets, path)]
+        click.echo(f"  targets {len(chosen)} layer(s): {', '.join(chosen) or 'none'}")
+    _, rows = make_plan(ctx)
+    changed = sum(r["action"] != "keep" for r in rows)
+    click.echo(f"plan: {changed} of {len(rows)} targeted layers would change (see `compress plan`)")
 
 
 def main() -> None:

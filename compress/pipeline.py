@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import bench, export, report as reporting
-from .checkpoint import LoadedModel, current_umask, load_model, save_checkpoint, save_pickled_module
+from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
+                         save_pickled_module)
 from .data import Dataset, load_source, split_batch
 from .errors import GateFailed, ParityError, UserError
 from .finetune import finetune, predict
@@ -134,15 +135,18 @@ def synthetic_sample(specs: list[dict]) -> tuple[torch.Tensor, ...]:
 
 
 def _check_fit(model: nn.Module, names: list[str], sample, data, target: str) -> None:
-    """Run one sample through the model so that misfitting data fails now, with its name."""
-    source = next((d.source for d in data.values() if d is not None), "recipe inputs")
-    try:
-        with torch.no_grad():
-            model.eval()(*sample)
-    except Exception as exc:  # any error inside the user's forward means the data does not fit
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        shapes = ", ".join(f"{n} {list(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for n, t in zip(names, sample))
-        raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first[:160]}") from None
+    """Run one sample of every data source through the model, so that misfitting data fails now,
+    with the source's name."""
+    checks = {d.source: tuple(d.head(1)[n] for n in names) for d in data.values() if d is not None}
+    for source, inputs in (checks or {"recipe inputs": sample}).items():
+        try:
+            with torch.no_grad():
+                model.eval()(*inputs)
+        except Exception as exc:  # any error inside the user's forward means the data does not fit
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            shapes = ", ".join(f"{n} {list(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}"
+                               for n, t in zip(names, inputs))
+            raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first[:160]}") from None
 
 
 def make_methods(recipe: LoadedRecipe) -> list[Method]:
@@ -189,6 +193,9 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
     try:
         result = _run(ctx, work, options, seed, device)
         _replace_dir(work, out)
+    except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -307,6 +314,7 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
         "timings_s": dict(timings),
     }
     result["gates"] = check_gates(result, r.gates, options)
+    result["files"] = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
     reporting.write_json(result, work / "report.json")
     (work / "report.md").write_text(reporting.to_markdown(result))
     return result
@@ -336,8 +344,9 @@ def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Pat
     edits = list(loaded.edits) + [e for m in methods for e in m.edits()]
     inputs = [{"name": n, "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
               for n, t in zip(ctx.input_names, ctx.sample)]
-    save_checkpoint(path, model, loaded.factory, loaded.kwargs, inputs=inputs, edits=edits,
-                    metadata={"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path})
+    metadata = {"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path}
+    save_checkpoint(path, model, loaded.factory, loaded.kwargs, inputs=inputs, edits=edits, metadata=metadata)
+    save_artifact(path.parent, model, loaded.factory, loaded.kwargs, edits, inputs, metadata)
 
 
 def check_gates(result: dict, gates, options: Options) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -165,9 +166,9 @@ def parse_recipe(text: str | bytes, origin: str = "recipe") -> Recipe:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise RecipeError(f"{origin}{where}: YAML syntax error: {exc.problem or exc.context}") from None
+        raise RecipeError(f"{origin}{where}: YAML syntax error: {_one_line(exc.problem or exc.context)}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{origin}: YAML error: {exc}") from None
+        raise RecipeError(f"{origin}: YAML error: {_one_line(exc)}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{origin}: not a text file") from None
     if not isinstance(document, dict):
@@ -177,6 +178,10 @@ def parse_recipe(text: str | bytes, origin: str = "recipe") -> Recipe:
         return Recipe.model_validate(document)
     except ValidationError as exc:
         raise RecipeError(f"{origin}: " + format_errors(exc)) from None
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 def format_errors(exc: ValidationError, limit: int = 3) -> str:
@@ -215,8 +220,10 @@ def _loc_path(loc: list) -> str:
             out += f"[{part}]"
         elif loc[0] == "stages" and i == 2 and part in METHODS:
             continue
-        else:
+        elif re.fullmatch(r"[A-Za-z0-9_.\-]+", str(part)):
             out += ("." if out else "") + str(part)
+        else:  # keys with spaces, newlines or symbols are quoted so the message stays one line
+            out += f"[{str(part)!r}]"
     return out
 
 

@@ -137,15 +137,13 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def select_targets(model: nn.Module, targets: Targets, path: str) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs a stage's `targets` picks, in model order.
-
-    A pattern that matches no layer of the listed types is a recipe error naming its key path
-    (`path` is where `targets` sits in the recipe, e.g. `stages[0].targets`).
-    """
+def pattern_matches(model: nn.Module, targets: Targets, path: str) -> dict[str, list[str]]:
+    """{"include[0]": [layer names], ...}: what each pattern of `targets` matches among the layers
+    of the listed types. A pattern that matches nothing, or an invalid regex, is a recipe error
+    naming its key path (`path` is where `targets` sits, e.g. `stages[0].targets`)."""
     types = tuple(LAYER_TYPES[t] for t in targets.types)
-    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
-    names = [n for n, _ in candidates]
+    names = [n for n, m in model.named_modules() if n and isinstance(m, types)]
+    matches = {}
     for key in ("include", "exclude"):
         for i, pattern in enumerate(getattr(targets, key)):
             if pattern.startswith("re:"):
@@ -153,14 +151,21 @@ def select_targets(model: nn.Module, targets: Targets, path: str) -> list[tuple[
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise RecipeError(f"{path}.{key}[{i}]: invalid regular expression {pattern!r}: {exc}") from None
-            if not any(_matches(pattern, n) for n in names):
+            found = [n for n in names if _matches(pattern, n)]
+            if not found:
                 close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
                 hint = f"; close layer names: {', '.join(close)}" if close else f"; layers of types {targets.types}: {_preview(names)}"
                 raise RecipeError(f"{path}.{key}[{i}]: pattern {pattern!r} matches no layer{hint}")
-    return [
-        (n, m) for n, m in candidates
-        if any(_matches(p, n) for p in targets.include) and not any(_matches(p, n) for p in targets.exclude)
-    ]
+            matches[f"{key}[{i}]"] = found
+    return matches
+
+
+def select_targets(model: nn.Module, targets: Targets, path: str) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs a stage's `targets` picks, in model order (see pattern_matches)."""
+    matches = pattern_matches(model, targets, path)
+    included = {n for k, v in matches.items() if k.startswith("include") for n in v}
+    excluded = {n for k, v in matches.items() if k.startswith("exclude") for n in v}
+    return [(n, m) for n, m in model.named_modules() if n in included and n not in excluded]
 
 
 def _preview(names: list[str], limit: int = 6) -> str:

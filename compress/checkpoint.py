@@ -97,7 +97,8 @@ def apply_edits(model: nn.Module, edits: list[dict]) -> None:
             raise UserError(f"structural edit {edit!r} is not known to this version of compress")
         try:
             layer = model.get_submodule(edit["name"])
-            replace_module(model, edit["name"], layers.empty_factorized(layer, int(edit["rank"]), edit["scheme"]))
+            replace_module(model, edit["name"], layers.empty_factorized(layer, int(edit["rank"]), edit["scheme"],
+                                                                        edit.get("bias")))
         except (KeyError, AttributeError, TypeError, ValueError) as exc:
             raise UserError(f"structural edit {edit!r} does not fit the model built by the factory ({exc})") from None
 

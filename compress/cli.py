@@ -314,6 +314,7 @@ Example:
 def check(recipe_path, model, trust_checkpoint, debug, quiet):
     """Validate RECIPE without running it. With MODEL, also load the model and the data, show
     what each target pattern matched, and plan every stage (no training)."""
+    from .methods import METHODS
     from .methods.base import pattern_matches, select_targets
     from .pipeline import Options, load_context, plan as make_plan
     from .recipe import load_recipe
@@ -326,11 +327,12 @@ def check(recipe_path, model, trust_checkpoint, debug, quiet):
     ctx = load_context(loaded, model, Options(trust_checkpoint=trust_checkpoint))
     for i, stage in enumerate(stages):
         path = f"stages[{i}].targets"
-        click.echo(f"stages[{i}] ({stage.method}), types {', '.join(stage.targets.types)}:")
-        for key, names in pattern_matches(ctx.loaded.model, stage.targets, path).items():
+        types = tuple(stage.targets.types or METHODS[stage.method].layer_types)
+        click.echo(f"stages[{i}] ({stage.method}), types {', '.join(types)}:")
+        for key, names in pattern_matches(ctx.loaded.model, stage.targets, path, types).items():
             pattern = getattr(stage.targets, key.split("[")[0])[int(key.split("[")[1][:-1])]
             click.echo(f"  {key} {pattern!r} matches {len(names)}: {', '.join(names)}")
-        chosen = [n for n, _ in select_targets(ctx.loaded.model, stage.targets, path)]
+        chosen = [n for n, _ in select_targets(ctx.loaded.model, stage.targets, path, types)]
         click.echo(f"  targets {len(chosen)} layer(s): {', '.join(chosen) or 'none'}")
     _, rows = make_plan(ctx)
     changed = sum(r["action"] != "keep" for r in rows)

@@ -37,7 +37,7 @@ class LowRankConv2d(nn.Module):
              conv 1 x kw r -> N (those of the width axis, and the bias).
     """
 
-    def __init__(self, conv: nn.Conv2d, rank: int, scheme: str):
+    def __init__(self, conv: nn.Conv2d, rank: int, scheme: str, bias: bool | None = None):
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown conv scheme {scheme!r}; expected one of {SCHEMES}")
@@ -46,7 +46,7 @@ class LowRankConv2d(nn.Module):
         n_out, c_in = conv.out_channels, conv.in_channels
         kh, kw = conv.kernel_size
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
-        has_bias = conv.bias is not None
+        has_bias = conv.bias is not None if bias is None else bias
         pad = conv.padding
         if scheme == "channel":
             self.first = nn.Conv2d(c_in, rank, (kh, kw), stride=(sh, sw), padding=pad, dilation=(dh, dw),
@@ -61,6 +61,20 @@ class LowRankConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+
+class LowRankEmbedding(nn.Module):
+    """An embedding table of width r followed by a Linear r -> d: e = U z + mu for a table of
+    codes z, which is how feature-mimicking compression realizes a table (METHODS.md 4.4)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None):
+        super().__init__()
+        self.rank = rank
+        self.first = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.second = nn.Linear(rank, embedding_dim)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(indices))
 
 
 def conv_matrix(weight: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -106,12 +120,16 @@ def factorize(layer: nn.Module, rank: int, scheme: str = "channel") -> nn.Module
     return module
 
 
-def empty_factorized(layer: nn.Module, rank: int, scheme: str = "channel") -> nn.Module:
-    """A factorized module with the right shapes for `layer` at `rank` (weights uninitialised)."""
+def empty_factorized(layer: nn.Module, rank: int, scheme: str = "channel", bias: bool | None = None) -> nn.Module:
+    """A factorized module with the right shapes for `layer` at `rank` (weights uninitialised).
+    The second factor has a bias when the layer has one, or when `bias` says so."""
+    if isinstance(layer, nn.Embedding):
+        return LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, rank, layer.padding_idx)
     if isinstance(layer, nn.Linear):
-        return LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
+        return LowRankLinear(layer.in_features, layer.out_features, rank,
+                             bias=layer.bias is not None if bias is None else bias)
     if isinstance(layer, nn.Conv2d):
-        return LowRankConv2d(layer, rank, scheme)
+        return LowRankConv2d(layer, rank, scheme, bias)
     raise TypeError(f"cannot factorize {type(layer).__name__}")
 
 
@@ -161,6 +179,8 @@ class LayerCost:
 def dense_cost(layer: nn.Module, out_shape: tuple[int, ...]) -> LayerCost:
     """Cost of a dense Linear or Conv2d, given its output shape for one sample."""
     params = sum(p.numel() for p in layer.parameters())
+    if isinstance(layer, nn.Embedding):
+        return LayerCost(params, 0)  # a lookup multiplies nothing
     if isinstance(layer, nn.Linear):
         positions = _numel(out_shape) // layer.out_features
         return LayerCost(params, positions * layer.weight.numel())
@@ -171,6 +191,10 @@ def dense_cost(layer: nn.Module, out_shape: tuple[int, ...]) -> LayerCost:
 def factorized_cost(layer: nn.Module, rank: int, scheme: str, in_shape: tuple[int, ...],
                     out_shape: tuple[int, ...]) -> LayerCost:
     """Cost of `layer` factorized at `rank`, given its input and output shapes for one sample."""
+    if isinstance(layer, nn.Embedding):
+        num, dim = layer.weight.shape
+        positions = _numel(out_shape) // dim
+        return LayerCost(num * rank + rank * dim + dim, positions * rank * dim)
     bias = 0 if layer.bias is None else layer.bias.numel()
     if isinstance(layer, nn.Linear):
         m, n = layer.out_features, layer.in_features

@@ -138,3 +138,50 @@ def energy_truncation_in_subspace(matrices: torch.Tensor, basis: torch.Tensor, e
     ranks = ((kept < energy - 1e-12).sum(-1) + 1).clamp(max=s.shape[-1])
     projected, subgradient = _truncate(u, s, vh, ranks)
     return projected, subgradient, ranks, reached, u
+
+
+class OutputMoments:
+    """Streaming first and second moments of feature vectors, in float64.
+
+    `update(features)` takes any tensor whose last axis is the feature axis (d) and counts every
+    other position as a sample; memory is O(d^2) whatever the number of samples, and the result
+    does not depend on how the samples were batched.
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, features: torch.Tensor) -> None:
+        rows = features.detach().reshape(-1, features.shape[-1]).to(torch.float64)
+        self.count += rows.shape[0]
+        self.total += rows.sum(0).cpu()
+        self.outer += (rows.T @ rows).cpu()
+
+    def merge(self, other: "OutputMoments") -> None:
+        self.count += other.count
+        self.total += other.total
+        self.outer += other.outer
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """Population covariance E[y y^T] - mu mu^T."""
+        mu = self.mean()
+        return self.outer / max(self.count, 1) - torch.outer(mu, mu)
+
+
+def principal_subspace(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors (columns, same order) of a
+    symmetric covariance matrix."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.to(torch.float64))
+    order = torch.argsort(eigenvalues, descending=True)
+    return eigenvalues[order].clamp_min(0.0), eigenvectors[:, order]
+
+
+def eigen_energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k eigenvalues hold at least `energy` of their sum (the output energy
+    a feature-mimicking projection keeps)."""
+    return energy_rank(eigenvalues.clamp_min(0.0).sqrt(), energy)

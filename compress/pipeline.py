@@ -153,10 +153,21 @@ def make_methods(recipe: LoadedRecipe) -> list[Method]:
     return [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
 
 
-def plan(ctx: Context, model: nn.Module | None = None) -> tuple[list[Method], list[dict]]:
+def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -> tuple[list[Method], list[dict]]:
     """Per-layer decisions of every stage, without changing any weight."""
     model = model if model is not None else ctx.loaded.model
     methods = make_methods(ctx.recipe)
+    calibration = ctx.data["calibration"]
+    for method in methods:
+        if method.needs_calibration:
+            if calibration is None:
+                raise UserError(f"stages[{method.stage_index}] ({method.name}) needs calibration data: "
+                                "set data.calibration (or data.train) in the recipe")
+            batch_size = ctx.recipe.recipe.data.batch_size
+            batches = lambda: (split_batch(b, ctx.input_names, ctx.target)[0]  # noqa: E731
+                               for b in calibration.batches(batch_size))
+            with timed(ctx.timings, "calibrate"):
+                method.calibrate(model, batches, progress)
     with timed(ctx.timings, "plan"):
         profile = bench.profile_layers(model, ctx.sample)
         rows = []
@@ -226,7 +237,7 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
         metric_before, reference = _evaluate(original, ctx, device, None)
     original.cpu()  # evaluation may have moved it to the device; counting and planning run on the CPU
     original_macs = bench.count_macs(original, ctx.sample)
-    methods, _ = plan(ctx, original)
+    methods, _ = plan(ctx, original, options.progress)
     compressed = copy.deepcopy(original)
     with timed(timings, "prepare"):
         for method in methods:

@@ -119,3 +119,28 @@ def test_subspace_truncation_says_when_the_subspace_is_too_small():
     basis = torch.linalg.qr(torch.randn(2, 20, 3, generator=gen, dtype=torch.float64))[0]
     *_, reached, _ = linalg.energy_truncation_in_subspace(mats, basis, 0.9)
     assert not bool(reached.any())
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 1000])
+def test_streaming_moments_equal_batch_statistics_for_any_batch_size(batch):
+    gen = torch.Generator().manual_seed(8)
+    y = torch.randn(500, 3, 6, generator=gen) @ torch.randn(6, 6, generator=gen) + 2.0
+    moments = linalg.OutputMoments(6)
+    flat = y.reshape(-1, 6)
+    for start in range(0, len(y), batch):
+        moments.update(y[start:start + batch])
+    reference = flat.double()
+    assert moments.count == flat.shape[0]
+    assert torch.allclose(moments.mean(), reference.mean(0), atol=1e-10)
+    assert torch.allclose(moments.covariance(), torch.cov(reference.T, correction=0), atol=1e-9)
+
+
+def test_principal_subspace_orders_eigenpairs():
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    cov = a @ a.T
+    values, vectors = linalg.principal_subspace(cov)
+    assert torch.all(values[:-1] >= values[1:])
+    assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, cov, atol=1e-9)
+    assert linalg.eigen_energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.7) == 2
+    assert linalg.eigen_energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.71) == 3

@@ -3,6 +3,7 @@
 A method is one file: a pydantic `Stage` schema (its recipe parameters) and a `Method` subclass.
 The pipeline drives every method the same way:
 
+    calibrate(model, data)   statistics on calibration data, for methods that need them
     plan(model, profile)     -> per-layer decisions (data, printable; no weights change)
     prepare(model, plan)     structural change before fine-tuning (factorize, group map)
     loss(model, batch, out)  extra loss terms during fine-tuning (regularizers, distillation)
@@ -17,7 +18,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,8 +49,8 @@ class Targets(Strict):
 
     include: list[str] = Field(default_factory=lambda: ["*"], description="name globs or re:regex to include")
     exclude: list[str] = Field(default_factory=list, description="name globs or re:regex to leave alone")
-    types: list[Literal["Linear", "Conv2d", "Embedding"]] = Field(
-        default_factory=lambda: ["Linear", "Conv2d"], description="layer types to consider"
+    types: list[Literal["Linear", "Conv2d", "Embedding"]] | None = Field(
+        None, description="layer types to consider (default: those the method handles)"
     )
 
 
@@ -100,11 +101,18 @@ class Method:
 
     name: ClassVar[str]
     schema: ClassVar[type[Stage]]
+    layer_types: ClassVar[tuple[str, ...]] = ("Linear", "Conv2d")  # targets.types when not given
 
     def __init__(self, stage: Stage, stage_index: int):
         self.stage = stage
         self.stage_index = stage_index
         self.decisions: list[Decision] = []
+
+    needs_calibration: ClassVar[bool] = False
+
+    def calibrate(self, model: nn.Module, batches: Callable[[], Iterable[tuple]], progress: bool = False) -> None:
+        """Collect statistics on calibration data before planning (only if `needs_calibration`).
+        `batches()` yields tuples of model inputs and may be called again (e.g. by `prepare`)."""
 
     def plan(self, model: nn.Module, profile: dict[str, LayerProfile]) -> list[Decision]:
         raise NotImplementedError
@@ -137,11 +145,13 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def pattern_matches(model: nn.Module, targets: Targets, path: str) -> dict[str, list[str]]:
+def pattern_matches(model: nn.Module, targets: Targets, path: str,
+                    default_types: tuple[str, ...] = ("Linear", "Conv2d")) -> dict[str, list[str]]:
     """{"include[0]": [layer names], ...}: what each pattern of `targets` matches among the layers
-    of the listed types. A pattern that matches nothing, or an invalid regex, is a recipe error
-    naming its key path (`path` is where `targets` sits, e.g. `stages[0].targets`)."""
-    types = tuple(LAYER_TYPES[t] for t in targets.types)
+    of the listed types (or `default_types`). A pattern that matches nothing, or an invalid regex,
+    is a recipe error naming its key path (`path` is where `targets` sits, e.g. `stages[0].targets`)."""
+    type_names = targets.types or list(default_types)
+    types = tuple(LAYER_TYPES[t] for t in type_names)
     names = [n for n, m in model.named_modules() if n and isinstance(m, types)]
     matches = {}
     for key in ("include", "exclude"):
@@ -154,15 +164,16 @@ def pattern_matches(model: nn.Module, targets: Targets, path: str) -> dict[str, 
             found = [n for n in names if _matches(pattern, n)]
             if not found:
                 close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-                hint = f"; close layer names: {', '.join(close)}" if close else f"; layers of types {targets.types}: {_preview(names)}"
+                hint = f"; close layer names: {', '.join(close)}" if close else f"; layers of types {type_names}: {_preview(names)}"
                 raise RecipeError(f"{path}.{key}[{i}]: pattern {pattern!r} matches no layer{hint}")
             matches[f"{key}[{i}]"] = found
     return matches
 
 
-def select_targets(model: nn.Module, targets: Targets, path: str) -> list[tuple[str, nn.Module]]:
+def select_targets(model: nn.Module, targets: Targets, path: str,
+                   default_types: tuple[str, ...] = ("Linear", "Conv2d")) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs a stage's `targets` picks, in model order (see pattern_matches)."""
-    matches = pattern_matches(model, targets, path)
+    matches = pattern_matches(model, targets, path, default_types)
     included = {n for k, v in matches.items() if k.startswith("include") for n in v}
     excluded = {n for k, v in matches.items() if k.startswith("exclude") for n in v}
     return [(n, m) for n, m in model.named_modules() if n in included and n not in excluded]

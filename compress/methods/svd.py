@@ -25,9 +25,6 @@ class RankRule(Stage):
     rank: int | None = Field(None, gt=0, description="fixed rank (capped at the layer's full rank)")
     ratio: float | None = Field(None, gt=0, le=1, description="fraction of the layer's parameters to keep")
     energy: float | None = Field(None, gt=0, le=1, description="fraction of sum(s^2) of singular values to keep")
-    scheme: Literal["channel", "spatial"] = Field(
-        "channel", description="how a Conv2d weight becomes a matrix: channel (N x C kh kw) or spatial (C kh x N kw)"
-    )
     ranks: dict[str, Annotated[int, Field(gt=0)]] = Field(
         default_factory=dict, description="fixed rank per layer name, overriding the rule for those layers "
         "(e.g. to match another run's ranks)")
@@ -54,10 +51,13 @@ class RankRule(Stage):
 
 class SvdStage(RankRule):
     method: Literal["svd"] = "svd"
+    scheme: Literal["channel", "spatial"] = Field(
+        "channel", description="how a Conv2d weight becomes a matrix: channel (N x C kh kw) or spatial (C kh x N kw)"
+    )
 
 
 def plan_factorization(method: Method, model: nn.Module, profile: dict[str, LayerProfile],
-                       rule: RankRule) -> list[Decision]:
+                       rule: SvdStage) -> list[Decision]:
     """Per-layer factorization decisions for the targets of `rule` (shared by SVD-based methods)."""
     decisions = []
     path = f"stages[{method.stage_index}]"

@@ -1,0 +1,181 @@
+"""`method: afm` -- feature-mimicking low-rank compression (Yu et al., KDD 2024), METHODS.md 4.
+
+Approximates each target layer's *outputs* rather than its weight: on calibration data the
+outputs y of a layer live near a low-dimensional subspace, so y ~ U_k U_k^T (y - mu) + mu with
+U_k the top-k eigenvectors of the output covariance C. Needs only unlabeled calibration data and
+no training; fine-tuning afterwards is optional.
+
+- Statistics: one pass with forward hooks accumulates sum y and sum y y^T in float64 per layer
+  (Linear on 2-D or 3-D activations, Conv2d per spatial position, Embedding per lookup, so table
+  rows are weighted by how often the data looks them up); memory O(d^2) per layer.
+- Linear / Conv2d: A = U_k^T W, B = U_k. The paper puts U_k^T b on A and (I - U_k U_k^T) mu on B;
+  here both sit on B as U_k U_k^T b + (I - U_k U_k^T) mu, which computes exactly the same function
+  with k fewer parameters. A Conv2d becomes a conv to k channels with the original geometry and a
+  1x1 conv (the channel scheme).
+- Embedding: E' = (E - mu^T) U_k, realized as an Embedding of width k and a Linear k -> d with
+  weight U_k and bias mu. (Folding that Linear into a following Linear is left for later.)
+- Rank: fixed (`rank`), a parameter ratio (`ratio`), or the share of the covariance's eigenvalues
+  kept (`energy`). A Linear or Conv2d is left dense when the factorization would not reduce its
+  MACs; an Embedding when it would not reduce its parameters (a table lookup costs no MACs,
+  the added Linear k -> d does, and the report shows it).
+- `sequential: true` calibrates each layer on the outputs of the already-compressed layers before
+  it (one calibration pass per layer), which reduces the error of deep stacks.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import layers, linalg
+from ..errors import RecipeError
+from .base import Decision, Method, replace_module, select_targets
+from .svd import RankRule, fused_weight_users, unfactorizable
+
+
+class AfmStage(RankRule):
+    method: Literal["afm"] = "afm"
+    sequential: bool = Field(False, description="calibrate each layer on the outputs of the compressed layers before it")
+
+
+def output_features(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A layer's outputs with the feature axis last: Conv2d (B, N, H, W) -> (B, H, W, N)."""
+    return output.movedim(1, -1) if isinstance(module, nn.Conv2d) else output
+
+
+@torch.no_grad()
+def collect_moments(model: nn.Module, names: list[str], batches, progress: bool = False,
+                    desc: str = "calibrate") -> dict[str, linalg.OutputMoments]:
+    """Streaming output moments of the named layers over every calibration batch."""
+    moments: dict[str, linalg.OutputMoments] = {}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, output, name=name):
+            features = output_features(mod, output)
+            moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features)
+
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs in tqdm(batches(), desc=desc, unit="batch", disable=not progress, leave=False):
+            device = next(model.parameters()).device
+            model(*(t.to(device) for t in inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return moments
+
+
+class Afm(Method):
+    name = "afm"
+    schema = AfmStage
+    needs_calibration = True
+    layer_types = ("Linear", "Conv2d", "Embedding")
+
+    def __init__(self, stage: AfmStage, stage_index: int):
+        super().__init__(stage, stage_index)
+        self.moments: dict[str, linalg.OutputMoments] = {}
+        self.batches = None
+        self.progress = False
+
+    def calibrate(self, model, batches, progress=False):
+        path = f"stages[{self.stage_index}].targets"
+        names = [n for n, _ in select_targets(model, self.stage.targets, path, self.layer_types)]
+        self.batches, self.progress = batches, progress
+        self.moments = collect_moments(model, names, batches, progress)
+
+    def plan(self, model, profile):
+        stage: AfmStage = self.stage
+        path = f"stages[{self.stage_index}]"
+        targets = select_targets(model, stage.targets, f"{path}.targets", self.layer_types)
+        for name in stage.ranks:
+            if name not in dict(targets):
+                raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
+        fused = fused_weight_users(model)
+        self.decisions = [self._decide(name, layer, profile.get(name), fused.get(name)) for name, layer in targets]
+        return self.decisions
+
+    def _decide(self, name: str, layer: nn.Module, shapes, fused_by: str | None) -> Decision:
+        kind = type(layer).__name__
+        params = sum(p.numel() for p in layer.parameters())
+        blocked = f"its weight is read directly by {fused_by}" if fused_by else None
+        if isinstance(layer, nn.Embedding):
+            reason = blocked or _embedding_unsupported(layer)
+            if reason is None and (shapes is None or name not in self.moments):
+                reason = "layer did not run on the calibration data"
+        else:
+            reason = unfactorizable(self.name, layer, shapes, blocked)
+            if reason is None and name not in self.moments:
+                reason = "layer did not run on the calibration data"
+        dense = layers.dense_cost(layer, shapes.out_shape) if shapes is not None and reason is None else None
+        macs = dense.macs if dense else 0
+        keep = lambda why, **info: Decision(name, self.name, kind, "keep", list(layer.weight.shape), params,  # noqa: E731
+                                            macs, params, macs, reason=why, **info)
+        if reason:
+            return keep(reason)
+        eigenvalues, _ = linalg.principal_subspace(self.moments[name].covariance())
+        out_dim = eigenvalues.numel()
+        in_dim = layer.weight.shape[0] if isinstance(layer, nn.Embedding) else layers.layer_matrix(layer).shape[1]
+        rank = min(self.stage.choose_rank(eigenvalues.sqrt(), out_dim, in_dim, name=name), out_dim)
+        after = layers.factorized_cost(layer, rank, "channel", shapes.in_shape, shapes.out_shape)
+        total = float(eigenvalues.sum())
+        info = dict(rank=rank, full_rank=out_dim, energy=round(float(eigenvalues[:rank].sum()) / total, 6) if total else 1.0)
+        if isinstance(layer, nn.Embedding):
+            if after.params >= dense.params:
+                return keep(f"rank {rank} would not reduce parameters ({after.params} >= {dense.params})", **info)
+        elif after.macs >= dense.macs:
+            return keep(f"rank {rank} would not reduce MACs ({after.macs} >= {dense.macs})", **info)
+        module = layers.empty_factorized(layer, rank, "channel", bias=True)
+        return Decision(name, self.name, kind, "factorize", list(layer.weight.shape), params, dense.macs,
+                        after.params, after.macs, factor_shapes=[list(module.first.weight.shape),
+                                                                 list(module.second.weight.shape)], **info)
+
+    def prepare(self, model):
+        for decision in self.decisions:
+            if decision.action != "factorize":
+                continue
+            moments = self.moments[decision.name]
+            if self.stage.sequential:  # on the outputs of the layers compressed so far
+                moments = collect_moments(model, [decision.name], self.batches, self.progress,
+                                          desc=f"calibrate {decision.name}")[decision.name]
+            layer = model.get_submodule(decision.name)
+            replace_module(model, decision.name, mimic(layer, moments, decision.rank))
+
+    def edits(self):
+        return [{"op": "factorize", "name": d.name, "rank": d.rank, "scheme": "channel", "bias": True}
+                for d in self.decisions if d.action == "factorize"]
+
+
+def _embedding_unsupported(layer: nn.Embedding) -> str | None:
+    if layer.max_norm is not None:
+        return "embedding with max_norm renormalizes rows at lookup; not factorized"
+    if layer.sparse:
+        return "sparse-gradient embedding is not factorized"
+    return None
+
+
+@torch.no_grad()
+def mimic(layer: nn.Module, moments: linalg.OutputMoments, rank: int) -> nn.Module:
+    """The rank-`rank` feature-mimicking replacement of `layer` from its output moments."""
+    _, vectors = linalg.principal_subspace(moments.covariance())
+    u = vectors[:, :rank]  # (m, k), float64
+    mu = moments.mean()
+    module = layers.empty_factorized(layer, rank, "channel", bias=True).to(layer.weight)
+    dtype = layer.weight.dtype
+    if isinstance(layer, nn.Embedding):
+        module.first.weight.copy_(((layer.weight.double().cpu() - mu) @ u).to(dtype))
+        module.second.weight.copy_(u.to(dtype))
+        module.second.bias.copy_(mu.to(dtype))
+        return module
+    weight = layers.layer_matrix(layer, "channel").double().cpu()  # (m, cols)
+    bias = layer.bias.double().cpu() if layer.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    layers.set_factors(module, (u.T @ weight).to(dtype), u.to(dtype))
+    module.second.bias.copy_((u @ (u.T @ bias) + mu - u @ (u.T @ mu)).to(dtype))
+    return module

@@ -1,0 +1,128 @@
+import pytest
+import torch
+from torch import nn
+
+from compress import linalg
+from compress.bench import profile_layers
+from compress.methods.afm import Afm, AfmStage, collect_moments, mimic, output_features
+
+
+def correlated(n, dim, rank, seed):
+    """Inputs whose layer outputs concentrate near a low-dimensional subspace, plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, dim, generator=gen, dtype=torch.float64) \
+        + 0.05 * torch.randn(n, dim, generator=gen, dtype=torch.float64)
+
+
+LAYERS = {
+    "linear 3-D": (lambda: nn.Linear(12, 10), lambda: correlated(60, 12, 3, 0).reshape(20, 3, 12)),
+    "conv": (lambda: nn.Conv2d(4, 9, 3, stride=2, padding=2), lambda: torch.randn(6, 4, 7, 9, dtype=torch.float64)),
+    "embedding": (lambda: nn.Embedding(30, 8), lambda: torch.randint(0, 30, (40, 5), generator=torch.Generator().manual_seed(1))),
+}
+
+
+def moments_of(layer, x):
+    m = linalg.OutputMoments(layer.weight.shape[1] if isinstance(layer, nn.Embedding) else layer.weight.shape[0])
+    with torch.no_grad():
+        m.update(output_features(layer, layer(x)))
+    return m
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_full_rank_reproduces_the_layer_exactly(kind):
+    torch.manual_seed(0)
+    make, data = LAYERS[kind]
+    layer, x = make().double(), data()
+    moments = moments_of(layer, x)
+    full = moments.total.numel()
+    replacement = mimic(layer, moments, full)
+    other = data() if kind != "embedding" else torch.arange(30)[None]  # also off the calibration data
+    with torch.no_grad():
+        assert torch.allclose(replacement(x), layer(x), atol=1e-9)
+        assert torch.allclose(replacement(other), layer(other), atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_error_at_rank_k_is_the_sum_of_dropped_eigenvalues(kind, rank):
+    torch.manual_seed(0)
+    make, data = LAYERS[kind]
+    layer, x = make().double(), data()
+    moments = moments_of(layer, x)
+    eigenvalues, _ = linalg.principal_subspace(moments.covariance())
+    replacement = mimic(layer, moments, rank)
+    with torch.no_grad():
+        y, y_hat = output_features(layer, layer(x)), output_features(layer, replacement(x))
+    per_sample = ((y - y_hat) ** 2).sum(-1).mean()
+    assert float(per_sample) == pytest.approx(float(eigenvalues[rank:].sum()), rel=1e-7, abs=1e-10)
+
+
+def test_afm_beats_weight_svd_at_equal_rank_on_correlated_inputs():
+    from compress.layers import factorize
+
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10).double()
+    x = correlated(500, 12, 3, 2)
+    afm = mimic(layer, moments_of(layer, x), 3)
+    svd = factorize(layer, 3)
+    with torch.no_grad():
+        err_afm = ((afm(x) - layer(x)) ** 2).mean()
+        err_svd = ((svd(x) - layer(x)) ** 2).mean()
+    assert err_afm < 0.1 * err_svd
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids).mean(1)
+        return self.c(torch.relu(self.b(torch.relu(self.a(h)))))
+
+
+def _plan(stage, model, ids):
+    method = Afm(AfmStage.model_validate({"method": "afm", **stage}), 0)
+    method.calibrate(model, lambda: ((ids[i:i + 64],) for i in range(0, len(ids), 64)))
+    method.plan(model, profile_layers(model, (ids[:1],)))
+    return method
+
+
+def test_plan_prepare_edits_and_reasons():
+    torch.manual_seed(0)
+    model, ids = Stack().eval(), torch.randint(0, 50, (256, 6))
+    method = _plan({"rank": 4, "targets": {"exclude": ["c"]}}, model, ids)
+    actions = {d.name: d.action for d in method.decisions}
+    assert actions == {"embed": "factorize", "a": "factorize", "b": "factorize"}
+    method.prepare(model)
+    assert type(model.embed).__name__ == "LowRankEmbedding" and model.embed.first.weight.shape == (50, 4)
+    assert all(e["bias"] for e in method.edits())
+    with torch.no_grad():
+        model(ids)  # still runs
+    wide = _plan({"rank": 30, "targets": {"include": ["b"]}}, Stack().eval(), ids)
+    assert wide.decisions[0].action == "keep" and "would not reduce MACs" in wide.decisions[0].reason
+
+
+def test_sequential_calibration_reduces_the_error_of_a_stack():
+    torch.manual_seed(0)
+    reference = Stack().eval()
+    ids = torch.randint(0, 50, (512, 6))
+    errors = {}
+    for sequential in (False, True):
+        model = Stack().eval()
+        model.load_state_dict(reference.state_dict())
+        method = _plan({"rank": 3, "sequential": sequential, "targets": {"types": ["Linear"], "exclude": ["c"]}}, model, ids)
+        method.prepare(model)
+        with torch.no_grad():
+            errors[sequential] = float(((model(ids) - reference(ids)) ** 2).mean())
+    assert errors[True] <= errors[False]
+
+
+def test_streaming_collection_does_not_depend_on_batch_size():
+    torch.manual_seed(0)
+    model, ids = Stack().eval(), torch.randint(0, 50, (300, 6))
+    stats = [collect_moments(model, ["embed", "a"], lambda b=b: ((ids[i:i + b],) for i in range(0, 300, b)))
+             for b in (1, 37, 300)]
+    for name in ("embed", "a"):
+        assert all(torch.allclose(s[name].covariance(), stats[0][name].covariance(), atol=1e-10) for s in stats)

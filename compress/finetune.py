@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, split_batch, to_device
 from .errors import UserError
-from .metrics import primary_output
+from .metrics import is_binary, primary_output
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TrainResult:
 
 def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if kind == "auto":
-        kind = "mse" if target.is_floating_point() else "cross_entropy"
+        kind = "bce" if is_binary(target) else ("mse" if target.is_floating_point() else "cross_entropy")
     if kind == "cross_entropy":
         return F.cross_entropy(output, target)
     if kind == "bce":

@@ -59,7 +59,7 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
     opset, atol, rtol, declared, dynamic_batch = 17, 1e-4, 1e-3, {}, True
     if recipe is not None:
         opset, atol, rtol = recipe.export.opset, recipe.export.parity.atol, recipe.export.parity.rtol
-        declared = {s.name: s.dynamic_axes for s in recipe.inputs or [] if s.dynamic_axes}
+        declared = {s.name: s.dynamic_axes for s in recipe.inputs or []}
         dynamic_batch = recipe.export.dynamic_batch
     batch = sample if data is None else tuple(data.head(min(64, len(data)))[n] for n in names)
     axes = export.dynamic_axes_for(names, sample, declared, dynamic_batch)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "mse": False}
+HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "auc": True, "mse": False}
 
 
 def primary_output(outputs: Any) -> torch.Tensor:
@@ -31,7 +31,32 @@ def choose_metric(requested: str, target: torch.Tensor | None) -> str:
         return requested
     if target is None:
         return "agreement"
+    if is_binary(target):
+        return "auc"
     return "mse" if target.is_floating_point() else "accuracy"
+
+
+def is_binary(target: torch.Tensor) -> bool:
+    """Real-valued 0/1 labels (click or no click): scored by AUC and trained with BCE."""
+    return target.is_floating_point() and bool(((target == 0) | (target == 1)).all())
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    scores = scores.reshape(-1).double()
+    labels = labels.reshape(-1) > 0.5
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError("AUC needs both positive and negative labels")
+    order = torch.argsort(scores)
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    sorted_scores = scores[order]  # average the ranks of tied scores
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    average = ends - (counts.double() - 1) / 2
+    ranks[order] = average[inverse]
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def score(name: str, outputs: torch.Tensor, target: torch.Tensor | None, reference: torch.Tensor | None) -> float:
@@ -44,6 +69,10 @@ def score(name: str, outputs: torch.Tensor, target: torch.Tensor | None, referen
     if name == "mse":
         other = target if target is not None else reference
         return float(((outputs - other.float().reshape(outputs.shape)) ** 2).mean())
+    if name == "auc":
+        if target is None:
+            raise ValueError("auc needs labels")
+        return auc(outputs, target)
     if name == "agreement":
         if reference is None:
             raise ValueError("agreement needs the original model's outputs")

@@ -23,7 +23,7 @@ from . import bench, export, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch
-from .errors import GateFailed, ParityError, UserError
+from .errors import GateFailed, ParityError, RecipeError, UserError
 from .finetune import finetune, predict
 from .methods import METHODS, Method
 from .metrics import choose_metric, drop, primary_output, score
@@ -171,8 +171,15 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
     with timed(ctx.timings, "plan"):
         profile = bench.profile_layers(model, ctx.sample)
         rows = []
+        changed_by: dict[str, int] = {}
         for method in methods:
-            rows += [d.as_dict() for d in method.plan(model, profile)]
+            for decision in method.plan(model, profile):
+                if decision.action != "keep":
+                    if decision.name in changed_by:
+                        raise RecipeError(f"stages[{method.stage_index}].targets: layer {decision.name!r} is already "
+                                          f"changed by stages[{changed_by[decision.name]}]; exclude it from one of them")
+                    changed_by[decision.name] = method.stage_index
+                rows.append(decision.as_dict())
     return methods, rows
 
 
@@ -270,7 +277,7 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
     rows = [d.as_dict() for m in methods for d in m.decisions]
 
     with timed(timings, "export"):
-        declared = {s.name: s.dynamic_axes for s in r.inputs or [] if s.dynamic_axes}
+        declared = {s.name: s.dynamic_axes for s in r.inputs or []}
         axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, r.export.dynamic_batch)
         original_onnx, compressed_onnx = work / "original.onnx", work / "model.onnx"
         export.export_onnx(original, ctx.sample, ctx.input_names, original_onnx, r.export.opset, axes)

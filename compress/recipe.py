@@ -38,9 +38,9 @@ class DataSection(Strict):
     eval: str | None = Field(None, description="data the metric is measured on (default: calibration)")
     target: str = Field("target", description="key of the labels; absent labels mean distillation only")
     batch_size: int = Field(64, gt=0)
-    metric: Literal["auto", "accuracy", "mse", "agreement"] = Field(
-        "auto", description="auto: accuracy for class labels, mse for real-valued targets, "
-        "top-1 agreement with the original model when there are no labels"
+    metric: Literal["auto", "accuracy", "auc", "mse", "agreement"] = Field(
+        "auto", description="auto: accuracy for class labels, auc for 0/1 labels, mse for other real-valued "
+        "targets, top-1 agreement with the original model when there are no labels"
     )
 
 
@@ -51,7 +51,8 @@ class InputSpec(Strict):
     shape: list[Annotated[int, Field(gt=0)]] = Field(description="shape of one sample, without the batch axis")
     dtype: Literal["float32", "float64", "float16", "int64", "int32", "bool"] = "float32"
     dynamic_axes: dict[int, str] = Field(
-        default_factory=dict, description="axes besides the batch (axis 0) whose size may vary, e.g. {1: sequence}"
+        default_factory=dict, description="axes besides the batch (axis 0) whose size may vary, e.g. {1: sequence}; "
+        "when inputs are declared, only these (2-D integer inputs otherwise get a dynamic axis 1)"
     )
 
 
@@ -72,7 +73,8 @@ class FinetuneSection(Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     schedule: Literal["cosine", "constant"] = "cosine"
     loss: Literal["auto", "cross_entropy", "mse", "bce"] = Field(
-        "auto", description="task loss when labels exist; auto: cross_entropy for integer labels, else mse"
+        "auto", description="task loss when labels exist; auto: cross_entropy for integer labels, bce for 0/1 "
+        "labels, else mse"
     )
     distill: DistillSection = Field(default_factory=DistillSection)
     clip_grad_norm: float | None = Field(None, gt=0)

@@ -126,3 +126,53 @@ def test_streaming_collection_does_not_depend_on_batch_size():
              for b in (1, 37, 300)]
     for name in ("embed", "a"):
         assert all(torch.allclose(s[name].covariance(), stats[0][name].covariance(), atol=1e-10) for s in stats)
+
+
+def test_afm_recipe_end_to_end_on_the_ctr_example(tmp_path, run_cli):
+    import json
+
+    from compress.examples.ctr import train_ctr_deepfm
+
+    from .conftest import REPO
+
+    model = tmp_path / "ctr.pt"
+    train_ctr_deepfm(model, epochs=1, progress=False)
+    out = tmp_path / "afm"
+    # the tests' model is trained for one epoch only: the AUC gate is loosened, not the checks
+    result = run_cli("apply", "--recipe", REPO / "recipes" / "afm.yaml", model, "--out", out, "-q", "--max-metric-drop", "1")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["compressed"]["metric"]["name"] == "auc"
+    assert report["compressed"]["onnx_metric"]["value"] == pytest.approx(report["compressed"]["metric"]["value"], abs=1e-6)
+    assert report["parity"]["passed"] and report["ratios"]["params"] > 2
+    kinds = {row["layer_type"] for row in report["layers"] if row["action"] == "factorize"}
+    assert kinds == {"Embedding", "Linear"}
+    import compress
+
+    rebuilt = compress.load(out)  # LowRankEmbedding and biased factors rebuild from compression.json
+    fields = torch.zeros(4, 8, dtype=torch.long)
+    assert rebuilt(fields).shape == (4,)
+
+
+def test_afm_on_a_pickled_transformer_with_two_inputs(tmp_path, write_recipe, run_cli):
+    import json
+
+    from .tiny_models import digits_as_tokens, token_classifier
+
+    torch.manual_seed(0)
+    torch.save(token_classifier(), tmp_path / "encoder.pt")
+    torch.save({k: v for k, v in digits_as_tokens("calibration").items() if k != "target"}, tmp_path / "calib.pt")
+    recipe = write_recipe("""\
+        data: {calibration: calib.pt}
+        stages:
+          - method: afm
+            targets: {include: ["embed", "block.*"]}
+            rank: 8
+        bench: {batch_sizes: [1], warmup: 1, runs: 2}
+        """)
+    result = run_cli("apply", "-r", recipe, tmp_path / "encoder.pt", "--out", tmp_path / "out", "-q", "--trust-checkpoint")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    factorized = {row["name"] for row in report["layers"] if row["action"] == "factorize"}
+    assert {"embed", "block.query", "block.up", "block.down"} <= factorized
+    assert report["compressed"]["metric"]["name"] == "agreement" and report["parity"]["passed"]

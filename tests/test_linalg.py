@@ -144,3 +144,14 @@ def test_principal_subspace_orders_eigenpairs():
     assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, cov, atol=1e-9)
     assert linalg.eigen_energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.7) == 2
     assert linalg.eigen_energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.71) == 3
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    from compress.metrics import auc
+
+    gen = torch.Generator().manual_seed(10)
+    scores = torch.randint(0, 5, (60,), generator=gen).float()  # many ties
+    labels = (torch.rand(60, generator=gen) < 0.4).float()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+    assert auc(scores, labels) == pytest.approx(float(pairwise), abs=1e-12)

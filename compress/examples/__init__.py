@@ -14,8 +14,14 @@ def _digits(split: str) -> dict[str, torch.Tensor]:
     return digits_split(split)
 
 
+def _ctr(split: str) -> dict[str, torch.Tensor]:
+    from .ctr import ctr_split
+
+    return ctr_split(split)
+
+
 # bundled data sets, `bundled:NAME/SPLIT` in a recipe
-DATASETS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {"digits": _digits}
+DATASETS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {"digits": _digits, "ctr": _ctr}
 
 
 def bundled_data(spec: str) -> dict[str, torch.Tensor]:
@@ -31,7 +37,14 @@ def _train_digits_resnet(path, **kwargs):
     return train_digits_resnet(path, **kwargs)
 
 
+def _train_ctr_deepfm(path, **kwargs):
+    from .ctr import train_ctr_deepfm
+
+    return train_ctr_deepfm(path, **kwargs)
+
+
 # `compress example NAME PATH`: a callable that trains and writes a checkpoint, returning a summary
 EXAMPLES: dict[str, tuple[Callable, str]] = {
     "digits-resnet": (_train_digits_resnet, "residual CNN (BatchNorm) on scikit-learn's 8x8 handwritten digits"),
+    "ctr-deepfm": (_train_ctr_deepfm, "DeepFM-style click model on synthetic click data with rank-4 structure"),
 }

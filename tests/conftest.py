@@ -20,6 +20,22 @@ def digits_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def ctr_model(tmp_path_factory) -> Path:
+    """The CTR example, trained for one epoch."""
+    from compress.examples.ctr import train_ctr_deepfm
+
+    path = tmp_path_factory.mktemp("ctr") / "ctr.pt"
+    train_ctr_deepfm(path, epochs=1, progress=False)
+    return path
+
+
+@pytest.fixture
+def example_for(digits_model, ctr_model):
+    """The bundled example each shipped recipe is written for."""
+    return lambda recipe: ctr_model if Path(recipe).stem == "afm" else digits_model
+
+
 FAST_RECIPE = """\
 data:
   train: bundled:digits/train

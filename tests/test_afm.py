@@ -128,15 +128,12 @@ def test_streaming_collection_does_not_depend_on_batch_size():
         assert all(torch.allclose(s[name].covariance(), stats[0][name].covariance(), atol=1e-10) for s in stats)
 
 
-def test_afm_recipe_end_to_end_on_the_ctr_example(tmp_path, run_cli):
+def test_afm_recipe_end_to_end_on_the_ctr_example(tmp_path, ctr_model, run_cli):
     import json
-
-    from compress.examples.ctr import train_ctr_deepfm
 
     from .conftest import REPO
 
-    model = tmp_path / "ctr.pt"
-    train_ctr_deepfm(model, epochs=1, progress=False)
+    model = ctr_model
     out = tmp_path / "afm"
     # the tests' model is trained for one epoch only: the AUC gate is loosened, not the checks
     result = run_cli("apply", "--recipe", REPO / "recipes" / "afm.yaml", model, "--out", out, "-q", "--max-metric-drop", "1")

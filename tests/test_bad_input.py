@@ -114,11 +114,11 @@ def test_disk_failure_while_writing_leaves_nothing(tmp_path, digits_model, write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-def test_recipe_check(digits_model, run_cli):
+def test_recipe_check(digits_model, example_for, run_cli):
     from .conftest import REPO
 
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
-        result = run_cli("recipe", "check", recipe, digits_model)
+        result = run_cli("recipe", "check", recipe, example_for(recipe))
         assert result.exit_code == 0, result.stderr
         assert "valid recipe" in result.output and "targets" in result.output
     result = run_cli("recipe", "check", REPO / "recipes" / "svd.yaml", digits_model)

@@ -101,8 +101,9 @@ def conv_from_matrix(matrix: torch.Tensor, shape: torch.Size | tuple, scheme: st
 
 
 def layer_matrix(layer: nn.Module, scheme: str = "channel") -> torch.Tensor:
-    """The weight matrix of a Linear (as is) or a Conv2d (by `scheme`)."""
-    if isinstance(layer, nn.Linear):
+    """The weight matrix of a Linear (as is), a Conv2d (by `scheme`) or an Embedding (the table,
+    one row per category)."""
+    if isinstance(layer, (nn.Linear, nn.Embedding)):
         return layer.weight
     if isinstance(layer, nn.Conv2d):
         return conv_matrix(layer.weight, scheme)
@@ -110,13 +111,15 @@ def layer_matrix(layer: nn.Module, scheme: str = "channel") -> torch.Tensor:
 
 
 def factorize(layer: nn.Module, rank: int, scheme: str = "channel") -> nn.Module:
-    """The rank-`rank` truncated-SVD factorization of a Linear or Conv2d, as a new module."""
+    """The rank-`rank` truncated-SVD factorization of a Linear, Conv2d or Embedding, as a new module."""
     with torch.no_grad():
         first, second = truncated_factors(layer_matrix(layer, scheme), rank)
         module = empty_factorized(layer, rank, scheme).to(layer.weight)
         set_factors(module, first, second)
-        if layer.bias is not None:
+        if getattr(layer, "bias", None) is not None:
             module.second.bias.copy_(layer.bias)
+        elif isinstance(module, LowRankEmbedding):
+            module.second.bias.zero_()
     return module
 
 
@@ -140,6 +143,10 @@ def set_factors(module: nn.Module, first: torch.Tensor, second: torch.Tensor) ->
             module.first.weight.copy_(first)
             module.second.weight.copy_(second)
             return
+        if isinstance(module, LowRankEmbedding):  # table (num, d) ~ B (num, r) @ A (r, d)
+            module.first.weight.copy_(second)
+            module.second.weight.copy_(first.T)
+            return
         r = module.rank
         if module.scheme == "channel":
             # A (r, C kh kw) -> (r, C, kh, kw); B (N, r) -> (N, r, 1, 1)
@@ -160,6 +167,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     """The dense weight a factorized module computes (B A reshaped back), for checks and regularizers."""
     if isinstance(module, LowRankLinear):
         return module.second.weight @ module.first.weight
+    if isinstance(module, LowRankEmbedding):
+        return module.first.weight @ module.second.weight.T
     if module.scheme == "channel":
         n, r = module.second.weight.shape[:2]
         w = module.second.weight.reshape(n, r) @ module.first.weight.reshape(r, -1)

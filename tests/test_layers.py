@@ -72,3 +72,15 @@ def test_truncated_linear_error_is_the_dropped_spectrum():
     s = torch.linalg.svdvals(linear.weight.detach())
     err = float(torch.linalg.norm(layers.dense_weight(fact) - linear.weight).detach())
     assert err == pytest.approx(float((s[5:] ** 2).sum().sqrt()), rel=1e-8)
+
+
+def test_full_rank_embedding_factorization_is_exact():
+    torch.manual_seed(0)
+    table = nn.Embedding(30, 8).double()
+    fact = layers.factorize(table, 8)
+    ids = torch.randint(0, 30, (4, 5))
+    assert torch.allclose(fact(ids), table(ids), atol=1e-10)
+    assert torch.allclose(layers.dense_weight(fact), table.weight, atol=1e-10)
+    cost = layers.factorized_cost(table, 3, "channel", (5,), (5, 8))
+    assert cost.params == sum(p.numel() for p in layers.factorize(table, 3).parameters())
+    assert cost.macs == _macs(layers.factorize(table, 3), ids[:1])

@@ -3,7 +3,8 @@
 The floor every other method must beat at the same budget. Each targeted Linear or Conv2d is
 replaced by two thinner layers (METHODS.md section 0) at a rank chosen by a fixed value, a
 parameter ratio or a singular-value energy. A layer whose factorization would not reduce MACs
-is left dense, and the plan says why.
+is left dense, and the plan says why. Embedding tables (when `targets.types` lists Embedding)
+become a narrow table and a Linear, when that reduces parameters.
 """
 from __future__ import annotations
 
@@ -97,8 +98,10 @@ def unfactorizable(method: str, layer: nn.Module, shapes: LayerProfile | None, b
     """Why a layer cannot be factorized at all, or None when it can."""
     if blocked:
         return blocked
-    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-        return f"{method} factorizes Linear and Conv2d layers only"
+    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
+        return "embedding with max_norm or sparse gradients is not factorized"
+    if not isinstance(layer, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        return f"{method} factorizes Linear, Conv2d and Embedding layers only"
     if shapes is None:
         return "layer did not run in the forward pass"
     if isinstance(layer, nn.Conv2d) and layer.groups > 1:
@@ -118,7 +121,7 @@ def decide_factorization(method: str, name: str, layer: nn.Module, shapes: Layer
         return Decision(name, method, kind, "keep", weight_shape, params, macs, params, macs, reason=reason, **extra)
 
     reason = unfactorizable(method, layer, shapes, blocked)
-    known = shapes is not None and isinstance(layer, (nn.Linear, nn.Conv2d))
+    known = shapes is not None and isinstance(layer, (nn.Linear, nn.Conv2d, nn.Embedding))
     dense = layers.dense_cost(layer, shapes.out_shape) if known else layers.LayerCost(params, 0)
     if reason:
         return keep(reason, dense.macs)
@@ -129,7 +132,10 @@ def decide_factorization(method: str, name: str, layer: nn.Module, shapes: Layer
     rank = choose_rank(s, rows, cols)
     after = layers.factorized_cost(layer, rank, scheme or "channel", shapes.in_shape, shapes.out_shape)
     info = dict(rank=rank, full_rank=min(rows, cols), scheme=scheme, energy=round(linalg.energy_kept(s, rank), 6))
-    if after.macs >= dense.macs:
+    if isinstance(layer, nn.Embedding):  # a lookup costs no MACs: a table pays off in parameters
+        if after.params >= dense.params:
+            return keep(f"rank {rank} would not reduce parameters ({after.params} >= {dense.params})", 0, **info)
+    elif after.macs >= dense.macs:
         limit = _breakeven_rank(layer, scheme or "channel", shapes, dense.macs)
         hint = f"factorizing pays off only below rank {limit}" if limit > 1 else "factorizing never pays off here"
         return keep(f"rank {rank} would not reduce MACs ({after.macs} >= {dense.macs}); {hint}", dense.macs, **info)

@@ -87,6 +87,11 @@ def main() -> None:
         "ctr": compare(ctr_doc, ctr_model, work, "ctr", "bundled:ctr/test", ["fields"], ["Embedding", "Linear"]),
         "digits": compare(digits_doc, digits_model, work, "digits", "bundled:digits/test", ["image"], ["Conv2d"]),
     }
+    for i, stage in enumerate(ctr_doc["stages"]):  # each CTR stage alone: where the difference comes from
+        alone = copy.deepcopy(ctr_doc)
+        alone["stages"] = [stage]
+        results[f"ctr stage {i} alone ({', '.join(stage['targets']['include'])})"] = compare(
+            alone, ctr_model, work, f"ctr-stage{i}", "bundled:ctr/test", ["fields"], ["Embedding", "Linear"])
     shipped = copy.deepcopy(ctr_doc)
     shipped["gates"] = {}
     full = run_recipe(shipped, ctr_model, work, "ctr-afm-finetuned")
@@ -96,7 +101,9 @@ def main() -> None:
     print("Without fine-tuning, equal parameters (svd at AFM's per-layer ranks):\n")
     print("| model | method | params (original -> compressed) | output cosine | output MSE | quality |")
     print("|---|---|---|---|---|---|")
-    for model_name, rows in (("CTR DeepFM", results["ctr"]), ("digits ResNet", results["digits"])):
+    tables = [("CTR DeepFM", results["ctr"]), ("digits ResNet", results["digits"])]
+    tables += [(f"CTR DeepFM, {k.removeprefix('ctr ')}", v) for k, v in results.items() if k.startswith("ctr stage")]
+    for model_name, rows in tables:
         for method, r in rows.items():
             if "auc" in r:
                 quality = f"AUC {r['auc']:.4f} (original {r['auc_original']:.4f})"

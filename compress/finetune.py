@@ -26,6 +26,7 @@ class TrainResult:
     seconds: float
     samples_per_s: float
     final_loss: float | None
+    loss_terms: dict[str, float] | None = None  # the terms of the last step's loss, by name
 
 
 def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,33 +68,39 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     if steps == 0:
         return TrainResult(0, 0.0, 0.0, 0.0, None)
     has_labels = target_key in data.keys()
-    distill_weight = cfg.distill.weight if has_labels else (cfg.distill.weight or 1.0)
-    if distill_weight > 0 and teacher is None:
+    method_distills = any(m.uses_teacher for m in methods)
+    # without labels the loop distills the outputs, unless a method brings its own distillation
+    distill_weight = cfg.distill.weight if has_labels or method_distills else (cfg.distill.weight or 1.0)
+    run_teacher = distill_weight > 0 or method_distills
+    if run_teacher and teacher is None:
         raise UserError("distillation needs the original model as teacher")
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    for method in methods:
+        method.start_finetune(model, teacher)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                  if cfg.schedule == "cosine" else None)
     generator = torch.Generator().manual_seed(seed)
-    step, samples, loss_value = 0, 0, None
+    step, samples, loss_value, last_terms = 0, 0, None, None
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step", leave=False)
     while step < steps:
         for batch in data.batches(batch_size, shuffle=True, generator=generator, drop_last=True):
             batch = to_device(batch, device)
             inputs, target = split_batch(batch, input_names, target_key)
+            if run_teacher:
+                with torch.no_grad():
+                    ref = primary_output(teacher(*inputs))
             outputs = model(*inputs)
             out = primary_output(outputs)
             terms: dict[str, torch.Tensor] = {}
             if has_labels:
                 terms["task"] = task_loss(cfg.loss, out, target)
             if distill_weight > 0:
-                with torch.no_grad():
-                    ref = primary_output(teacher(*inputs))
                 terms["distill"] = distill_weight * distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature)
             for method in methods:
                 terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
@@ -115,6 +122,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
             step += 1
             samples += inputs[0].shape[0]
             loss_value = float(loss.detach())
+            last_terms = {k: round(float(v.detach()), 6) for k, v in terms.items()}
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
@@ -123,7 +131,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
-    return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value)
+    return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value, last_terms)
 
 
 @torch.no_grad()

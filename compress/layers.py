@@ -177,6 +177,21 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return torch.einsum("rch,nrw->nchw", first[..., 0], second[:, :, 0, :])
 
 
+def factor_matrices(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of a factorized module as differentiable matrices with B @ A equal to the original
+    layer's `layer_matrix` (in the module's scheme)."""
+    if isinstance(module, LowRankLinear):
+        return module.second.weight, module.first.weight
+    if isinstance(module, LowRankEmbedding):
+        return module.first.weight, module.second.weight.T
+    r = module.rank
+    if module.scheme == "channel":
+        return module.second.weight.reshape(-1, r), module.first.weight.reshape(r, -1)
+    height = module.first.weight[..., 0].permute(1, 2, 0).reshape(-1, r)  # (C kh, r)
+    width = module.second.weight[:, :, 0, :].permute(1, 0, 2).reshape(r, -1)  # (r, N kw)
+    return height, width
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """Parameters and multiply-accumulates of one layer for one sample (batch size 1)."""

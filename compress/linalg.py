@@ -185,3 +185,33 @@ def eigen_energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
     """Smallest k whose top-k eigenvalues hold at least `energy` of their sum (the output energy
     a feature-mimicking projection keeps)."""
     return energy_rank(eigenvalues.clamp_min(0.0).sqrt(), energy)
+
+
+class _MaxAbsDeviation(torch.autograd.Function):
+    """max |left @ right - target| with a sub-gradient that touches one row of `left` and one
+    column of `right`: the product exists only inside forward, so a regularizer summed over many
+    layers keeps at most one layer's product in memory at a time."""
+
+    @staticmethod
+    def forward(ctx, left, right, target):
+        diff = left @ right - target
+        index = int(torch.argmax(diff.abs()))
+        row, col = divmod(index, diff.shape[1])
+        sign = torch.sign(diff[row, col])
+        ctx.save_for_backward(left, right, sign)
+        ctx.row, ctx.col = row, col
+        return diff[row, col].abs()
+
+    @staticmethod
+    def backward(ctx, grad):
+        left, right, sign = ctx.saved_tensors
+        grad_left = torch.zeros_like(left)
+        grad_right = torch.zeros_like(right)
+        grad_left[ctx.row] = grad * sign * right[:, ctx.col]
+        grad_right[:, ctx.col] = grad * sign * left[ctx.row]
+        return grad_left, grad_right, None
+
+
+def max_abs_deviation(left: torch.Tensor, right: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||left @ right - target||_max (largest absolute entry), differentiable in left and right."""
+    return _MaxAbsDeviation.apply(left, right, target.detach())

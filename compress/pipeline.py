@@ -342,7 +342,8 @@ def _train_summary(trained) -> dict | None:
     if trained is None:
         return None
     return {"steps": trained.steps, "epochs": round(trained.epochs, 3), "seconds": round(trained.seconds, 3),
-            "samples_per_s": round(trained.samples_per_s, 1), "final_loss": trained.final_loss}
+            "samples_per_s": round(trained.samples_per_s, 1), "final_loss": trained.final_loss,
+            "loss_terms": trained.loss_terms}
 
 
 def _real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:

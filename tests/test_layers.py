@@ -84,3 +84,33 @@ def test_full_rank_embedding_factorization_is_exact():
     cost = layers.factorized_cost(table, 3, "channel", (5,), (5, 8))
     assert cost.params == sum(p.numel() for p in layers.factorize(table, 3).parameters())
     assert cost.macs == _macs(layers.factorize(table, 3), ids[:1])
+
+
+@pytest.mark.parametrize("make,scheme", [
+    (lambda: nn.Linear(9, 6), "channel"),
+    (lambda: nn.Conv2d(4, 7, 3, padding=1), "channel"),
+    (lambda: nn.Conv2d(4, 7, (3, 2), stride=2), "spatial"),
+    (lambda: nn.Embedding(12, 5), "channel"),
+])
+def test_factor_matrices_multiply_back_to_the_layer_matrix(make, scheme):
+    torch.manual_seed(0)
+    layer = make().double()
+    full = min(layers.layer_matrix(layer, scheme).shape)
+    b, a = layers.factor_matrices(layers.factorize(layer, full, scheme))
+    assert torch.allclose(b @ a, layers.layer_matrix(layer, scheme), atol=1e-10)
+
+
+def test_max_abs_deviation_value_and_gradient_match_autograd():
+    from compress.linalg import max_abs_deviation
+
+    gen = torch.Generator().manual_seed(11)
+    left = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    right = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    value = max_abs_deviation(left, right, target)
+    (value * 2.5).backward()
+    ref_left, ref_right = left.detach().clone().requires_grad_(), right.detach().clone().requires_grad_()
+    reference = (ref_left @ ref_right - target).abs().max()
+    (reference * 2.5).backward()
+    assert float(value) == pytest.approx(float(reference), abs=1e-12)
+    assert torch.allclose(left.grad, ref_left.grad) and torch.allclose(right.grad, ref_right.grad)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from compress.errors import RecipeError
 from compress.recipe import json_schema, load_recipe, parse_recipe
@@ -18,7 +19,8 @@ def error_of(text: str) -> str:
 
 def test_minimal_recipe_gets_defaults():
     recipe = parse_recipe("stages: [{method: svd}]")
-    assert recipe.stages[0].energy == 0.9
+    s = torch.tensor([3.0, 1.0, 1.0, 0.5])  # squares 9, 1, 1, 0.25: 90% needs three
+    assert recipe.stages[0].choose_rank(s, 4, 4) == 3
     assert recipe.finetune.epochs == 0
     assert recipe.bench.batch_sizes == [1, 32]
 

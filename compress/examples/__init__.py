@@ -20,8 +20,22 @@ def _ctr(split: str) -> dict[str, torch.Tensor]:
     return ctr_split(split)
 
 
+def _digits_tokens(split: str) -> dict[str, torch.Tensor]:
+    from .digits_transformer import tokens_split
+
+    return tokens_split(split)
+
+
+def _digits_tokens_unlabeled(split: str) -> dict[str, torch.Tensor]:
+    data = _digits_tokens(split)
+    return {"tokens": data["tokens"], "mask": data["mask"]}
+
+
 # bundled data sets, `bundled:NAME/SPLIT` in a recipe
-DATASETS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {"digits": _digits, "ctr": _ctr}
+DATASETS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {
+    "digits": _digits, "ctr": _ctr, "digits-tokens": _digits_tokens,
+    "digits-tokens-unlabeled": _digits_tokens_unlabeled,
+}
 
 
 def bundled_data(spec: str) -> dict[str, torch.Tensor]:
@@ -43,8 +57,15 @@ def _train_ctr_deepfm(path, **kwargs):
     return train_ctr_deepfm(path, **kwargs)
 
 
+def _train_digits_transformer(path, **kwargs):
+    from .digits_transformer import train_digits_transformer
+
+    return train_digits_transformer(path, **kwargs)
+
+
 # `compress example NAME PATH`: a callable that trains and writes a checkpoint, returning a summary
 EXAMPLES: dict[str, tuple[Callable, str]] = {
     "digits-resnet": (_train_digits_resnet, "residual CNN (BatchNorm) on scikit-learn's 8x8 handwritten digits"),
     "ctr-deepfm": (_train_ctr_deepfm, "DeepFM-style click model on synthetic click data with rank-4 structure"),
+    "digits-transformer": (_train_digits_transformer, "Transformer encoder on the digits as 64 integer tokens + mask"),
 }

@@ -6,6 +6,7 @@ The pipeline drives every method the same way:
     calibrate(model, data)   statistics on calibration data, for methods that need them
     plan(model, profile)     -> per-layer decisions (data, printable; no weights change)
     prepare(model, plan)     structural change before fine-tuning (factorize, group map)
+    start_finetune(model, teacher)  before the loop (hooks on student and frozen original)
     loss(model, batch, out)  extra loss terms during fine-tuning (regularizers, distillation)
     after_step(model, step)  hook after each optimizer step (projections, proximal steps)
     finalize(model)          structural change after fine-tuning (decompose, drop groups)
@@ -119,6 +120,11 @@ class Method:
 
     def prepare(self, model: nn.Module) -> None:
         """Structural change before fine-tuning, following `self.decisions`."""
+
+    uses_teacher: ClassVar[bool] = False  # the loop runs the frozen original on every batch for it
+
+    def start_finetune(self, model: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once before the fine-tuning loop (e.g. to hook the student's and teacher's modules)."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
         """Extra named loss terms for this step (added to the task loss)."""

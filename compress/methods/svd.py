@@ -19,6 +19,9 @@ from ..errors import RecipeError
 from .base import Decision, LayerProfile, Method, Stage, replace_module, select_targets
 
 
+DEFAULT_ENERGY = 0.9
+
+
 class RankRule(Stage):
     """How a rank is chosen: at most one of `rank`, `ratio`, `energy` (default: energy 0.9), and
     optionally fixed ranks for named layers."""
@@ -35,8 +38,6 @@ class RankRule(Stage):
         given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of rank, ratio, energy, not {' and '.join(given)}")
-        if not given:
-            self.energy = 0.9
         return self
 
     def choose_rank(self, singular_values, rows: int, cols: int, name: str | None = None) -> int:
@@ -47,7 +48,7 @@ class RankRule(Stage):
             return min(self.rank, full)
         if self.ratio is not None:
             return min(linalg.rank_for_param_ratio(rows, cols, self.ratio), full)
-        return linalg.energy_rank(singular_values, self.energy)
+        return linalg.energy_rank(singular_values, self.energy if self.energy is not None else DEFAULT_ENERGY)
 
 
 class SvdStage(RankRule):

@@ -1,0 +1,120 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compress import layers
+from compress.bench import profile_layers
+from compress.data import Dataset
+from compress.examples.digits_transformer import digits_transformer, tokens_split
+from compress.finetune import finetune
+from compress.methods.pela import Pela, PelaStage, default_feature_modules
+from compress.recipe import FinetuneSection
+
+from .conftest import REPO
+
+TOKENS = tokens_split("calibration")
+INPUTS = (TOKENS["tokens"][:8], TOKENS["mask"][:8])
+
+
+def planned(**stage):
+    torch.manual_seed(0)
+    model = digits_transformer(dim=32, hidden=64).eval()
+    method = Pela(PelaStage.model_validate({"method": "pela", **stage}), 0)
+    method.plan(model, profile_layers(model, tuple(t[:1] for t in INPUTS)))
+    return model, method
+
+
+@pytest.mark.parametrize("rows,cols,rho", [(64, 64, 2.0), (128, 32, 2.0), (100, 30, 3.0), (48, 200, 1.5)])
+def test_rank_rule_gives_about_rho_times_fewer_parameters(rows, cols, rho):
+    stage = PelaStage(method="pela", rho=rho)
+    r = stage.choose_rank(None, rows, cols)
+    assert r * (rows + cols) <= rows * cols / rho < (r + 1) * (rows + cols)
+
+
+def test_default_targets_and_features():
+    model, method = planned()
+    kept = {d.name: d.reason for d in method.decisions if d.action == "keep"}
+    assert set(kept) == {"head"} and "output head" in kept["head"]
+    assert method.feature_names == ["blocks.0", "blocks.1"] == default_feature_modules(model)
+
+
+def _student_and_teacher(**stage):
+    model, method = planned(**stage)
+    teacher = copy.deepcopy(model)
+    return model, teacher, method
+
+
+def test_full_rank_student_equals_teacher_and_all_losses_are_zero():
+    model, teacher, method = _student_and_teacher(beta=1.0, gamma=1.0)
+    for d in method.decisions:  # force full rank (the plan keeps such layers dense: no MAC saving)
+        if d.name != "head":
+            d.action, d.rank = "factorize", d.full_rank
+    method.prepare(model)
+    method.start_finetune(model, teacher)
+    with torch.no_grad():
+        reference = teacher(*INPUTS)
+        outputs = model(*INPUTS)
+    assert torch.allclose(outputs, reference, atol=1e-5)
+    terms = method.loss(model, {}, outputs)
+    assert set(terms) == {"feature", "output", "weight"}
+    assert all(float(v.detach()) < 1e-9 for v in terms.values()), terms
+
+
+def test_weight_perturbation_matches_a_direct_computation():
+    model, _, method = _student_and_teacher(gamma=1.0, eps=0.01)
+    method.prepare(model)
+    direct = []
+    for name, original in method.originals.items():
+        deviation = layers.dense_weight(model.get_submodule(name)) - original
+        direct.append(torch.relu(deviation.abs().max() - 0.01) ** 2)
+    assert float(method.weight_perturbation(model)) == pytest.approx(float(sum(direct) / len(direct)), rel=1e-5)
+
+
+def test_gradients_reach_the_factors_and_never_the_teacher():
+    model, teacher, method = _student_and_teacher(gamma=1.0)
+    method.prepare(model)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    data = Dataset({k: v[:64] for k, v in TOKENS.items() if k != "target"}, "unlabeled")
+    result = finetune(model, data, ["tokens", "mask"], "target", FinetuneSection(steps=2, lr=1e-3), 32,
+                      teacher=teacher, methods=[method], progress=False)
+    assert set(result.loss_terms) == {"pela.feature", "pela.weight"}  # no labels: distillation only
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    factorized = model.get_submodule("blocks.0.query")
+    assert factorized.first.weight.grad is not None and factorized.second.weight.grad is not None
+
+
+def test_bad_feature_pattern_is_a_recipe_error():
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"stages\[0\].features\[0\]: pattern 'encoder.\*' matches no module"):
+        planned(features=["encoder.*"])
+
+
+@pytest.fixture(scope="module")
+def transformer_model(tmp_path_factory):
+    from compress.examples.digits_transformer import train_digits_transformer
+
+    path = tmp_path_factory.mktemp("dt") / "dt.pt"
+    train_digits_transformer(path, epochs=3, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["pela.yaml", "pela-unlabeled.yaml"])
+def test_pela_recipes_end_to_end(recipe, transformer_model, run_cli, tmp_path):
+    out = tmp_path / "out"
+    # the tests' model is trained for three epochs only: the gate is loosened, not the checks
+    result = run_cli("apply", "-r", REPO / "recipes" / recipe, transformer_model, "--out", out, "-q",
+                     "--max-metric-drop", "1")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["passed"] and report["ratios"]["params"] > 1.5
+    terms = set(report["finetune"]["loss_terms"])
+    if recipe == "pela.yaml":
+        assert report["compressed"]["metric"]["name"] == "accuracy" and "task" in terms
+    else:  # label-free: no target key, distillation only, agreement with the original
+        assert report["compressed"]["metric"]["name"] == "agreement"
+        assert terms == {"pela.feature", "pela.output", "pela.weight"}

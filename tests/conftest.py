@@ -30,10 +30,21 @@ def ctr_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def transformer_model(tmp_path_factory) -> Path:
+    """The digits Transformer example, trained for three epochs."""
+    from compress.examples.digits_transformer import train_digits_transformer
+
+    path = tmp_path_factory.mktemp("dt") / "dt.pt"
+    train_digits_transformer(path, epochs=3, progress=False)
+    return path
+
+
 @pytest.fixture
-def example_for(digits_model, ctr_model):
+def example_for(digits_model, ctr_model, transformer_model):
     """The bundled example each shipped recipe is written for."""
-    return lambda recipe: ctr_model if Path(recipe).stem == "afm" else digits_model
+    by_recipe = {"afm": ctr_model, "pela": transformer_model, "pela-unlabeled": transformer_model}
+    return lambda recipe: by_recipe.get(Path(recipe).stem, digits_model)
 
 
 FAST_RECIPE = """\

@@ -94,15 +94,6 @@ def test_bad_feature_pattern_is_a_recipe_error():
         planned(features=["encoder.*"])
 
 
-@pytest.fixture(scope="module")
-def transformer_model(tmp_path_factory):
-    from compress.examples.digits_transformer import train_digits_transformer
-
-    path = tmp_path_factory.mktemp("dt") / "dt.pt"
-    train_digits_transformer(path, epochs=3, progress=False)
-    return path
-
-
 @pytest.mark.parametrize("recipe", ["pela.yaml", "pela-unlabeled.yaml"])
 def test_pela_recipes_end_to_end(recipe, transformer_model, run_cli, tmp_path):
     out = tmp_path / "out"

@@ -2,7 +2,6 @@
 factorization math holds on random shapes."""
 import copy
 
-import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings

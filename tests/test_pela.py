@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from compress import layers
 from compress.bench import profile_layers

@@ -1,29 +1,8 @@
 """Small models from outside the compress package, for loader and pipeline tests."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class SelfAttentionBlock(nn.Module):
-    """A pre-norm Transformer block written the way model libraries write theirs: Linear layers
-    on (batch, sequence, dim) activations, attention with a padding mask."""
-
-    def __init__(self, dim: int, heads: int, hidden: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.output = nn.Linear(dim, dim)
-        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        h = self.norm1(x)
-        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        attn_mask = (mask != 0)[:, None, None, :]
-        a = F.scaled_dot_product_attention(split(self.query(h)), split(self.key(h)), split(self.value(h)), attn_mask=attn_mask)
-        x = x + self.output(a.transpose(1, 2).reshape(b, n, d))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
+from compress.examples.digits_transformer import EncoderBlock
 
 
 class TokenClassifier(nn.Module):
@@ -34,7 +13,7 @@ class TokenClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.randn(1, length, dim) * 0.02)
-        self.block = SelfAttentionBlock(dim, heads=4, hidden=64)
+        self.block = EncoderBlock(dim, heads=4, hidden=64)  # written like a model library's block
         self.encoder = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0)
         self.head = nn.Linear(dim, classes)
 

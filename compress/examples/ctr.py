@@ -86,22 +86,11 @@ def deepfm(dim: int = 16, hidden: tuple[int, ...] = (128, 64)) -> DeepFM:
 def train_ctr_deepfm(path, *, epochs: int = 4, seed: int = 0, progress: bool = True,
                      device: torch.device = torch.device("cpu")) -> dict:
     """Train the example on the train split and write a safe checkpoint; returns its test AUC."""
-    from ..checkpoint import save_checkpoint
-    from ..data import Dataset
-    from ..finetune import finetune, predict
-    from ..metrics import auc
     from ..recipe import FinetuneSection
+    from .training import train_example
 
-    torch.manual_seed(seed)
-    model = deepfm()
-    train = Dataset(ctr_split("train"), "bundled:ctr/train")
-    test = Dataset(ctr_split("test"), "bundled:ctr/test")
-    cfg = FinetuneSection(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-5, schedule="cosine")
-    result = finetune(model, train, ["fields"], "target", cfg, batch_size=256, device=device, seed=seed,
-                      progress=progress, desc="train ctr-deepfm")
-    model.cpu()
-    test_auc = auc(predict(model, test, ["fields"], 2048), test.tensors["target"])
-    save_checkpoint(path, model, FACTORY, {"dim": 16, "hidden": [128, 64]},
-                    inputs=[{"name": "fields", "shape": [len(VOCAB_SIZES)], "dtype": "int64"}],
-                    metadata={"example": "ctr-deepfm", "test_auc": test_auc, "epochs": epochs, "synthetic": True})
-    return {"test_auc": test_auc, "seconds": result.seconds, "epochs": epochs}
+    return train_example(
+        path, name="ctr-deepfm", build=deepfm, factory=FACTORY, kwargs={"dim": 16, "hidden": [128, 64]},
+        dataset="ctr", inputs=[{"name": "fields", "shape": [len(VOCAB_SIZES)], "dtype": "int64"}],
+        cfg=FinetuneSection(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-5, schedule="cosine"),
+        batch_size=256, metric="auc", seed=seed, progress=progress, device=device)

@@ -70,22 +70,12 @@ def digits_resnet(width: int = 32, num_classes: int = 10) -> DigitsResNet:
 def train_digits_resnet(path, *, epochs: int = 15, width: int = 32, seed: int = 0, progress: bool = True,
                         device: torch.device = torch.device("cpu")) -> dict:
     """Train the example on the train split and write a safe checkpoint; returns its test accuracy."""
-    from ..checkpoint import save_checkpoint
-    from ..data import Dataset
-    from ..finetune import finetune, predict
-    from ..metrics import score
     from ..recipe import FinetuneSection
+    from .training import train_example
 
-    torch.manual_seed(seed)
-    model = digits_resnet(width)
-    train = Dataset(digits_split("train"), "bundled:digits/train")
-    test = Dataset(digits_split("test"), "bundled:digits/test")
-    cfg = FinetuneSection(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4, schedule="cosine")
-    result = finetune(model, train, ["image"], "target", cfg, batch_size=64, device=device, seed=seed,
-                      progress=progress, desc="train digits-resnet")
-    model.cpu()
-    accuracy = score("accuracy", predict(model, test, ["image"], 256), test.tensors["target"], None)
-    save_checkpoint(path, model, FACTORY, {"width": width, "num_classes": 10},
-                    inputs=[{"name": "image", "shape": [1, 8, 8], "dtype": "float32"}],
-                    metadata={"example": "digits-resnet", "test_accuracy": accuracy, "epochs": epochs})
-    return {"test_accuracy": accuracy, "seconds": result.seconds, "epochs": epochs}
+    return train_example(
+        path, name="digits-resnet", build=lambda: digits_resnet(width), factory=FACTORY,
+        kwargs={"width": width, "num_classes": 10}, dataset="digits",
+        inputs=[{"name": "image", "shape": [1, 8, 8], "dtype": "float32"}],
+        cfg=FinetuneSection(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4, schedule="cosine"),
+        batch_size=64, metric="accuracy", seed=seed, progress=progress, device=device)

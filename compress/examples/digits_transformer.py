@@ -79,25 +79,13 @@ def digits_transformer(**kwargs) -> DigitsTransformer:
 def train_digits_transformer(path, *, epochs: int = 40, seed: int = 0, progress: bool = True,
                              device: torch.device = torch.device("cpu")) -> dict:
     """Train on the train split, write a safe checkpoint; returns the test accuracy."""
-    from ..checkpoint import save_checkpoint
-    from ..data import Dataset
-    from ..finetune import finetune, predict
-    from ..metrics import score
     from ..recipe import FinetuneSection
+    from .training import train_example
 
-    torch.manual_seed(seed)
-    model = digits_transformer()
-    train = Dataset(tokens_split("train"), "bundled:digits-tokens/train")
-    test = Dataset(tokens_split("test"), "bundled:digits-tokens/test")
-    cfg = FinetuneSection(epochs=epochs, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
-                          clip_grad_norm=1.0)
-    result = finetune(model, train, ["tokens", "mask"], "target", cfg, batch_size=64, device=device, seed=seed,
-                      progress=progress, desc="train digits-transformer")
-    model.cpu()
-    outputs = predict(model, test, ["tokens", "mask"], 256)
-    accuracy = score("accuracy", outputs, test.tensors["target"], None)
-    save_checkpoint(path, model, FACTORY, {},
-                    inputs=[{"name": "tokens", "shape": [64], "dtype": "int64"},
-                            {"name": "mask", "shape": [64], "dtype": "int64"}],
-                    metadata={"example": "digits-transformer", "test_accuracy": accuracy, "epochs": epochs})
-    return {"test_accuracy": accuracy, "seconds": result.seconds, "epochs": epochs}
+    return train_example(
+        path, name="digits-transformer", build=digits_transformer, factory=FACTORY, kwargs={},
+        dataset="digits-tokens", inputs=[{"name": "tokens", "shape": [64], "dtype": "int64"},
+                                         {"name": "mask", "shape": [64], "dtype": "int64"}],
+        cfg=FinetuneSection(epochs=epochs, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
+                            clip_grad_norm=1.0),
+        batch_size=64, metric="accuracy", seed=seed, progress=progress, device=device)

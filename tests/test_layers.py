@@ -112,5 +112,5 @@ def test_max_abs_deviation_value_and_gradient_match_autograd():
     ref_left, ref_right = left.detach().clone().requires_grad_(), right.detach().clone().requires_grad_()
     reference = (ref_left @ ref_right - target).abs().max()
     (reference * 2.5).backward()
-    assert float(value) == pytest.approx(float(reference), abs=1e-12)
+    assert float(value.detach()) == pytest.approx(float(reference.detach()), abs=1e-12)
     assert torch.allclose(left.grad, ref_left.grad) and torch.allclose(right.grad, ref_right.grad)

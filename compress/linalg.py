@@ -215,3 +215,82 @@ class _MaxAbsDeviation(torch.autograd.Function):
 def max_abs_deviation(left: torch.Tensor, right: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||left @ right - target||_max (largest absolute entry), differentiable in left and right."""
     return _MaxAbsDeviation.apply(left, right, target.detach())
+
+
+def sparse_envelope(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The sparse envelope function S_k(x) (Refael, Arbel, Huleihel) for a batch of vectors (..., n).
+
+    S_k(x) = 1/2 min over u in D_k of sum_i x_i^2 / u_i, D_k = {0 <= u_i <= 1, sum u_i <= k}, in
+    closed form: with a = |x| sorted descending (a_0 = +inf) and N the unique integer in
+    {0, ..., k-1} with a_N > (sum_{i>N} a_i) / (k - N) >= a_{N+1},
+    S_k(x) = 1/2 sum_{i<=N} a_i^2 + (sum_{i>N} a_i)^2 / (2 (k - N)). Equals 1/2 ||x||^2 when
+    ||x||_0 <= k (half the squared k-support norm in general). O(n log n).
+    """
+    n = x.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    a = torch.sort(x.abs(), dim=-1, descending=True).values
+    prefix = torch.cumsum(a, -1)
+    total = prefix[..., -1:]
+    head = torch.arange(k, device=x.device)  # N = 0 .. k-1
+    tail = total - torch.cat([torch.zeros_like(total), prefix[..., : k - 1]], -1)  # sum_{i>N} a_i
+    ratio = tail / (k - head).to(x.dtype)
+    above = torch.cat([torch.full_like(total, float("inf")), a[..., : k - 1]], -1)  # a_N (a_0 = inf)
+    below = a[..., :k]  # a_{N+1}
+    slack = 1e-12 * total  # rounding in the prefix sums must not rule out the right N
+    valid = (above > ratio - slack) & (ratio >= below - slack)
+    # the first valid N (unique in exact arithmetic; at a tie both candidates give the same value)
+    first = torch.argmax(valid.to(torch.int8), dim=-1, keepdim=True)
+    squares = torch.cat([torch.zeros_like(total), torch.cumsum(a ** 2, -1)[..., : k - 1]], -1)
+    value = 0.5 * squares + tail ** 2 / (2 * (k - head).to(x.dtype))
+    return value.gather(-1, first).squeeze(-1)
+
+
+def envelope_prox_scale(norms: torch.Tensor, k: int, lam: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group factors of the proximal operator of lam * S_k on weighted group norms.
+
+    For groups with norms n_j (..., g) and weights w_j, the prox of lam * S_k(w * n) scales group j
+    by u_j / (u_j + lam w_j^2), u_j = clip(w_j n_j eta - lam w_j^2, 0, 1), with eta > 0 solving
+    sum_j u_j = k; when at most k groups are non-zero the factor is 1 / (1 + lam w_j^2). The left
+    side is piecewise linear in eta: its breakpoints are swept in sorted order with prefix sums,
+    O(g log g), for a whole batch at once. Groups with u_j = 0 become exactly zero.
+    """
+    if lam < 0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+    w = torch.ones_like(norms) if weights is None else weights.to(norms).expand_as(norms)
+    g = norms.shape[-1]
+    if not 1 <= k <= g:
+        raise ValueError(f"k must be in [1, {g}], got {k}")
+    penalty = lam * w ** 2
+    slope = w * norms
+    alive = slope > 0
+    inf = torch.tensor(float("inf"), dtype=norms.dtype, device=norms.device)
+    starts = torch.where(alive, penalty / slope.clamp_min(1e-300), inf)  # u_j leaves 0
+    ends = torch.where(alive, (1 + penalty) / slope.clamp_min(1e-300), inf)  # u_j reaches 1
+    points = torch.sort(torch.cat([starts, ends], -1), dim=-1).values
+    value = _envelope_count(points, starts, ends, slope, penalty)
+    reached = value >= k - 1e-12
+    index = torch.argmax(reached.to(torch.int8), dim=-1, keepdim=True)  # first breakpoint with sum >= k
+    previous = torch.gather(points, -1, (index - 1).clamp_min(0))
+    at_previous = torch.gather(value, -1, (index - 1).clamp_min(0))
+    active = ((starts <= previous) & (ends > previous)).to(norms.dtype)
+    rate = (slope * active).sum(-1, keepdim=True)
+    eta = torch.where(rate > 0, previous + (k - at_previous) / rate.clamp_min(1e-300), torch.gather(points, -1, index))
+    u = (slope * eta - penalty).clamp(0.0, 1.0)
+    shrink = u / (u + penalty).clamp_min(1e-300)
+    few = alive.sum(-1, keepdim=True) <= k
+    return torch.where(few, 1.0 / (1.0 + penalty), torch.where(u > 0, shrink, torch.zeros_like(u)))
+
+
+def _envelope_count(points, starts, ends, slope, penalty):
+    """sum_j clip(slope_j eta - penalty_j, 0, 1) at every eta in `points` (..., p), by prefix sums."""
+    order_s = torch.argsort(starts, dim=-1)
+    order_e = torch.argsort(ends, dim=-1)
+    s_sorted, e_sorted = torch.gather(starts, -1, order_s), torch.gather(ends, -1, order_e)
+    finite = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
+    cum = lambda t, order: torch.cat([torch.zeros_like(t[..., :1]), torch.cumsum(finite(torch.gather(t, -1, order)), -1)], -1)  # noqa: E731
+    started = torch.searchsorted(s_sorted.contiguous(), points.contiguous(), right=True)
+    ended = torch.searchsorted(e_sorted.contiguous(), points.contiguous(), right=True)
+    slope_on = torch.gather(cum(slope, order_s), -1, started) - torch.gather(cum(slope, order_e), -1, ended)
+    penalty_on = torch.gather(cum(penalty, order_s), -1, started) - torch.gather(cum(penalty, order_e), -1, ended)
+    return ended.to(points.dtype) + finite(points) * slope_on - penalty_on

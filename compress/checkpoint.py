@@ -89,18 +89,35 @@ def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def apply_edits(model: nn.Module, edits: list[dict]) -> None:
-    """Replay structural edits on a freshly built model (weights are loaded afterwards)."""
+def apply_edits(model: nn.Module, edits: list[dict], inputs: list[dict] | None = None) -> None:
+    """Replay structural edits on a freshly built model (weights are loaded afterwards).
+    Channel removals trace the model on a sample built from `inputs` (the checkpoint's input list)."""
     for edit in edits:
         op = edit.get("op") if isinstance(edit, dict) else None
-        if op != "factorize":
+        if op not in ("factorize", "prune_channels"):
             raise UserError(f"structural edit {edit!r} is not known to this version of compress")
         try:
-            layer = model.get_submodule(edit["name"])
-            replace_module(model, edit["name"], layers.empty_factorized(layer, int(edit["rank"]), edit["scheme"],
-                                                                        edit.get("bias")))
-        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            if op == "factorize":
+                layer = model.get_submodule(edit["name"])
+                replace_module(model, edit["name"], layers.empty_factorized(layer, int(edit["rank"]), edit["scheme"],
+                                                                            edit.get("bias")))
+            elif edit["idxs"]:
+                _remove_channels(model, edit["root"], [int(i) for i in edit["idxs"]], inputs)
+        except (KeyError, AttributeError, TypeError, ValueError, IndexError) as exc:
             raise UserError(f"structural edit {edit!r} does not fit the model built by the factory ({exc})") from None
+
+
+def _remove_channels(model: nn.Module, root: str, idxs: list[int], inputs: list[dict] | None) -> None:
+    import torch_pruning as tp
+
+    from .data import synthetic_sample
+
+    if not inputs:
+        raise UserError("the checkpoint removes channels but does not describe the model's inputs")
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=synthetic_sample(inputs))
+    module = model.get_submodule(root)
+    handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+    graph.get_pruning_group(module, handler, idxs=idxs).prune()
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -200,7 +217,7 @@ def load_artifact(path: Path) -> LoadedModel:
         if key not in description:
             raise UserError(f"{source}: missing key {key!r}")
     model = build_model(description["factory"], description.get("kwargs") or {})
-    apply_edits(model, description["edits"])
+    apply_edits(model, description["edits"], description.get("inputs"))
     weights = path.parent / description.get("weights", WEIGHTS_NAME)
     load_state(model, _read_safetensors(weights), str(weights))
     return LoadedModel(model.eval(), source, description["factory"], description.get("kwargs") or {},
@@ -224,7 +241,7 @@ def _from_safe_checkpoint(obj: dict, source: str) -> LoadedModel:
         raise UserError(f"{source}: checkpoint format version {version!r} is not supported "
                         f"(this compress reads version {VERSION}); upgrade compress")
     model = build_model(obj["factory"], obj.get("kwargs", {}))
-    apply_edits(model, obj.get("edits", []))
+    apply_edits(model, obj.get("edits", []), obj.get("inputs"))
     load_state(model, obj["state_dict"], source)
     return LoadedModel(model.eval(), source, obj["factory"], obj.get("kwargs", {}), obj.get("inputs"),
                        list(obj.get("edits", [])), obj.get("metadata", {}))

@@ -17,6 +17,8 @@ import torch
 from .errors import UserError
 
 BUNDLED_PREFIX = "bundled:"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 
 
 class Dataset:
@@ -100,3 +102,15 @@ def split_batch(batch: dict[str, torch.Tensor], input_names: list[str], target: 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def synthetic_sample(specs: list[dict]) -> tuple[torch.Tensor, ...]:
+    """One sample per input spec when there is no data: standard normal floats, zero integers
+    (a valid index for any embedding table)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in specs:
+        dtype = DTYPES[s.get("dtype", "float32")]
+        shape = (1, *s["shape"])
+        out.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+    return tuple(out)

@@ -114,11 +114,12 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
             loss.backward()
             if cfg.clip_grad_norm:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             for method in methods:
-                method.after_step(model, step)
+                method.after_step(model, step, lr)
             step += 1
             samples += inputs[0].shape[0]
             loss_value = float(loss.detach())

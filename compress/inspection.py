@@ -18,7 +18,8 @@ from .methods.base import LAYER_TYPES
 
 def _load(model_path, recipe_path, trust):
     """(model, input names, one sample, recipe section or None, eval data or None)."""
-    from .pipeline import Options, load_context, synthetic_sample
+    from .data import synthetic_sample
+    from .pipeline import Options, load_context
     from .recipe import load_recipe
 
     if recipe_path is not None:

@@ -22,15 +22,12 @@ from torch import nn
 from . import bench, export, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
-from .data import Dataset, load_source, split_batch
+from .data import Dataset, load_source, split_batch, synthetic_sample
 from .errors import GateFailed, ParityError, RecipeError, UserError
 from .finetune import finetune, predict
 from .methods import METHODS, Method
 from .metrics import choose_metric, drop, primary_output, score
 from .recipe import LoadedRecipe
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 
 
 @dataclass
@@ -120,18 +117,6 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
         first = some.head(1)
         return names, tuple(first[n] for n in names)
     return names, synthetic_sample(specs)
-
-
-def synthetic_sample(specs: list[dict]) -> tuple[torch.Tensor, ...]:
-    """One sample per input spec when there is no data: standard normal floats, zero integers
-    (a valid index for any embedding table)."""
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for s in specs:
-        dtype = DTYPES[s.get("dtype", "float32")]
-        shape = (1, *s["shape"])
-        out.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
-    return tuple(out)
 
 
 def _check_fit(model: nn.Module, names: list[str], sample, data, target: str) -> None:

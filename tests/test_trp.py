@@ -110,7 +110,7 @@ def test_projection_and_nuclear_term_follow_the_period():
     terms = []
     for step in range(7):
         terms.append(bool(method.loss(model, {}, None)))
-        method.after_step(model, step)
+        method.after_step(model, step, 0.01)
     assert projected == [3, 6]
     assert terms == [True, False, False, True, False, False, True]
 

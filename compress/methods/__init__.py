@@ -1,10 +1,11 @@
 """The registry of compression methods: adding one is one file and one line here."""
 from .base import Decision, LayerProfile, Method, Stage, Targets
 from .afm import Afm
+from .group_envelope import GroupEnvelope
 from .pela import Pela
 from .svd import Svd
 from .trp import Trp
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Svd, Trp, Afm, Pela)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Svd, Trp, Afm, Pela, GroupEnvelope)}
 
 __all__ = ["METHODS", "Decision", "LayerProfile", "Method", "Stage", "Targets"]

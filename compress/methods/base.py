@@ -130,8 +130,8 @@ class Method:
         """Extra named loss terms for this step (added to the task loss)."""
         return {}
 
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Called after every optimizer step."""
+    def after_step(self, model: nn.Module, step: int, lr: float) -> None:
+        """Called after every optimizer step, with the learning rate that step used."""
 
     def finalize(self, model: nn.Module) -> None:
         """Structural change after fine-tuning."""

@@ -135,7 +135,7 @@ class Trp(Method):
         total = sum((model.get_submodule(n).weight * self.subgradients[n]).sum() for n in self.names)
         return {"nuclear": nuclear.lambda_ * total}
 
-    def after_step(self, model, step):
+    def after_step(self, model, step, lr):
         self.step = step + 1
         if self.step % self.stage.period == 0:
             self.project(model)

@@ -1,0 +1,274 @@
+"""`method: group_envelope` -- group sparse envelope regularization (WGSEF; Refael, Arbel,
+Huleihel), METHODS.md section 2.
+
+Proximal training that leaves exactly k groups alive per layer, then removes the dead ones.
+
+- Groups come from Torch-Pruning's dependency graph: a group is one channel of everything that
+  must die together (a conv's output channel, its BatchNorm entries, the next layers' input
+  channels, channels tied by residual additions or concatenation). A "layer" here is one coupled
+  group of channels (a residual stage's stream counts once), named after its root module.
+- After every optimizer step each layer's channels are shrunk by the proximal operator of
+  lr * lambda * S_k on their weighted group norms (`linalg.envelope_prox_scale`), which sets some
+  channels exactly to zero. `keep` gives k per layer: a ratio below 1 or a count. How lambda should
+  relate to k is open in the paper; the recipe sets lambda.
+- At the end every layer has at most k non-zero channels: if the proximal steps have not got
+  there, the smallest are cut (a hard projection), and the report says how many per layer.
+- Dead channels are removed physically with Torch-Pruning, so the model is smaller and faster,
+  and its outputs equal the masked model's (the removed channels were exactly zero).
+- The prox shrinks the surviving channels too (S_k is 1/2 ||x||^2 on k-sparse vectors), like a
+  weight decay of strength lambda: keep lr * lambda small, well below the learning rate.
+- `weights`: uniform, or by group size. Within one layer all channels have the same size, so the
+  two coincide for channel groups; the option matters to the math (tested) more than here.
+
+Examples and data: the dependency graph is traced on one calibration sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import ConfigDict, Field
+from torch import nn
+
+from .. import layers, linalg
+from ..errors import RecipeError, UserError
+from .base import Decision, Method, Stage, select_targets
+
+# (module type, handler name) -> the parameters a channel owns there, as (name, dim)
+CHANNEL_SLICES = {
+    (nn.Conv2d, "prune_out_channels"): (("weight", 0), ("bias", 0)),
+    (nn.Conv2d, "prune_in_channels"): (("weight", 1),),
+    (nn.Linear, "prune_out_channels"): (("weight", 0), ("bias", 0)),
+    (nn.Linear, "prune_in_channels"): (("weight", 1),),
+    (nn.BatchNorm2d, "prune_out_channels"): (("weight", 0), ("bias", 0)),
+    (nn.BatchNorm1d, "prune_out_channels"): (("weight", 0), ("bias", 0)),
+}
+
+
+class GroupEnvelopeStage(Stage):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: Literal["group_envelope"] = "group_envelope"
+    keep: float = Field(0.5, gt=0, description="channels kept per layer: a ratio below 1, or a count (1, 2, ...)")
+    lambda_: float = Field(1.0, ge=0, alias="lambda", description="strength of the envelope regularizer")
+    weights: Literal["uniform", "size"] = Field("uniform", description="group weights w_j")
+    post_finetune: int = Field(0, ge=0, description="epochs of fine-tuning after the channels are removed")
+    round_to: int = Field(1, ge=1, description="round the kept count up to a multiple of this (runtimes "
+                          "run channel counts that are multiples of 8 faster)")
+
+    def kept(self, channels: int) -> int:
+        count = round(self.keep * channels) if self.keep < 1 else int(self.keep)
+        count = -(-count // self.round_to) * self.round_to
+        return max(1, min(count, channels))
+
+
+@dataclass
+class ChannelSlice:
+    """The part of one parameter that belongs to the group's channels."""
+
+    param: nn.Parameter
+    dim: int
+    idxs: torch.Tensor  # positions along `dim`
+    channel: torch.Tensor  # which channel of the group each position belongs to
+
+
+def _module_names(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
+
+
+def dependency_groups(model: nn.Module, sample: tuple[torch.Tensor, ...], ignored: list[nn.Module]):
+    """Torch-Pruning's coupled channel groups of `model`, rooted at Conv2d and Linear layers."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=sample)
+    groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear])
+    return graph, list(groups)
+
+
+def group_slices(group, names: dict[nn.Module, str]) -> tuple[list[ChannelSlice], str | None]:
+    """The parameter slices of a group's channels, or the reason the group is not supported."""
+    slices = []
+    for item in group:
+        dep, idxs = item.dep, item.idxs
+        module = dep.target.module
+        params = [p for p in module.parameters(recurse=False)]
+        handler = getattr(dep.handler, "__name__", str(dep.handler))
+        spec = next((v for (kind, h), v in CHANNEL_SLICES.items() if isinstance(module, kind) and h == handler), None)
+        if spec is None:
+            if params:
+                return [], f"{names.get(module, type(module).__name__)} ({type(module).__name__}) is coupled to these " \
+                           "channels and its channel removal is not supported"
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            return [], f"{names[module]} is a grouped convolution (groups={module.groups})"
+        index = torch.as_tensor(list(idxs), dtype=torch.long)
+        channel = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+        for name, dim in spec:
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                slices.append(ChannelSlice(param, dim, index, channel))
+    return slices, None
+
+
+def channel_norms(slices: list[ChannelSlice], channels: int) -> torch.Tensor:
+    """The l2 norm of every channel's parameters, over all the group's slices."""
+    total = torch.zeros(channels, dtype=torch.float64)
+    for s in slices:
+        part = s.param.detach().index_select(s.dim, s.idxs.to(s.param.device)).double().cpu()
+        squares = part.pow(2).movedim(s.dim, 0).reshape(len(s.idxs), -1).sum(1)
+        total.index_add_(0, s.channel, squares)
+    return total.sqrt()
+
+
+def channel_sizes(slices: list[ChannelSlice], channels: int) -> torch.Tensor:
+    total = torch.zeros(channels, dtype=torch.float64)
+    for s in slices:
+        per = s.param.numel() // s.param.shape[s.dim]
+        total.index_add_(0, s.channel, torch.full((len(s.idxs),), float(per), dtype=torch.float64))
+    return total
+
+
+@torch.no_grad()
+def scale_channels(slices: list[ChannelSlice], factors: torch.Tensor) -> None:
+    """Multiply every channel's parameters by its factor (0 kills the channel exactly)."""
+    for s in slices:
+        full = torch.ones(s.param.shape[s.dim], dtype=s.param.dtype, device=s.param.device)
+        full[s.idxs.to(full.device)] = factors[s.channel].to(full)
+        shape = [1] * s.param.dim()
+        shape[s.dim] = -1
+        s.param.mul_(full.reshape(shape))
+
+
+class GroupEnvelope(Method):
+    name = "group_envelope"
+    schema = GroupEnvelopeStage
+    needs_calibration = True  # the dependency graph is traced on one calibration sample
+
+    def __init__(self, stage: GroupEnvelopeStage, stage_index: int):
+        super().__init__(stage, stage_index)
+        self.sample: tuple[torch.Tensor, ...] | None = None
+        self.groups: dict[str, dict] = {}  # root name -> {"slices", "channels", "k", "weights"}
+        self.edits_made: list[dict] = []
+
+    def calibrate(self, model, batches, progress=False):
+        first = next(iter(batches()), None)
+        if first is None:
+            raise UserError(f"stages[{self.stage_index}] (group_envelope): the calibration data is empty")
+        self.sample = tuple(t[:1] for t in first)
+
+    def _targets(self, model: nn.Module) -> tuple[list[str], list[nn.Module]]:
+        path = f"stages[{self.stage_index}].targets"
+        chosen = [n for n, _ in select_targets(model, self.stage.targets, path)]
+        if "targets" not in self.stage.model_fields_set:  # the output layer keeps its outputs
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            chosen = [n for n in chosen if not linears or n != linears[-1]]
+        ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen]
+        return chosen, ignored
+
+    def _collect(self, model: nn.Module):
+        targets, ignored = self._targets(model)
+        graph, groups = dependency_groups(model, self.sample, ignored)
+        names = _module_names(model)
+        found = {}
+        for group in groups:
+            root = names[group[0].dep.target.module]
+            if root not in targets:
+                continue
+            slices, reason = group_slices(group, names)
+            found[root] = {"group": group, "slices": slices, "reason": reason, "channels": len(group[0].idxs),
+                           "members": sorted({names[item.dep.target.module] for item in group
+                                              if item.dep.target.module in names})}
+        return graph, found
+
+    def plan(self, model, profile):
+        if self.sample is None:
+            raise RecipeError(f"stages[{self.stage_index}] (group_envelope) needs calibration data")
+        _, found = self._collect(model)
+        self.decisions = []
+        for root, info in found.items():
+            n = info["channels"]
+            # params and MACs of the layers that produce these channels (each layer produces the
+            # channels of one group only, so rows add up; the layers consuming them shrink too,
+            # which the report's whole-model counts include)
+            producers = [m for m in info["members"] if self._produces(model, m, root, info)]
+            params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
+            macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
+                       for m in producers if m in profile)
+            extra = {"channels": n, "members": info["members"]}
+            if info["reason"]:
+                self.decisions.append(Decision(root, self.name, "channels", "keep", [n], params, macs, params, macs,
+                                               reason=info["reason"], extra=extra))
+                continue
+            k = self.stage.kept(n)
+            extra.update({"keep": k, "note": f"keep {k} of {n} channels (members: {', '.join(info['members'])})"})
+            self.decisions.append(Decision(root, self.name, "channels", "prune", [n], params, macs,
+                                           params * k // n, macs * k // n, extra=extra))
+        return self.decisions
+
+    @staticmethod
+    def _produces(model, member: str, root: str, info) -> bool:
+        """Whether `member` produces the group's channels (its output channels, or its BatchNorm
+        entries, are in the group)."""
+        module = model.get_submodule(member)
+        return any(item.dep.target.module is module and getattr(item.dep.handler, "__name__", "") == "prune_out_channels"
+                   for item in info["group"])
+
+    def prepare(self, model):
+        _, found = self._collect(model)  # the same groups, on the model being trained
+        self.groups = {}
+        for d in self.decisions:
+            if d.action != "prune":
+                continue
+            slices = found[d.name]["slices"]
+            n = d.extra["channels"]
+            weights = None
+            if self.stage.weights == "size":
+                sizes = channel_sizes(slices, n)
+                weights = (sizes / sizes.mean()).sqrt()
+            self.groups[d.name] = {"slices": slices, "channels": n, "k": d.extra["keep"], "weights": weights}
+
+    def after_step(self, model, step, lr):
+        step_size = lr * self.stage.lambda_
+        if step_size <= 0:
+            return
+        for g in self.groups.values():
+            norms = channel_norms(g["slices"], g["channels"])
+            scale_channels(g["slices"], linalg.envelope_prox_scale(norms, g["k"], step_size, g["weights"]))
+
+    def finalize(self, model):
+        self.edits_made = []
+        dead_by_root = {}
+        for root, g in self.groups.items():
+            norms = channel_norms(g["slices"], g["channels"])
+            alive = int((norms > 0).sum())
+            cut = max(0, alive - g["k"])
+            if cut:  # the hard projection onto the k largest channels
+                keep = torch.zeros_like(norms)
+                keep[torch.argsort(norms, descending=True)[: g["k"]]] = 1.0
+                scale_channels(g["slices"], keep)
+                norms = norms * keep
+            dead_by_root[root] = (torch.nonzero(norms == 0).flatten().tolist(), cut)
+        graph, found = self._collect(model)
+        for d in self.decisions:
+            if d.name not in dead_by_root:
+                continue
+            dead, cut = dead_by_root[d.name]
+            n = d.extra["channels"]
+            if dead:
+                group = found[d.name]["group"]
+                root = group[0].dep.target.module
+                pruning = graph.get_pruning_group(root, group[0].dep.handler, idxs=dead)
+                pruning.prune()
+            kept = n - len(dead)
+            d.params_after = d.params_before * kept // n
+            d.macs_after = d.macs_before * kept // n
+            d.extra.update({"kept": kept, "kept_channels": [i for i in range(n) if i not in set(dead)],
+                            "hard_projection_cut": cut,
+                            "note": f"{kept} of {n} channels kept" + (f"; the hard projection cut {cut}" if cut else "")})
+            self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
+
+    def post_finetune_epochs(self) -> int:
+        return self.stage.post_finetune
+
+    def edits(self):
+        return list(self.edits_made)

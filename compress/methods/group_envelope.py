@@ -94,13 +94,17 @@ def group_slices(group, names: dict[nn.Module, str]) -> tuple[list[ChannelSlice]
         params = [p for p in module.parameters(recurse=False)]
         handler = getattr(dep.handler, "__name__", str(dep.handler))
         spec = next((v for (kind, h), v in CHANNEL_SLICES.items() if isinstance(module, kind) and h == handler), None)
+        label = f"{names.get(module, type(module).__name__)} ({type(module).__name__})"
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            return [], f"{label} normalizes over these channels: removing even zero channels would change its " \
+                       "statistics, so the pruned model would not equal the masked one"
         if spec is None:
             if params:
-                return [], f"{names.get(module, type(module).__name__)} ({type(module).__name__}) is coupled to these " \
-                           "channels and its channel removal is not supported"
+                return [], f"{label} is coupled to these channels and its channel removal is not supported"
             continue
-        if isinstance(module, nn.Conv2d) and module.groups > 1:
-            return [], f"{names[module]} is a grouped convolution (groups={module.groups})"
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise:
+            return [], f"{label} is a grouped convolution (groups={module.groups})"
         index = torch.as_tensor(list(idxs), dtype=torch.long)
         channel = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
         for name, dim in spec:

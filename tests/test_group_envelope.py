@@ -1,0 +1,136 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import compress
+from compress.bench import profile_layers
+from compress.data import load_source
+from compress.examples.digits import digits_resnet
+from compress.methods.group_envelope import GroupEnvelope, GroupEnvelopeStage, channel_norms, scale_channels
+
+from .conftest import REPO
+
+X = load_source("bundled:digits/test").head(32)["image"]
+
+
+def planned(**stage):
+    torch.manual_seed(0)
+    model = digits_resnet(width=8).eval()
+    method = GroupEnvelope(GroupEnvelopeStage.model_validate({"method": "group_envelope", **stage}), 0)
+    method.calibrate(model, lambda: iter([(X[:4],)]))
+    method.plan(model, profile_layers(model, (X[:1],)))
+    return model, method
+
+
+def test_groups_couple_residual_streams_and_leave_the_output_alone():
+    _, method = planned(keep=0.5)
+    by_name = {d.name: d for d in method.decisions}
+    stream = by_name["stem.0"].extra["members"]
+    assert {"stem.0", "stem.1", "layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv1", "layer2.0.shortcut.0"} <= set(stream)
+    assert all(d.action == "prune" and d.extra["keep"] == d.extra["channels"] // 2 for d in method.decisions)
+    assert "fc" not in by_name  # the output layer's channels are the logits
+
+
+def _train_a_little(model, method, steps=15, lr=0.05):
+    method.prepare(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    target = load_source("bundled:digits/test").head(32)["target"]
+    model.train()
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(X), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(model, step, lr)
+    model.eval()
+
+
+def test_training_ends_with_at_most_k_channels_and_pruned_equals_masked():
+    model, method = planned(keep=0.5, **{"lambda": 2.0})
+    _train_a_little(model, method)
+    # the masked model: the same weights with every channel beyond the k largest zeroed
+    masked = copy.deepcopy(model)
+    masked_method = copy.copy(method)
+    masked_method._collect(masked)
+    method.finalize(model)
+    _, found = masked_method._collect(masked)
+    for d in method.decisions:
+        kept = set(d.extra["kept_channels"])
+        assert len(kept) <= d.extra["keep"]
+        slices = found[d.name]["slices"]
+        factors = torch.tensor([1.0 if i in kept else 0.0 for i in range(d.extra["channels"])], dtype=torch.float64)
+        scale_channels(slices, factors)
+        assert int((channel_norms(slices, d.extra["channels"]) > 0).sum()) <= d.extra["keep"]
+    with torch.no_grad():
+        assert torch.allclose(model(X), masked(X), atol=1e-5)
+    # the residual stream kept consistent widths on both sides of every addition
+    assert model.stem[0].out_channels == model.layer1[0].conv2.out_channels == model.layer1[1].conv2.out_channels
+    assert model.layer2[0].shortcut[0].out_channels == model.layer2[0].conv2.out_channels == model.fc.in_features
+    assert model.stem[0].out_channels == 4
+
+
+def test_unsupported_coupled_layers_are_reported_by_name():
+    class Normalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 32)
+            self.norm = nn.LayerNorm(32)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.a(x.flatten(1))))
+
+    model = Normalized().eval()
+    method = GroupEnvelope(GroupEnvelopeStage(method="group_envelope"), 0)
+    method.calibrate(model, lambda: iter([(X[:2],)]))
+    rows = {d.name: d for d in method.plan(model, profile_layers(model, (X[:1],)))}
+    assert rows["a"].action == "keep" and "norm (LayerNorm) normalizes over these channels" in rows["a"].reason
+
+
+def test_depthwise_convolutions_are_pruned_with_their_channels():
+    class Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.b(torch.relu(self.dw(self.a(x))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Depthwise().eval()
+    method = GroupEnvelope(GroupEnvelopeStage(method="group_envelope", keep=0.5), 0)
+    method.calibrate(model, lambda: iter([(X[:2],)]))
+    method.plan(model, profile_layers(model, (X[:1],)))
+    method.prepare(model)
+    method.finalize(model)  # the hard projection alone: four of eight channels
+    assert model.a.out_channels == model.dw.in_channels == model.dw.out_channels == model.dw.groups == 4
+    with torch.no_grad():
+        model(X)
+
+
+def test_group_envelope_recipe_end_to_end_and_reload(digits_model, run_cli, tmp_path):
+    out = tmp_path / "ge"
+    result = run_cli("apply", "--recipe", REPO / "recipes" / "group_envelope.yaml", digits_model, "--out", out, "-q",
+                     "--max-metric-drop", "1")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["passed"] and report["compressed"]["macs"] < report["original"]["macs"]
+    assert all("kept_channels" in row for row in report["layers"] if row["action"] == "prune")
+    assert report["compressed"]["onnx_bytes"] < report["original"]["onnx_bytes"]
+    x = load_source("bundled:digits/test").head(8)["image"]
+    from compress.checkpoint import load_model
+
+    saved = load_model(out / "model.pt").model  # channel removals replayed from the edits
+    rebuilt = compress.load(out)
+    with torch.no_grad():
+        assert torch.allclose(saved(x), rebuilt(x), atol=1e-6)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    assert torch.allclose(rebuilt(x).detach(), torch.from_numpy(got), atol=1e-4)

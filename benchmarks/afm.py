@@ -11,15 +11,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import arguments, load_recipe_dict, run_recipe, scratch, write_results
 
-from common import load_recipe_dict, run_recipe, scratch
 from compress.checkpoint import load_model
 from compress.data import load_source
 from compress.examples.ctr import train_ctr_deepfm
@@ -68,8 +66,7 @@ def compare(document: dict, model: Path, work: Path, label: str, data_source: st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser = arguments(__doc__)
     args = parser.parse_args()
     torch.manual_seed(0)
     work = scratch()
@@ -121,9 +118,7 @@ def main() -> None:
     for bs in o["latency_ms"]:
         print(f"| {bs} | {o['latency_ms'][bs]['p50']:.3f} | {c['latency_ms'][bs]['p50']:.3f} | "
               f"{ratios['speedup'][bs]:.2f}x | {ratios['macs']:.2f}x |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Helpers shared by the benchmarks: train the bundled example, run recipes in-process."""
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import tempfile
 from pathlib import Path
 
@@ -37,3 +39,16 @@ def scratch() -> Path:
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The benchmark's command line: its docstring as help, and --out for the JSON results."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return parser
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -11,15 +11,18 @@ the bundled CNN, side by side: same original model, same seed, same fine-tuning 
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import json
 from pathlib import Path
 
 import torch
-from torch import nn
+from common import (
+    arguments,
+    example_model,
+    load_recipe_dict,
+    run_recipe,
+    scratch,
+    write_results,
+)
 
-from common import example_model, load_recipe_dict, run_recipe, scratch
 from compress import bench, export
 from compress.checkpoint import load_model
 from compress.data import load_source
@@ -52,8 +55,7 @@ def magnitude_peer(model_path: Path, report: dict, recipe: dict, work: Path) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser = arguments(__doc__)
     args = parser.parse_args()
     work = scratch()
     model, summary = example_model(work)
@@ -85,10 +87,7 @@ def main() -> None:
         s32 = lat["original"]["32"]["p50"] / latency["32"]["p50"]
         print(f"| {name} | {100 * acc:.2f}% | {100 * (acc - o['metric']['value']):+.2f} | {ratio:.2f}x fewer | "
               f"{o['params'] / params:.2f}x fewer | {s1:.2f}x | {s32:.2f}x | {s32 / ratio:.2f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"example": summary, "report": report, "peer": peer, "latency": lat},
-                                       indent=2, default=str) + "\n")
+    write_results(args.out, {"example": summary, "report": report, "peer": peer, "latency": lat})
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ Side by side in one run, same seed and epochs:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import arguments, load_recipe_dict, run_recipe, scratch, write_results
 
-from common import load_recipe_dict, run_recipe, scratch
 from compress.checkpoint import load_model
 from compress.data import load_source
 from compress.examples.digits_transformer import train_digits_transformer
@@ -40,8 +37,7 @@ def svd_twin(pela_doc: dict, pela_report: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser = arguments(__doc__)
     args = parser.parse_args()
     torch.manual_seed(0)
     work = scratch()
@@ -77,10 +73,7 @@ def main() -> None:
         print(f"| {r['run']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - accuracy):+.2f} | {r['cosine']:.4f} | "
               f"{100 * r['top1_agreement']:.2f}% | {r['param_ratio']:.2f}x fewer | {r['mac_ratio']:.2f}x fewer | "
               f"{r['speedup']['1']:.2f}x | {r['speedup']['32']:.2f}x |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"example": summary, "original_accuracy": accuracy, "table": rows,
-                                        "reports": reports}, indent=2, default=str) + "\n")
+    write_results(args.out, {"example": summary, "original_accuracy": accuracy, "table": rows, "reports": reports})
 
 
 if __name__ == "__main__":

@@ -16,15 +16,21 @@ Side by side in one run, same seed and same fine-tuning budget:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 
 import torch
+from common import (
+    arguments,
+    example_model,
+    load_recipe_dict,
+    percent,
+    run_recipe,
+    scratch,
+    write_results,
+)
 
-from common import example_model, load_recipe_dict, percent, run_recipe, scratch
 from compress.bench import profile_layers
 from compress.checkpoint import load_model
 from compress.data import load_source
@@ -105,8 +111,7 @@ def test_nll(out_dir: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser = arguments(__doc__)
     parser.add_argument("--channel-energy", type=float, default=0.95, help="TRP energy with the channel scheme")
     parser.add_argument("--spatial-energy", type=float, default=0.97, help="TRP energy with the spatial scheme")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per run (same original model)")
@@ -164,11 +169,9 @@ def main() -> None:
               f"{r['speedup_b32']:.2f}x |")
     print(f"\nper-step cost, period 1: plain fine-tuning {overhead['plain_ms_per_step']:.2f} ms, with TRP "
           f"{overhead['trp_ms_per_step']:.2f} ms: {overhead['ratio']:.2f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        results = {"example": summary, "original_test_nll": original_nll, "recipe": base, "table": rows,
+    results = {"example": summary, "original_test_nll": original_nll, "recipe": base, "table": rows,
                    "overhead": overhead, "reports": runs}
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.out, results)
 
 
 def test_nll_of_checkpoint(path: Path) -> float:

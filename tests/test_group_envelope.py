@@ -1,7 +1,6 @@
 import copy
 import json
 
-import pytest
 import torch
 from torch import nn
 

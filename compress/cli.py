@@ -97,6 +97,8 @@ Example:
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: out/<recipe name>). Holds model.pt, model.onnx, report.json, report.md.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--resume", is_flag=True, help="Continue a killed or interrupted run into the same --out from its "
+              "saved state (recipe finetune.checkpoint_every; Ctrl-C always saves).")
 @seed_option
 @device_option
 @trust_option
@@ -104,8 +106,8 @@ Example:
 @click.option("--min-speedup", type=float, default=None, help="Gate: exit 3 if p50 latency speedup is lower.")
 @click.option("--min-size-ratio", type=float, default=None, help="Gate: exit 3 if the ONNX size ratio original/compressed is lower.")
 @common
-def apply(recipe_path, model, out, force, seed, device, trust_checkpoint, max_metric_drop, min_speedup, min_size_ratio,
-          debug, quiet):
+def apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
+          min_size_ratio, debug, quiet):
     """Compress MODEL by RECIPE: plan, fine-tune, export ONNX, check parity, benchmark, report.
 
     MODEL is a compress checkpoint (e.g. from `compress example`), a .safetensors or state-dict
@@ -114,7 +116,7 @@ def apply(recipe_path, model, out, force, seed, device, trust_checkpoint, max_me
     from .pipeline import apply as run_apply
 
     ctx, options = _context(recipe_path, model, trust_checkpoint, seed, device, quiet, max_metric_drop=max_metric_drop,
-                            min_speedup=min_speedup, min_size_ratio=min_size_ratio)
+                            min_speedup=min_speedup, min_size_ratio=min_size_ratio, resume=resume)
     out = Path(out) if out else Path("out") / Path(recipe_path).stem
     try:
         result = run_apply(ctx, out, options, force=force)

@@ -5,8 +5,12 @@ otherwise (or both, weighted). Methods add loss terms and after-step hooks; they
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -15,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Dataset, split_batch, to_device
-from .errors import UserError
+from .errors import CompressError, UserError
 from .metrics import is_binary, primary_output
 
 
@@ -60,9 +64,29 @@ def total_steps(cfg, n_samples: int, batch_size: int) -> int:
     return cfg.epochs * max(1, n_samples // batch_size)  # the loop drops the last partial batch
 
 
+@dataclass
+class ResumePoint:
+    """Where the fine-tuning loop keeps its resumable state, and how often it writes it.
+
+    The state (weights, optimizer, scheduler, RNG states, data order, method state, step) is
+    written atomically every `every` steps and when the run is interrupted (SIGINT); `resume`
+    continues from it. `identity` must match for a resume to be accepted (same recipe, model, seed).
+    """
+
+    path: Path
+    every: int = 0
+    resume: bool = False
+    identity: dict = field(default_factory=dict)
+
+
+class Interrupted(CompressError):
+    exit_code = 130
+
+
 def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key: str, cfg, batch_size: int, *,
              teacher: nn.Module | None = None, methods=(), device: torch.device = torch.device("cpu"),
-             seed: int = 0, progress: bool = True, desc: str = "fine-tune") -> TrainResult:
+             seed: int = 0, progress: bool = True, desc: str = "fine-tune",
+             checkpoint: ResumePoint | None = None) -> TrainResult:
     """Train `model` in place for the steps `cfg` asks (a FinetuneSection); returns throughput figures."""
     steps = total_steps(cfg, len(data), batch_size)
     if steps == 0:
@@ -85,54 +109,112 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                  if cfg.schedule == "cosine" else None)
     generator = torch.Generator().manual_seed(seed)
-    step, samples, loss_value, last_terms = 0, 0, None, None
+    loop = {"step": 0, "epoch_generator": generator.get_state(), "batch": 0}
+    if checkpoint is not None and checkpoint.resume:
+        loop = _restore(checkpoint, model, optimizer, scheduler, generator, methods)
+    step, samples, loss_value, last_terms = loop["step"], 0, None, None
+    interrupted = []
+    previous_handler = _catch_sigint(interrupted)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step", leave=False)
-    while step < steps:
-        for batch in data.batches(batch_size, shuffle=True, generator=generator, drop_last=True):
-            batch = to_device(batch, device)
-            inputs, target = split_batch(batch, input_names, target_key)
-            if run_teacher:
-                with torch.no_grad():
-                    ref = primary_output(teacher(*inputs))
-            outputs = model(*inputs)
-            out = primary_output(outputs)
-            terms: dict[str, torch.Tensor] = {}
-            if has_labels:
-                terms["task"] = task_loss(cfg.loss, out, target)
-            if distill_weight > 0:
-                terms["distill"] = distill_weight * distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature)
-            for method in methods:
-                terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-                bar.close()
-                raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
-                                f"{float(loss.detach())}; lower finetune.lr or set finetune.clip_grad_norm")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            for method in methods:
-                method.after_step(model, step, lr)
-            step += 1
-            samples += inputs[0].shape[0]
-            loss_value = float(loss.detach())
-            last_terms = {k: round(float(v.detach()), 6) for k, v in terms.items()}
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-            if step >= steps:
-                break
-    bar.close()
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, unit="step", leave=False)
+    try:
+        while step < steps:
+            generator.set_state(loop["epoch_generator"])
+            skip, loop["batch"] = loop["batch"], 0
+            loop["epoch_generator"] = generator.get_state()  # the data order of this epoch, for a resume
+            for index, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator, drop_last=True)):
+                if index < skip:
+                    continue  # batches this epoch already trained on before the resume
+                batch = to_device(batch, device)
+                inputs, target = split_batch(batch, input_names, target_key)
+                if run_teacher:
+                    with torch.no_grad():
+                        ref = primary_output(teacher(*inputs))
+                outputs = model(*inputs)
+                out = primary_output(outputs)
+                terms: dict[str, torch.Tensor] = {}
+                if has_labels:
+                    terms["task"] = task_loss(cfg.loss, out, target)
+                if distill_weight > 0:
+                    terms["distill"] = distill_weight * distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature)
+                for method in methods:
+                    terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                    kept = f"; the last good state is in {checkpoint.path}" if checkpoint and checkpoint.path.exists() else ""
+                    raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
+                                    f"{float(loss.detach())}; lower finetune.lr or set finetune.clip_grad_norm{kept}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad_norm:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                for method in methods:
+                    method.after_step(model, step, lr)
+                step += 1
+                loop.update(step=step, batch=index + 1)
+                samples += inputs[0].shape[0]
+                loss_value = float(loss.detach())
+                last_terms = {k: round(float(v.detach()), 6) for k, v in terms.items()}
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
+                bar.update(1)
+                if checkpoint is not None and (interrupted or (checkpoint.every and step % checkpoint.every == 0)):
+                    _save_state(checkpoint, loop, model, optimizer, scheduler, methods)
+                if interrupted:
+                    where = f"; its state is in {checkpoint.path}: rerun with --resume" if checkpoint else ""
+                    raise Interrupted(f"interrupted at step {step} of {steps}{where}")
+                if step >= steps:
+                    break
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
     seconds = time.perf_counter() - start
     model.eval()
     return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value, last_terms)
+
+
+def _catch_sigint(flag: list):
+    """Turn Ctrl-C into a flag the loop checks after each step (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+
+
+def _save_state(checkpoint: ResumePoint, loop: dict, model, optimizer, scheduler, methods) -> None:
+    state = {"identity": checkpoint.identity, "loop": loop, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+             "torch_rng": torch.get_rng_state(), "methods": [m.state_dict() for m in methods]}
+    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.path.with_name(checkpoint.path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, checkpoint.path)  # atomic: a kill leaves the previous state or the new one
+
+
+def _restore(checkpoint: ResumePoint, model, optimizer, scheduler, generator, methods) -> dict:
+    if not checkpoint.path.is_file():
+        raise UserError(f"--resume: no saved state at {checkpoint.path}; run without --resume")
+    try:
+        state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the weights-only unpickler runs no code
+        raise UserError(f"{checkpoint.path}: unreadable resume state ({str(exc).splitlines()[0][:120]})") from None
+    if state.get("identity") != checkpoint.identity:
+        raise UserError(f"{checkpoint.path}: saved by a different run (recipe, model or seed changed); "
+                        "run without --resume to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    for method, method_state in zip(methods, state["methods"]):
+        method.load_state_dict(method_state)
+    generator.set_state(state["loop"]["epoch_generator"])
+    return dict(state["loop"])
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, 
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
 from .errors import GateFailed, ParityError, RecipeError, UserError
-from .finetune import finetune, predict
+from .finetune import ResumePoint, finetune, predict
 from .methods import METHODS, Method
 from .metrics import choose_metric, drop, primary_output, score
 from .recipe import LoadedRecipe
@@ -38,6 +38,7 @@ class Options:
     device: str = "cpu"
     trust_checkpoint: bool = False
     progress: bool = True
+    resume: bool = False
     max_metric_drop: float | None = None
     min_speedup: float | None = None
     min_size_ratio: float | None = None
@@ -191,11 +192,14 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
     if out.exists() and not force:
         raise UserError(f"{out}: output folder exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run into the same --out
+        shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        result = _run(ctx, work, options, seed, device)
+        result = _run(ctx, work, options, seed, device, resume_point(ctx, out, seed, options))
         _replace_dir(work, out)
+        shutil.rmtree(resume_folder(out), ignore_errors=True)  # finished: nothing left to resume
     except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
         shutil.rmtree(work, ignore_errors=True)
         raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
@@ -211,6 +215,17 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
     return result
 
 
+def resume_folder(out: Path) -> Path:
+    return out.with_name(f".{out.name}.resume")
+
+
+def resume_point(ctx: Context, out: Path, seed: int, options: Options) -> ResumePoint:
+    """Where fine-tuning keeps its resumable state for this --out (kept when a run fails)."""
+    identity = {"recipe_sha256": ctx.recipe.sha256, "model": str(Path(ctx.loaded.path).resolve()), "seed": seed}
+    return ResumePoint(resume_folder(out) / "state.pt", ctx.recipe.recipe.finetune.checkpoint_every or 0,
+                       options.resume, identity)
+
+
 def _replace_dir(work: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -221,7 +236,8 @@ def _replace_dir(work: Path, out: Path) -> None:
         os.replace(work, out)
 
 
-def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.device) -> dict:
+def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.device,
+         checkpoint: ResumePoint | None = None) -> dict:
     r = ctx.recipe.recipe
     timings = ctx.timings
     original = ctx.loaded.model.cpu().eval()
@@ -243,7 +259,7 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
         if train is not None and steps_wanted:
             trained = finetune(compressed, train, ctx.input_names, ctx.target, r.finetune, r.data.batch_size,
                                teacher=copy.deepcopy(original), methods=methods, device=device, seed=seed,
-                               progress=options.progress)
+                               progress=options.progress, checkpoint=checkpoint)
     with timed(timings, "finalize"):
         for method in methods:
             method.finalize(compressed)

@@ -78,6 +78,8 @@ class FinetuneSection(Strict):
     )
     distill: DistillSection = Field(default_factory=DistillSection)
     clip_grad_norm: float | None = Field(None, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0, description="write the resumable state every N steps "
+                                         "(`compress apply --resume` continues a killed run from it)")
 
 
 class ParitySection(Strict):

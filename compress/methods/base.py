@@ -136,6 +136,13 @@ class Method:
     def finalize(self, model: nn.Module) -> None:
         """Structural change after fine-tuning."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the method carries from step to step, for resuming a killed run (tensors, lists, numbers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
     def post_finetune_epochs(self) -> int:
         """Epochs of fine-tuning this method asks for after `finalize` (the same loop, no hooks)."""
         return 0

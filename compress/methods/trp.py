@@ -154,6 +154,16 @@ class Trp(Method):
             if decision.action == "factorize":
                 replace_module(model, name, layers.factorize(layer, decision.rank, stage.scheme))
 
+    def state_dict(self):
+        return {"step": self.step, "ranks": dict(self.ranks), "subgradients": dict(self.subgradients),
+                "bases": [[list(shape), basis] for shape, basis in self.bases.items() if basis is not None]}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+        self.ranks = dict(state["ranks"])
+        self.subgradients = dict(state["subgradients"])
+        self.bases = {tuple(shape): basis for shape, basis in state["bases"]}
+
     def post_finetune_epochs(self) -> int:
         return self.stage.post_finetune
 

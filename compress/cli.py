@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,8 +21,11 @@ First run:
 
 
 def _fail(message: str, code: int) -> None:
+    from .distributed import is_main
+
     one_line = " ".join(message.split())  # a message is one line, whatever text it quotes
-    click.echo(f"error: {one_line}", err=True)
+    if is_main():  # in a torchrun, rank 0 speaks for all
+        click.echo(f"error: {one_line}", err=True)
     sys.exit(code)
 
 
@@ -99,6 +103,8 @@ Example:
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--resume", is_flag=True, help="Continue a killed or interrupted run into the same --out from its "
               "saved state (recipe finetune.checkpoint_every; Ctrl-C always saves).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fine-tune in N processes with DistributedDataParallel (launches torchrun; gloo on the CPU).")
 @seed_option
 @device_option
 @trust_option
@@ -106,15 +112,40 @@ Example:
 @click.option("--min-speedup", type=float, default=None, help="Gate: exit 3 if p50 latency speedup is lower.")
 @click.option("--min-size-ratio", type=float, default=None, help="Gate: exit 3 if the ONNX size ratio original/compressed is lower.")
 @common
-def apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
+def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
           min_size_ratio, debug, quiet):
     """Compress MODEL by RECIPE: plan, fine-tune, export ONNX, check parity, benchmark, report.
 
     MODEL is a compress checkpoint (e.g. from `compress example`), a .safetensors or state-dict
     file with model.factory in the recipe, or a pickled module with --trust-checkpoint.
     """
+    from . import distributed
     from .pipeline import apply as run_apply
 
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:  # launch ourselves under torchrun
+        sys.exit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
+    distributed.init_from_env(device)
+    try:
+        _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop,
+               min_speedup, min_size_ratio, quiet, run_apply)
+    finally:
+        distributed.shutdown()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
+           min_size_ratio, quiet, run_apply):
     ctx, options = _context(recipe_path, model, trust_checkpoint, seed, device, quiet, max_metric_drop=max_metric_drop,
                             min_speedup=min_speedup, min_size_ratio=min_size_ratio, resume=resume)
     out = Path(out) if out else Path("out") / Path(recipe_path).stem

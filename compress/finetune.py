@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Dataset, split_batch, to_device
 from .errors import CompressError, UserError
 from .metrics import is_binary, primary_output
@@ -105,6 +106,11 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
             p.requires_grad_(False)
     for method in methods:
         method.start_finetune(model, teacher)
+    rank, processes = distributed.world()
+    if batch_size % processes:
+        raise UserError(f"data.batch_size {batch_size} must be divisible by the {processes} processes")
+    # every process trains on its slice of each global batch; DDP averages the gradients
+    forward = nn.parallel.DistributedDataParallel(model) if processes > 1 else model
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                  if cfg.schedule == "cosine" else None)
@@ -116,7 +122,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     interrupted = []
     previous_handler = _catch_sigint(interrupted)
     start = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress, unit="step", leave=False)
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress or rank != 0, unit="step", leave=False)
     try:
         while step < steps:
             generator.set_state(loop["epoch_generator"])
@@ -125,12 +131,14 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
             for index, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator, drop_last=True)):
                 if index < skip:
                     continue  # batches this epoch already trained on before the resume
+                if processes > 1:
+                    batch = {k: v[rank::processes] for k, v in batch.items()}
                 batch = to_device(batch, device)
                 inputs, target = split_batch(batch, input_names, target_key)
                 if run_teacher:
                     with torch.no_grad():
                         ref = primary_output(teacher(*inputs))
-                outputs = model(*inputs)
+                outputs = forward(*inputs)
                 out = primary_output(outputs)
                 terms: dict[str, torch.Tensor] = {}
                 if has_labels:
@@ -140,8 +148,8 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                 for method in methods:
                     terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
                 loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                if not distributed.all_true(bool(torch.isfinite(loss))):
+                    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["(on another process)"]
                     kept = f"; the last good state is in {checkpoint.path}" if checkpoint and checkpoint.path.exists() else ""
                     raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
                                     f"{float(loss.detach())}; lower finetune.lr or set finetune.clip_grad_norm{kept}")
@@ -157,13 +165,15 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                     method.after_step(model, step, lr)
                 step += 1
                 loop.update(step=step, batch=index + 1)
-                samples += inputs[0].shape[0]
-                loss_value = float(loss.detach())
-                last_terms = {k: round(float(v.detach()), 6) for k, v in terms.items()}
+                samples += inputs[0].shape[0] * processes
+                # every process saw a slice of the batch: report the batch's loss, averaged over them
+                loss_value, *term_values = distributed.mean([float(loss.detach())] +
+                                                            [float(v.detach()) for v in terms.values()])
+                last_terms = {k: round(v, 6) for k, v in zip(terms, term_values)}
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
                 bar.update(1)
-                if checkpoint is not None and (interrupted or (checkpoint.every and step % checkpoint.every == 0)):
+                if checkpoint is not None and rank == 0 and (interrupted or (checkpoint.every and step % checkpoint.every == 0)):
                     _save_state(checkpoint, loop, model, optimizer, scheduler, methods)
                 if interrupted:
                     where = f"; its state is in {checkpoint.path}: rerun with --resume" if checkpoint else ""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import bench, export, report as reporting
+from . import bench, distributed, export, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
@@ -191,6 +191,9 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out}: output folder exists; pass --force to replace it")
+    if not distributed.is_main():  # other processes of a torchrun only help fine-tune; rank 0 writes
+        _run(ctx, None, options, seed, device, resume_point(ctx, out, seed, options))
+        return {}
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run into the same --out
         shutil.rmtree(stale, ignore_errors=True)
@@ -236,7 +239,7 @@ def _replace_dir(work: Path, out: Path) -> None:
         os.replace(work, out)
 
 
-def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.device,
+def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: torch.device,
          checkpoint: ResumePoint | None = None) -> dict:
     r = ctx.recipe.recipe
     timings = ctx.timings
@@ -272,6 +275,8 @@ def _run(ctx: Context, work: Path, options: Options, seed: int, device: torch.de
                             teacher=copy.deepcopy(original), device=device, seed=seed + 1,
                             progress=options.progress, desc="post-finetune")
     compressed = compressed.cpu().eval()
+    if work is None:
+        return {}
     with timed(timings, "evaluate"):
         metric_after, _ = _evaluate(compressed, ctx, torch.device("cpu"), reference)
     # decisions as finally applied (finalize may have changed ranks or groups)

@@ -113,6 +113,7 @@ class Trp(Method):
             modules = [model.get_submodule(n) for n in names]
             stacked = torch.stack([layers.layer_matrix(m, scheme) for m in modules])
             basis = self.bases.get(shape)
+            basis = None if basis is None else basis.to(stacked.device)
             result = None
             if basis is not None and self.stage.solver == "auto":
                 *result, reached, u = linalg.energy_truncation_in_subspace(stacked, basis, energy)
@@ -130,9 +131,13 @@ class Trp(Method):
 
     def loss(self, model, batch, outputs):
         nuclear = self.stage.nuclear
-        if nuclear is None or nuclear.lambda_ == 0 or self.step % self.stage.period:
+        if nuclear is None or nuclear.lambda_ == 0 or self.step % self.stage.period or not self.names:
             return {}
-        total = sum((model.get_submodule(n).weight * self.subgradients[n]).sum() for n in self.names)
+        total = 0.0
+        for n in self.names:
+            weight = model.get_submodule(n).weight
+            self.subgradients[n] = self.subgradients[n].to(weight.device)  # after a resume they come from disk
+            total = total + (weight * self.subgradients[n]).sum()
         return {"nuclear": nuclear.lambda_ * total}
 
     def after_step(self, model, step, lr):

@@ -146,8 +146,11 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
            min_size_ratio, quiet, run_apply):
-    ctx, options = _context(recipe_path, model, trust_checkpoint, seed, device, quiet, max_metric_drop=max_metric_drop,
-                            min_speedup=min_speedup, min_size_ratio=min_size_ratio, resume=resume)
+    from .distributed import is_main
+
+    ctx, options = _context(recipe_path, model, trust_checkpoint, seed, device, quiet or not is_main(),
+                            max_metric_drop=max_metric_drop, min_speedup=min_speedup, min_size_ratio=min_size_ratio,
+                            resume=resume)
     out = Path(out) if out else Path("out") / Path(recipe_path).stem
     try:
         result = run_apply(ctx, out, options, force=force)

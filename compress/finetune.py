@@ -124,10 +124,10 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress or rank != 0, unit="step", leave=False)
     try:
+        skip = loop["batch"]  # batches of the current epoch trained before a resume
         while step < steps:
-            generator.set_state(loop["epoch_generator"])
-            skip, loop["batch"] = loop["batch"], 0
-            loop["epoch_generator"] = generator.get_state()  # the data order of this epoch, for a resume
+            # the generator's state before this epoch's shuffle fixes its data order, for a resume
+            loop["epoch_generator"], loop["batch"] = generator.get_state(), skip
             for index, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator, drop_last=True)):
                 if index < skip:
                     continue  # batches this epoch already trained on before the resume
@@ -180,6 +180,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                     raise Interrupted(f"interrupted at step {step} of {steps}{where}")
                 if step >= steps:
                     break
+            skip = 0
     finally:
         bar.close()
         if previous_handler is not None:

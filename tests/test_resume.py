@@ -98,3 +98,29 @@ def test_divergence_keeps_the_last_good_state(digits_model, write_recipe, run_cl
     state = torch.load(out.with_name(".out.resume") / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not out.exists()
+
+
+def test_every_epoch_draws_a_new_data_order():
+    from compress.data import Dataset
+    from compress.finetune import finetune
+    from compress.methods.base import Method
+    from compress.recipe import FinetuneSection
+
+    class Recorder(Method):
+        name = "recorder"
+
+        def __init__(self):
+            super().__init__(None, 0)
+            self.seen = []
+
+        def loss(self, model, batch, outputs):
+            self.seen.append(batch["index"].tolist())
+            return {}
+
+    data = Dataset({"x": torch.randn(16, 3), "index": torch.arange(16), "target": torch.randn(16, 1)}, "toy")
+    recorder = Recorder()
+    model = torch.nn.Linear(3, 1)
+    finetune(model, data, ["x"], "target", FinetuneSection(epochs=3, lr=0.01), 8, methods=[recorder], progress=False)
+    epochs = [sum(recorder.seen[i:i + 2], []) for i in (0, 2, 4)]
+    assert all(sorted(e) == list(range(16)) for e in epochs)  # each epoch sees every sample once
+    assert epochs[0] != epochs[1] != epochs[2]  # in a new order each time

@@ -108,7 +108,7 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
     else:
         raise UserError("cannot tell the model's inputs: add `inputs:` or `data:` to the recipe")
     if some is not None:
-        for role, d in data.items():
+        for d in data.values():
             if d is None:
                 continue
             missing = [n for n in names if n not in d.keys()]
@@ -144,14 +144,17 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
     model = model if model is not None else ctx.loaded.model
     methods = make_methods(ctx.recipe)
     calibration = ctx.data["calibration"]
+
+    def batches():
+        """The calibration data as tuples of model inputs (methods may iterate it more than once)."""
+        for batch in calibration.batches(ctx.recipe.recipe.data.batch_size):
+            yield split_batch(batch, ctx.input_names, ctx.target)[0]
+
     for method in methods:
         if method.needs_calibration:
             if calibration is None:
                 raise UserError(f"stages[{method.stage_index}] ({method.name}) needs calibration data: "
                                 "set data.calibration (or data.train) in the recipe")
-            batch_size = ctx.recipe.recipe.data.batch_size
-            batches = lambda: (split_batch(b, ctx.input_names, ctx.target)[0]  # noqa: E731
-                               for b in calibration.batches(batch_size))
             with timed(ctx.timings, "calibrate"):
                 method.calibrate(model, batches, progress)
     with timed(ctx.timings, "plan"):

@@ -194,7 +194,7 @@ class GroupEnvelope(Method):
             # params and MACs of the layers that produce these channels (each layer produces the
             # channels of one group only, so rows add up; the layers consuming them shrink too,
             # which the report's whole-model counts include)
-            producers = [m for m in info["members"] if self._produces(model, m, root, info)]
+            producers = [m for m in info["members"] if self._produces(model, m, info)]
             params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
             macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
                        for m in producers if m in profile)
@@ -210,7 +210,7 @@ class GroupEnvelope(Method):
         return self.decisions
 
     @staticmethod
-    def _produces(model, member: str, root: str, info) -> bool:
+    def _produces(model, member: str, info) -> bool:
         """Whether `member` produces the group's channels (its output channels, or its BatchNorm
         entries, are in the group)."""
         module = model.get_submodule(member)

@@ -68,7 +68,8 @@ recipe_option = click.option("--recipe", "-r", "recipe_path", type=click.Path(di
 trust_option = click.option("--trust-checkpoint", is_flag=True,
                             help="Allow loading a whole pickled module (unpickling runs code: only for files you trust).")
 device_option = click.option("--device", default="cpu", show_default=True,
-                             help="Device for fine-tuning and calibration: cpu, cuda, cuda:1, or auto.")
+                             help="Device for fine-tuning: cpu, cuda, cuda:1, or auto (planning, calibration, "
+                                  "export and benchmarks run on the CPU).")
 seed_option = click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's `seed`, else 0).")
 
 
@@ -99,7 +100,8 @@ Example:
 @recipe_option
 @click.argument("model", type=click.Path())
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: out/<recipe name>). Holds model.pt, model.onnx, report.json, report.md.")
+              help="Output folder (default: out/<recipe file name>). Holds model.pt, model.safetensors, "
+                   "compression.json, model.onnx, report.json, report.md.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--resume", is_flag=True, help="Continue a killed or interrupted run into the same --out from its "
               "saved state (recipe finetune.checkpoint_every; Ctrl-C always saves).")

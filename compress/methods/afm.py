@@ -31,9 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import layers, linalg
-from ..errors import RecipeError
 from .base import Decision, Method, replace_module, select_targets
-from .svd import RankRule, fused_weight_users, unfactorizable
+from .svd import RankRule, rank_rule_targets, unfactorizable, unswappable_layers
 
 
 class AfmStage(RankRule):
@@ -92,20 +91,14 @@ class Afm(Method):
         self.moments = collect_moments(model, names, batches, progress)
 
     def plan(self, model, profile):
-        stage: AfmStage = self.stage
-        path = f"stages[{self.stage_index}]"
-        targets = select_targets(model, stage.targets, f"{path}.targets", self.layer_types)
-        for name in stage.ranks:
-            if name not in dict(targets):
-                raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
-        fused = fused_weight_users(model)
-        self.decisions = [self._decide(name, layer, profile.get(name), fused.get(name)) for name, layer in targets]
+        blocked = unswappable_layers(model)
+        self.decisions = [self._decide(name, layer, profile.get(name), blocked.get(name))
+                          for name, layer in rank_rule_targets(model, self.stage, self)]
         return self.decisions
 
-    def _decide(self, name: str, layer: nn.Module, shapes, fused_by: str | None) -> Decision:
+    def _decide(self, name: str, layer: nn.Module, shapes, blocked: str | None) -> Decision:
         kind = type(layer).__name__
         params = sum(p.numel() for p in layer.parameters())
-        blocked = f"its weight is read directly by {fused_by}" if fused_by else None
         if isinstance(layer, nn.Embedding):
             reason = blocked or _embedding_unsupported(layer)
             if reason is None and (shapes is None or name not in self.moments):

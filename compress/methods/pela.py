@@ -36,8 +36,9 @@ from .. import layers, linalg
 from ..errors import RecipeError
 from ..finetune import distill_loss
 from ..metrics import primary_output
-from .base import Method, select_targets
-from .svd import RankRule, decide_factorization, factorize_edits, factorize_planned, fused_weight_users
+from .base import Method
+from .svd import (RankRule, decide_factorization, factorize_edits, factorize_planned, rank_rule_targets,
+                  unswappable_layers)
 
 
 class PelaStage(RankRule):
@@ -85,16 +86,12 @@ class Pela(Method):
 
     def plan(self, model, profile):
         stage: PelaStage = self.stage
-        path = f"stages[{self.stage_index}]"
-        targets = select_targets(model, stage.targets, f"{path}.targets")
-        for name in stage.ranks:
-            if name not in dict(targets):
-                raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
+        targets = rank_rule_targets(model, stage, self)
         excluded = {} if "targets" in stage.model_fields_set else self._default_exclusions(model)
-        fused = fused_weight_users(model)
+        unswappable = unswappable_layers(model)
         self.decisions = []
         for name, layer in targets:
-            blocked = excluded.get(name) or (f"its weight is read directly by {fused[name]}" if name in fused else None)
+            blocked = excluded.get(name) or unswappable.get(name)
             self.decisions.append(decide_factorization(self.name, name, layer, profile.get(name), "channel",
                                                        lambda s, r, c, n=name: stage.choose_rank(s, r, c, n), blocked))
         self.feature_names = self._features(model)

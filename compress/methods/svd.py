@@ -61,18 +61,24 @@ class SvdStage(RankRule):
 def plan_factorization(method: Method, model: nn.Module, profile: dict[str, LayerProfile],
                        rule: SvdStage) -> list[Decision]:
     """Per-layer factorization decisions for the targets of `rule` (shared by SVD-based methods)."""
+    blocked = unswappable_layers(model)
     decisions = []
-    path = f"stages[{method.stage_index}]"
-    fused = fused_weight_users(model)
-    targets = select_targets(model, rule.targets, f"{path}.targets")
-    for name in rule.ranks:
-        if name not in dict(targets):
-            raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
-    for name, layer in targets:
-        blocked = f"its weight is read directly by {fused[name]}; replacing the layer would break it" if name in fused else None
+    for name, layer in rank_rule_targets(model, rule, method):
         choose = functools.partial(rule.choose_rank, name=name)
-        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), rule.scheme, choose, blocked))
+        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), rule.scheme, choose,
+                                              blocked.get(name)))
     return decisions
+
+
+def rank_rule_targets(model: nn.Module, rule: RankRule, method: Method) -> list[tuple[str, nn.Module]]:
+    """The stage's targets; a layer named in `ranks` that is not among them is a recipe error."""
+    path = f"stages[{method.stage_index}]"
+    targets = select_targets(model, rule.targets, f"{path}.targets", method.layer_types)
+    names = {n for n, _ in targets}
+    for name in rule.ranks:
+        if name not in names:
+            raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
+    return targets
 
 
 # parent types that read some children's `.weight` themselves instead of calling them (fused
@@ -84,14 +90,16 @@ FUSED_CHILDREN: dict[type[nn.Module], tuple[str, ...]] = {
 }
 
 
-def fused_weight_users(model: nn.Module) -> dict[str, str]:
-    """{layer name: who reads its weight directly} for the layers covered by FUSED_CHILDREN."""
+def unswappable_layers(model: nn.Module) -> dict[str, str]:
+    """{layer name: why it must stay} for the layers whose weight a parent in FUSED_CHILDREN reads
+    directly (the reason every method gives when it leaves such a layer alone)."""
     found = {}
     for name, module in model.named_modules():
         for parent_type, children in FUSED_CHILDREN.items():
             if isinstance(module, parent_type):
                 prefix = f"{name}." if name else ""
-                found.update({prefix + child: f"{type(module).__name__} {name!r}" for child in children})
+                found.update({prefix + child: f"its weight is read directly by {type(module).__name__} {name!r}; "
+                              "replacing the layer would break it" for child in children})
     return found
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from .. import layers, linalg
 from ..errors import RecipeError
 from .base import Method, Stage, Strict, replace_module, select_targets
-from .svd import decide_factorization, factorize_edits, fused_weight_users, unfactorizable
+from .svd import decide_factorization, factorize_edits, unfactorizable, unswappable_layers
 
 
 class NuclearSection(Strict):
@@ -73,14 +73,14 @@ class Trp(Method):
         path = f"stages[{self.stage_index}]"
         candidates = select_targets(model, stage.targets, f"{path}.targets")
         excluded = {} if "targets" in stage.model_fields_set else default_exclusions(model)
-        fused = fused_weight_users(model)
+        unswappable = unswappable_layers(model)
         self.profile = profile
         self.decisions, self.names = [], []
         for name, layer in candidates:
             if name not in excluded and stage.scheme == "spatial" and _is_pointwise(layer):
                 raise RecipeError(f"{path}.scheme: the spatial scheme needs a kernel larger than 1x1, and target "
                                   f"{name!r} is a 1x1 conv; exclude it in {path}.targets or use scheme: channel")
-            blocked = excluded.get(name) or (f"its weight is read directly by {fused[name]}" if name in fused else None)
+            blocked = excluded.get(name) or unswappable.get(name)
             decision = decide_factorization(self.name, name, layer, profile.get(name), stage.scheme,
                                             lambda s, rows, cols: linalg.energy_rank(s, stage.energy), blocked)
             if unfactorizable(self.name, layer, profile.get(name), blocked) is None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import layers
-from .errors import UserError
+from .errors import UserError, first_line
 from .methods.base import replace_module
 
 FORMAT = "compress.checkpoint"
@@ -158,14 +158,14 @@ def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
-            raise UserError(f"{source}: not a readable checkpoint ({_first_line(exc)})") from None
+            raise UserError(f"{source}: not a readable checkpoint ({first_line(exc)})") from None
         if not trust:
             raise UserError(f"{source}: holds pickled Python objects (e.g. a whole torch.save(model)); "
                             "unpickling runs code, so pass --trust-checkpoint if you trust its source") from None
         return _from_pickle(source)
     except Exception as exc:  # the weights-only unpickler runs no code; any failure means a bad file
         raise UserError(f"{source}: not a readable checkpoint, truncated or not made by torch.save "
-                        f"({_first_line(exc)})") from None
+                        f"({first_line(exc)})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _from_safe_checkpoint(obj, source)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -183,7 +183,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
 
 
 def save_artifact(folder: Path, model: nn.Module, factory: str, kwargs: dict[str, Any], edits: list[dict],
@@ -206,7 +206,7 @@ def load_artifact(path: Path) -> LoadedModel:
     try:
         description = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{source}: not a readable compression.json ({_first_line(exc)})") from None
+        raise UserError(f"{source}: not a readable compression.json ({first_line(exc)})") from None
     if not isinstance(description, dict) or description.get("format") != ARTIFACT_FORMAT:
         raise UserError(f"{source}: not a compress artifact description (no \"format\": \"{ARTIFACT_FORMAT}\")")
     version = description.get("version")
@@ -228,11 +228,6 @@ def load(path: str | Path, trust_checkpoint: bool = False) -> nn.Module:
     """The model in a checkpoint, an artifact folder (compression.json + model.safetensors) or a
     compression.json, in eval mode."""
     return load_model(path, trust=trust_checkpoint).model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
 def _from_safe_checkpoint(obj: dict, source: str) -> LoadedModel:
@@ -260,7 +255,7 @@ def _from_pickle(source: str) -> LoadedModel:
     try:
         obj = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling can fail in arbitrary user code
-        raise UserError(f"{source}: cannot unpickle ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UserError(f"{source}: cannot unpickle ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(obj, nn.Module):
         raise UserError(f"{source}: the pickle holds a {type(obj).__name__}, not an nn.Module")
     return LoadedModel(obj.eval(), source)

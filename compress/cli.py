@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CompressError, UserError
+from .errors import CompressError, UserError, first_line
 
 EPILOG_FIRST_RUN = """\b
 First run:
@@ -48,8 +48,7 @@ def command_errors(fn):
         except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
             if debug:
                 traceback.print_exc()
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _fail(f"internal error ({type(exc).__name__}: {first[:200]}); rerun with --debug for the traceback "
+            _fail(f"internal error ({type(exc).__name__}: {first_line(exc, 200)}); rerun with --debug for the traceback "
                   "and report it", 1)
 
     return wrapper

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 BUNDLED_PREFIX = "bundled:"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -83,8 +83,7 @@ def load_source(source: str) -> Dataset:
     except UserError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{source}: not a readable {suffix} tensor file ({first[:160]})") from None
+        raise UserError(f"{source}: not a readable {suffix} tensor file ({first_line(exc)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UserError(f"{source}: expected a mapping of names to tensors")
     return Dataset({k: _default_dtype(v) for k, v in tensors.items()}, source)

@@ -32,3 +32,9 @@ class ParityError(CompressError):
     """ONNX Runtime output differs from torch beyond tolerance: the ONNX model is not kept."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .errors import UserError
+from .errors import UserError, first_line
 from .metrics import primary_output
 
 OUTPUT_NAME = "output"
@@ -64,8 +64,7 @@ def export_onnx(model: nn.Module, sample_inputs: tuple[torch.Tensor, ...], input
                               dynamic_axes=dynamic_axes or {}, opset_version=opset, dynamo=False,
                               do_constant_folding=True)
         except Exception as exc:  # the exporter raises many types; the user needs the first line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"ONNX export failed: {first[:200]}") from exc
+            raise UserError(f"ONNX export failed: {first_line(exc, 200)}") from exc
     onnx.checker.check_model(str(path), full_check=True)
 
 

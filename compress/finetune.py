@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import Dataset, split_batch, to_device
-from .errors import CompressError, UserError
+from .errors import CompressError, UserError, first_line
 from .metrics import is_binary, primary_output
 
 
@@ -213,7 +213,7 @@ def _restore(checkpoint: ResumePoint, model, optimizer, scheduler, generator, me
     try:
         state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the weights-only unpickler runs no code
-        raise UserError(f"{checkpoint.path}: unreadable resume state ({str(exc).splitlines()[0][:120]})") from None
+        raise UserError(f"{checkpoint.path}: unreadable resume state ({first_line(exc, 120)})") from None
     if state.get("identity") != checkpoint.identity:
         raise UserError(f"{checkpoint.path}: saved by a different run (recipe, model or seed changed); "
                         "run without --resume to start over")

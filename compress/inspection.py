@@ -10,7 +10,7 @@ from torch import nn
 
 from . import bench, export, linalg
 from .checkpoint import load_model
-from .errors import ParityError, UserError
+from .errors import ParityError, UserError, first_line
 from .layers import layer_matrix
 from .metrics import primary_output
 from .methods.base import LAYER_TYPES
@@ -94,7 +94,7 @@ def onnx_feeds(path: str, batch_sizes: list[int], dims: dict[str, int]) -> dict[
     try:
         session = bench.make_session(path, 1)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-        raise UserError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
     rng = np.random.default_rng(0)
     feeds = {}
     for bs in batch_sizes:

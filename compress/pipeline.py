@@ -23,7 +23,7 @@ from . import bench, distributed, export, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
-from .errors import GateFailed, ParityError, RecipeError, UserError
+from .errors import GateFailed, ParityError, RecipeError, UserError, first_line
 from .finetune import ResumePoint, finetune, predict
 from .methods import METHODS, Method
 from .metrics import choose_metric, drop, primary_output, score
@@ -129,10 +129,9 @@ def _check_fit(model: nn.Module, names: list[str], sample, data, target: str) ->
             with torch.no_grad():
                 model.eval()(*inputs)
         except Exception as exc:  # any error inside the user's forward means the data does not fit
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             shapes = ", ".join(f"{n} {list(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}"
                                for n, t in zip(names, inputs))
-            raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first[:160]}") from None
+            raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first_line(exc)}") from None
 
 
 def make_methods(recipe: LoadedRecipe) -> list[Method]:

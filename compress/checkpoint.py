@@ -18,10 +18,10 @@ works the same way with the factory named in the recipe. A whole pickled module
 """
 from __future__ import annotations
 
-import importlib
 import json
+import math
 import os
-import pickle
+import zipfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from torch import nn
 from . import layers
 from .errors import UserError, first_line
 from .methods.base import replace_module
+from .trust import build_model, trusted_prefixes
 
 FORMAT = "compress.checkpoint"
 VERSION = 1
@@ -57,54 +58,101 @@ class LoadedModel:
         return self.factory is None
 
 
-def import_factory(reference: str):
-    """The callable named by 'package.module:callable'."""
-    module_name, sep, attr = reference.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"factory {reference!r}: expected 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"factory {reference!r}: cannot import {module_name!r} ({exc})") from None
-    try:
-        target = module
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except AttributeError:
-        raise UserError(f"factory {reference!r}: module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(target):
-        raise UserError(f"factory {reference!r}: {attr!r} is not callable")
-    return target
+MAX_EDITS = 100_000
+MAX_SAMPLE_ELEMENTS = 1 << 26  # one sample of one input: 64M elements (256 MB of float32)
+INPUT_DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
 
 
-def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
-    try:
-        model = import_factory(factory)(**kwargs)
-    except UserError:
-        raise
-    except TypeError as exc:
-        raise UserError(f"factory {factory!r}: does not accept kwargs {sorted(kwargs)} ({exc})") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"factory {factory!r}: returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def apply_edits(model: nn.Module, edits: list[dict], inputs: list[dict] | None = None) -> None:
+def apply_edits(model: nn.Module, edits: Any, inputs: list[dict] | None = None) -> None:
     """Replay structural edits on a freshly built model (weights are loaded afterwards).
-    Channel removals trace the model on a sample built from `inputs` (the checkpoint's input list)."""
+    Each edit is checked against the model before anything is allocated (names, ranks and channel
+    indices in range). Channel removals trace the model on a sample built from `inputs`."""
+    if not isinstance(edits, list) or len(edits) > MAX_EDITS:
+        raise UserError(f"structural edits must be a list (of at most {MAX_EDITS:,}), not {type(edits).__name__}")
     for edit in edits:
         op = edit.get("op") if isinstance(edit, dict) else None
         if op not in ("factorize", "prune_channels"):
-            raise UserError(f"structural edit {edit!r} is not known to this version of compress")
-        try:
-            if op == "factorize":
-                layer = model.get_submodule(edit["name"])
-                replace_module(model, edit["name"], layers.empty_factorized(layer, int(edit["rank"]), edit["scheme"],
-                                                                            edit.get("bias")))
-            elif edit["idxs"]:
-                _remove_channels(model, edit["root"], [int(i) for i in edit["idxs"]], inputs)
-        except (KeyError, AttributeError, TypeError, ValueError, IndexError) as exc:
-            raise UserError(f"structural edit {edit!r} does not fit the model built by the factory ({exc})") from None
+            raise UserError(f"structural edit {_short(edit)} is not known to this version of compress")
+        if op == "factorize":
+            name, layer, rank, scheme = _checked_factorize(model, edit)
+            replace_module(model, name, layers.empty_factorized(layer, rank, scheme, edit.get("bias")))
+        else:
+            root, idxs = _checked_prune(model, edit)
+            if idxs:
+                try:
+                    _remove_channels(model, root, idxs, inputs)
+                except UserError:
+                    raise
+                except Exception as exc:  # torch-pruning's tracing fails in many ways on a model that does not fit
+                    raise UserError(f"structural edit {_short(edit)} does not fit the model built by the factory "
+                                    f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _edit_module(model: nn.Module, edit: dict, key: str, types: tuple[type, ...]) -> tuple[str, nn.Module]:
+    name = edit.get(key)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"structural edit {_short(edit)}: {key!r} must name a layer")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"structural edit {_short(edit)}: the model built by the factory has no layer {name!r}") from None
+    if not isinstance(module, types):
+        raise UserError(f"structural edit {_short(edit)}: {name!r} is a {type(module).__name__}, "
+                        f"not one of {', '.join(t.__name__ for t in types)}")
+    return name, module
+
+
+def _checked_factorize(model: nn.Module, edit: dict) -> tuple[str, nn.Module, int, str]:
+    name, layer = _edit_module(model, edit, "name", (nn.Linear, nn.Conv2d, nn.Embedding))
+    scheme = edit.get("scheme", "channel")
+    if scheme not in layers.SCHEMES:
+        raise UserError(f"structural edit {_short(edit)}: scheme must be one of {', '.join(layers.SCHEMES)}")
+    if edit.get("bias") is not None and not isinstance(edit.get("bias"), bool):
+        raise UserError(f"structural edit {_short(edit)}: bias must be true, false or absent")
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        raise UserError(f"structural edit {_short(edit)}: {name!r} is a grouped convolution, which is never factorized")
+    rows, cols = layers.matrix_shape(layer, scheme)
+    rank = edit.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
+        raise UserError(f"structural edit {_short(edit)}: rank must be an integer from 1 to {min(rows, cols)} "
+                        f"(the full rank of {name!r})")
+    return name, layer, rank, scheme
+
+
+def _checked_prune(model: nn.Module, edit: dict) -> tuple[str, list[int]]:
+    root, module = _edit_module(model, edit, "root", (nn.Conv2d, nn.Linear))
+    channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+    idxs = edit.get("idxs")
+    if (not isinstance(idxs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idxs)
+            or any(not 0 <= i < channels for i in idxs) or len(set(idxs)) != len(idxs) or len(idxs) >= channels):
+        raise UserError(f"structural edit {_short(edit)}: idxs must be distinct channel indices of {root!r} "
+                        f"in [0, {channels}), leaving at least one channel")
+    return root, idxs
+
+
+def check_inputs(inputs: Any, source: str) -> list[dict] | None:
+    """The input description of a checkpoint or artifact, checked: names, dtypes, bounded shapes."""
+    if inputs is None:
+        return None
+    if not isinstance(inputs, list) or not 0 < len(inputs) <= 64:
+        raise UserError(f"{source}: 'inputs' must be a list of 1 to 64 input descriptions")
+    for spec in inputs:
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        ok = (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"]
+              and spec.get("dtype", "float32") in INPUT_DTYPES and isinstance(shape, list) and len(shape) <= 8
+              and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape))
+        if not ok:
+            raise UserError(f"{source}: input description {_short(spec)} is not valid (name, shape of positive "
+                            f"integers, dtype one of {', '.join(INPUT_DTYPES)})")
+        if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+            raise UserError(f"{source}: input {spec['name']!r} has shape {shape}, over {MAX_SAMPLE_ELEMENTS:,} "
+                            "elements per sample; refusing to allocate it")
+    return inputs
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _remove_channels(model: nn.Module, root: str, idxs: list[int], inputs: list[dict] | None) -> None:
@@ -139,39 +187,65 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
 
 
 def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None = None,
-               trust: bool = False) -> LoadedModel:
+               trust: bool = False, trusted: tuple[str, ...] | None = None) -> LoadedModel:
     """Load a model from a safe checkpoint, a safetensors/state-dict file plus `factory`, or
-    (with `trust`) a whole pickled module."""
+    (with `trust`) a whole pickled module. Factories are resolved only under the `trusted` module
+    prefixes (default: the tool's own examples; see compress.trust)."""
+    trusted = trusted_prefixes() if trusted is None else trusted
     path = Path(path)
     source = str(path)
     if path.is_dir() and (path / ARTIFACT_NAME).is_file():
-        return load_artifact(path / ARTIFACT_NAME)
+        return load_artifact(path / ARTIFACT_NAME, trusted)
     if not path.is_file():
         raise UserError(f"{source}: model file not found")
     if path.stat().st_size == 0:
         raise UserError(f"{source}: model file is empty")
     if path.suffix.lower() == ".json":
-        return load_artifact(path)
+        return load_artifact(path, trusted)
     if path.suffix.lower() == ".safetensors":
-        return _from_state_dict(_read_safetensors(path), source, factory, kwargs or {})
+        return _from_state_dict(_read_safetensors(path), source, factory, kwargs or {}, trusted)
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
-            raise UserError(f"{source}: not a readable checkpoint ({first_line(exc)})") from None
+    except Exception as exc:  # the weights-only unpickler runs no code; any failure means a bad or untrusted file
+        if not _holds_pickled_objects(path):
+            raise UserError(f"{source}: not a checkpoint (not a file written by torch.save, or truncated: "
+                            f"{first_line(exc, 100)})") from None
         if not trust:
             raise UserError(f"{source}: holds pickled Python objects (e.g. a whole torch.save(model)); "
                             "unpickling runs code, so pass --trust-checkpoint if you trust its source") from None
         return _from_pickle(source)
-    except Exception as exc:  # the weights-only unpickler runs no code; any failure means a bad file
-        raise UserError(f"{source}: not a readable checkpoint, truncated or not made by torch.save "
-                        f"({first_line(exc)})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_safe_checkpoint(obj, source)
+        return _from_safe_checkpoint(obj, source, trusted)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _from_state_dict(obj, source, factory, kwargs or {})
+        return _from_state_dict(obj, source, factory, kwargs or {}, trusted)
     raise UserError(f"{source}: not a model checkpoint (expected a compress checkpoint, a state dict with "
                     f"model.factory in the recipe, or a pickled module; found {type(obj).__name__})")
+
+
+MAX_PICKLE_SCAN = 64 << 20
+
+
+def _holds_pickled_objects(path: Path) -> bool:
+    """Whether a file the weights-only loader refused is a well-formed torch.save file that
+    references Python objects (a pickled module), as opposed to random or truncated bytes.
+    Parses the pickle's opcodes without executing any of them."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
+                if member is None or member.file_size > MAX_PICKLE_SCAN:
+                    return False
+                data = archive.read(member)
+        else:
+            if path.stat().st_size > MAX_PICKLE_SCAN:
+                return False
+            data = path.read_bytes()
+        ops = {op.name for op, _, _ in pickletools.genops(data)}
+    except Exception:  # a malformed archive or pickle: not a pickled object, just a bad file
+        return False
+    return bool(ops & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"})
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -200,7 +274,7 @@ def save_artifact(folder: Path, model: nn.Module, factory: str, kwargs: dict[str
     (folder / ARTIFACT_NAME).write_text(json.dumps(description, indent=2) + "\n")
 
 
-def load_artifact(path: Path) -> LoadedModel:
+def load_artifact(path: Path, trusted: tuple[str, ...] | None = None) -> LoadedModel:
     """Rebuild a compressed model from `compression.json` and the weights file it names."""
     source = str(path)
     try:
@@ -216,37 +290,52 @@ def load_artifact(path: Path) -> LoadedModel:
     for key in ("factory", "edits"):
         if key not in description:
             raise UserError(f"{source}: missing key {key!r}")
-    model = build_model(description["factory"], description.get("kwargs") or {})
-    apply_edits(model, description["edits"], description.get("inputs"))
-    weights = path.parent / description.get("weights", WEIGHTS_NAME)
+    inputs = check_inputs(description.get("inputs"), source)
+    model = build_model(description["factory"], description.get("kwargs") or {},
+                        trusted_prefixes() if trusted is None else trusted)
+    apply_edits(model, description["edits"], inputs)
+    weights_name = description.get("weights", WEIGHTS_NAME)
+    if not isinstance(weights_name, str) or Path(weights_name).name != weights_name or weights_name in ("", ".", ".."):
+        raise UserError(f"{source}: \"weights\" must name a file beside it, got {_short(weights_name)}")
+    weights = path.parent / weights_name
     load_state(model, _read_safetensors(weights), str(weights))
+    metadata = description.get("metadata")
     return LoadedModel(model.eval(), source, description["factory"], description.get("kwargs") or {},
-                       description.get("inputs"), list(description["edits"]), description.get("metadata") or {})
+                       inputs, list(description["edits"]), metadata if isinstance(metadata, dict) else {})
 
 
-def load(path: str | Path, trust_checkpoint: bool = False) -> nn.Module:
+def load(path: str | Path, trust_checkpoint: bool = False, trust_factories: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """The model in a checkpoint, an artifact folder (compression.json + model.safetensors) or a
-    compression.json, in eval mode."""
-    return load_model(path, trust=trust_checkpoint).model
+    compression.json, in eval mode. Factories outside `compress.examples` are built only under the
+    module prefixes in `trust_factories`."""
+    return load_model(path, trust=trust_checkpoint, trusted=trusted_prefixes(trust_factories)).model
 
 
-def _from_safe_checkpoint(obj: dict, source: str) -> LoadedModel:
+def _from_safe_checkpoint(obj: dict, source: str, trusted: tuple[str, ...]) -> LoadedModel:
     version = obj.get("version")
     if version != VERSION:
-        raise UserError(f"{source}: checkpoint format version {version!r} is not supported "
+        raise UserError(f"{source}: checkpoint format version {_short(version)} is not supported "
                         f"(this compress reads version {VERSION}); upgrade compress")
-    model = build_model(obj["factory"], obj.get("kwargs", {}))
-    apply_edits(model, obj.get("edits", []), obj.get("inputs"))
-    load_state(model, obj["state_dict"], source)
-    return LoadedModel(model.eval(), source, obj["factory"], obj.get("kwargs", {}), obj.get("inputs"),
-                       list(obj.get("edits", [])), obj.get("metadata", {}))
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"{source}: 'state_dict' must map names to tensors")
+    inputs = check_inputs(obj.get("inputs"), source)
+    edits = obj.get("edits", [])
+    kwargs = obj.get("kwargs") or {}
+    model = build_model(obj.get("factory"), kwargs, trusted)
+    apply_edits(model, edits, inputs)
+    load_state(model, state, source)
+    metadata = obj.get("metadata")
+    return LoadedModel(model.eval(), source, obj["factory"], kwargs, inputs, list(edits),
+                       metadata if isinstance(metadata, dict) else {})
 
 
-def _from_state_dict(state: dict, source: str, factory: str | None, kwargs: dict) -> LoadedModel:
+def _from_state_dict(state: dict, source: str, factory: str | None, kwargs: dict,
+                     trusted: tuple[str, ...]) -> LoadedModel:
     if factory is None:
         raise UserError(f"{source}: a bare state dict does not say how to build the model; "
                         "name it in the recipe as model.factory ('package.module:callable')")
-    model = build_model(factory, kwargs)
+    model = build_model(factory, kwargs, trusted)
     load_state(model, state, source)
     return LoadedModel(model.eval(), source, factory, kwargs)
 

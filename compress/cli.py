@@ -64,8 +64,18 @@ def common(fn):
 
 recipe_option = click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), required=True,
                              help="Recipe YAML file (see `compress recipe schema`).")
-trust_option = click.option("--trust-checkpoint", is_flag=True,
-                            help="Allow loading a whole pickled module (unpickling runs code: only for files you trust).")
+
+
+def trust_option(fn):
+    """--trust-checkpoint (pickles) and --trust-factory (model-building code named by a file)."""
+    fn = click.option("--trust-factory", "trust_factory", multiple=True, metavar="PREFIX",
+                      help="Trust model factories in modules under PREFIX (e.g. mypackage.models): a checkpoint, "
+                           "compression.json or recipe naming one may import and call it. Repeatable. Without it "
+                           "only compress.examples and the recipe's model.trust are trusted.")(fn)
+    fn = click.option("--trust-checkpoint", is_flag=True,
+                      help="Allow loading a whole pickled module (unpickling runs code: only for files you trust).")(fn)
+    return fn
+
 device_option = click.option("--device", default="cpu", show_default=True,
                              help="Device for fine-tuning: cpu, cuda, cuda:1, or auto (planning, calibration, "
                                   "export and benchmarks run on the CPU).")
@@ -83,12 +93,13 @@ def cli():
     """
 
 
-def _context(recipe_path, model, trust, seed=None, device="cpu", quiet=False, **gates):
+def _context(recipe_path, model, trust, factories=(), seed=None, device="cpu", quiet=False, **gates):
     from .pipeline import Options, load_context
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    options = Options(seed=seed, device=device, trust_checkpoint=trust, progress=not quiet, **gates)
+    options = Options(seed=seed, device=device, trust_checkpoint=trust, trust_factories=tuple(factories),
+                      progress=not quiet, **gates)
     return load_context(recipe, model, options), options
 
 
@@ -113,8 +124,8 @@ Example:
 @click.option("--min-speedup", type=float, default=None, help="Gate: exit 3 if p50 latency speedup is lower.")
 @click.option("--min-size-ratio", type=float, default=None, help="Gate: exit 3 if the ONNX size ratio original/compressed is lower.")
 @common
-def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
-          min_size_ratio, debug, quiet):
+def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_checkpoint, trust_factory, max_metric_drop,
+          min_speedup, min_size_ratio, debug, quiet):
     """Compress MODEL by RECIPE: plan, fine-tune, export ONNX, check parity, benchmark, report.
 
     MODEL is a compress checkpoint (e.g. from `compress example`), a .safetensors or state-dict
@@ -127,7 +138,7 @@ def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_che
         sys.exit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
     distributed.init_from_env(device)
     try:
-        _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop,
+        _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, trust_factory, max_metric_drop,
                min_speedup, min_size_ratio, quiet, run_apply)
     finally:
         distributed.shutdown()
@@ -145,11 +156,11 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, max_metric_drop, min_speedup,
-           min_size_ratio, quiet, run_apply):
+def _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoint, trust_factory, max_metric_drop,
+           min_speedup, min_size_ratio, quiet, run_apply):
     from .distributed import is_main
 
-    ctx, options = _context(recipe_path, model, trust_checkpoint, seed, device, quiet or not is_main(),
+    ctx, options = _context(recipe_path, model, trust_checkpoint, trust_factory, seed, device, quiet or not is_main(),
                             max_metric_drop=max_metric_drop, min_speedup=min_speedup, min_size_ratio=min_size_ratio,
                             resume=resume)
     out = Path(out) if out else Path("out") / Path(recipe_path).stem
@@ -184,13 +195,13 @@ Example:
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
 @common
-def plan(recipe_path, model, trust_checkpoint, as_json, debug, quiet):
+def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, quiet):
     """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
     from .bench import count_macs, count_params
     from .pipeline import plan as make_plan
     from .report import layers_table
 
-    ctx, _ = _context(recipe_path, model, trust_checkpoint, quiet=quiet)
+    ctx, _ = _context(recipe_path, model, trust_checkpoint, trust_factory, quiet=quiet)
     _, rows = make_plan(ctx)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -214,12 +225,12 @@ Example:
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @common
-def inspect(model, recipe_path, trust_checkpoint, as_json, debug, quiet):
+def inspect(model, recipe_path, trust_checkpoint, trust_factory, as_json, debug, quiet):
     """Per-layer type, weight shape, params, MACs, singular-value energy ranks (90/95/99%) and
     effective rank of MODEL's Linear, Conv2d and Embedding layers."""
     from .inspection import inspect_model
 
-    rows, totals = inspect_model(model, recipe_path, trust_checkpoint)
+    rows, totals = inspect_model(model, recipe_path, trust_checkpoint, trust_factory)
     if as_json:
         click.echo(json.dumps({"layers": rows, "total": totals}, indent=2))
         return
@@ -244,11 +255,11 @@ Example:
 @click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists.")
 @trust_option
 @common
-def export_cmd(model, out, recipe_path, force, trust_checkpoint, debug, quiet):
+def export_cmd(model, out, recipe_path, force, trust_checkpoint, trust_factory, debug, quiet):
     """Export MODEL to ONNX, run onnx.checker, and check ONNX Runtime against torch (parity)."""
     from .inspection import export_model
 
-    result = export_model(model, Path(out), recipe_path, trust_checkpoint, force)
+    result = export_model(model, Path(out), recipe_path, trust_checkpoint, force, trust_factory)
     click.echo(f"wrote {out}: {result['onnx_bytes']:,} bytes; parity max abs diff {result['max_abs_diff']:.2e}, "
                f"max rel diff {result['max_rel_diff']:.2e} (passed)")
 
@@ -348,7 +359,7 @@ Example:
 @click.argument("model", required=False, type=click.Path())
 @trust_option
 @common
-def check(recipe_path, model, trust_checkpoint, debug, quiet):
+def check(recipe_path, model, trust_checkpoint, trust_factory, debug, quiet):
     """Validate RECIPE without running it. With MODEL, also load the model and the data, show
     what each target pattern matched, and plan every stage (no training)."""
     from .methods import METHODS
@@ -361,7 +372,7 @@ def check(recipe_path, model, trust_checkpoint, debug, quiet):
     click.echo(f"{recipe_path}: valid recipe, {len(stages)} stage(s): " + ", ".join(s.method for s in stages))
     if model is None:
         return
-    ctx = load_context(loaded, model, Options(trust_checkpoint=trust_checkpoint))
+    ctx = load_context(loaded, model, Options(trust_checkpoint=trust_checkpoint, trust_factories=tuple(trust_factory)))
     for i, stage in enumerate(stages):
         path = f"stages[{i}].targets"
         types = tuple(stage.targets.types or METHODS[stage.method].layer_types)

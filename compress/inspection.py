@@ -14,26 +14,28 @@ from .errors import ParityError, UserError, first_line
 from .layers import layer_matrix
 from .metrics import primary_output
 from .methods.base import LAYER_TYPES
+from .trust import trusted_prefixes
 
 
-def _load(model_path, recipe_path, trust):
+def _load(model_path, recipe_path, trust, factories=()):
     """(model, input names, one sample, recipe section or None, eval data or None)."""
     from .data import synthetic_sample
     from .pipeline import Options, load_context
     from .recipe import load_recipe
 
     if recipe_path is not None:
-        ctx = load_context(load_recipe(recipe_path), model_path, Options(trust_checkpoint=trust))
+        ctx = load_context(load_recipe(recipe_path), model_path,
+                           Options(trust_checkpoint=trust, trust_factories=tuple(factories)))
         return ctx.loaded.model, ctx.input_names, ctx.sample, ctx.recipe.recipe, ctx.data["eval"]
-    loaded = load_model(model_path, trust=trust)
+    loaded = load_model(model_path, trust=trust, trusted=trusted_prefixes(factories))
     if not loaded.inputs:
         raise UserError(f"{model_path}: the checkpoint does not describe the model's inputs; "
                         "pass --recipe with `inputs:` or `data:`")
     return loaded.model, [s["name"] for s in loaded.inputs], synthetic_sample(loaded.inputs), None, None
 
 
-def inspect_model(model_path, recipe_path=None, trust=False) -> tuple[list[dict], dict]:
-    model, names, sample, _, _ = _load(model_path, recipe_path, trust)
+def inspect_model(model_path, recipe_path=None, trust=False, factories=()) -> tuple[list[dict], dict]:
+    model, names, sample, _, _ = _load(model_path, recipe_path, trust, factories)
     macs = bench.macs_by_module(model, sample)
     rows = []
     for name, module in model.named_modules():
@@ -53,10 +55,10 @@ def inspect_model(model_path, recipe_path=None, trust=False) -> tuple[list[dict]
     return rows, totals
 
 
-def export_model(model_path, out: Path, recipe_path=None, trust=False, force=False) -> dict:
+def export_model(model_path, out: Path, recipe_path=None, trust=False, force=False, factories=()) -> dict:
     if out.exists() and not force:
         raise UserError(f"{out}: file exists; pass --force to overwrite it")
-    model, names, sample, recipe, data = _load(model_path, recipe_path, trust)
+    model, names, sample, recipe, data = _load(model_path, recipe_path, trust, factories)
     opset, atol, rtol, declared, dynamic_batch = 17, 1e-4, 1e-3, {}, True
     if recipe is not None:
         opset, atol, rtol = recipe.export.opset, recipe.export.parity.atol, recipe.export.parity.rtol

@@ -110,6 +110,18 @@ def layer_matrix(layer: nn.Module, scheme: str = "channel") -> torch.Tensor:
     raise TypeError(f"cannot factorize {type(layer).__name__}")
 
 
+def matrix_shape(layer: nn.Module, scheme: str = "channel") -> tuple[int, int]:
+    """The shape of `layer_matrix(layer, scheme)`, from the layer's sizes alone (no weight is read)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    if isinstance(layer, nn.Conv2d):
+        (kh, kw), c, n = layer.kernel_size, layer.in_channels // layer.groups, layer.out_channels
+        return (n, c * kh * kw) if scheme == "channel" else (c * kh, n * kw)
+    raise TypeError(f"cannot factorize {type(layer).__name__}")
+
+
 def factorize(layer: nn.Module, rank: int, scheme: str = "channel") -> nn.Module:
     """The rank-`rank` truncated-SVD factorization of a Linear, Conv2d or Embedding, as a new module."""
     with torch.no_grad():

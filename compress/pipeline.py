@@ -28,6 +28,7 @@ from .finetune import ResumePoint, finetune, predict
 from .methods import METHODS, Method
 from .metrics import choose_metric, drop, primary_output, score
 from .recipe import LoadedRecipe
+from .trust import trusted_prefixes
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Options:
     seed: int | None = None
     device: str = "cpu"
     trust_checkpoint: bool = False
+    trust_factories: tuple[str, ...] = ()
     progress: bool = True
     resume: bool = False
     max_metric_drop: float | None = None
@@ -79,7 +81,8 @@ def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options)
     timings: dict[str, float] = {}
     r = recipe.recipe
     with timed(timings, "load"):
-        loaded = load_model(model_path, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint)
+        loaded = load_model(model_path, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
+                            trusted=trusted_prefixes(options.trust_factories, r.model.trust))
         sources = {"train": r.data.train, "calibration": r.data.calibration or r.data.train}
         sources["eval"] = r.data.eval or sources["calibration"]
         cache: dict[str, Dataset] = {}

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from .errors import RecipeError, UserError
 from .methods import METHODS
 from .methods.base import Strict
 
@@ -26,6 +26,20 @@ class ModelSection(Strict):
 
     factory: str | None = Field(None, description="'package.module:callable' that returns the nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    trust: list[str] = Field(default_factory=list, description="module prefixes whose factories may be imported "
+                             "and called (e.g. [mypackage.models]); compress.examples is always trusted")
+
+    @field_validator("trust")
+    @classmethod
+    def _trusted_modules(cls, value: list[str]) -> list[str]:
+        from .trust import check_prefix
+
+        for prefix in value:
+            try:
+                check_prefix(prefix, "model.trust")
+            except UserError as exc:
+                raise ValueError(str(exc).removeprefix("model.trust ")) from None
+        return value
 
 
 class DataSection(Strict):

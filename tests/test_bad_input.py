@@ -27,11 +27,11 @@ def make_case(name, tmp_path, digits_model, write_recipe):
     elif name == "truncated model":
         model = tmp_path / "cut.pt"
         model.write_bytes(digits_model.read_bytes()[:5000])
-        message = "not a readable checkpoint"
+        message = "not a checkpoint"
     elif name == "not a checkpoint":
         model = tmp_path / "notes.pt"
         model.write_text("these are my notes\n")
-        message = "not a readable checkpoint"
+        message = "not a checkpoint"
     elif name == "untrusted pickle":
         model = tmp_path / "whole.pt"
         torch.save(digits_resnet(width=8), model)
@@ -39,7 +39,11 @@ def make_case(name, tmp_path, digits_model, write_recipe):
     elif name == "factory does not import":
         model = tmp_path / "sd.pt"
         torch.save(digits_resnet(width=8).state_dict(), model)
-        extra, message = "model: {factory: 'missing_module:build'}", "cannot import 'missing_module'"
+        extra, message = "model: {factory: 'missing_module:build', trust: [missing_module]}", "cannot import 'missing_module'"
+    elif name == "untrusted factory":
+        model = tmp_path / "sd.pt"
+        torch.save(digits_resnet(width=8).state_dict(), model)
+        extra, message = "model: {factory: 'mypkg.models:build'}", "pass --trust-factory mypkg.models"
     elif name == "state dict does not fit":
         model = tmp_path / "sd.pt"
         torch.save(digits_resnet(width=8).state_dict(), model)
@@ -79,7 +83,7 @@ def make_case(name, tmp_path, digits_model, write_recipe):
 
 
 CASES = ["missing model", "empty model", "truncated model", "not a checkpoint", "untrusted pickle",
-         "factory does not import", "state dict does not fit", "yaml syntax error", "unknown recipe key",
+         "factory does not import", "untrusted factory", "state dict does not fit", "yaml syntax error", "unknown recipe key",
          "wrong type", "out of range", "pattern matches nothing", "data missing keys", "data wrong dtype",
          "data wrong shape", "data file missing", "output exists"]
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import CompressError, UserError, first_line
+from .errors import CompressError, Terminated, UserError, first_line
 
 EPILOG_FIRST_RUN = """\b
 First run:
@@ -35,6 +37,7 @@ def command_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
+        previous = _terminate_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except CompressError as exc:
@@ -43,6 +46,8 @@ def command_errors(fn):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; no output was written", 130)
+        except Terminated:
+            _fail("terminated (SIGTERM); no output was written", 143)
         except click.exceptions.Exit:
             raise
         except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
@@ -50,8 +55,22 @@ def command_errors(fn):
                 traceback.print_exc()
             _fail(f"internal error ({type(exc).__name__}: {first_line(exc, 200)}); rerun with --debug for the traceback "
                   "and report it", 1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _terminate_on_sigterm():
+    """SIGTERM raises Terminated (fine-tuning turns it into a saved state first); the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def common(fn):
@@ -89,7 +108,7 @@ def cli():
     and report size, MACs, accuracy and measured latency before and after.
 
     Exit codes: 0 success, 1 internal error, 2 user error (bad recipe, file or data),
-    3 a gate missed, 4 ONNX parity failed, 130 interrupted.
+    3 a gate missed, 4 ONNX parity failed, 130 interrupted, 143 terminated (SIGTERM).
     """
 
 
@@ -325,8 +344,9 @@ def example(name, path, epochs, force, seed, device, debug, quiet):
     from .examples import EXAMPLES
     from .pipeline import resolve_device
 
-    if Path(path).exists() and not force:
-        raise UserError(f"{path}: file exists; pass --force to overwrite it")
+    from .outdir import check_file_out
+
+    check_file_out(Path(path), force)
     train, _ = EXAMPLES[name]
     kwargs = {"seed": seed or 0, "progress": not quiet, "device": resolve_device(device)}
     if epochs is not None:

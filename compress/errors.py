@@ -2,7 +2,8 @@
 
 Exit codes are an interface: 0 success, 1 a bug, 2 a user error (bad recipe, unreadable or
 untrusted file, data that does not fit the model, NaN loss), 3 a gate missed, 4 the exported ONNX
-model disagrees with the torch model beyond the recipe's tolerance.
+model disagrees with the torch model beyond the recipe's tolerance, 130 interrupted (SIGINT), 143
+terminated (SIGTERM).
 """
 
 
@@ -32,6 +33,12 @@ class ParityError(CompressError):
     """ONNX Runtime output differs from torch beyond tolerance: the ONNX model is not kept."""
 
     exit_code = 4
+
+
+class Terminated(BaseException):
+    """SIGTERM (what CI runners and schedulers send) arrived outside fine-tuning: unwind like Ctrl-C,
+    removing what the run had half-written, and exit 143. A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way swallows it."""
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:

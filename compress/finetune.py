@@ -81,7 +81,17 @@ class ResumePoint:
 
 
 class Interrupted(CompressError):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) during fine-tuning, after the state was saved."""
+
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TEST_SIGNAL_ENV = "COMPRESS_TEST_SIGNAL_AT_STEP"
 
 
 def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key: str, cfg, batch_size: int, *,
@@ -119,8 +129,8 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     if checkpoint is not None and checkpoint.resume:
         loop = _restore(checkpoint, model, optimizer, scheduler, generator, methods)
     step, samples, loss_value, last_terms = loop["step"], 0, None, None
-    interrupted = []
-    previous_handler = _catch_sigint(interrupted)
+    interrupted: list[int] = []
+    previous_handlers = _catch_signals(interrupted)
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress or rank != 0, unit="step", leave=False)
     try:
@@ -173,28 +183,42 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
                 bar.update(1)
+                _test_signal(step)
                 if checkpoint is not None and rank == 0 and (interrupted or (checkpoint.every and step % checkpoint.every == 0)):
                     _save_state(checkpoint, loop, model, optimizer, scheduler, methods)
                 if interrupted:
                     where = f"; its state is in {checkpoint.path}: rerun with --resume" if checkpoint else ""
-                    raise Interrupted(f"interrupted at step {step} of {steps}{where}")
+                    what = "terminated (SIGTERM)" if interrupted[0] == signal.SIGTERM else "interrupted"
+                    raise Interrupted(f"{what} at step {step} of {steps}{where}", interrupted[0])
                 if step >= steps:
                     break
             skip = 0
     finally:
         bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     seconds = time.perf_counter() - start
     model.eval()
     return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value, last_terms)
 
 
-def _catch_sigint(flag: list):
-    """Turn Ctrl-C into a flag the loop checks after each step (main thread only)."""
+def _catch_signals(flag: list) -> dict:
+    """Turn Ctrl-C and SIGTERM into a flag the loop checks after each step (main thread only);
+    the previous handlers, to restore."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+        return {}
+    return {signum: signal.signal(signum, lambda signum, frame: flag.append(signum)) for signum in SIGNALS}
+
+
+def _test_signal(step: int) -> None:
+    """Tests only: COMPRESS_TEST_SIGNAL_AT_STEP=N:NAME sends this process signal NAME (INT, TERM,
+    KILL) right after step N, so that tests interrupt a run at a known step instead of racing it."""
+    spec = os.environ.get(TEST_SIGNAL_ENV)
+    if not spec:
+        return
+    at, _, name = spec.partition(":")
+    if at.isdigit() and int(at) == step and name in ("INT", "TERM", "KILL"):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 def _save_state(checkpoint: ResumePoint, loop: dict, model, optimizer, scheduler, methods) -> None:
@@ -214,18 +238,28 @@ def _restore(checkpoint: ResumePoint, model, optimizer, scheduler, generator, me
         state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the weights-only unpickler runs no code
         raise UserError(f"{checkpoint.path}: unreadable resume state ({first_line(exc, 120)})") from None
+    keys = ("identity", "loop", "model", "optimizer", "scheduler", "torch_rng", "methods")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["loop"], dict):
+        raise UserError(f"{checkpoint.path}: not a resume state written by compress; run without --resume to start over")
     if state.get("identity") != checkpoint.identity:
         raise UserError(f"{checkpoint.path}: saved by a different run (recipe, model or seed changed); "
                         "run without --resume to start over")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    for method, method_state in zip(methods, state["methods"]):
-        method.load_state_dict(method_state)
-    generator.set_state(state["loop"]["epoch_generator"])
-    return dict(state["loop"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        for method, method_state in zip(methods, state["methods"]):
+            method.load_state_dict(method_state)
+        generator.set_state(state["loop"]["epoch_generator"])
+        loop = dict(state["loop"])
+        if not all(isinstance(loop.get(k), int) and loop[k] >= 0 for k in ("step", "batch")):
+            raise ValueError("bad step or batch")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise UserError(f"{checkpoint.path}: a damaged resume state ({first_line(exc, 100)}); "
+                        "run without --resume to start over") from None
+    return loop
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 and input feeds for `bench`, all working from a checkpoint alone or with a recipe."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from .errors import ParityError, UserError, first_line
 from .layers import layer_matrix
 from .metrics import primary_output
 from .methods.base import LAYER_TYPES
+from . import outdir
+from .checkpoint import current_umask
 from .trust import trusted_prefixes
 
 
@@ -56,8 +60,7 @@ def inspect_model(model_path, recipe_path=None, trust=False, factories=()) -> tu
 
 
 def export_model(model_path, out: Path, recipe_path=None, trust=False, force=False, factories=()) -> dict:
-    if out.exists() and not force:
-        raise UserError(f"{out}: file exists; pass --force to overwrite it")
+    outdir.check_file_out(out, force)
     model, names, sample, recipe, data = _load(model_path, recipe_path, trust, factories)
     opset, atol, rtol, declared, dynamic_batch = 17, 1e-4, 1e-3, {}, True
     if recipe is not None:
@@ -66,8 +69,13 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
         dynamic_batch = recipe.export.dynamic_batch
     batch = sample if data is None else tuple(data.head(min(64, len(data)))[n] for n in names)
     axes = export.dynamic_axes_for(names, sample, declared, dynamic_batch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror or exc}); nothing was written") from None
+    partial = Path(name)
     try:
         export.export_onnx(model, sample, names, partial, opset, axes)
         with torch.no_grad():
@@ -77,7 +85,11 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
         if not result["passed"]:
             raise ParityError(f"{out}: ONNX Runtime disagrees with torch: max abs diff {result['max_abs_diff']:.3g} "
                               f"(atol {atol}, rtol {rtol}); file not written")
+        os.chmod(partial, 0o666 & ~current_umask())
+        outdir.check_file_out(out, True)  # still not something else than a file we may overwrite
         partial.replace(out)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror or exc}); nothing was written") from None
     finally:
         partial.unlink(missing_ok=True)
     result["onnx_bytes"] = out.stat().st_size

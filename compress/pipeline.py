@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import bench, distributed, export, report as reporting
+from . import bench, distributed, export, outdir, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
@@ -194,26 +194,34 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
     torch.manual_seed(seed)
     device = resolve_device(options.device)
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out}: output folder exists; pass --force to replace it")
+    outdir.check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     if not distributed.is_main():  # other processes of a torchrun only help fine-tune; rank 0 writes
         _run(ctx, None, options, seed, device, resume_point(ctx, out, seed, options))
         return {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run into the same --out
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        result = _run(ctx, work, options, seed, device, resume_point(ctx, out, seed, options))
-        _replace_dir(work, out)
-        shutil.rmtree(resume_folder(out), ignore_errors=True)  # finished: nothing left to resume
-    except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
-        shutil.rmtree(work, ignore_errors=True)
-        raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create its parent folder ({exc.strerror or exc}); nothing was written") from None
+    with outdir.locked(out):
+        for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run into the same --out
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from None
+        try:
+            os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
+            result = _run(ctx, work, options, seed, device, resume_point(ctx, out, seed, options))
+            outdir.write_marker(work)
+            outdir.check_out(out, force)  # nothing of the user's appeared in it while we ran
+            outdir.replace_dir(work, out)
+            shutil.rmtree(resume_folder(out), ignore_errors=True)  # finished: nothing left to resume
+        except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     failed = [g for g in result["gates"]["checked"] if not g["passed"]]
     if failed:
         error = GateFailed("gate missed: " + "; ".join(f"{g['gate']} {g['limit']} (measured {g['value']})" for g in failed)
@@ -232,16 +240,6 @@ def resume_point(ctx: Context, out: Path, seed: int, options: Options) -> Resume
     identity = {"recipe_sha256": ctx.recipe.sha256, "model": str(Path(ctx.loaded.path).resolve()), "seed": seed}
     return ResumePoint(resume_folder(out) / "state.pt", ctx.recipe.recipe.finetune.checkpoint_every or 0,
                        options.resume, identity)
-
-
-def _replace_dir(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
 
 
 def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: torch.device,

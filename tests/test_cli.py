@@ -25,7 +25,7 @@ def applied(digits_model, write_recipe, run_cli, tmp_path):
 
 def test_apply_writes_verified_outputs_and_report(applied):
     out, result = applied
-    assert sorted(p.name for p in out.iterdir()) == ["compression.json", "model.onnx", "model.pt", "model.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == [".compress-output", "compression.json", "model.onnx", "model.pt", "model.safetensors",
                                                    "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     for side in ("original", "compressed"):

@@ -5,8 +5,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+import pytest
 import torch
 
 from compress.checkpoint import load_model
@@ -23,24 +23,17 @@ bench: {batch_sizes: [1], warmup: 1, runs: 2}
 """
 
 
-def _start(recipe, model, out):
-    return subprocess.Popen([sys.executable, "-m", "compress", "apply", "-r", str(recipe), str(model), "--out", str(out),
-                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _run_until(recipe, model, out, signal_at: str):
+    """Run apply in a subprocess that sends itself a signal right after a fine-tuning step (the
+    loop's test hook), so the test never races the run: returns (exit code, stderr)."""
+    env = {**os.environ, "COMPRESS_TEST_SIGNAL_AT_STEP": signal_at}
+    proc = subprocess.run([sys.executable, "-m", "compress", "apply", "-r", str(recipe), str(model), "--out", str(out),
+                           "-q"], capture_output=True, text=True, env=env, timeout=600)
+    return proc.returncode, proc.stderr
 
 
-def _wait_for_state(out, min_step, proc, timeout=120):
-    state = out.with_name(f".{out.name}.resume") / "state.pt"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if state.exists():
-            try:
-                if torch.load(state, weights_only=True)["loop"]["step"] >= min_step:
-                    return state
-            except Exception:  # being replaced this very moment
-                pass
-        time.sleep(0.05)
-    raise AssertionError("no saved state appeared")
+def _state(out):
+    return out.with_name(f".{out.name}.resume") / "state.pt"
 
 
 def test_killed_run_resumes_to_the_same_result(digits_model, write_recipe, run_cli, tmp_path):
@@ -48,11 +41,10 @@ def test_killed_run_resumes_to_the_same_result(digits_model, write_recipe, run_c
     straight = tmp_path / "straight"
     assert run_cli("apply", "-r", recipe, digits_model, "--out", straight, "-q").exit_code == 0
     killed = tmp_path / "killed"
-    proc = _start(recipe, digits_model, killed)
-    state = _wait_for_state(killed, 12, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not killed.exists() and state.exists()
+    code, _ = _run_until(recipe, digits_model, killed, "14:KILL")  # the last state saved is step 12's
+    assert code == -signal.SIGKILL
+    state = _state(killed)
+    assert not killed.exists() and torch.load(state, weights_only=True)["loop"]["step"] == 12
     result = run_cli("apply", "-r", recipe, digits_model, "--out", killed, "-q", "--resume")
     assert result.exit_code == 0, result.stderr
     a, b = load_model(straight / "model.pt").model.state_dict(), load_model(killed / "model.pt").model.state_dict()
@@ -63,16 +55,16 @@ def test_killed_run_resumes_to_the_same_result(digits_model, write_recipe, run_c
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
-def test_ctrl_c_saves_and_exits_130(digits_model, write_recipe, run_cli, tmp_path):
+@pytest.mark.parametrize("name,code,words", [("INT", 130, "interrupted at step 5 of 60"),
+                                             ("TERM", 143, "terminated (SIGTERM) at step 5 of 60")])
+def test_ctrl_c_and_sigterm_save_and_exit(name, code, words, digits_model, write_recipe, run_cli, tmp_path):
     recipe = write_recipe(RECIPE)
     out = tmp_path / "out"
-    proc = _start(recipe, digits_model, out)
-    state = _wait_for_state(out, 4, proc)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "rerun with --resume" in stderr and stderr.count("\n") == 1
-    assert state.exists() and not out.exists()
+    returncode, stderr = _run_until(recipe, digits_model, out, f"5:{name}")
+    assert returncode == code, stderr
+    assert words in stderr and "rerun with --resume" in stderr and stderr.count("\n") == 1, stderr
+    assert torch.load(_state(out), weights_only=True)["loop"]["step"] == 5  # saved at the signal, not at step 4
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     result = run_cli("apply", "-r", recipe, digits_model, "--out", out, "-q", "--resume")
     assert result.exit_code == 0, result.stderr
 
@@ -84,7 +76,11 @@ def test_resume_refuses_a_state_from_another_run(digits_model, write_recipe, run
     assert result.exit_code == 2 and "no saved state" in result.stderr
     state = out.with_name(".out.resume") / "state.pt"
     state.parent.mkdir()
-    torch.save({"identity": {"seed": 99}}, state)
+    torch.save(["not", "a", "state"], state)
+    result = run_cli("apply", "-r", recipe, digits_model, "--out", out, "-q", "--resume")
+    assert result.exit_code == 2 and "not a resume state written by compress" in result.stderr, result.stderr
+    keys = ("loop", "model", "optimizer", "scheduler", "torch_rng", "methods")
+    torch.save({"identity": {"seed": 99}, **{k: {} for k in keys}}, state)
     result = run_cli("apply", "-r", recipe, digits_model, "--out", out, "-q", "--resume")
     assert result.exit_code == 2 and "saved by a different run" in result.stderr
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -98,7 +99,27 @@ def trust_option(fn):
 device_option = click.option("--device", default="cpu", show_default=True,
                              help="Device for fine-tuning: cpu, cuda, cuda:1, or auto (planning, calibration, "
                                   "export and benchmarks run on the CPU).")
-seed_option = click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's `seed`, else 0).")
+seed_option = click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None,
+                           help="Random seed, 0 to 2^32-1 (default: the recipe's `seed`, else 0).")
+
+
+class Finite(click.ParamType):
+    """A finite number above a bound (NaN and infinity would silently switch a gate off)."""
+
+    name = "number"
+
+    def __init__(self, minimum: float, inclusive: bool):
+        self.minimum, self.inclusive = minimum, inclusive
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        ok = math.isfinite(number) and (number >= self.minimum if self.inclusive else number > self.minimum)
+        if not ok:
+            self.fail(f"{value!r} is not a finite number {'>=' if self.inclusive else '>'} {self.minimum:g}", param, ctx)
+        return number
 
 
 @click.group(epilog=EPILOG_FIRST_RUN, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -139,9 +160,9 @@ Example:
 @seed_option
 @device_option
 @trust_option
-@click.option("--max-metric-drop", type=float, default=None, help="Gate: exit 3 if the metric drops by more (accuracy as a fraction).")
-@click.option("--min-speedup", type=float, default=None, help="Gate: exit 3 if p50 latency speedup is lower.")
-@click.option("--min-size-ratio", type=float, default=None, help="Gate: exit 3 if the ONNX size ratio original/compressed is lower.")
+@click.option("--max-metric-drop", type=Finite(0, True), default=None, help="Gate: exit 3 if the metric drops by more (accuracy as a fraction).")
+@click.option("--min-speedup", type=Finite(0, False), default=None, help="Gate: exit 3 if p50 latency speedup is lower.")
+@click.option("--min-size-ratio", type=Finite(0, False), default=None, help="Gate: exit 3 if the ONNX size ratio original/compressed is lower.")
 @common
 def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_checkpoint, trust_factory, max_metric_drop,
           min_speedup, min_size_ratio, debug, quiet):
@@ -154,6 +175,13 @@ def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_che
     from .pipeline import apply as run_apply
 
     if nproc > 1 and "LOCAL_RANK" not in os.environ:  # launch ourselves under torchrun
+        from .pipeline import resolve_device
+        from .recipe import load_recipe
+
+        resolve_device(device)
+        batch = load_recipe(recipe_path).recipe.data.batch_size  # fail here once, not in every process
+        if batch % nproc:
+            raise UserError(f"--nproc {nproc}: data.batch_size {batch} must be divisible by the number of processes")
         sys.exit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
     distributed.init_from_env(device)
     try:
@@ -290,9 +318,10 @@ Example:
   compress bench encoder.onnx --dim sequence=128""")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--batch-sizes", default="1,32", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads.")
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs per model and batch size.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs per model and batch size (more, up to 8x, while the speedup's interval is wide).")
 @click.option("--dim", "dims", multiple=True, help="Size of a named dynamic axis other than the batch, NAME=SIZE.")
 @click.option("--json", "as_json", is_flag=True, help="Print latencies as JSON.")
 @common
@@ -334,7 +363,7 @@ Example:
   compress example digits-resnet model.pt""")
 @click.argument("name", type=click.Choice(sorted(__import__("compress.examples", fromlist=["EXAMPLES"]).EXAMPLES)))
 @click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--epochs", type=int, default=None, help="Training epochs (default: the example's own).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the example's own).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
 @seed_option
 @device_option
@@ -408,7 +437,17 @@ def check(recipe_path, model, trust_checkpoint, trust_factory, debug, quiet):
 
 
 def main() -> None:
-    cli(prog_name="compress")
+    """The console script: click's own usage errors become one line and exit 2, like every user error."""
+    try:
+        code = cli.main(prog_name="compress", standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        click.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted; no output was written", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ class Dataset:
             raise UserError(f"{source}: tensors must share their first (sample) dimension, got {lengths}")
         if next(iter(lengths.values())) == 0:
             raise UserError(f"{source}: holds zero samples")
+        for key, tensor in tensors.items():
+            check_values(tensor, source, key)
         self.tensors = tensors
         self.source = source
 
@@ -73,9 +75,13 @@ def load_source(source: str) -> Dataset:
             with np.load(path, allow_pickle=False) as archive:
                 tensors = {k: torch.from_numpy(np.ascontiguousarray(archive[k])) for k in archive.files}
         elif suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            tensors = load_file(str(path))
+            try:
+                tensors = load_file(str(path))
+            except SafetensorError as exc:
+                raise ValueError(str(exc)) from None
         elif suffix in (".pt", ".pth"):
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         else:
@@ -87,6 +93,26 @@ def load_source(source: str) -> Dataset:
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UserError(f"{source}: expected a mapping of names to tensors")
     return Dataset({k: _default_dtype(v) for k, v in tensors.items()}, source)
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                    torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def check_values(tensor: torch.Tensor, source: str, key: str) -> None:
+    """A data tensor must have a plain dtype and hold only finite values; the error names the key,
+    how many values and samples are bad, and the first bad sample."""
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise UserError(f"{source}: {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, which compress "
+                        "does not train or export; store it as float32, int64 or bool")
+    if not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        per_sample = bad.reshape(tensor.shape[0], -1).any(dim=1)
+        first = int(per_sample.nonzero()[0, 0])
+        raise UserError(f"{source}: {key!r} holds {int(bad.sum()):,} non-finite values (NaN or Inf) in "
+                        f"{int(per_sample.sum()):,} samples, the first at index {first}; fix or remove those samples")
 
 
 def _default_dtype(tensor: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,16 @@ def timed(timings: dict[str, float], name: str):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: compress fine-tunes on cpu or cuda (cuda:N), or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -96,7 +103,7 @@ def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options)
                 cache[resolved] = load_source(resolved)
             data[role] = cache[resolved]
         input_names, sample = _inputs(r, loaded, data, r.data.target)
-        _check_fit(loaded.model, input_names, sample, data, r.data.target)
+        _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings)
 
 
@@ -123,18 +130,39 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
     return names, synthetic_sample(specs)
 
 
-def _check_fit(model: nn.Module, names: list[str], sample, data, target: str) -> None:
+def _check_fit(model: nn.Module, names: list[str], sample, data, target: str, r=None) -> None:
     """Run one sample of every data source through the model, so that misfitting data fails now,
-    with the source's name."""
-    checks = {d.source: tuple(d.head(1)[n] for n in names) for d in data.values() if d is not None}
-    for source, inputs in (checks or {"recipe inputs": sample}).items():
+    with the source's name; then check the labels against the model's output (class indices in
+    range, no real-valued labels for a class output)."""
+    checks = {d.source: (d, tuple(d.head(1)[n] for n in names)) for d in data.values() if d is not None}
+    for source, (dataset, inputs) in (checks or {"recipe inputs": (None, sample)}).items():
         try:
             with torch.no_grad():
-                model.eval()(*inputs)
+                output = primary_output(model.eval()(*inputs))
         except Exception as exc:  # any error inside the user's forward means the data does not fit
             shapes = ", ".join(f"{n} {list(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}"
                                for n, t in zip(names, inputs))
             raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first_line(exc)}") from None
+        if dataset is not None and target in dataset.keys():
+            _check_labels(output, dataset.tensors[target], source, target, r)
+
+
+def _check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: str, r) -> None:
+    classes = output.shape[1] if output.dim() == 2 and output.shape[1] > 1 else None
+    loss = r.finetune.loss if r is not None else "auto"
+    metric = r.data.metric if r is not None else "auto"
+    class_labels = classes is not None and labels.dim() == 1 and loss in ("auto", "cross_entropy") and \
+        metric in ("auto", "accuracy")
+    if not class_labels:
+        return
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise UserError(f"{source}: labels {key!r} are {str(labels.dtype).removeprefix('torch.')} values but the "
+                        f"model outputs {classes} classes; store class indices as integers (int64)")
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        raise UserError(f"{source}: {int(bad.sum()):,} labels {key!r} lie outside the model's {classes} classes "
+                        f"[0, {classes}), the first at index {first} (value {int(labels[first])})")
 
 
 def make_methods(recipe: LoadedRecipe) -> list[Method]:

@@ -21,6 +21,9 @@ from .methods import METHODS
 from .methods.base import Strict
 
 
+SEED_MAX = 2**32 - 1
+
+
 class ModelSection(Strict):
     """How to build the model when the checkpoint does not say (e.g. a `.safetensors` state dict)."""
 
@@ -133,7 +136,7 @@ class Recipe(Strict):
 
     name: str | None = None
     description: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="random seed for fine-tuning and data order")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     inputs: list[InputSpec] | None = Field(None, description="forward arguments; default: the data's keys, in file order")
@@ -166,11 +169,22 @@ class LoadedRecipe:
         return str(self.path.parent / source)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a megabyte is already absurd
+MAX_DEPTH = 32  # nesting levels of mappings and lists
+MAX_NODES = 50_000  # YAML nodes after expanding aliases (a "billion laughs" document has 10^9)
+
+
 def load_recipe(path: str | Path) -> LoadedRecipe:
     """Read and validate a recipe file; every mistake is a RecipeError naming the key path."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe "
+                              f"(at most {MAX_RECIPE_BYTES:,})")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: too large for a recipe (at most {MAX_RECIPE_BYTES:,} bytes)")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as exc:
@@ -178,15 +192,71 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     return LoadedRecipe(parse_recipe(raw, str(path)), path, hashlib.sha256(raw).hexdigest())
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys and nesting deeper than MAX_DEPTH, and counts
+    the nodes a document expands to through its aliases (see read_yaml)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_excerpt(repr(key_node.value))}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str | bytes) -> Any:
+    """One YAML document, safely: no tags that build objects, no duplicate keys, bounded depth, and at
+    most MAX_NODES nodes once aliases are expanded (checked before anything is built)."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            sizes: dict[int, int] = {}
+
+            def size(n) -> int:
+                if id(n) not in sizes:
+                    sizes[id(n)] = 0  # a node that contains itself counts once
+                    children = (n.value if isinstance(n, yaml.SequenceNode) else
+                                [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else [])
+                    sizes[id(n)] = min(MAX_NODES + 1, 1 + sum(size(c) for c in children))
+                return sizes[id(n)]
+
+            if size(node) > MAX_NODES:
+                raise yaml.YAMLError(f"the document expands to more than {MAX_NODES:,} nodes through its aliases "
+                                     "(a recipe is far smaller)")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
 def parse_recipe(text: str | bytes, origin: str = "recipe") -> Recipe:
     try:
-        document = yaml.safe_load(text)
+        document = read_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise RecipeError(f"{origin}{where}: YAML syntax error: {_one_line(exc.problem or exc.context)}") from None
+        raise RecipeError(f"{origin}{where}: YAML syntax error: {_excerpt(exc.problem or exc.context, 160)}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{origin}: YAML error: {_one_line(exc)}") from None
+        raise RecipeError(f"{origin}: YAML error: {_excerpt(exc, 200)}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{origin}: not a text file") from None
     if not isinstance(document, dict):
@@ -198,8 +268,10 @@ def parse_recipe(text: str | bytes, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: " + format_errors(exc)) from None
 
 
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
+def _excerpt(text, limit: int = 60) -> str:
+    """A short one-line excerpt of user input for an error message (never the whole document)."""
+    line = " ".join(str(text)[: limit * 4].split())
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def format_errors(exc: ValidationError, limit: int = 3) -> str:
@@ -219,7 +291,7 @@ def _format_one(err: dict) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(allowed)}" if allowed else "")
         return f"{path}: unknown key{hint}"
     if kind == "union_tag_invalid":
-        return f"{path}.method: unknown method {err['input'].get('method')!r}; available: {', '.join(METHODS)}"
+        return f"{path}.method: unknown method {_excerpt(repr(err['input'].get('method')))}; available: {', '.join(METHODS)}"
     if kind == "union_tag_not_found":
         return f"{path}: a stage needs `method:` (one of {', '.join(METHODS)})"
     message = err["msg"].removeprefix("Value error, ")
@@ -227,7 +299,10 @@ def _format_one(err: dict) -> str:
         return message
     if kind == "missing":
         return f"{path}: required key is missing"
-    return f"{path}: {message} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else f"{path}: {message}"
+    message = _excerpt(message, 200)
+    if "input" in err and not isinstance(err["input"], dict):
+        return f"{path}: {message} (got {_excerpt(repr(err['input']))})"
+    return f"{path}: {message}"
 
 
 def _loc_path(loc: list) -> str:
@@ -241,7 +316,7 @@ def _loc_path(loc: list) -> str:
         elif re.fullmatch(r"[A-Za-z0-9_.\-]+", str(part)):
             out += ("." if out else "") + str(part)
         else:  # keys with spaces, newlines or symbols are quoted so the message stays one line
-            out += f"[{str(part)!r}]"
+            out += f"[{_excerpt(repr(str(part)), 40)}]"
     return out
 
 

@@ -52,9 +52,9 @@ def make_case(name, tmp_path, digits_model, write_recipe):
     elif name == "yaml syntax error":
         extra, message = "gates: {max_metric_drop: [0.1}", "recipe.yaml:5:"
     elif name == "unknown recipe key":
-        extra, message = "finetune: {epoch: 3}", "finetune.epoch: unknown key; did you mean 'epochs'?"
+        extra, message = "gates: {max_metric_dro: 0.1}", "gates.max_metric_dro: unknown key; did you mean 'max_metric_drop'?"
     elif name == "wrong type":
-        extra, message = "bench: {runs: lots}", "bench.runs: Input should be a valid integer"
+        extra, message = "inputs: [{name: image, shape: [lots]}]", "inputs[0].shape[0]: Input should be a valid integer"
     elif name == "out of range":
         extra, message = "gates: {max_metric_drop: -1}", "gates.max_metric_drop: Input should be greater than or equal to 0"
     elif name == "pattern matches nothing":

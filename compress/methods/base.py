@@ -35,9 +35,10 @@ LAYER_TYPES: dict[str, type[nn.Module]] = {
 
 
 class Strict(BaseModel):
-    """A recipe section: unknown keys are errors, not silently ignored."""
+    """A recipe section: unknown keys are errors, not silently ignored, and every number is finite
+    (`.inf` would silently turn a tolerance, a gate or a weight off)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Targets(Strict):

@@ -67,6 +67,66 @@ def profile_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
     return shapes
 
 
+@torch.no_grad()
+def activation_bytes_per_sample(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of the inputs plus every leaf module's output for one sample: an upper bound on what
+    a runtime keeps alive per sample (it reuses most of it), for refusing batches that cannot fit."""
+    total = [sum(t.numel() * t.element_size() for t in inputs)]
+
+    def hook(module, args, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total[0] += t.numel() * t.element_size()
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        model.eval()(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0] // max(1, _batch(inputs))
+
+
+ONNX_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def onnx_bytes_per_sample(path: str, dims: dict[str, int] | None = None) -> int:
+    """Bytes of every tensor in an ONNX graph for one sample, from ONNX shape inference: the batch
+    axis (any symbolic axis not named in `dims`) counts 1, unknown sizes count 1."""
+    import onnx
+
+    try:
+        model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    except Exception:  # shape inference can fail on exotic graphs: then estimate from inputs and outputs only
+        model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    total = 0
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        kind = value.type.tensor_type
+        if not kind.HasField("shape"):
+            continue
+        count = 1
+        for d in kind.shape.dim:
+            count *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (dims or {}).get(d.dim_param, 1)
+        total += count * ONNX_ELEMENT_BYTES.get(kind.elem_type, 4)
+    return total
+
+
+def check_fits(batch_sizes: Sequence[int], per_sample_bytes: int, what: str, copies: int = 2) -> None:
+    """Refuse, before allocating, a batch size whose tensors (`copies` models' worth) would need more
+    than half the memory available now."""
+    from .errors import UserError
+    from .trust import available_memory
+
+    budget = available_memory() // 2
+    for bs in batch_sizes:
+        need = bs * per_sample_bytes * copies
+        if need > budget:
+            fits = max(1, budget // max(1, per_sample_bytes * copies))
+            raise UserError(f"{what}: batch size {bs:,} needs about {need / 2**30:.1f} GiB for its tensors, more than "
+                            f"half the {budget * 2 / 2**30:.1f} GiB available; use at most about {fits:,}")
+
+
 def make_session(path: str, threads: int):
     """An ONNX Runtime CPU session with fixed threads and full graph optimization."""
     import onnxruntime as ort
@@ -87,33 +147,104 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
     return out
 
 
+CONFIDENCE = 0.95
+BOOTSTRAP = 2000
+TARGET_HALF_WIDTH = 0.05  # stop adding runs once the speedup's interval is within +-5 % of it
+MAX_RUNS_FACTOR = 8  # ... or after 8x the requested runs
+BUDGET_S = 60.0  # ... or after a minute per batch size
+TAIL_RATIO = 3.0  # p90 more than 3x p50: the machine interrupted the runs
+# Two sessions of the *same* ONNX model on one machine differ by up to ~4 % in p50 however long
+# they run (memory placement; measured with `compress bench a.onnx a.onnx`, 12 runs: 0.98-1.04x),
+# which no resampling of runs can see. Reported intervals are therefore never narrower than
+# +-RESOLUTION around the estimate: a speedup under 5 % is not distinguished from none.
+RESOLUTION = 0.05
+
+
+def speedup_interval(reference_ms: Sequence[float], candidate_ms: Sequence[float], seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % interval of p50(reference) / p50(candidate) from paired runs (run i of both
+    models was taken back to back, so pairs are resampled together and shared noise cancels)."""
+    a, b = np.asarray(reference_ms, dtype=np.float64), np.asarray(candidate_ms, dtype=np.float64)
+    n = min(len(a), len(b))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    ratios = np.median(a[:n][idx], axis=1) / np.median(b[:n][idx], axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return round(float(lo), 4), round(float(hi), 4)
+
+
+def half_width(interval: tuple[float, float], estimate: float) -> float:
+    return (interval[1] - interval[0]) / 2 / max(estimate, 1e-12)
+
+
 def latency(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
             warmup: int = 10, runs: int = 50, progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
-    """p50/p90/p99 latency in ms of each ONNX model per batch size.
+    """p50/p90/p99 latency in ms of each ONNX model per batch size (see `measure`)."""
+    return measure(models, feeds, threads, warmup, runs, progress)["latency_ms"]
 
-    Every model gets an identically configured session; within each batch size the models are run
-    alternately (A, B, A, B, ...) so that machine noise falls on all of them alike.
-    Returns {label: {str(batch_size): {"p50", "p90", "p99", "mean"}}}.
+
+def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
+            warmup: int = 10, runs: int = 50, progress: bool = False, budget_s: float = BUDGET_S) -> dict:
+    """Latency of each ONNX model per batch size, and the speedup of every model over the first
+    with a bootstrap 95 % interval.
+
+    Every model gets an identically configured session. Within each batch size the models run
+    back to back in pairs whose order alternates (A B, B A, ...), so that machine noise falls on all
+    of them alike and neither always runs second. After `runs` pairs, more pairs are taken (in
+    chunks of `runs`, up to 8x, within `budget_s`) while any speedup's interval is wider than
+    +-5 %. A batch size still that wide at the end, or whose p90 is over 3x its p50, gets a warning.
+    The reported interval is the bootstrap's, widened to at least +-RESOLUTION (see above).
+
+    Returns {"latency_ms": {label: {str(bs): {p50, p90, p99, mean, runs}}},
+             "speedup": {label: {str(bs): p50 ratio}}, "speedup_ci": {label: {str(bs): [lo, hi]}},
+             "warnings": [one line each]} (speedups only for the models after the first).
     """
     from tqdm.auto import tqdm
 
     sessions = {label: make_session(path, threads) for label, path in models.items()}
-    result: dict[str, dict[str, dict[str, float]]] = {label: {} for label in models}
-    bar = tqdm(total=len(feeds) * (warmup + runs) * len(models), desc="benchmark", unit="run",
+    labels = list(sessions)
+    reference, others = labels[0], labels[1:]
+    result: dict = {"latency_ms": {label: {} for label in labels}, "speedup": {label: {} for label in others},
+                    "speedup_ci": {label: {} for label in others}, "warnings": []}
+    bar = tqdm(total=len(feeds) * (warmup + runs) * len(labels), desc="benchmark", unit="run",
                disable=not progress, leave=False)
     for batch_size, feed in feeds.items():
+        key = str(batch_size)
         for _ in range(warmup):
             for session in sessions.values():
                 session.run(None, feed)
                 bar.update(1)
-        samples: dict[str, list[float]] = {label: [] for label in sessions}
-        for _ in range(runs):
-            for label, session in sessions.items():
-                start = time.perf_counter()
-                session.run(None, feed)
-                samples[label].append((time.perf_counter() - start) * 1e3)
-                bar.update(1)
-        for label in sessions:
-            result[label][str(batch_size)] = percentiles(samples[label])
+        samples: dict[str, list[float]] = {label: [] for label in labels}
+        started, pairs = time.perf_counter(), 0
+        while True:
+            for _ in range(runs):
+                for label in (labels if pairs % 2 == 0 else labels[::-1]):
+                    start = time.perf_counter()
+                    sessions[label].run(None, feed)
+                    samples[label].append((time.perf_counter() - start) * 1e3)
+                    bar.update(1)
+                pairs += 1
+            intervals = {o: speedup_interval(samples[reference], samples[o]) for o in others}
+            estimates = {o: float(np.median(samples[reference]) / np.median(samples[o])) for o in others}
+            wide = [o for o in others if half_width(intervals[o], estimates[o]) > TARGET_HALF_WIDTH]
+            if not wide or pairs >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
+                break
+            bar.total += runs * len(labels)
+        for label in labels:
+            result["latency_ms"][label][key] = {**percentiles(samples[label]), "runs": pairs}
+        for o in others:
+            result["speedup"][o][key] = round(estimates[o], 4)
+            lo, hi = intervals[o]
+            floor = (estimates[o] * (1 - RESOLUTION), estimates[o] * (1 + RESOLUTION))
+            result["speedup_ci"][o][key] = [round(min(lo, floor[0]), 4), round(max(hi, floor[1]), 4)]
+            if o in wide:
+                result["warnings"].append(
+                    f"batch {key}: {o} speedup {estimates[o]:.3f}x has a wide 95% interval "
+                    f"[{intervals[o][0]:.3f}, {intervals[o][1]:.3f}] after {pairs} paired runs: the machine was noisy")
+        tails = [label for label in labels if samples[label] and
+                 np.percentile(samples[label], 90) > TAIL_RATIO * np.percentile(samples[label], 50)]
+        if tails:
+            result["warnings"].append(f"batch {key}: p90 latency over {TAIL_RATIO:g}x p50 for {', '.join(tails)}: "
+                                      "runs were interrupted (a busy machine); percentiles above p50 are unreliable")
     bar.close()
     return result

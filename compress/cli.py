@@ -227,8 +227,12 @@ def _print_summary(result, out: Path | None = None) -> None:
     fmt = lambda m: "-" if not m else f"{m['name']} {m['value']:.4f}"  # noqa: E731
     click.echo(f"params {o['params']:,} -> {c['params']:,} ({r['params']}x)  MACs {o['macs']:,} -> {c['macs']:,} ({r['macs']}x)")
     click.echo(f"metric {fmt(o['metric'])} -> {fmt(c['metric'])} (model.onnx: {fmt(c.get('onnx_metric'))})")
-    click.echo("speedup (p50) " + ", ".join(f"batch {b}: {s}x" for b, s in r["speedup"].items())
-               + f"  parity max abs diff {result['parity']['max_abs_diff']:.2e}")
+    ci = r.get("speedup_ci", {})
+    click.echo("speedup (p50, 95% interval) " + ", ".join(
+        f"batch {b}: {s}x [{ci[b][0]}, {ci[b][1]}]" if b in ci else f"batch {b}: {s}x" for b, s in r["speedup"].items())
+        + f"  parity max abs diff {result['parity']['max_abs_diff']:.2e}")
+    for warning in result.get("warnings") or []:
+        click.echo(f"warning: {warning}", err=True)
     if out is not None:
         click.echo(f"wrote {out}/model.pt, model.onnx, report.json, report.md")
 
@@ -326,8 +330,9 @@ Example:
 @click.option("--json", "as_json", is_flag=True, help="Print latencies as JSON.")
 @common
 def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quiet):
-    """ONNX Runtime latency (p50/p90/p99 ms) of one or more ONNX MODELS, runs interleaved."""
-    from .bench import latency
+    """ONNX Runtime latency (p50/p90/p99 ms) of one or more ONNX MODELS, run in alternating pairs;
+    with two or more, the speedup of each over the first with a bootstrap 95% interval."""
+    from .bench import measure
     from .inspection import onnx_feeds
 
     try:
@@ -339,23 +344,29 @@ def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quie
     named = {}
     for d in dims:
         key, _, value = d.partition("=")
-        if not value.isdigit():
-            raise UserError(f"--dim {d!r}: expected NAME=SIZE, e.g. sequence=128")
+        if not key or not value.isdigit() or int(value) < 1:
+            raise UserError(f"--dim {d!r}: expected NAME=SIZE with a positive SIZE, e.g. sequence=128")
         named[key] = int(value)
     labels = {}
     for path in models:
         label = path if path not in labels else f"{path}#{len(labels)}"
         labels[label] = path
-    feeds = onnx_feeds(models[0], sizes, named)
-    result = latency(labels, feeds, threads, warmup, runs, progress=not quiet)
+    feeds = onnx_feeds(list(models), sizes, named)
+    result = measure(labels, feeds, threads, warmup, runs, progress=not quiet)
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo("| model | batch | p50 ms | p90 ms | p99 ms |")
-    click.echo("|---|---|---|---|---|")
-    for label, per_batch in result.items():
+    reference = next(iter(labels))
+    click.echo("| model | batch | p50 ms | p90 ms | p99 ms | runs | speedup (95% interval) |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for label, per_batch in result["latency_ms"].items():
         for bs, s in per_batch.items():
-            click.echo(f"| {label} | {bs} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} |")
+            speedup = "reference" if label == reference else (
+                f"{result['speedup'][label][bs]:.3f}x [{result['speedup_ci'][label][bs][0]:.3f}, "
+                f"{result['speedup_ci'][label][bs][1]:.3f}]")
+            click.echo(f"| {label} | {bs} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['runs']} | {speedup} |")
 
 
 @cli.command(epilog="""\b

@@ -100,35 +100,57 @@ ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
-def onnx_feeds(path: str, batch_sizes: list[int], dims: dict[str, int]) -> dict[int, dict[str, np.ndarray]]:
-    """Random inputs for an ONNX model per batch size: axis 0 is the batch, other dynamic axes
-    take their size from `dims` (by name)."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: ONNX file not found")
-    try:
-        session = bench.make_session(path, 1)
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-        raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
+def onnx_feeds(paths: list[str], batch_sizes: list[int], dims: dict[str, int]) -> dict[int, dict[str, np.ndarray]]:
+    """Random inputs for ONNX models per batch size: axis 0 is the batch, other dynamic axes take
+    their size from `dims` (by name). Every model must load and take the same inputs, and the
+    largest batch must fit in memory (estimated from the graph's tensor shapes) before any is made."""
+    signatures = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: ONNX file not found")
+        try:
+            session = bench.make_session(path, 1)
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
+        signatures[path] = [(i.name, i.type, [d if isinstance(d, int) else None for d in i.shape])
+                            for i in session.get_inputs()]
+    first = paths[0]
+    for path, signature in signatures.items():
+        if signature != signatures[first]:
+            raise UserError(f"{path}: takes inputs {_describe(signature)}, but {first} takes "
+                            f"{_describe(signatures[first])}; bench compares models with the same inputs")
+    session = bench.make_session(first, 1)
+    shapes = {}
+    for inp in session.get_inputs():
+        shape = []
+        for axis, size in enumerate(inp.shape):
+            if isinstance(size, int):
+                shape.append(size)
+            elif axis == 0:
+                shape.append(None)
+            elif size in dims:
+                shape.append(dims[size])
+            else:
+                raise UserError(f"{first}: axis {axis} ({size!r}) of input {inp.name!r} is dynamic; "
+                                f"give its size with --dim {size}=N")
+        dtype = ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise UserError(f"{first}: input {inp.name!r} has type {inp.type}, which bench cannot fill")
+        shapes[inp.name] = (shape, dtype)
+    per_sample = max(bench.onnx_bytes_per_sample(p, dims) for p in paths)
+    bench.check_fits(batch_sizes, per_sample, "--batch-sizes")
     rng = np.random.default_rng(0)
     feeds = {}
     for bs in batch_sizes:
         feed = {}
-        for inp in session.get_inputs():
-            shape = []
-            for axis, size in enumerate(inp.shape):
-                if isinstance(size, int):
-                    shape.append(size)
-                elif axis == 0:
-                    shape.append(bs)
-                elif size in dims:
-                    shape.append(dims[size])
-                else:
-                    raise UserError(f"{path}: axis {axis} ({size!r}) of input {inp.name!r} is dynamic; "
-                                    f"give its size with --dim {size}=N")
-            dtype = ORT_DTYPES.get(inp.type)
-            if dtype is None:
-                raise UserError(f"{path}: input {inp.name!r} has type {inp.type}, which bench cannot fill")
-            feed[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                              else np.zeros(shape, dtype=dtype))
+        for name, (shape, dtype) in shapes.items():
+            full = [bs if s is None else s for s in shape]
+            feed[name] = (rng.standard_normal(full).astype(dtype) if np.issubdtype(dtype, np.floating)
+                          else np.zeros(full, dtype=dtype))
         feeds[bs] = feed
     return feeds
+
+
+def _describe(signature) -> str:
+    return ", ".join(f"{name} {kind.removeprefix('tensor(').rstrip(')')}{['?' if d is None else d for d in dims]}"
+                     for name, kind, dims in signature)

@@ -104,6 +104,7 @@ def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options)
             data[role] = cache[resolved]
         input_names, sample = _inputs(r, loaded, data, r.data.target)
         _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
+        bench.check_fits(r.bench.batch_sizes, bench.activation_bytes_per_sample(loaded.model, sample), "bench.batch_sizes")
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings)
 
 
@@ -338,8 +339,9 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
                            "value": round(score(metric_after["name"], outs, target, reference), 6)}
     with timed(timings, "bench"):
         feeds = {bs: export.to_feed(ctx.input_names, _real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
-        lat = bench.latency({"original": str(original_onnx), "compressed": str(compressed_onnx)}, feeds,
-                            r.bench.threads, r.bench.warmup, r.bench.runs, progress=options.progress)
+        measured = bench.measure({"original": str(original_onnx), "compressed": str(compressed_onnx)}, feeds,
+                                 r.bench.threads, r.bench.warmup, r.bench.runs, progress=options.progress)
+        lat = measured["latency_ms"]
 
     with timed(timings, "save"):
         _save_model(ctx, compressed, methods, work / "model.pt", metric_after)
@@ -359,7 +361,9 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
         "ratios": {"params": reporting.ratio(orig["params"], comp["params"]),
                    "macs": reporting.ratio(orig["macs"], comp["macs"]),
                    "onnx_bytes": reporting.ratio(orig["onnx_bytes"], comp["onnx_bytes"]),
-                   "speedup": reporting.speedups(orig["latency_ms"], comp["latency_ms"])},
+                   "speedup": measured["speedup"]["compressed"],
+                   "speedup_ci": measured["speedup_ci"]["compressed"]},
+        "warnings": measured["warnings"],
         "parity": parity,
         "layers": rows,
         "finetune": _train_summary(trained),
@@ -417,11 +421,11 @@ def check_gates(result: dict, gates, options: Options) -> dict:
             raise UserError("gate max_metric_drop needs eval data (data.eval) to measure a metric")
         value = round(drop(before["name"], before["value"], after["value"]), 6)
         checked.append({"gate": "max_metric_drop", "limit": max_drop, "value": value, "passed": value <= max_drop})
-    if min_speedup is not None:
+    if min_speedup is not None:  # held to the lower end of the speedup's 95 % interval, not to one noisy figure
         batch = str(gates.speedup_batch or max(int(b) for b in result["ratios"]["speedup"]))
-        value = result["ratios"]["speedup"][batch]
+        value = result["ratios"]["speedup_ci"][batch][0]
         checked.append({"gate": f"min_speedup@batch{batch}", "limit": min_speedup, "value": value,
-                        "passed": value is not None and value >= min_speedup})
+                        "estimate": result["ratios"]["speedup"][batch], "passed": value >= min_speedup})
     if min_size is not None:
         value = result["ratios"]["onnx_bytes"]
         checked.append({"gate": "min_size_ratio", "limit": min_size, "value": value,

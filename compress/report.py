@@ -25,11 +25,6 @@ def ratio(before: float | None, after: float | None) -> float | None:
     return round(before / after, 4)
 
 
-def speedups(original: dict, compressed: dict) -> dict[str, float | None]:
-    """p50 latency ratio original / compressed per batch size."""
-    return {bs: ratio(original[bs]["p50"], compressed[bs]["p50"]) for bs in original if bs in compressed}
-
-
 def write_json(report: dict, path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
 
@@ -83,14 +78,19 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| metric of model.onnx | | {_metric(c['onnx_metric'])} | |")
     for bs, stats in o["latency_ms"].items():
         cs = c["latency_ms"][bs]
+        lo, hi = r.get("speedup_ci", {}).get(bs, (None, None))
+        interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
         lines.append(f"| latency batch {bs} p50 / p90 / p99 ms | {stats['p50']:.3f} / {stats['p90']:.3f} / {stats['p99']:.3f} "
-                     f"| {cs['p50']:.3f} / {cs['p90']:.3f} / {cs['p99']:.3f} | {_num(r['speedup'].get(bs))}x |")
+                     f"| {cs['p50']:.3f} / {cs['p90']:.3f} / {cs['p99']:.3f} | {_num(r['speedup'].get(bs))}x{interval} |")
     p = report["parity"]
     lines += ["", f"ONNX parity ({'passed' if p['passed'] else 'FAILED'}): max abs diff {p['max_abs_diff']:.3g}, "
               f"max rel diff {p['max_rel_diff']:.3g} (atol {p['atol']}, rtol {p['rtol']}).", ""]
     bench = report["bench"]
     lines.append(f"Latency: ONNX Runtime {report['versions']['onnxruntime']}, CPU, {bench['threads']} thread(s), "
-                 f"{bench['warmup']} warm-up and {bench['runs']} timed runs per batch size, models interleaved.")
+                 f"{bench['warmup']} warm-up and at least {bench['runs']} timed runs per batch size, models run in "
+                 "alternating pairs; speedups with a bootstrap 95% interval in brackets.")
+    for warning in report.get("warnings") or []:
+        lines.append(f"**Warning:** {warning}.")
     ft = report.get("finetune") or {}
     if ft.get("steps"):
         lines.append(f"Fine-tuning: {ft['steps']} steps ({ft['epochs']:.2f} epochs) in {ft['seconds']:.1f} s, "

@@ -145,8 +145,9 @@ def test_inspect_export_bench_and_schema(digits_model, run_cli, tmp_path):
     assert result.exit_code == 0 and onnx_path.is_file() and "passed" in result.output
     assert run_cli("export", digits_model, "--out", onnx_path).exit_code == 2
     result = run_cli("bench", onnx_path, "--batch-sizes", "1,4", "--runs", "3", "--warmup", "1", "--json", "-q")
-    latency = json.loads(result.output)
-    assert set(latency[str(onnx_path)]) == {"1", "4"}
+    measured = json.loads(result.output)
+    assert set(measured["latency_ms"][str(onnx_path)]) == {"1", "4"}
+    assert measured["speedup"] == {} and measured["latency_ms"][str(onnx_path)]["4"]["runs"] == 3
     schema = json.loads(run_cli("recipe", "schema").output)
     assert "stages" in schema["properties"]
 

@@ -306,7 +306,7 @@ def load_artifact(path: Path, trusted: tuple[str, ...] | None = None) -> LoadedM
 
 def load(path: str | Path, trust_checkpoint: bool = False, trust_factories: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """The model in a checkpoint, an artifact folder (compression.json + model.safetensors) or a
-    compression.json, in eval mode. Factories outside `compress.examples` are built only under the
+    compression.json, in eval mode. Factories other than the bundled examples' are built only under the
     module prefixes in `trust_factories`."""
     return load_model(path, trust=trust_checkpoint, trusted=trusted_prefixes(trust_factories)).model
 

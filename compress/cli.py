@@ -91,7 +91,7 @@ def trust_option(fn):
     fn = click.option("--trust-factory", "trust_factory", multiple=True, metavar="PREFIX",
                       help="Trust model factories in modules under PREFIX (e.g. mypackage.models): a checkpoint, "
                            "compression.json or recipe naming one may import and call it. Repeatable. Without it "
-                           "only compress.examples and the recipe's model.trust are trusted.")(fn)
+                           "only the bundled examples' factories and the recipe's model.trust are trusted.")(fn)
     fn = click.option("--trust-checkpoint", is_flag=True,
                       help="Allow loading a whole pickled module (unpickling runs code: only for files you trust).")(fn)
     return fn
@@ -149,7 +149,7 @@ Example:
   compress apply -r recipes/svd.yaml model.pt --out out/svd --force --max-metric-drop 0.01""")
 @recipe_option
 @click.argument("model", type=click.Path())
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "-o", type=click.Path(), default=None,
               help="Output folder (default: out/<recipe file name>). Holds model.pt, model.safetensors, "
                    "compression.json, model.onnx, report.json, report.md.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")

@@ -30,7 +30,7 @@ class ModelSection(Strict):
     factory: str | None = Field(None, description="'package.module:callable' that returns the nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
     trust: list[str] = Field(default_factory=list, description="module prefixes whose factories may be imported "
-                             "and called (e.g. [mypackage.models]); compress.examples is always trusted")
+                             "and called (e.g. [mypackage.models]); the bundled examples' factories are always trusted")
 
     @field_validator("trust")
     @classmethod

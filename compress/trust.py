@@ -4,11 +4,12 @@ A safe checkpoint, a `compression.json` and a recipe name the code that builds t
 'package.module:callable'. Those files come from other people, so naming a callable must not be
 enough to run it. A factory is resolved only when all of these hold, checked in this order:
 
-1. Its module lies under a trusted prefix (dot-separated, so `mypkg` trusts `mypkg.models` but
-   not `mypkgevil`), checked *before anything is imported*. Trusted are the tool's own examples
-   (`compress.examples`), the prefixes the user names with `--trust-factory PREFIX` (or
-   `trust_factories=` in Python), and those listed under `model.trust` in the recipe the user
-   chose to run. A file never trusts anything by itself.
+1. It is one of the bundled examples' factories (`compress.examples.FACTORIES`), or its module lies
+   under a trusted prefix (dot-separated, so `mypkg` trusts `mypkg.models` but not `mypkgevil`),
+   checked *before anything is imported*. Trusted prefixes are those the user names with
+   `--trust-factory PREFIX` (or `trust_factories=` in Python) and those listed under `model.trust`
+   in the recipe the user chose to run. A file never trusts anything by itself. (Not the whole of
+   `compress.examples`: its training functions write files.)
 2. The attribute path is public names only (no `_private` or `__dunder__` hops).
 3. The object is an `nn.Module` subclass or a plain Python function, *defined* in a trusted module
    (its `__module__`), so `os:system`, `shutil:rmtree`, `builtins:exec`, or a trusted module's
@@ -33,7 +34,6 @@ from torch import nn
 
 from .errors import UserError, first_line
 
-BUILTIN_PREFIXES = ("compress.examples",)
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PUBLIC = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 MAX_KWARGS_DEPTH = 8
@@ -54,8 +54,8 @@ def check_prefix(prefix: str, where: str = "--trust-factory") -> str:
 
 
 def trusted_prefixes(*groups: Iterable[str] | None) -> tuple[str, ...]:
-    """The built-in prefixes plus each group given (validated)."""
-    out = list(BUILTIN_PREFIXES)
+    """The module prefixes of each group given (validated), without repeats."""
+    out: list[str] = []
     for group in groups:
         for prefix in group or ():
             check_prefix(prefix)
@@ -78,7 +78,10 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
     parts = attr.split(".")
     if not all(_PUBLIC.fullmatch(p) for p in parts):
         raise UserError(f"factory {reference!r}: the callable must be a public name (no leading underscores)")
-    if not under(module_name, prefixes):
+    from .examples import FACTORIES
+
+    builtin = reference in FACTORIES
+    if not builtin and not under(module_name, prefixes):
         raise UserError(f"factory {reference!r} is not trusted, so nothing was imported: if you trust the package, "
                         f"pass --trust-factory {module_name} (or list it under model.trust in your recipe)")
     try:
@@ -93,9 +96,9 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
     if not (is_module_class or inspect.isfunction(target)):
         raise UserError(f"factory {reference!r}: {type(target).__name__} is neither an nn.Module class nor a function")
     defined_in = getattr(target, "__module__", None) or ""
-    if not under(defined_in, prefixes):
+    if not (defined_in == module_name if builtin else under(defined_in, prefixes)):
         raise UserError(f"factory {reference!r}: {attr!r} is defined in {defined_in!r}, which is not trusted "
-                        f"(trusted: {', '.join(prefixes)})")
+                        f"(trusted: {', '.join(prefixes) or 'only the bundled examples'})")
     return target
 
 

@@ -86,7 +86,7 @@ def test_factory_that_does_not_import_or_fit(tmp_path):
     with pytest.raises(UserError, match="cannot import 'no_such_pkg.mod'"):
         load_model(tmp_path / "sd.pt", "no_such_pkg.mod:make", trusted=("no_such_pkg",))
     with pytest.raises(UserError, match="has no attribute 'nope'"):
-        load_model(tmp_path / "sd.pt", "compress.examples.digits:nope")
+        load_model(tmp_path / "sd.pt", "compress.examples.digits:nope", trusted=("compress.examples",))
     with pytest.raises(UserError, match="expected 'package.module:callable'"):
         load_model(tmp_path / "sd.pt", "compress.examples.digits")
     with pytest.raises(UserError, match=r"weight 'stem.0.weight' has shape \[8, 1, 3, 3\], the model expects \[16"):

@@ -31,6 +31,11 @@ def _digits_tokens_unlabeled(split: str) -> dict[str, torch.Tensor]:
     return {"tokens": data["tokens"], "mask": data["mask"]}
 
 
+# the model factories of the bundled examples: the only code a checkpoint may name without the user's
+# --trust-factory (see compress.trust); each example module's FACTORY is one of these
+FACTORIES = ("compress.examples.digits:digits_resnet", "compress.examples.ctr:deepfm",
+             "compress.examples.digits_transformer:digits_transformer")
+
 # bundled data sets, `bundled:NAME/SPLIT` in a recipe
 DATASETS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {
     "digits": _digits, "ctr": _ctr, "digits-tokens": _digits_tokens,

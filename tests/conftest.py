@@ -1,9 +1,22 @@
+import os
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-from click.testing import CliRunner
+# Threads: every test process and every process it spawns gets a fixed, small number of compute
+# threads (COMPRESS_TEST_THREADS, default 1), set before torch is imported. Left alone, each one
+# takes every core, and beside other jobs on a 2-core machine the suite ran 15-20x slower
+# (OpenMP threads spinning against each other). Spawned processes inherit the environment.
+THREADS = os.environ.setdefault("COMPRESS_TEST_THREADS", "1")
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_name] = THREADS
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+torch.set_num_threads(int(THREADS))
+torch.set_num_interop_threads(1)
 
 from compress.cli import cli
 from compress.examples.digits import train_digits_resnet
@@ -38,6 +51,26 @@ def transformer_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dt") / "dt.pt"
     train_digits_transformer(path, epochs=3, progress=False)
     return path
+
+
+def shortened(recipe: Path, tmp_path: Path, steps: int = 8) -> Path:
+    """A shipped recipe cut to a few fine-tuning steps, one post-finetune epoch and a short
+    benchmark, for the fast tier; `pytest -m slow` runs the recipes at full length."""
+    document = yaml.safe_load(recipe.read_text())
+    document["finetune"]["steps"] = steps
+    for stage in document["stages"]:
+        if stage.get("post_finetune"):
+            stage["post_finetune"] = 1
+    document["bench"] = {**document.get("bench", {}), "batch_sizes": [1, 8], "warmup": 1, "runs": 5}
+    path = tmp_path / f"short-{recipe.name}"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture(params=["short", pytest.param("full", marks=pytest.mark.slow)])
+def shipped(request, tmp_path):
+    """shipped("trp.yaml"): the shipped recipe, shortened (default tier) or as shipped (slow tier)."""
+    return lambda name: REPO / "recipes" / name if request.param == "full" else shortened(REPO / "recipes" / name, tmp_path)
 
 
 @pytest.fixture

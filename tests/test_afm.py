@@ -130,15 +130,13 @@ def test_streaming_collection_does_not_depend_on_batch_size():
         assert all(torch.allclose(s[name].covariance(), stats[0][name].covariance(), atol=1e-10) for s in stats)
 
 
-def test_afm_recipe_end_to_end_on_the_ctr_example(tmp_path, ctr_model, run_cli):
+def test_afm_recipe_end_to_end_on_the_ctr_example(shipped, tmp_path, ctr_model, run_cli):
     import json
-
-    from .conftest import REPO
 
     model = ctr_model
     out = tmp_path / "afm"
     # the tests' model is trained for one epoch only: the AUC gate is loosened, not the checks
-    result = run_cli("apply", "--recipe", REPO / "recipes" / "afm.yaml", model, "--out", out, "-q", "--max-metric-drop", "1")
+    result = run_cli("apply", "--recipe", shipped("afm.yaml"), model, "--out", out, "-q", "--max-metric-drop", "1")
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["compressed"]["metric"]["name"] == "auc"
@@ -148,9 +146,19 @@ def test_afm_recipe_end_to_end_on_the_ctr_example(tmp_path, ctr_model, run_cli):
     assert kinds == {"Embedding", "Linear"}
     import compress
 
+    from compress.checkpoint import load_model
+    from compress.data import load_source
+
     rebuilt = compress.load(out)  # LowRankEmbedding and biased factors rebuild from compression.json
-    fields = torch.zeros(4, 8, dtype=torch.long)
-    assert rebuilt(fields).shape == (4,)
+    assert any(type(m).__name__ == "LowRankEmbedding" for m in rebuilt.modules())
+    fields = load_source("bundled:ctr/test").head(64)["fields"]
+    import onnxruntime as ort
+
+    onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"fields": fields.numpy()})[0]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(fields), load_model(out / "model.pt").model(fields))  # same weights, same model
+        assert torch.allclose(rebuilt(fields), torch.from_numpy(onnx_out).reshape(-1), atol=1e-5)
 
 
 def test_afm_on_a_pickled_transformer_with_two_inputs(tmp_path, write_recipe, run_cli):

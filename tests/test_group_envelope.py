@@ -10,7 +10,6 @@ from compress.data import load_source
 from compress.examples.digits import digits_resnet
 from compress.methods.group_envelope import GroupEnvelope, GroupEnvelopeStage, channel_norms, scale_channels
 
-from .conftest import REPO
 
 X = load_source("bundled:digits/test").head(32)["image"]
 
@@ -113,9 +112,9 @@ def test_depthwise_convolutions_are_pruned_with_their_channels():
         model(X)
 
 
-def test_group_envelope_recipe_end_to_end_and_reload(digits_model, run_cli, tmp_path):
+def test_group_envelope_recipe_end_to_end_and_reload(shipped, digits_model, run_cli, tmp_path):
     out = tmp_path / "ge"
-    result = run_cli("apply", "--recipe", REPO / "recipes" / "group_envelope.yaml", digits_model, "--out", out, "-q",
+    result = run_cli("apply", "--recipe", shipped("group_envelope.yaml"), digits_model, "--out", out, "-q",
                      "--max-metric-drop", "1")
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "report.json").read_text())

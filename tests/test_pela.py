@@ -12,7 +12,6 @@ from compress.finetune import finetune
 from compress.methods.pela import Pela, PelaStage, default_feature_modules
 from compress.recipe import FinetuneSection
 
-from .conftest import REPO
 
 TOKENS = tokens_split("calibration")
 INPUTS = (TOKENS["tokens"][:8], TOKENS["mask"][:8])
@@ -94,10 +93,10 @@ def test_bad_feature_pattern_is_a_recipe_error():
 
 
 @pytest.mark.parametrize("recipe", ["pela.yaml", "pela-unlabeled.yaml"])
-def test_pela_recipes_end_to_end(recipe, transformer_model, run_cli, tmp_path):
+def test_pela_recipes_end_to_end(recipe, shipped, transformer_model, run_cli, tmp_path):
     out = tmp_path / "out"
     # the tests' model is trained for three epochs only: the gate is loosened, not the checks
-    result = run_cli("apply", "-r", REPO / "recipes" / recipe, transformer_model, "--out", out, "-q",
+    result = run_cli("apply", "-r", shipped(recipe), transformer_model, "--out", out, "-q",
                      "--max-metric-drop", "1")
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "report.json").read_text())

@@ -12,7 +12,6 @@ from compress.layers import LowRankConv2d, layer_matrix
 from compress.methods.trp import Trp, TrpStage
 from compress.recipe import parse_recipe
 
-from .conftest import REPO
 
 
 class StridedNet(nn.Module):
@@ -144,10 +143,10 @@ def test_spatial_scheme_on_a_1x1_conv_is_a_recipe_error():
         method.plan(model, profile_layers(model, (X[:1],)))
 
 
-def test_trp_recipe_end_to_end(digits_model, run_cli, tmp_path):
+def test_trp_recipe_end_to_end(shipped, digits_model, run_cli, tmp_path):
     out = tmp_path / "trp"
     # the tests' model is small and trained briefly: the accuracy gate is loosened, not the checks
-    result = run_cli("apply", "--recipe", REPO / "recipes" / "trp.yaml", digits_model, "--out", out, "-q",
+    result = run_cli("apply", "--recipe", shipped("trp.yaml"), digits_model, "--out", out, "-q",
                      "--max-metric-drop", "1")
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "report.json").read_text())

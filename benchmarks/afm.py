@@ -20,8 +20,8 @@ from common import arguments, load_recipe_dict, run_recipe, scratch, write_resul
 
 from compress.checkpoint import load_model
 from compress.data import load_source
-from compress.examples.ctr import train_ctr_deepfm
-from compress.examples.digits import train_digits_resnet
+from compress.examples.training import train_ctr_deepfm
+from compress.examples.training import train_digits_resnet
 from compress.finetune import predict
 from compress.metrics import auc
 

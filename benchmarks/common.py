@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from compress.examples.digits import train_digits_resnet
+from compress.examples.training import train_digits_resnet
 from compress.pipeline import Options, apply, load_context
 from compress.recipe import LoadedRecipe, Recipe
 

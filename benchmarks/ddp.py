@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from common import arguments, scratch, write_results
-from compress.examples.digits_transformer import train_digits_transformer
+from compress.examples.training import train_digits_transformer
 
 RECIPE = """\
 seed: 0

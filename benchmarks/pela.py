@@ -21,7 +21,7 @@ from common import arguments, load_recipe_dict, run_recipe, scratch, write_resul
 
 from compress.checkpoint import load_model
 from compress.data import load_source
-from compress.examples.digits_transformer import train_digits_transformer
+from compress.examples.training import train_digits_transformer
 from compress.finetune import predict
 
 NAMES = ["tokens", "mask"]

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import zipfile
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers
 from .errors import UserError, first_line
-from .methods.base import replace_module
+from .methods.base import short
 from .trust import build_model, trusted_prefixes
 
 FORMAT = "compress.checkpoint"
@@ -64,70 +63,25 @@ INPUT_DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
 
 
 def apply_edits(model: nn.Module, edits: Any, inputs: list[dict] | None = None) -> None:
-    """Replay structural edits on a freshly built model (weights are loaded afterwards).
-    Each edit is checked against the model before anything is allocated (names, ranks and channel
-    indices in range). Channel removals trace the model on a sample built from `inputs`."""
+    """Replay structural edits on a freshly built model (weights are loaded afterwards). Each kind is
+    registered by the method that makes it (methods.base.register_edit); every edit is checked
+    against the model before anything is allocated (names, ranks and channel indices in range)."""
+    from .methods import EDITS
+
     if not isinstance(edits, list) or len(edits) > MAX_EDITS:
         raise UserError(f"structural edits must be a list (of at most {MAX_EDITS:,}), not {type(edits).__name__}")
     for edit in edits:
-        op = edit.get("op") if isinstance(edit, dict) else None
-        if op not in ("factorize", "prune_channels"):
-            raise UserError(f"structural edit {_short(edit)} is not known to this version of compress")
-        if op == "factorize":
-            name, layer, rank, scheme = _checked_factorize(model, edit)
-            replace_module(model, name, layers.empty_factorized(layer, rank, scheme, edit.get("bias")))
-        else:
-            root, idxs = _checked_prune(model, edit)
-            if idxs:
-                try:
-                    _remove_channels(model, root, idxs, inputs)
-                except UserError:
-                    raise
-                except Exception as exc:  # torch-pruning's tracing fails in many ways on a model that does not fit
-                    raise UserError(f"structural edit {_short(edit)} does not fit the model built by the factory "
-                                    f"({type(exc).__name__}: {first_line(exc)})") from None
-
-
-def _edit_module(model: nn.Module, edit: dict, key: str, types: tuple[type, ...]) -> tuple[str, nn.Module]:
-    name = edit.get(key)
-    if not isinstance(name, str) or not name:
-        raise UserError(f"structural edit {_short(edit)}: {key!r} must name a layer")
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise UserError(f"structural edit {_short(edit)}: the model built by the factory has no layer {name!r}") from None
-    if not isinstance(module, types):
-        raise UserError(f"structural edit {_short(edit)}: {name!r} is a {type(module).__name__}, "
-                        f"not one of {', '.join(t.__name__ for t in types)}")
-    return name, module
-
-
-def _checked_factorize(model: nn.Module, edit: dict) -> tuple[str, nn.Module, int, str]:
-    name, layer = _edit_module(model, edit, "name", (nn.Linear, nn.Conv2d, nn.Embedding))
-    scheme = edit.get("scheme", "channel")
-    if scheme not in layers.SCHEMES:
-        raise UserError(f"structural edit {_short(edit)}: scheme must be one of {', '.join(layers.SCHEMES)}")
-    if edit.get("bias") is not None and not isinstance(edit.get("bias"), bool):
-        raise UserError(f"structural edit {_short(edit)}: bias must be true, false or absent")
-    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-        raise UserError(f"structural edit {_short(edit)}: {name!r} is a grouped convolution, which is never factorized")
-    rows, cols = layers.matrix_shape(layer, scheme)
-    rank = edit.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
-        raise UserError(f"structural edit {_short(edit)}: rank must be an integer from 1 to {min(rows, cols)} "
-                        f"(the full rank of {name!r})")
-    return name, layer, rank, scheme
-
-
-def _checked_prune(model: nn.Module, edit: dict) -> tuple[str, list[int]]:
-    root, module = _edit_module(model, edit, "root", (nn.Conv2d, nn.Linear))
-    channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-    idxs = edit.get("idxs")
-    if (not isinstance(idxs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idxs)
-            or any(not 0 <= i < channels for i in idxs) or len(set(idxs)) != len(idxs) or len(idxs) >= channels):
-        raise UserError(f"structural edit {_short(edit)}: idxs must be distinct channel indices of {root!r} "
-                        f"in [0, {channels}), leaving at least one channel")
-    return root, idxs
+        kind = EDITS.get(edit.get("op")) if isinstance(edit, dict) and isinstance(edit.get("op"), str) else None
+        if kind is None:
+            raise UserError(f"structural edit {short(edit)} is not known to this version of compress")
+        checked = kind.check(model, edit)
+        try:
+            kind.apply(model, checked, inputs)
+        except UserError:
+            raise
+        except Exception as exc:  # e.g. torch-pruning's tracing, on a model that does not fit the edit
+            raise UserError(f"structural edit {short(edit)} does not fit the model built by the factory "
+                            f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def check_inputs(inputs: Any, source: str) -> list[dict] | None:
@@ -142,30 +96,12 @@ def check_inputs(inputs: Any, source: str) -> list[dict] | None:
               and spec.get("dtype", "float32") in INPUT_DTYPES and isinstance(shape, list) and len(shape) <= 8
               and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape))
         if not ok:
-            raise UserError(f"{source}: input description {_short(spec)} is not valid (name, shape of positive "
+            raise UserError(f"{source}: input description {short(spec)} is not valid (name, shape of positive "
                             f"integers, dtype one of {', '.join(INPUT_DTYPES)})")
         if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
             raise UserError(f"{source}: input {spec['name']!r} has shape {shape}, over {MAX_SAMPLE_ELEMENTS:,} "
                             "elements per sample; refusing to allocate it")
     return inputs
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _remove_channels(model: nn.Module, root: str, idxs: list[int], inputs: list[dict] | None) -> None:
-    import torch_pruning as tp
-
-    from .data import synthetic_sample
-
-    if not inputs:
-        raise UserError("the checkpoint removes channels but does not describe the model's inputs")
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=synthetic_sample(inputs))
-    module = model.get_submodule(root)
-    handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
-    graph.get_pruning_group(module, handler, idxs=idxs).prune()
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -296,7 +232,7 @@ def load_artifact(path: Path, trusted: tuple[str, ...] | None = None) -> LoadedM
     apply_edits(model, description["edits"], inputs)
     weights_name = description.get("weights", WEIGHTS_NAME)
     if not isinstance(weights_name, str) or Path(weights_name).name != weights_name or weights_name in ("", ".", ".."):
-        raise UserError(f"{source}: \"weights\" must name a file beside it, got {_short(weights_name)}")
+        raise UserError(f"{source}: \"weights\" must name a file beside it, got {short(weights_name)}")
     weights = path.parent / weights_name
     load_state(model, _read_safetensors(weights), str(weights))
     metadata = description.get("metadata")
@@ -314,7 +250,7 @@ def load(path: str | Path, trust_checkpoint: bool = False, trust_factories: list
 def _from_safe_checkpoint(obj: dict, source: str, trusted: tuple[str, ...]) -> LoadedModel:
     version = obj.get("version")
     if version != VERSION:
-        raise UserError(f"{source}: checkpoint format version {_short(version)} is not supported "
+        raise UserError(f"{source}: checkpoint format version {short(version)} is not supported "
                         f"(this compress reads version {VERSION}); upgrade compress")
     state = obj.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

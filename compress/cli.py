@@ -372,7 +372,7 @@ def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quie
 @cli.command(epilog="""\b
 Example:
   compress example digits-resnet model.pt""")
-@click.argument("name", type=click.Choice(sorted(__import__("compress.examples", fromlist=["EXAMPLES"]).EXAMPLES)))
+@click.argument("name", type=click.Choice(sorted(__import__("compress.examples.training", fromlist=["EXAMPLES"]).EXAMPLES)))
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the example's own).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
@@ -381,7 +381,7 @@ Example:
 @common
 def example(name, path, epochs, force, seed, device, debug, quiet):
     """Train a bundled example model on bundled real data and write a safe checkpoint to PATH."""
-    from .examples import EXAMPLES
+    from .examples.training import EXAMPLES
     from .pipeline import resolve_device
 
     from .outdir import check_file_out

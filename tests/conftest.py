@@ -19,7 +19,7 @@ torch.set_num_threads(int(THREADS))
 torch.set_num_interop_threads(1)
 
 from compress.cli import cli
-from compress.examples.digits import train_digits_resnet
+from compress.examples.training import train_digits_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def digits_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ctr_model(tmp_path_factory) -> Path:
     """The CTR example, trained for one epoch."""
-    from compress.examples.ctr import train_ctr_deepfm
+    from compress.examples.training import train_ctr_deepfm
 
     path = tmp_path_factory.mktemp("ctr") / "ctr.pt"
     train_ctr_deepfm(path, epochs=1, progress=False)
@@ -46,7 +46,7 @@ def ctr_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def transformer_model(tmp_path_factory) -> Path:
     """The digits Transformer example, trained for three epochs."""
-    from compress.examples.digits_transformer import train_digits_transformer
+    from compress.examples.training import train_digits_transformer
 
     path = tmp_path_factory.mktemp("dt") / "dt.pt"
     train_digits_transformer(path, epochs=3, progress=False)

@@ -76,7 +76,7 @@ def evil_factories(tmp_path):
         ("compress.examples.digits:__builtins__.exec", {"source": "1"}),
         ("compress.examples:bundled_data", {"spec": "digits"}),
         # the examples' training functions write files: only their model factories are trusted
-        ("compress.examples.digits:train_digits_resnet", {"path": str(marker), "epochs": 1}),
+        ("compress.examples.training:train_digits_resnet", {"path": str(marker), "epochs": 1}),
         ("compress.examples.training:train_example", {"path": str(marker)}),
     ]
 

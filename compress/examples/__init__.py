@@ -1,4 +1,7 @@
-"""Bundled examples: small models on real data that ships with a package (no downloads)."""
+"""Bundled examples: small models on real data that ships with a package (no downloads).
+
+This package's modules hold the models and the data only; training them (`compress example`) is
+in `compress.examples.training`, the one module here that imports the pipeline."""
 from __future__ import annotations
 
 from typing import Callable
@@ -48,29 +51,3 @@ def bundled_data(spec: str) -> dict[str, torch.Tensor]:
     if name not in DATASETS:
         raise UserError(f"bundled:{spec}: no bundled data set {name!r}; available: {', '.join(DATASETS)}")
     return DATASETS[name](split or "train")
-
-
-def _train_digits_resnet(path, **kwargs):
-    from .digits import train_digits_resnet
-
-    return train_digits_resnet(path, **kwargs)
-
-
-def _train_ctr_deepfm(path, **kwargs):
-    from .ctr import train_ctr_deepfm
-
-    return train_ctr_deepfm(path, **kwargs)
-
-
-def _train_digits_transformer(path, **kwargs):
-    from .digits_transformer import train_digits_transformer
-
-    return train_digits_transformer(path, **kwargs)
-
-
-# `compress example NAME PATH`: a callable that trains and writes a checkpoint, returning a summary
-EXAMPLES: dict[str, tuple[Callable, str]] = {
-    "digits-resnet": (_train_digits_resnet, "residual CNN (BatchNorm) on scikit-learn's 8x8 handwritten digits"),
-    "ctr-deepfm": (_train_ctr_deepfm, "DeepFM-style click model on synthetic click data with rank-4 structure"),
-    "digits-transformer": (_train_digits_transformer, "Transformer encoder on the digits as 64 integer tokens + mask"),
-}

@@ -81,16 +81,3 @@ class DeepFM(nn.Module):
 def deepfm(dim: int = 16, hidden: tuple[int, ...] = (128, 64)) -> DeepFM:
     """Factory named in checkpoints: `compress.examples.ctr:deepfm`."""
     return DeepFM(VOCAB_SIZES, dim, tuple(hidden))
-
-
-def train_ctr_deepfm(path, *, epochs: int = 4, seed: int = 0, progress: bool = True,
-                     device: torch.device = torch.device("cpu")) -> dict:
-    """Train the example on the train split and write a safe checkpoint; returns its test AUC."""
-    from ..recipe import FinetuneSection
-    from .training import train_example
-
-    return train_example(
-        path, name="ctr-deepfm", build=deepfm, factory=FACTORY, kwargs={"dim": 16, "hidden": [128, 64]},
-        dataset="ctr", inputs=[{"name": "fields", "shape": [len(VOCAB_SIZES)], "dtype": "int64"}],
-        cfg=FinetuneSection(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-5, schedule="cosine"),
-        batch_size=256, metric="auc", seed=seed, progress=progress, device=device)

@@ -65,17 +65,3 @@ class DigitsResNet(nn.Module):
 def digits_resnet(width: int = 32, num_classes: int = 10) -> DigitsResNet:
     """Factory named in checkpoints: `compress.examples.digits:digits_resnet`."""
     return DigitsResNet(width, num_classes)
-
-
-def train_digits_resnet(path, *, epochs: int = 15, width: int = 32, seed: int = 0, progress: bool = True,
-                        device: torch.device = torch.device("cpu")) -> dict:
-    """Train the example on the train split and write a safe checkpoint; returns its test accuracy."""
-    from ..recipe import FinetuneSection
-    from .training import train_example
-
-    return train_example(
-        path, name="digits-resnet", build=lambda: digits_resnet(width), factory=FACTORY,
-        kwargs={"width": width, "num_classes": 10}, dataset="digits",
-        inputs=[{"name": "image", "shape": [1, 8, 8], "dtype": "float32"}],
-        cfg=FinetuneSection(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4, schedule="cosine"),
-        batch_size=64, metric="accuracy", seed=seed, progress=progress, device=device)

@@ -74,18 +74,3 @@ class DigitsTransformer(nn.Module):
 def digits_transformer(**kwargs) -> DigitsTransformer:
     """Factory named in checkpoints: `compress.examples.digits_transformer:digits_transformer`."""
     return DigitsTransformer(**kwargs)
-
-
-def train_digits_transformer(path, *, epochs: int = 40, seed: int = 0, progress: bool = True,
-                             device: torch.device = torch.device("cpu")) -> dict:
-    """Train on the train split, write a safe checkpoint; returns the test accuracy."""
-    from ..recipe import FinetuneSection
-    from .training import train_example
-
-    return train_example(
-        path, name="digits-transformer", build=digits_transformer, factory=FACTORY, kwargs={},
-        dataset="digits-tokens", inputs=[{"name": "tokens", "shape": [64], "dtype": "int64"},
-                                         {"name": "mask", "shape": [64], "dtype": "int64"}],
-        cfg=FinetuneSection(epochs=epochs, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
-                            clip_grad_norm=1.0),
-        batch_size=64, metric="accuracy", seed=seed, progress=progress, device=device)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import layers, linalg
 from .base import Decision, Method, replace_module, select_targets
-from .svd import RankRule, rank_rule_targets, unfactorizable, unswappable_layers
+from .lowrank import RankRule, decide_factorization, factorize_edits, rank_rule_targets, unswappable_layers
 
 
 class AfmStage(RankRule):
@@ -97,38 +97,16 @@ class Afm(Method):
         return self.decisions
 
     def _decide(self, name: str, layer: nn.Module, shapes, blocked: str | None) -> Decision:
-        kind = type(layer).__name__
-        params = sum(p.numel() for p in layer.parameters())
-        if isinstance(layer, nn.Embedding):
-            reason = blocked or _embedding_unsupported(layer)
-            if reason is None and (shapes is None or name not in self.moments):
-                reason = "layer did not run on the calibration data"
-        else:
-            reason = unfactorizable(self.name, layer, shapes, blocked)
-            if reason is None and name not in self.moments:
-                reason = "layer did not run on the calibration data"
-        dense = layers.dense_cost(layer, shapes.out_shape) if shapes is not None and reason is None else None
-        macs = dense.macs if dense else 0
-        keep = lambda why, **info: Decision(name, self.name, kind, "keep", list(layer.weight.shape), params,  # noqa: E731
-                                            macs, params, macs, reason=why, **info)
-        if reason:
-            return keep(reason)
-        eigenvalues, _ = linalg.principal_subspace(self.moments[name].covariance())
-        out_dim = eigenvalues.numel()
-        in_dim = layer.weight.shape[0] if isinstance(layer, nn.Embedding) else layers.layer_matrix(layer).shape[1]
-        rank = min(self.stage.choose_rank(eigenvalues.sqrt(), out_dim, in_dim, name=name), out_dim)
-        after = layers.factorized_cost(layer, rank, "channel", shapes.in_shape, shapes.out_shape)
-        total = float(eigenvalues.sum())
-        info = dict(rank=rank, full_rank=out_dim, energy=round(float(eigenvalues[:rank].sum()) / total, 6) if total else 1.0)
-        if isinstance(layer, nn.Embedding):
-            if after.params >= dense.params:
-                return keep(f"rank {rank} would not reduce parameters ({after.params} >= {dense.params})", **info)
-        elif after.macs >= dense.macs:
-            return keep(f"rank {rank} would not reduce MACs ({after.macs} >= {dense.macs})", **info)
-        module = layers.empty_factorized(layer, rank, "channel", bias=True)
-        return Decision(name, self.name, kind, "factorize", list(layer.weight.shape), params, dense.macs,
-                        after.params, after.macs, factor_shapes=[list(module.first.weight.shape),
-                                                                 list(module.second.weight.shape)], **info)
+        """The shared decision, ranked by the output covariance's spectrum instead of the weight's."""
+        spectrum = None
+        if name in self.moments:
+            eigenvalues, _ = linalg.principal_subspace(self.moments[name].covariance())
+            spectrum = eigenvalues.clamp_min(0).sqrt()
+        elif blocked is None:
+            blocked = "layer did not run on the calibration data"
+        return decide_factorization(self.name, name, layer, shapes, "channel",
+                                    lambda s, rows, cols: self.stage.choose_rank(s, rows, cols, name=name),
+                                    blocked, spectrum=spectrum, bias=True)
 
     def prepare(self, model):
         for decision in self.decisions:
@@ -142,16 +120,7 @@ class Afm(Method):
             replace_module(model, decision.name, mimic(layer, moments, decision.rank))
 
     def edits(self):
-        return [{"op": "factorize", "name": d.name, "rank": d.rank, "scheme": "channel", "bias": True}
-                for d in self.decisions if d.action == "factorize"]
-
-
-def _embedding_unsupported(layer: nn.Embedding) -> str | None:
-    if layer.max_norm is not None:
-        return "embedding with max_norm renormalizes rows at lookup; not factorized"
-    if layer.sparse:
-        return "sparse-gradient embedding is not factorized"
-    return None
+        return factorize_edits(self.decisions, bias=True)
 
 
 @torch.no_grad()

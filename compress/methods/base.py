@@ -12,6 +12,11 @@ The pipeline drives every method the same way:
     finalize(model)          structural change after fine-tuning (decompose, drop groups)
     post_finetune_epochs()   extra epochs on the finalized model, if the method wants them
     edits()                  the structural edits made, as data, to rebuild the model later
+
+A structural edit kind (`factorize`, `prune_channels`, ...) is registered with `register_edit`
+next to the method that makes it: how to check one against a freshly built model (before anything
+is allocated: a checkpoint is someone else's file) and how to replay it. `checkpoint` only looks
+them up, so a new structural method is one file plus one registry line.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UserError
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -198,6 +203,52 @@ def _preview(names: list[str], limit: int = 6) -> str:
         return "none"
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+@dataclass(frozen=True)
+class EditKind:
+    """How to replay one kind of structural edit: `check(model, edit)` validates the edit against
+    the model (raising UserError, allocating nothing) and returns what `apply(model, checked, inputs)`
+    needs; `inputs` is the checkpoint's input description (for edits that trace the model)."""
+
+    op: str
+    check: Callable[[nn.Module, dict], Any]
+    apply: Callable[[nn.Module, Any, "list[dict] | None"], None]
+
+
+EDITS: dict[str, EditKind] = {}
+
+
+def register_edit(op: str, check: Callable[[nn.Module, dict], Any],
+                  apply: Callable[[nn.Module, Any, "list[dict] | None"], None]) -> None:
+    EDITS[op] = EditKind(op, check, apply)
+
+
+def short(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: for quoting someone else's data in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def edit_module(model: nn.Module, edit: dict, key: str, types: tuple[type, ...]) -> tuple[str, nn.Module]:
+    """The layer an edit names under `key`, which must exist and be one of `types` (else UserError)."""
+    name = edit.get(key)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"structural edit {short(edit)}: {key!r} must name a layer")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"structural edit {short(edit)}: the model built by the factory has no layer {name!r}") from None
+    if not isinstance(module, types):
+        raise UserError(f"structural edit {short(edit)}: {name!r} is a {type(module).__name__}, "
+                        f"not one of {', '.join(t.__name__ for t in types)}")
+    return name, module
+
+
+def output_head(model: nn.Module) -> str | None:
+    """The name of the model's last Linear (its output head), which the methods' defaults leave dense."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

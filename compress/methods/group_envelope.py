@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import layers, linalg
 from ..errors import RecipeError, UserError
-from .base import Decision, Method, Stage, select_targets
+from .base import Decision, Method, Stage, edit_module, register_edit, select_targets, short
 
 # (module type, handler name) -> the parameters a channel owns there, as (name, dim)
 CHANNEL_SLICES = {
@@ -276,3 +276,35 @@ class GroupEnvelope(Method):
 
     def edits(self):
         return list(self.edits_made)
+
+
+def _check_prune(model: nn.Module, edit: dict) -> tuple[str, list[int]]:
+    root, module = edit_module(model, edit, "root", (nn.Conv2d, nn.Linear))
+    channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+    idxs = edit.get("idxs")
+    if (not isinstance(idxs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idxs)
+            or any(not 0 <= i < channels for i in idxs) or len(set(idxs)) != len(idxs) or len(idxs) >= channels):
+        raise UserError(f"structural edit {short(edit)}: idxs must be distinct channel indices of {root!r} "
+                        f"in [0, {channels}), leaving at least one channel")
+    return root, idxs
+
+
+def _apply_prune(model: nn.Module, checked: tuple[str, list[int]], inputs: list[dict] | None) -> None:
+    """Remove the channels again through Torch-Pruning's dependency graph, traced on a sample built
+    from the checkpoint's input description."""
+    import torch_pruning as tp
+
+    from ..data import synthetic_sample
+
+    root, idxs = checked
+    if not idxs:
+        return
+    if not inputs:
+        raise UserError("the checkpoint removes channels but does not describe the model's inputs")
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=synthetic_sample(inputs))
+    module = model.get_submodule(root)
+    handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+    graph.get_pruning_group(module, handler, idxs=idxs).prune()
+
+
+register_edit("prune_channels", _check_prune, _apply_prune)

@@ -37,8 +37,7 @@ from ..errors import RecipeError
 from ..finetune import distill_loss
 from ..metrics import primary_output
 from .base import Method
-from .svd import (RankRule, decide_factorization, factorize_edits, factorize_planned, rank_rule_targets,
-                  unswappable_layers)
+from .lowrank import RankRule, factorize_edits, factorize_planned, head_exclusion, plan_factorization
 
 
 class PelaStage(RankRule):
@@ -86,27 +85,18 @@ class Pela(Method):
 
     def plan(self, model, profile):
         stage: PelaStage = self.stage
-        targets = rank_rule_targets(model, stage, self)
         excluded = {} if "targets" in stage.model_fields_set else self._default_exclusions(model)
-        unswappable = unswappable_layers(model)
-        self.decisions = []
-        for name, layer in targets:
-            blocked = excluded.get(name) or unswappable.get(name)
-            self.decisions.append(decide_factorization(self.name, name, layer, profile.get(name), "channel",
-                                                       lambda s, r, c, n=name: stage.choose_rank(s, r, c, n), blocked))
+        self.decisions = plan_factorization(self, model, profile, stage, excluded, scheme="channel")
         self.feature_names = self._features(model)
         return self.decisions
 
     def _default_exclusions(self, model: nn.Module) -> dict[str, str]:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         excluded = {}
         for name, module in model.named_modules():
             outputs = getattr(module, "out_features", getattr(module, "out_channels", None))
             if isinstance(module, (nn.Linear, nn.Conv2d)) and outputs < self.stage.min_outputs:
                 excluded[name] = f"PELA default: fewer than {self.stage.min_outputs} outputs"
-        if linears:
-            excluded[linears[-1]] = "PELA default: the output head (last Linear) stays dense"
-        return excluded
+        return {**excluded, **head_exclusion(model, self.name)}
 
     def _features(self, model: nn.Module) -> list[str]:
         patterns = self.stage.features

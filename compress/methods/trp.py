@@ -29,7 +29,7 @@ from torch import nn
 from .. import layers, linalg
 from ..errors import RecipeError
 from .base import Method, Stage, Strict, replace_module, select_targets
-from .svd import decide_factorization, factorize_edits, unfactorizable, unswappable_layers
+from .lowrank import decide_factorization, factorize_edits, head_exclusion, unfactorizable, unswappable_layers
 
 
 class NuclearSection(Strict):
@@ -199,10 +199,7 @@ def _as_weight(matrix: torch.Tensor, module: nn.Module, scheme: str) -> torch.Te
 def default_exclusions(model: nn.Module) -> dict[str, str]:
     """The layers the TRP authors leave dense: the first conv, 1x1 convs, the classifier."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     excluded = {n: "TRP default: 1x1 convs stay dense" for n, m in convs if _is_pointwise(m)}
     if convs:
         excluded[convs[0][0]] = "TRP default: the first conv stays dense"
-    if linears:
-        excluded[linears[-1]] = "TRP default: the classifier (last Linear) stays dense"
-    return excluded
+    return {**excluded, **head_exclusion(model, "trp")}

@@ -1,0 +1,211 @@
+"""The low-rank core every factorizing method shares (svd, trp, pela, afm): rank rules, the one
+decision whether and at what rank to factorize a layer, which layers can be swapped at all, the
+default exclusions, and the structural edit `factorize` with its replay and validation.
+
+Methods import from here, never from a sibling method file.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Callable
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from .. import layers, linalg
+from ..errors import RecipeError, UserError
+from .base import (Decision, LayerProfile, Method, Stage, edit_module, output_head, register_edit, replace_module,
+                   select_targets, short)
+
+
+DEFAULT_ENERGY = 0.9
+
+
+class RankRule(Stage):
+    """How a rank is chosen: at most one of `rank`, `ratio`, `energy` (default: energy 0.9), and
+    optionally fixed ranks for named layers."""
+
+    rank: int | None = Field(None, gt=0, description="fixed rank (capped at the layer's full rank)")
+    ratio: float | None = Field(None, gt=0, le=1, description="fraction of the layer's parameters to keep")
+    energy: float | None = Field(None, gt=0, le=1, description="fraction of sum(s^2) of singular values to keep")
+    ranks: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="fixed rank per layer name, overriding the rule for those layers "
+        "(e.g. to match another run's ranks)")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of rank, ratio, energy, not {' and '.join(given)}")
+        return self
+
+    def choose_rank(self, singular_values, rows: int, cols: int, name: str | None = None) -> int:
+        full = min(rows, cols)
+        if name in self.ranks:
+            return min(self.ranks[name], full)
+        if self.rank is not None:
+            return min(self.rank, full)
+        if self.ratio is not None:
+            return min(linalg.rank_for_param_ratio(rows, cols, self.ratio), full)
+        return linalg.energy_rank(singular_values, self.energy if self.energy is not None else DEFAULT_ENERGY)
+
+
+def plan_factorization(method: Method, model: nn.Module, profile: dict[str, LayerProfile], rule: RankRule,
+                       excluded: dict[str, str] | None = None, scheme: str | None = None) -> list[Decision]:
+    """Per-layer weight-SVD factorization decisions for the targets of `rule` (svd, pela); a layer in
+    `excluded` (name -> why) or one no module may swap stays dense with that reason."""
+    blocked = {**unswappable_layers(model), **(excluded or {})}
+    scheme = scheme or getattr(rule, "scheme", "channel")
+    decisions = []
+    for name, layer in rank_rule_targets(model, rule, method):
+        choose = functools.partial(rule.choose_rank, name=name)
+        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), scheme, choose,
+                                              blocked.get(name)))
+    return decisions
+
+
+def rank_rule_targets(model: nn.Module, rule: RankRule, method: Method) -> list[tuple[str, nn.Module]]:
+    """The stage's targets; a layer named in `ranks` that is not among them is a recipe error."""
+    path = f"stages[{method.stage_index}]"
+    targets = select_targets(model, rule.targets, f"{path}.targets", method.layer_types)
+    names = {n for n, _ in targets}
+    for name in rule.ranks:
+        if name not in names:
+            raise RecipeError(f"{path}.ranks.{name}: no targeted layer has this name")
+    return targets
+
+
+# parent types that read some children's `.weight` themselves instead of calling them (fused
+# kernels, fast paths), so those children cannot be swapped for a factorized module
+FUSED_CHILDREN: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),
+    nn.TransformerDecoderLayer: ("linear1", "linear2"),
+}
+
+
+def unswappable_layers(model: nn.Module) -> dict[str, str]:
+    """{layer name: why it must stay} for the layers whose weight a parent in FUSED_CHILDREN reads
+    directly (the reason every method gives when it leaves such a layer alone)."""
+    found = {}
+    for name, module in model.named_modules():
+        for parent_type, children in FUSED_CHILDREN.items():
+            if isinstance(module, parent_type):
+                prefix = f"{name}." if name else ""
+                found.update({prefix + child: f"its weight is read directly by {type(module).__name__} {name!r}; "
+                              "replacing the layer would break it" for child in children})
+    return found
+
+
+def unfactorizable(method: str, layer: nn.Module, shapes: LayerProfile | None, blocked: str | None = None) -> str | None:
+    """Why a layer cannot be factorized at all, or None when it can."""
+    if blocked:
+        return blocked
+    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
+        return "embedding with max_norm or sparse gradients is not factorized"
+    if not isinstance(layer, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        return f"{method} factorizes Linear, Conv2d and Embedding layers only"
+    if shapes is None:
+        return "layer did not run in the forward pass"
+    if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+        return f"grouped convolution (groups={layer.groups}) is not factorized"
+    return None
+
+
+def decide_factorization(method: str, name: str, layer: nn.Module, shapes: LayerProfile | None, conv_scheme: str,
+                         choose_rank: Callable, blocked: str | None = None, spectrum: torch.Tensor | None = None,
+                         bias: bool | None = None) -> Decision:
+    """Whether and at what rank to factorize one layer, the one decision every factorizing method
+    makes. `choose_rank(spectrum, rows, cols)` picks the rank from `spectrum`: the weight's singular
+    values by default, or what a data-aware method ranks by (afm: the square roots of its output
+    covariance's eigenvalues, whose squares are the energy). A rank that would not reduce MACs (for
+    an Embedding, parameters) leaves the layer dense, with the break-even rank in the reason. `bias`
+    as in layers.empty_factorized."""
+    kind = type(layer).__name__
+    weight_shape = list(layer.weight.shape)
+    params = sum(p.numel() for p in layer.parameters())
+
+    def keep(reason: str, macs: int = 0, **extra) -> Decision:
+        return Decision(name, method, kind, "keep", weight_shape, params, macs, params, macs, reason=reason, **extra)
+
+    reason = unfactorizable(method, layer, shapes, blocked)
+    known = shapes is not None and isinstance(layer, (nn.Linear, nn.Conv2d, nn.Embedding))
+    dense = layers.dense_cost(layer, shapes.out_shape) if known else layers.LayerCost(params, 0)
+    if reason:
+        return keep(reason, dense.macs)
+    scheme = conv_scheme if isinstance(layer, nn.Conv2d) else None
+    rows, cols = layers.matrix_shape(layer, scheme or "channel")
+    s = linalg.singular_values(layers.layer_matrix(layer, scheme or "channel")) if spectrum is None else spectrum
+    full = min(rows, cols, s.numel())
+    rank = min(choose_rank(s, rows, cols), full)
+    after = layers.factorized_cost(layer, rank, scheme or "channel", shapes.in_shape, shapes.out_shape)
+    info = dict(rank=rank, full_rank=full, scheme=scheme, energy=round(linalg.energy_kept(s, rank), 6))
+    if isinstance(layer, nn.Embedding):  # a lookup costs no MACs: a table pays off in parameters
+        if after.params >= dense.params:
+            return keep(f"rank {rank} would not reduce parameters ({after.params} >= {dense.params})", 0, **info)
+    elif after.macs >= dense.macs:
+        limit = _breakeven_rank(layer, scheme or "channel", shapes, dense.macs)
+        hint = f"factorizing pays off only below rank {limit}" if limit > 1 else "factorizing never pays off here"
+        return keep(f"rank {rank} would not reduce MACs ({after.macs} >= {dense.macs}); {hint}", dense.macs, **info)
+    module = layers.empty_factorized(layer, rank, scheme or "channel", bias)
+    factor_shapes = [list(module.first.weight.shape), list(module.second.weight.shape)]
+    return Decision(name, method, kind, "factorize", weight_shape, params, dense.macs, after.params, after.macs,
+                    factor_shapes=factor_shapes, **info)
+
+
+def _breakeven_rank(layer, scheme, shapes, dense_macs) -> int:
+    """The smallest rank at which the factorization costs at least as many MACs as the dense layer."""
+    rank = 1
+    while layers.factorized_cost(layer, rank, scheme, shapes.in_shape, shapes.out_shape).macs < dense_macs:
+        rank += 1
+    return rank
+
+
+def factorize_planned(model: nn.Module, decisions: list[Decision]) -> None:
+    """Replace every layer planned as `factorize` by its truncated-SVD factorization."""
+    for d in decisions:
+        if d.action == "factorize":
+            layer = model.get_submodule(d.name)
+            replace_module(model, d.name, layers.factorize(layer, d.rank, d.scheme or "channel"))
+
+
+def factorize_edits(decisions: list[Decision], bias: bool | None = None) -> list[dict]:
+    """The `factorize` edits of the decisions that factorize (with `bias` when the factors carry one
+    the original layer did not have)."""
+    extra = {} if bias is None else {"bias": bias}
+    return [{"op": "factorize", "name": d.name, "rank": d.rank, "scheme": d.scheme or "channel", **extra}
+            for d in decisions if d.action == "factorize"]
+
+
+def head_exclusion(model: nn.Module, method: str) -> dict[str, str]:
+    """{output head: why}: the authors of trp and pela leave the last Linear dense."""
+    head = output_head(model)
+    return {head: f"{method.upper()} default: the output head (last Linear) stays dense"} if head else {}
+
+
+def _check_factorize(model: nn.Module, edit: dict) -> tuple[str, nn.Module, int, str, bool | None]:
+    name, layer = edit_module(model, edit, "name", (nn.Linear, nn.Conv2d, nn.Embedding))
+    scheme = edit.get("scheme", "channel")
+    if scheme not in layers.SCHEMES:
+        raise UserError(f"structural edit {short(edit)}: scheme must be one of {', '.join(layers.SCHEMES)}")
+    if edit.get("bias") is not None and not isinstance(edit.get("bias"), bool):
+        raise UserError(f"structural edit {short(edit)}: bias must be true, false or absent")
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        raise UserError(f"structural edit {short(edit)}: {name!r} is a grouped convolution, which is never factorized")
+    rows, cols = layers.matrix_shape(layer, scheme)
+    rank = edit.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
+        raise UserError(f"structural edit {short(edit)}: rank must be an integer from 1 to {min(rows, cols)} "
+                        f"(the full rank of {name!r})")
+    return name, layer, rank, scheme, edit.get("bias")
+
+
+def _apply_factorize(model: nn.Module, checked, inputs) -> None:
+    name, layer, rank, scheme, bias = checked
+    replace_module(model, name, layers.empty_factorized(layer, rank, scheme, bias))
+
+
+register_edit("factorize", _check_factorize, _apply_factorize)
+
+

@@ -1,0 +1,83 @@
+"""The package's shape: no import cycle (imports inside functions included), methods that share
+code through methods/base.py and methods/lowrank.py rather than each other, one registry line per
+method and per structural edit kind."""
+import ast
+from pathlib import Path
+
+import compress
+from compress.methods import EDITS, METHODS
+
+PACKAGE = Path(compress.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("compress",) + path.relative_to(PACKAGE).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the compress modules it imports anywhere in its source (lazy imports too)."""
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for module, path in mods.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - max(0, node.level - 1)] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods]
+                graph[module].update(t for t in (subs or [target]) if t in mods and t != module)
+            elif isinstance(node, ast.Import):
+                graph[module].update(a.name for a in node.names if a.name in mods and a.name != module)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_lazy_imports_included():
+    graph = import_graph()
+    assert "compress.data" in graph["compress.pipeline"]  # the graph sees real edges
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_methods_do_not_import_each_other():
+    graph = import_graph()
+    shared = {"compress.methods.base", "compress.methods.lowrank", "compress.methods"}
+    for name, cls in METHODS.items():
+        module = cls.__module__
+        siblings = {m for m in graph[module] if m.startswith("compress.methods.") and m not in shared}
+        assert not siblings, (module, siblings)
+
+
+def test_every_edit_a_method_writes_is_registered():
+    assert set(EDITS) == {"factorize", "prune_channels"}
+    for kind in EDITS.values():
+        assert callable(kind.check) and callable(kind.apply)

@@ -98,8 +98,13 @@ def test_plan_prepare_edits_and_reasons():
     method.prepare(model)
     assert type(model.embed).__name__ == "LowRankEmbedding" and model.embed.first.weight.shape == (50, 4)
     assert all(e["bias"] for e in method.edits())
+    from compress.checkpoint import apply_edits
+
+    rebuilt = Stack().eval()  # the edits alone rebuild the structure: the weights then load strictly
+    apply_edits(rebuilt, method.edits())
+    rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
-        model(ids)  # still runs
+        assert torch.equal(rebuilt(ids), model(ids))
     wide = _plan({"rank": 30, "targets": {"include": ["b"]}}, Stack().eval(), ids)
     assert wide.decisions[0].action == "keep" and "would not reduce MACs" in wide.decisions[0].reason
 

@@ -106,10 +106,16 @@ def test_depthwise_convolutions_are_pruned_with_their_channels():
     method.calibrate(model, lambda: iter([(X[:2],)]))
     method.plan(model, profile_layers(model, (X[:1],)))
     method.prepare(model)
+    reference = copy.deepcopy(model)
     method.finalize(model)  # the hard projection alone: four of eight channels
     assert model.a.out_channels == model.dw.in_channels == model.dw.out_channels == model.dw.groups == 4
-    with torch.no_grad():
-        model(X)
+    removed = {e["root"]: e["idxs"] for e in method.edits()}
+    assert sorted(removed) == ["b", "dw"] and all(len(idxs) == 4 for idxs in removed.values())
+    with torch.no_grad():  # removing channels computes what zeroing their outputs computes
+        for root, idxs in removed.items():
+            getattr(reference, root).weight[idxs] = 0
+            getattr(reference, root).bias[idxs] = 0
+        assert torch.allclose(model(X), reference(X), atol=1e-5)
 
 
 def test_group_envelope_recipe_end_to_end_and_reload(shipped, digits_model, run_cli, tmp_path):

@@ -30,7 +30,7 @@ def run_recipe(document: dict, model: Path, workdir: Path, label: str) -> dict:
     """Run a recipe given as a dict through the same pipeline as `compress apply`; its report."""
     recipe = LoadedRecipe(Recipe.model_validate(copy.deepcopy(document)), REPO / "recipes" / f"{label}.yaml", label)
     ctx = load_context(recipe, model, Options(progress=False))
-    return apply(ctx, workdir / label, Options(progress=False), force=True)
+    return apply(ctx, workdir / label, Options(progress=False), force=True).to_json()
 
 
 def scratch() -> Path:

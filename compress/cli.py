@@ -220,18 +220,12 @@ def _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoin
     _print_summary(result, out)
 
 
-def _print_summary(result, out: Path | None = None) -> None:
-    if not result:
+def _print_summary(report, out: Path | None = None) -> None:
+    if report is None:
         return
-    o, c, r = result["original"], result["compressed"], result["ratios"]
-    fmt = lambda m: "-" if not m else f"{m['name']} {m['value']:.4f}"  # noqa: E731
-    click.echo(f"params {o['params']:,} -> {c['params']:,} ({r['params']}x)  MACs {o['macs']:,} -> {c['macs']:,} ({r['macs']}x)")
-    click.echo(f"metric {fmt(o['metric'])} -> {fmt(c['metric'])} (model.onnx: {fmt(c.get('onnx_metric'))})")
-    ci = r.get("speedup_ci", {})
-    click.echo("speedup (p50, 95% interval) " + ", ".join(
-        f"batch {b}: {s}x [{ci[b][0]}, {ci[b][1]}]" if b in ci else f"batch {b}: {s}x" for b, s in r["speedup"].items())
-        + f"  parity max abs diff {result['parity']['max_abs_diff']:.2e}")
-    for warning in result.get("warnings") or []:
+    for line in report.summary():
+        click.echo(line)
+    for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     if out is not None:
         click.echo(f"wrote {out}/model.pt, model.onnx, report.json, report.md")

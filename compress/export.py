@@ -68,6 +68,24 @@ def export_onnx(model: nn.Module, sample_inputs: tuple[torch.Tensor, ...], input
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def verify(model: nn.Module, path: str | Path, input_names: list[str], batch: tuple[torch.Tensor, ...],
+           atol: float, rtol: float, threads: int = 1, what: str = "model.onnx") -> dict:
+    """Run the exported `path` in ONNX Runtime on a real `batch` and compare with the torch model
+    (the check both `apply` and `export` make); ParityError when they disagree beyond tolerance."""
+    from .bench import make_session
+    from .errors import ParityError
+
+    with torch.no_grad():
+        reference = primary_output(model.eval()(*batch))
+    got = make_session(str(path), threads).run([OUTPUT_NAME], to_feed(input_names, batch))[0]
+    result = parity(reference, torch.from_numpy(got), atol, rtol)
+    if not result["passed"]:
+        raise ParityError(f"{what} disagrees with the torch model: max abs diff {result['max_abs_diff']:.3g}, "
+                          f"max rel diff {result['max_rel_diff']:.3g} over export.parity (atol {atol}, rtol {rtol}); "
+                          "no ONNX model kept")
+    return result
+
+
 def to_feed(input_names: list[str], inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
     return {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)}
 

@@ -7,14 +7,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from . import bench, export, linalg
 from .checkpoint import load_model
-from .errors import ParityError, UserError, first_line
+from .errors import UserError, first_line
 from .layers import layer_matrix
-from .metrics import primary_output
 from .methods.base import LAYER_TYPES
 from . import outdir
 from .checkpoint import current_umask
@@ -78,13 +76,7 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
     partial = Path(name)
     try:
         export.export_onnx(model, sample, names, partial, opset, axes)
-        with torch.no_grad():
-            reference = primary_output(model.eval()(*batch))
-        got = bench.make_session(str(partial), 1).run([export.OUTPUT_NAME], export.to_feed(names, batch))[0]
-        result = export.parity(reference, torch.from_numpy(got), atol, rtol)
-        if not result["passed"]:
-            raise ParityError(f"{out}: ONNX Runtime disagrees with torch: max abs diff {result['max_abs_diff']:.3g} "
-                              f"(atol {atol}, rtol {rtol}); file not written")
+        result = export.verify(model, partial, names, batch, atol, rtol, what=str(out))
         os.chmod(partial, 0o666 & ~current_umask())
         outdir.check_file_out(out, True)  # still not something else than a file we may overwrite
         partial.replace(out)

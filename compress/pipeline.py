@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from . import bench, distributed, export, outdir, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
-from .errors import GateFailed, ParityError, RecipeError, UserError, first_line
+from .errors import GateFailed, RecipeError, UserError, first_line
 from .finetune import ResumePoint, finetune, predict
 from .methods import METHODS, Method
 from .metrics import choose_metric, drop, primary_output, score
@@ -216,7 +215,7 @@ def _evaluate(model: nn.Module, ctx: Context, device, reference: torch.Tensor | 
     return {"name": name, "value": round(score(name, outputs, target, reference), 6)}, outputs
 
 
-def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dict:
+def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> reporting.Report | None:
     """Run the whole recipe and write model.pt, model.onnx, report.json and report.md to `out`."""
     r = ctx.recipe.recipe
     seed = r.seed if options.seed is None else options.seed
@@ -226,7 +225,7 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
     outdir.check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     if not distributed.is_main():  # other processes of a torchrun only help fine-tune; rank 0 writes
         _run(ctx, None, options, seed, device, resume_point(ctx, out, seed, options))
-        return {}
+        return None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -251,7 +250,7 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> dic
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-    failed = [g for g in result["gates"]["checked"] if not g["passed"]]
+    failed = [g for g in result.gates["checked"] if not g["passed"]]
     if failed:
         error = GateFailed("gate missed: " + "; ".join(f"{g['gate']} {g['limit']} (measured {g['value']})" for g in failed)
                            + f"; report in {out}")
@@ -272,7 +271,7 @@ def resume_point(ctx: Context, out: Path, seed: int, options: Options) -> Resume
 
 
 def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: torch.device,
-         checkpoint: ResumePoint | None = None) -> dict:
+         checkpoint: ResumePoint | None = None) -> reporting.Report | None:
     r = ctx.recipe.recipe
     timings = ctx.timings
     original = ctx.loaded.model.cpu().eval()
@@ -308,7 +307,7 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
                             progress=options.progress, desc="post-finetune")
     compressed = compressed.cpu().eval()
     if work is None:
-        return {}
+        return None
     with timed(timings, "evaluate"):
         metric_after, _ = _evaluate(compressed, ctx, torch.device("cpu"), reference)
     # decisions as finally applied (finalize may have changed ranks or groups)
@@ -321,16 +320,9 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
         export.export_onnx(original, ctx.sample, ctx.input_names, original_onnx, r.export.opset, axes)
         export.export_onnx(compressed, ctx.sample, ctx.input_names, compressed_onnx, r.export.opset, axes)
     with timed(timings, "parity"):
-        check_batch = _real_batch(ctx, min(64, max(r.bench.batch_sizes)))
-        with torch.no_grad():
-            torch_out = primary_output(compressed(*check_batch))
-        session = bench.make_session(str(compressed_onnx), r.bench.threads)
-        onnx_out = torch.from_numpy(session.run([export.OUTPUT_NAME], export.to_feed(ctx.input_names, check_batch))[0])
-        parity = export.parity(torch_out, onnx_out, r.export.parity.atol, r.export.parity.rtol)
-        if not parity["passed"]:
-            raise ParityError(f"model.onnx disagrees with the torch model: max abs diff {parity['max_abs_diff']:.3g}, "
-                              f"max rel diff {parity['max_rel_diff']:.3g} over export.parity (atol {parity['atol']}, "
-                              f"rtol {parity['rtol']}); no ONNX model kept")
+        parity = export.verify(compressed, compressed_onnx, ctx.input_names,
+                               _real_batch(ctx, min(64, max(r.bench.batch_sizes))), r.export.parity.atol,
+                               r.export.parity.rtol, r.bench.threads)
         onnx_metric = None
         if ctx.data["eval"] is not None and metric_after is not None:
             outs = export.onnx_predict(compressed_onnx, ctx.data["eval"], ctx.input_names, r.data.batch_size * 4, r.bench.threads)
@@ -348,35 +340,27 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
     original_onnx_bytes = original_onnx.stat().st_size
     original_onnx.unlink()  # measured and benchmarked; the output keeps only the compressed model
 
-    orig = {"params": bench.count_params(original), "macs": original_macs, "onnx_bytes": original_onnx_bytes,
-            "metric": metric_before, "latency_ms": lat["original"],
-            "checkpoint_bytes": Path(ctx.loaded.path).stat().st_size}
-    comp = {"params": bench.count_params(compressed), "macs": bench.count_macs(compressed, ctx.sample),
-            "onnx_bytes": compressed_onnx.stat().st_size, "metric": metric_after, "onnx_metric": onnx_metric,
-            "latency_ms": lat["compressed"], "checkpoint_bytes": (work / "model.pt").stat().st_size}
-    result: dict[str, Any] = {
-        "recipe": str(ctx.recipe.path), "recipe_name": r.name, "recipe_sha256": ctx.recipe.sha256,
-        "model": ctx.loaded.path, "seed": seed, "device": str(device), "inputs": ctx.input_names,
-        "original": orig, "compressed": comp,
-        "ratios": {"params": reporting.ratio(orig["params"], comp["params"]),
-                   "macs": reporting.ratio(orig["macs"], comp["macs"]),
-                   "onnx_bytes": reporting.ratio(orig["onnx_bytes"], comp["onnx_bytes"]),
-                   "speedup": measured["speedup"]["compressed"],
-                   "speedup_ci": measured["speedup_ci"]["compressed"]},
-        "warnings": measured["warnings"],
-        "parity": parity,
-        "layers": rows,
-        "finetune": _train_summary(trained),
-        "post_finetune": _train_summary(post),
-        "bench": r.bench.model_dump(),
-        "versions": reporting.versions(),
-        "timings_s": dict(timings),
-    }
-    result["gates"] = check_gates(result, r.gates, options)
-    result["files"] = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
-    reporting.write_json(result, work / "report.json")
-    (work / "report.md").write_text(reporting.to_markdown(result))
-    return result
+    orig = reporting.Side(params=bench.count_params(original), macs=original_macs, onnx_bytes=original_onnx_bytes,
+                          metric=metric_before, latency_ms=lat["original"],
+                          checkpoint_bytes=Path(ctx.loaded.path).stat().st_size)
+    comp = reporting.Side(params=bench.count_params(compressed), macs=bench.count_macs(compressed, ctx.sample),
+                          onnx_bytes=compressed_onnx.stat().st_size, metric=metric_after, onnx_metric=onnx_metric,
+                          latency_ms=lat["compressed"], checkpoint_bytes=(work / "model.pt").stat().st_size)
+    report = reporting.Report(
+        recipe=str(ctx.recipe.path), recipe_name=r.name, recipe_sha256=ctx.recipe.sha256, model=ctx.loaded.path,
+        seed=seed, device=str(device), inputs=ctx.input_names, original=orig, compressed=comp,
+        ratios=reporting.Ratios(params=reporting.ratio(orig.params, comp.params),
+                                macs=reporting.ratio(orig.macs, comp.macs),
+                                onnx_bytes=reporting.ratio(orig.onnx_bytes, comp.onnx_bytes),
+                                speedup=measured["speedup"]["compressed"],
+                                speedup_ci=measured["speedup_ci"]["compressed"]),
+        warnings=measured["warnings"], parity=parity, layers=rows, finetune=_train_summary(trained),
+        post_finetune=_train_summary(post), bench=r.bench.model_dump(), versions=reporting.versions(),
+        timings_s=dict(timings))
+    report.gates = check_gates(report, r.gates, options)
+    report.files = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
+    report.write(work)
+    return report
 
 
 def _train_summary(trained) -> dict | None:
@@ -409,25 +393,25 @@ def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Pat
     save_artifact(path.parent, model, loaded.factory, loaded.kwargs, edits, inputs, metadata)
 
 
-def check_gates(result: dict, gates, options: Options) -> dict:
+def check_gates(report: reporting.Report, gates, options: Options) -> dict:
     """Each gate set in the recipe or on the command line (the command line wins), with its value."""
     max_drop = options.max_metric_drop if options.max_metric_drop is not None else gates.max_metric_drop
     min_speedup = options.min_speedup if options.min_speedup is not None else gates.min_speedup
     min_size = options.min_size_ratio if options.min_size_ratio is not None else gates.min_size_ratio
     checked = []
     if max_drop is not None:
-        before, after = result["original"]["metric"], result["compressed"]["metric"]
+        before, after = report.original.metric, report.compressed.metric
         if before is None or after is None:
             raise UserError("gate max_metric_drop needs eval data (data.eval) to measure a metric")
         value = round(drop(before["name"], before["value"], after["value"]), 6)
         checked.append({"gate": "max_metric_drop", "limit": max_drop, "value": value, "passed": value <= max_drop})
     if min_speedup is not None:  # held to the lower end of the speedup's 95 % interval, not to one noisy figure
-        batch = str(gates.speedup_batch or max(int(b) for b in result["ratios"]["speedup"]))
-        value = result["ratios"]["speedup_ci"][batch][0]
+        batch = str(gates.speedup_batch or max(int(b) for b in report.ratios.speedup))
+        value = report.ratios.speedup_ci[batch][0]
         checked.append({"gate": f"min_speedup@batch{batch}", "limit": min_speedup, "value": value,
-                        "estimate": result["ratios"]["speedup"][batch], "passed": value >= min_speedup})
+                        "estimate": report.ratios.speedup[batch], "passed": value >= min_speedup})
     if min_size is not None:
-        value = result["ratios"]["onnx_bytes"]
+        value = report.ratios.onnx_bytes
         checked.append({"gate": "min_size_ratio", "limit": min_size, "value": value,
                         "passed": value is not None and value >= min_size})
     return {"checked": checked, "passed": all(g["passed"] for g in checked)}

@@ -1,8 +1,10 @@
-"""report.json and report.md, both from one result dict (report.json's keys are an interface)."""
+"""The report of `compress apply`: one typed object (`Report`), written as report.json (whose keys
+are an interface) and report.md, and the table helper the verbs print with."""
 from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,110 @@ def ratio(before: float | None, after: float | None) -> float | None:
     if not before or not after:
         return None
     return round(before / after, 4)
+
+
+def doc(text: str, **kwargs):
+    """A report field with its meaning: the README's report.json table is generated from these."""
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass
+class Side:
+    """One model's figures (all counts per sample, i.e. batch size 1; latency in milliseconds)."""
+
+    params: int = doc("parameters")
+    macs: int = doc("multiply-accumulates per sample (torch `FlopCounterMode` FLOPs / 2)")
+    onnx_bytes: int = doc("size of the exported ONNX file")
+    metric: dict | None = doc('`{"name": "accuracy", "value": 0.9917}` on the eval data (accuracies as fractions); '
+                              "null without eval data")
+    latency_ms: dict = doc('batch size (a string) -> `{"p50", "p90", "p99", "mean", "runs"}`')
+    checkpoint_bytes: int = doc("size of the input checkpoint (original) or of `model.pt` (compressed)")
+    onnx_metric: dict | None = doc("compressed only: the metric scored by running `model.onnx` in ONNX Runtime "
+                                   "on the eval data", default=None)
+
+
+@dataclass
+class Ratios:
+    params: float | None = doc("original / compressed")
+    macs: float | None = doc("original / compressed")
+    onnx_bytes: float | None = doc("original / compressed ONNX file size")
+    speedup: dict = doc("batch size -> p50 latency ratio original / compressed")
+    speedup_ci: dict = doc("batch size -> `[low, high]`, the speedup's bootstrap 95% interval (never narrower "
+                           "than +-5%)")
+
+
+@dataclass
+class Report:
+    """What `compress apply` measured: report.json is `to_json()`, report.md is `to_markdown()`.
+    The field order is report.json's key order; the keys are an interface for CI jobs."""
+
+    recipe: str = doc("the recipe file")
+    recipe_name: str | None = doc("the recipe's `name`")
+    recipe_sha256: str = doc("sha256 of the recipe file's bytes")
+    model: str = doc("the input model")
+    seed: int = doc("the seed used")
+    device: str = doc("where fine-tuning ran")
+    inputs: list = doc("the model's input names, in call order")
+    original: Side = doc("the original model's figures (below)")
+    compressed: Side = doc("the compressed model's figures (below)")
+    ratios: Ratios = doc("original / compressed figures (below)")
+    warnings: list = doc("one line each when a measurement was too noisy to trust (also printed on stderr)")
+    parity: dict = doc("`max_abs_diff`, `max_rel_diff` (relative to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, "
+                       "`passed`: `model.onnx` against the torch model on a real batch")
+    layers: list = doc("one decision per targeted layer: `name`, `method`, `layer_type`, `action` (`factorize`, "
+                       "`project`, `prune` or `keep`), `weight_shape`, `rank`, `full_rank`, `scheme`, `energy` (share "
+                       "of squared singular values kept), `factor_shapes`, `params_before/after`, "
+                       "`macs_before/after`, `reason` when kept, and method-specific keys (e.g. `kept_channels`)")
+    finetune: dict | None = doc("`steps`, `epochs`, `seconds`, `samples_per_s`, `final_loss`, `loss_terms` (the "
+                                "last step's loss by term); null without fine-tuning")
+    post_finetune: dict | None = doc("the same for the epochs a method asks for after its structural change "
+                                     "(trp, group_envelope); null when none ran")
+    bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
+    versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
+    timings_s: dict = doc("seconds per stage (load, calibrate, plan, prepare, finetune, export, parity, bench, ...)")
+    gates: dict = doc("`checked` (each `gate`, `limit`, `value`, `passed`; `min_speedup` is held to the lower end "
+                      "of the speedup's interval, with the point `estimate` beside it) and `passed`",
+                      default_factory=lambda: {"checked": [], "passed": True})
+    files: list = doc("the files in the output folder", default_factory=list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["original"].pop("onnx_metric")  # a compressed-model figure
+        return out
+
+    def write(self, folder: Path) -> None:
+        """report.json and report.md into `folder`."""
+        write_json(self.to_json(), folder / "report.json")
+        (folder / "report.md").write_text(to_markdown(self.to_json()))
+
+    def summary(self) -> list[str]:
+        """The lines `compress apply` prints at the end."""
+        o, c, r = self.original, self.compressed, self.ratios
+        fmt = lambda m: "-" if not m else f"{m['name']} {m['value']:.4f}"  # noqa: E731
+        ci = r.speedup_ci
+        return [
+            f"params {o.params:,} -> {c.params:,} ({r.params}x)  MACs {o.macs:,} -> {c.macs:,} ({r.macs}x)",
+            f"metric {fmt(o.metric)} -> {fmt(c.metric)} (model.onnx: {fmt(c.onnx_metric)})",
+            "speedup (p50, 95% interval) " + ", ".join(
+                f"batch {b}: {s}x [{ci[b][0]}, {ci[b][1]}]" if b in ci else f"batch {b}: {s}x"
+                for b, s in r.speedup.items()) + f"  parity max abs diff {self.parity['max_abs_diff']:.2e}",
+        ]
+
+
+def keys_table() -> str:
+    """The README's report.json table, from the fields' docs (so it cannot go stale)."""
+    rows = ["| key | meaning |", "|---|---|"]
+    for f in fields(Report):
+        rows.append(f"| `{f.name}` | {f.metadata['doc']} |")
+        if f.name == "original":
+            continue  # its keys are listed once, with the compressed model's
+        nested = {"compressed": (Side, ("original", "compressed")), "ratios": (Ratios, ("ratios",))}.get(f.name)
+        if nested:
+            kind, parents = nested
+            for sub in fields(kind):
+                names = ", ".join(f"`{p}.{sub.name}`" for p in parents if not (p == "original" and sub.name == "onnx_metric"))
+                rows.append(f"| {names} | {sub.metadata['doc']} |")
+    return "\n".join(rows)
 
 
 def write_json(report: dict, path: Path) -> None:

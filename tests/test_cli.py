@@ -28,6 +28,11 @@ def test_apply_writes_verified_outputs_and_report(applied):
     assert sorted(p.name for p in out.iterdir()) == [".compress-output", "compression.json", "model.onnx", "model.pt", "model.safetensors",
                                                    "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
+    from dataclasses import fields
+
+    from compress.report import Report
+
+    assert list(report) == [f.name for f in fields(Report)]  # report.json's keys, in the documented order
     for side in ("original", "compressed"):
         for key in ("params", "macs", "onnx_bytes", "metric", "latency_ms"):
             assert key in report[side]

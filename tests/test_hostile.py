@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compress
-from compress import checkpoint
 from compress.checkpoint import save_artifact, save_checkpoint
 from compress.cli import main
 from compress.errors import Terminated, UserError
@@ -416,11 +415,13 @@ def test_speedup_interval_is_paired_and_covers_exchangeable_noise():
 
 
 def test_min_speedup_gate_uses_the_lower_bound():
+    from types import SimpleNamespace
+
     from compress.pipeline import Options, check_gates
     from compress.recipe import GatesSection
 
-    result = {"ratios": {"speedup": {"8": 1.3}, "speedup_ci": {"8": [0.9, 1.7]}}}
-    gate = check_gates(result, GatesSection(min_speedup=1.2), Options())["checked"][0]
+    report = SimpleNamespace(ratios=SimpleNamespace(speedup={"8": 1.3}, speedup_ci={"8": [0.9, 1.7]}))
+    gate = check_gates(report, GatesSection(min_speedup=1.2), Options())["checked"][0]
     assert gate["value"] == 0.9 and gate["estimate"] == 1.3 and not gate["passed"]
 
 

@@ -81,3 +81,20 @@ def test_every_edit_a_method_writes_is_registered():
     assert set(EDITS) == {"factorize", "prune_channels"}
     for kind in EDITS.values():
         assert callable(kind.check) and callable(kind.apply)
+
+
+def test_readme_report_table_is_generated_from_the_report_type():
+    from compress.report import Report, keys_table
+
+    from .conftest import REPO
+
+    from dataclasses import fields
+
+    from compress.report import Ratios, Side
+
+    table = keys_table()
+    assert table in (REPO / "README.md").read_text()
+    documented = {key for line in table.splitlines()[2:] for key in line.split("|")[1].replace("`", "").split(", ")}
+    expected = ({f.name for f in fields(Report)} | {f"ratios.{f.name}" for f in fields(Ratios)}
+                | {f"{side}.{f.name}" for side in ("original", "compressed") for f in fields(Side)}) - {"original.onnx_metric"}
+    assert {k.strip() for k in documented} == expected

@@ -279,12 +279,12 @@ def inspect(model, recipe_path, trust_checkpoint, trust_factory, as_json, debug,
     if as_json:
         click.echo(json.dumps({"layers": rows, "total": totals}, indent=2))
         return
-    click.echo("| layer | type | weight | params | MACs | rank@90% | rank@95% | rank@99% | full rank | eff. rank |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        click.echo(f"| {r['name']} | {r['type']} | {'x'.join(map(str, r['weight_shape']))} | {r['params']:,} | "
-                   f"{r['macs']:,} | {r['rank_90']} | {r['rank_95']} | {r['rank_99']} | {r['full_rank']} | "
-                   f"{r['effective_rank']:.1f} |")
+    from .report import table
+
+    click.echo("\n".join(table(
+        ["layer", "type", "weight", "params", "MACs", "rank@90%", "rank@95%", "rank@99%", "full rank", "eff. rank"],
+        [[r["name"], r["type"], "x".join(map(str, r["weight_shape"])), f"{r['params']:,}", f"{r['macs']:,}",
+          r["rank_90"], r["rank_95"], r["rank_99"], r["full_rank"], f"{r['effective_rank']:.1f}"] for r in rows])))
     click.echo(f"\ntotal: {totals['params']:,} params, {totals['macs']:,} MACs per sample"
                + (f" (inputs: {', '.join(totals['inputs'])})" if totals.get("inputs") else ""))
 
@@ -352,15 +352,17 @@ def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quie
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    from .report import table
+
     reference = next(iter(labels))
-    click.echo("| model | batch | p50 ms | p90 ms | p99 ms | runs | speedup (95% interval) |")
-    click.echo("|---|---|---|---|---|---|---|")
+    rows = []
     for label, per_batch in result["latency_ms"].items():
         for bs, s in per_batch.items():
             speedup = "reference" if label == reference else (
                 f"{result['speedup'][label][bs]:.3f}x [{result['speedup_ci'][label][bs][0]:.3f}, "
                 f"{result['speedup_ci'][label][bs][1]:.3f}]")
-            click.echo(f"| {label} | {bs} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['runs']} | {speedup} |")
+            rows.append([label, bs, f"{s['p50']:.3f}", f"{s['p90']:.3f}", f"{s['p99']:.3f}", s["runs"], speedup])
+    click.echo("\n".join(table(["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "speedup (95% interval)"], rows)))
 
 
 @cli.command(epilog="""\b

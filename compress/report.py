@@ -157,17 +157,25 @@ def _metric(m: dict | None) -> str:
     return "-" if not m else f"{m['name']} {_num(m['value'])}"
 
 
+def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table (what plan, inspect, bench and report.md print): cells as given, `|` escaped."""
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    return (["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
 def layers_table(rows: list[dict]) -> list[str]:
-    lines = ["| layer | type | action | rank | params before -> after | MACs before -> after | note |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        rank = f"{r['rank']}/{r['full_rank']}" if r.get("rank") else "-"
-        note = r.get("reason") or r.get("note") or (f"{r['scheme']} scheme, energy {r['energy']:.3f}" if r.get("scheme") else
-                                   (f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""))
-        lines.append(f"| {r['name']} | {r['layer_type']} | {r['action']} | {rank} | "
-                     f"{_num(r['params_before'])} -> {_num(r['params_after'])} | "
-                     f"{_num(r['macs_before'])} -> {_num(r['macs_after'])} | {note} |")
-    return lines
+    def note(r):
+        if r.get("reason") or r.get("note"):
+            return r.get("reason") or r.get("note")
+        if r.get("scheme"):
+            return f"{r['scheme']} scheme, energy {r['energy']:.3f}"
+        return f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""
+
+    return table(["layer", "type", "action", "rank", "params before -> after", "MACs before -> after", "note"],
+                 [[r["name"], r["layer_type"], r["action"], f"{r['rank']}/{r['full_rank']}" if r.get("rank") else "-",
+                   f"{_num(r['params_before'])} -> {_num(r['params_after'])}",
+                   f"{_num(r['macs_before'])} -> {_num(r['macs_after'])}", note(r)] for r in rows])
 
 
 def to_markdown(report: dict) -> str:

@@ -12,7 +12,7 @@ from compress.data import load_source
 from compress.export import onnx_predict
 from compress.metrics import score
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 @pytest.fixture

@@ -169,7 +169,7 @@ def test_afm_recipe_end_to_end_on_the_ctr_example(shipped, tmp_path, ctr_model, 
 def test_afm_on_a_pickled_transformer_with_two_inputs(tmp_path, write_recipe, run_cli):
     import json
 
-    from .tiny_models import digits_as_tokens, token_classifier
+    from ..tiny_models import digits_as_tokens, token_classifier
 
     torch.manual_seed(0)
     torch.save(token_classifier(), tmp_path / "encoder.pt")

@@ -119,7 +119,7 @@ def test_disk_failure_while_writing_leaves_nothing(tmp_path, digits_model, write
 
 
 def test_recipe_check(digits_model, example_for, run_cli):
-    from .conftest import REPO
+    from ..conftest import REPO
 
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         result = run_cli("recipe", "check", recipe, example_for(recipe))

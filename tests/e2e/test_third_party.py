@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from .tiny_models import digits_as_tokens, token_classifier
+from ..tiny_models import digits_as_tokens, token_classifier
 
 
 def test_pickled_transformer_with_token_ids_and_mask(tmp_path, write_recipe, run_cli):

@@ -1,0 +1,48 @@
+"""Data sources and batching (compress/data.py)."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compress.data import Dataset, load_source, split_batch, synthetic_sample
+from compress.errors import UserError
+
+
+def test_files_of_every_format_load_the_same(tmp_path):
+    image = np.random.default_rng(0).random((6, 1, 8, 8))  # float64, as NumPy makes it
+    target = np.arange(6)
+    np.savez(tmp_path / "d.npz", image=image, target=target)
+    torch.save({"image": torch.from_numpy(image), "target": torch.from_numpy(target)}, tmp_path / "d.pt")
+    save_file({"image": torch.from_numpy(image), "target": torch.from_numpy(target)}, str(tmp_path / "d.safetensors"))
+    sets = [load_source(str(tmp_path / f"d.{ext}")) for ext in ("npz", "pt", "safetensors")]
+    for d in sets:
+        assert len(d) == 6 and d.tensors["image"].dtype == torch.float32  # float64 becomes float32
+        assert torch.equal(d.tensors["image"], sets[0].tensors["image"])
+    with pytest.raises(UserError, match="unknown data format '.csv'"):
+        (tmp_path / "d.csv").write_text("1,2\n")
+        load_source(str(tmp_path / "d.csv"))
+
+
+def test_batches_heads_and_splits():
+    d = Dataset({"x": torch.arange(10).float().unsqueeze(1), "target": torch.arange(10)}, "toy")
+    assert [len(b["x"]) for b in d.batches(4)] == [4, 4, 2]
+    assert [len(b["x"]) for b in d.batches(4, drop_last=True)] == [4, 4]
+    shuffled = torch.cat([b["target"] for b in d.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
+    assert d.head(13)["target"].tolist() == list(range(10)) + [0, 1, 2]  # cycled
+    inputs, target = split_batch(d.head(2), ["x"], "target")
+    assert inputs[0].shape == (2, 1) and target.tolist() == [0, 1]
+
+
+def test_bad_sets_are_named():
+    with pytest.raises(UserError, match="share their first"):
+        Dataset({"a": torch.zeros(3), "b": torch.zeros(4)}, "toy")
+    with pytest.raises(UserError, match="zero samples"):
+        Dataset({"a": torch.zeros(0)}, "toy")
+    with pytest.raises(UserError, match="'a' holds 1 non-finite values"):
+        Dataset({"a": torch.tensor([1.0, float("nan"), 2.0])}, "toy")
+
+
+def test_synthetic_sample_follows_the_specs():
+    a, b = synthetic_sample([{"name": "x", "shape": [3, 4]}, {"name": "ids", "shape": [7], "dtype": "int64"}])
+    assert a.shape == (1, 3, 4) and a.dtype == torch.float32 and b.dtype == torch.int64 and not b.any()

@@ -1,0 +1,29 @@
+"""The report (compress/report.py): tables, ratios, markdown from one object."""
+from compress.report import Ratios, Report, Side, layers_table, ratio, table, to_markdown
+
+
+def test_table_escapes_pipes_and_ratio_handles_zero():
+    lines = table(["a", "b"], [["x|y", 1]])
+    assert lines == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+    assert ratio(10, 4) == 2.5 and ratio(0, 4) is None and ratio(4, None) is None
+
+
+def test_markdown_and_summary_come_from_the_same_report():
+    side = lambda p50: Side(params=100, macs=1000, onnx_bytes=400, metric={"name": "accuracy", "value": 0.99},  # noqa: E731
+                            latency_ms={"8": {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "runs": 50}},
+                            checkpoint_bytes=500)
+    report = Report(recipe="r.yaml", recipe_name="r", recipe_sha256="0" * 64, model="m.pt", seed=0, device="cpu",
+                    inputs=["x"], original=side(2.0), compressed=side(1.0),
+                    ratios=Ratios(params=1.0, macs=1.0, onnx_bytes=1.0, speedup={"8": 2.0}, speedup_ci={"8": [1.8, 2.2]}),
+                    warnings=["batch 8: noisy"], parity={"max_abs_diff": 1e-6, "max_rel_diff": 1e-6, "atol": 1e-4,
+                                                         "rtol": 1e-3, "passed": True},
+                    layers=[{"name": "fc", "layer_type": "Linear", "action": "keep", "params_before": 1,
+                             "params_after": 1, "macs_before": 1, "macs_after": 1, "reason": "a | b"}],
+                    finetune=None, post_finetune=None, bench={"threads": 1, "warmup": 1, "runs": 50},
+                    versions={"onnxruntime": "1"}, timings_s={"load": 0.1})
+    data = report.to_json()
+    assert "onnx_metric" not in data["original"] and data["compressed"]["onnx_metric"] is None
+    text = to_markdown(data)
+    assert "2x [1.800, 2.200]" in text and "**Warning:** batch 8: noisy." in text and "a \\| b" in text
+    assert any("batch 8: 2.0x [1.8, 2.2]" in line for line in report.summary())
+    assert layers_table(data["layers"])[2].startswith("| fc | Linear | keep | - |")

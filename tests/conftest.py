@@ -74,6 +74,21 @@ def shipped(request, tmp_path):
 
 
 @pytest.fixture
+def apply_shipped(shipped, run_cli, tmp_path):
+    """apply_shipped("trp.yaml", model) -> (output folder, report.json as a dict), after checking the
+    run succeeded. The tests' models are trained briefly: the metric gate is loosened, not the checks."""
+    import json
+
+    def run(name: str, model: Path):
+        out = tmp_path / Path(name).stem
+        result = run_cli("apply", "--recipe", shipped(name), model, "--out", out, "-q", "--max-metric-drop", "1")
+        assert result.exit_code == 0, result.stderr
+        return out, json.loads((out / "report.json").read_text())
+
+    return run
+
+
+@pytest.fixture
 def example_for(digits_model, ctr_model, transformer_model):
     """The bundled example each shipped recipe is written for."""
     by_recipe = {"afm": ctr_model, "pela": transformer_model, "pela-unlabeled": transformer_model}

@@ -179,16 +179,13 @@ def test_diverging_finetune_is_a_user_error(digits_model, write_recipe, run_cli,
     assert not (tmp_path / "d").exists()
 
 
-def test_readme_recipes_run_on_the_bundled_example(shipped, digits_model, run_cli, tmp_path):
+def test_readme_recipes_run_on_the_bundled_example(apply_shipped, digits_model):
     # every shipped recipe is documented (test_recipe_check plans each on its example) ...
     readme = (REPO / "README.md").read_text()
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     assert recipes and all(f"recipes/{r.name}" in readme or f"`{r.name}`" in readme for r in recipes)
     # ... and the README's main job runs (the other recipes run end to end in their methods' tests)
-    out = tmp_path / "svd"
-    result = run_cli("apply", "--recipe", shipped("svd.yaml"), digits_model, "--out", out, "-q", "--max-metric-drop", "1")
-    assert result.exit_code == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    _, report = apply_shipped("svd.yaml", digits_model)
     assert report["compressed"]["metric"]["name"] == "accuracy" and report["ratios"]["macs"] > 1.5
     assert report["parity"]["passed"] and report["finetune"]["steps"] > 0
 

@@ -150,6 +150,7 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
 CONFIDENCE = 0.95
 BOOTSTRAP = 2000
 TARGET_HALF_WIDTH = 0.05  # stop adding runs once the speedup's interval is within +-5 % of it
+WARN_HALF_WIDTH = 0.10  # still wider than +-10 % after all the runs: say the machine was too noisy
 MAX_RUNS_FACTOR = 8  # ... or after 8x the requested runs
 BUDGET_S = 60.0  # ... or after a minute per batch size
 TAIL_RATIO = 3.0  # p90 more than 3x p50: the machine interrupted the runs
@@ -173,6 +174,12 @@ def speedup_interval(reference_ms: Sequence[float], candidate_ms: Sequence[float
     return round(float(lo), 4), round(float(hi), 4)
 
 
+def _reported(interval: tuple[float, float], estimate: float) -> list[float]:
+    """The interval as reported: the bootstrap's, widened to at least +-RESOLUTION around the estimate."""
+    lo, hi = interval
+    return [round(min(lo, estimate * (1 - RESOLUTION)), 4), round(max(hi, estimate * (1 + RESOLUTION)), 4)]
+
+
 def half_width(interval: tuple[float, float], estimate: float) -> float:
     return (interval[1] - interval[0]) / 2 / max(estimate, 1e-12)
 
@@ -184,7 +191,8 @@ def latency(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
 
 
 def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
-            warmup: int = 10, runs: int = 50, progress: bool = False, budget_s: float = BUDGET_S) -> dict:
+            warmup: int = 10, runs: int = 50, progress: bool = False, budget_s: float = BUDGET_S,
+            pairs: Sequence[tuple[str, str]] = ()) -> dict:
     """Latency of each ONNX model per batch size, and the speedup of every model over the first
     with a bootstrap 95 % interval.
 
@@ -192,12 +200,15 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     back to back in pairs whose order alternates (A B, B A, ...), so that machine noise falls on all
     of them alike and neither always runs second. After `runs` pairs, more pairs are taken (in
     chunks of `runs`, up to 8x, within `budget_s`) while any speedup's interval is wider than
-    +-5 %. A batch size still that wide at the end, or whose p90 is over 3x its p50, gets a warning.
+    +-5 %. A batch size still wider than +-10 % at the end, or whose p90 is over 3x its p50, gets a
+    warning.
     The reported interval is the bootstrap's, widened to at least +-RESOLUTION (see above).
 
     Returns {"latency_ms": {label: {str(bs): {p50, p90, p99, mean, runs}}},
              "speedup": {label: {str(bs): p50 ratio}}, "speedup_ci": {label: {str(bs): [lo, hi]}},
-             "warnings": [one line each]} (speedups only for the models after the first).
+             "pairs": {"A/B": {str(bs): {"speedup", "ci"}}}, "warnings": [one line each]}
+    (speedups over the first model for the others; "pairs" for each (A, B) in `pairs`: B over A,
+    from the same interleaved runs).
     """
     from tqdm.auto import tqdm
 
@@ -205,7 +216,8 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     labels = list(sessions)
     reference, others = labels[0], labels[1:]
     result: dict = {"latency_ms": {label: {} for label in labels}, "speedup": {label: {} for label in others},
-                    "speedup_ci": {label: {} for label in others}, "warnings": []}
+                    "speedup_ci": {label: {} for label in others}, "pairs": {f"{a}/{b}": {} for a, b in pairs},
+                    "warnings": []}
     bar = tqdm(total=len(feeds) * (warmup + runs) * len(labels), desc="benchmark", unit="run",
                disable=not progress, leave=False)
     for batch_size, feed in feeds.items():
@@ -215,32 +227,34 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
                 session.run(None, feed)
                 bar.update(1)
         samples: dict[str, list[float]] = {label: [] for label in labels}
-        started, pairs = time.perf_counter(), 0
+        started, taken = time.perf_counter(), 0
         while True:
             for _ in range(runs):
-                for label in (labels if pairs % 2 == 0 else labels[::-1]):
+                for label in (labels if taken % 2 == 0 else labels[::-1]):
                     start = time.perf_counter()
                     sessions[label].run(None, feed)
                     samples[label].append((time.perf_counter() - start) * 1e3)
                     bar.update(1)
-                pairs += 1
+                taken += 1
             intervals = {o: speedup_interval(samples[reference], samples[o]) for o in others}
             estimates = {o: float(np.median(samples[reference]) / np.median(samples[o])) for o in others}
             wide = [o for o in others if half_width(intervals[o], estimates[o]) > TARGET_HALF_WIDTH]
-            if not wide or pairs >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
+            if not wide or taken >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
                 break
             bar.total += runs * len(labels)
         for label in labels:
-            result["latency_ms"][label][key] = {**percentiles(samples[label]), "runs": pairs}
+            result["latency_ms"][label][key] = {**percentiles(samples[label]), "runs": taken}
         for o in others:
             result["speedup"][o][key] = round(estimates[o], 4)
-            lo, hi = intervals[o]
-            floor = (estimates[o] * (1 - RESOLUTION), estimates[o] * (1 + RESOLUTION))
-            result["speedup_ci"][o][key] = [round(min(lo, floor[0]), 4), round(max(hi, floor[1]), 4)]
-            if o in wide:
+            result["speedup_ci"][o][key] = _reported(intervals[o], estimates[o])
+        for a, b in pairs:
+            estimate = float(np.median(samples[a]) / np.median(samples[b]))
+            result["pairs"][f"{a}/{b}"][key] = {"speedup": round(estimate, 4), "ci": _reported(
+                speedup_interval(samples[a], samples[b]), estimate)}
+            if half_width(intervals[o], estimates[o]) > WARN_HALF_WIDTH:
                 result["warnings"].append(
                     f"batch {key}: {o} speedup {estimates[o]:.3f}x has a wide 95% interval "
-                    f"[{intervals[o][0]:.3f}, {intervals[o][1]:.3f}] after {pairs} paired runs: the machine was noisy")
+                    f"[{intervals[o][0]:.3f}, {intervals[o][1]:.3f}] after {taken} paired runs: the machine was noisy")
         tails = [label for label in labels if samples[label] and
                  np.percentile(samples[label], 90) > TAIL_RATIO * np.percentile(samples[label], 50)]
         if tails:

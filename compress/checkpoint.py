@@ -205,6 +205,7 @@ def save_artifact(folder: Path, model: nn.Module, factory: str, kwargs: dict[str
     # safetensors refuses tensors that share memory; a state dict is saved as independent copies
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": ARTIFACT_FORMAT})
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~current_umask())  # safetensors writes it private; it is an ordinary file
     description = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "factory": factory, "kwargs": kwargs,
                    "edits": edits, "inputs": inputs, "weights": WEIGHTS_NAME, "metadata": metadata or {}}
     (folder / ARTIFACT_NAME).write_text(json.dumps(description, indent=2) + "\n")

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -292,28 +293,37 @@ def inspect(model, recipe_path, trust_checkpoint, trust_factory, as_json, debug,
 @cli.command("export", epilog="""\b
 Example:
   compress export out/svd/model.pt --out model.onnx
-  compress export model.pt --recipe recipes/svd.yaml --out model.onnx --force""")
+  compress export model.pt --recipe recipes/svd.yaml --out model.onnx --force
+  compress export out/svd --out model.int8.onnx --quantize dynamic""")
 @click.argument("model", type=click.Path())
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="Recipe for export options, data for the parity batch, factory or inputs.")
 @click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists.")
+@click.option("--quantize", "quantize_mode", type=click.Choice(["dynamic", "static"]), default=None,
+              help="Write the int8 model (ONNX Runtime quantization) after the float one passed parity; static "
+                   "calibrates on the recipe's data.")
 @trust_option
 @common
-def export_cmd(model, out, recipe_path, force, trust_checkpoint, trust_factory, debug, quiet):
+def export_cmd(model, out, recipe_path, force, quantize_mode, trust_checkpoint, trust_factory, debug, quiet):
     """Export MODEL to ONNX, run onnx.checker, and check ONNX Runtime against torch (parity)."""
     from .inspection import export_model
 
-    result = export_model(model, Path(out), recipe_path, trust_checkpoint, force, trust_factory)
+    result = export_model(model, Path(out), recipe_path, trust_checkpoint, force, trust_factory, quantize_mode)
     click.echo(f"wrote {out}: {result['onnx_bytes']:,} bytes; parity max abs diff {result['max_abs_diff']:.2e}, "
                f"max rel diff {result['max_rel_diff']:.2e} (passed)")
+    if "quantization" in result:
+        q = result["quantization"]
+        click.echo(f"quantized ({q['mode']}, {', '.join(f'{k} x{v}' for k, v in q['quantized_ops'].items())}): "
+                   f"{q['fidelity']['agreement_kind']} agreement with the float model {q['fidelity']['agreement']:.4f}")
 
 
 @cli.command(epilog="""\b
 Example:
   compress bench out/svd/model.onnx
   compress bench original.onnx out/svd/model.onnx --batch-sizes 1,32 --runs 100
-  compress bench encoder.onnx --dim sequence=128""")
+  compress bench encoder.onnx --dim sequence=128
+  compress bench model.onnx --quantize dynamic""")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--batch-sizes", default="1,32", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="ONNX Runtime intra-op threads.")
@@ -321,9 +331,12 @@ Example:
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Timed runs per model and batch size (more, up to 8x, while the speedup's interval is wide).")
 @click.option("--dim", "dims", multiple=True, help="Size of a named dynamic axis other than the batch, NAME=SIZE.")
+@click.option("--quantize", "quantize_mode", type=click.Choice(["dynamic", "static"]), default=None,
+              help="Also benchmark each model quantized to int8 by ONNX Runtime (static calibrates on the random "
+                   "inputs: fine for latency, not for accuracy).")
 @click.option("--json", "as_json", is_flag=True, help="Print latencies as JSON.")
 @common
-def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quiet):
+def bench(models, batch_sizes, threads, warmup, runs, dims, quantize_mode, as_json, debug, quiet):
     """ONNX Runtime latency (p50/p90/p99 ms) of one or more ONNX MODELS, run in alternating pairs;
     with two or more, the speedup of each over the first with a bootstrap 95% interval."""
     from .bench import measure
@@ -346,7 +359,16 @@ def bench(models, batch_sizes, threads, warmup, runs, dims, as_json, debug, quie
         label = path if path not in labels else f"{path}#{len(labels)}"
         labels[label] = path
     feeds = onnx_feeds(list(models), sizes, named)
-    result = measure(labels, feeds, threads, warmup, runs, progress=not quiet)
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
+        if quantize_mode:
+            from .quantize import QuantizeSection, quantize
+
+            cfg = QuantizeSection(mode=quantize_mode)
+            for i, (label, path) in enumerate(list(labels.items())):
+                int8 = Path(tmp) / f"{i}.int8.onnx"
+                quantize(Path(path), int8, cfg, list(feeds.values()) if quantize_mode == "static" else None)
+                labels[f"{label} (int8 {quantize_mode})"] = str(int8)
+        result = measure(labels, feeds, threads, warmup, runs, progress=not quiet)
     for warning in result["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     if as_json:

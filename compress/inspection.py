@@ -7,15 +7,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from . import bench, export, linalg
-from .checkpoint import load_model
+from . import bench, export, linalg, outdir
+from .checkpoint import current_umask, load_model
 from .errors import UserError, first_line
 from .layers import layer_matrix
 from .methods.base import LAYER_TYPES
-from . import outdir
-from .checkpoint import current_umask
 from .trust import trusted_prefixes
 
 
@@ -57,7 +56,11 @@ def inspect_model(model_path, recipe_path=None, trust=False, factories=()) -> tu
     return rows, totals
 
 
-def export_model(model_path, out: Path, recipe_path=None, trust=False, force=False, factories=()) -> dict:
+def export_model(model_path, out: Path, recipe_path=None, trust=False, force=False, factories=(),
+                 quantize_mode: str | None = None) -> dict:
+    """Export, check parity with torch, and with `quantize_mode` write the int8 model instead (the
+    recipe's quantize section when it has one, held to its fidelity limits against the float model
+    on the parity batch); static quantization calibrates on the recipe's data."""
     outdir.check_file_out(out, force)
     model, names, sample, recipe, data = _load(model_path, recipe_path, trust, factories)
     opset, atol, rtol, declared, dynamic_batch = 17, 1e-4, 1e-3, {}, True
@@ -77,6 +80,8 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
     try:
         export.export_onnx(model, sample, names, partial, opset, axes)
         result = export.verify(model, partial, names, batch, atol, rtol, what=str(out))
+        if quantize_mode:
+            result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data)
         os.chmod(partial, 0o666 & ~current_umask())
         outdir.check_file_out(out, True)  # still not something else than a file we may overwrite
         partial.replace(out)
@@ -86,6 +91,36 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
         partial.unlink(missing_ok=True)
     result["onnx_bytes"] = out.stat().st_size
     return result
+
+
+def _quantize_file(path: Path, recipe, mode: str, names, batch, data) -> dict:
+    """Replace the float ONNX file at `path` by its int8 version, if it stays faithful to it."""
+    from . import quantize
+
+    cfg = (recipe.quantize if recipe is not None and recipe.quantize is not None else quantize.QuantizeSection())
+    cfg = cfg.model_copy(update={"mode": mode})
+    calibration = None
+    if mode == "static":
+        if data is None:
+            raise UserError("--quantize static needs calibration data: pass --recipe with data.calibration")
+        calibration = [export.to_feed(names, tuple(b[n] for n in names))
+                       for b, _ in zip(data.batches(recipe.data.batch_size), range(cfg.calibration_batches))]
+    quantized = path.with_name(path.name + ".int8")
+    try:
+        info = quantize.quantize(path, quantized, cfg, calibration)
+        feed = export.to_feed(names, batch)
+        float_out, int8_out = (torch.from_numpy(bench.make_session(str(p), 1).run([export.OUTPUT_NAME], feed)[0])
+                               for p in (path, quantized))
+        labels = data.tensors.get(recipe.data.target) if data is not None else None
+        fid = quantize.fidelity(float_out, int8_out, classes=labels is not None and not labels.is_floating_point())
+        if fid["agreement"] < cfg.min_agreement:
+            raise quantize.QuantizationError(
+                f"the quantized model strays from the float one: {fid['agreement_kind']} agreement "
+                f"{fid['agreement']:.4f} < {cfg.min_agreement}; nothing written")
+        quantized.replace(path)
+    finally:
+        quantized.unlink(missing_ok=True)
+    return {**info, "fidelity": fid}
 
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,

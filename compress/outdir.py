@@ -23,7 +23,7 @@ from .errors import UserError
 
 MARKER = ".compress-output"
 OUTPUT_FILES = frozenset({MARKER, "model.pt", "model.safetensors", "compression.json", "model.onnx",
-                          "report.json", "report.md"})
+                          "model.float.onnx", "report.json", "report.md"})
 
 
 def check_out(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:

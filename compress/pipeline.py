@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bench, distributed, export, outdir, report as reporting
+from . import bench, distributed, export, outdir, quantize, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
@@ -104,6 +104,9 @@ def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options)
         input_names, sample = _inputs(r, loaded, data, r.data.target)
         _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
         bench.check_fits(r.bench.batch_sizes, bench.activation_bytes_per_sample(loaded.model, sample), "bench.batch_sizes")
+        if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
+            quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
+                                   data["calibration"] is not None)
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings)
 
 
@@ -316,51 +319,142 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
     with timed(timings, "export"):
         declared = {s.name: s.dynamic_axes for s in r.inputs or []}
         axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, r.export.dynamic_batch)
-        original_onnx, compressed_onnx = work / "original.onnx", work / "model.onnx"
+        original_onnx = work / "original.onnx"
+        float_onnx = work / ("model.float.onnx" if r.quantize else "model.onnx")
         export.export_onnx(original, ctx.sample, ctx.input_names, original_onnx, r.export.opset, axes)
-        export.export_onnx(compressed, ctx.sample, ctx.input_names, compressed_onnx, r.export.opset, axes)
+        export.export_onnx(compressed, ctx.sample, ctx.input_names, float_onnx, r.export.opset, axes)
     with timed(timings, "parity"):
-        parity = export.verify(compressed, compressed_onnx, ctx.input_names,
+        parity = export.verify(compressed, float_onnx, ctx.input_names,
                                _real_batch(ctx, min(64, max(r.bench.batch_sizes))), r.export.parity.atol,
                                r.export.parity.rtol, r.bench.threads)
-        onnx_metric = None
-        if ctx.data["eval"] is not None and metric_after is not None:
-            outs = export.onnx_predict(compressed_onnx, ctx.data["eval"], ctx.input_names, r.data.batch_size * 4, r.bench.threads)
-            target = ctx.data["eval"].tensors.get(ctx.target)
-            onnx_metric = {"name": metric_after["name"],
-                           "value": round(score(metric_after["name"], outs, target, reference), 6)}
+        float_onnx_metric, float_outputs = _onnx_metric(ctx, float_onnx, metric_after, reference)
+    shipped, shipped_metric, quantization = float_onnx, float_onnx_metric, None
+    if r.quantize:
+        with timed(timings, "quantize"):
+            shipped = work / "model.onnx"
+            quantization = _quantize(ctx, r.quantize, float_onnx, shipped, float_onnx_metric, float_outputs, reference)
+            shipped_metric = quantization["fidelity"].pop("metric")
+    models = {"original": str(original_onnx), "compressed": str(shipped)}
+    if r.quantize:
+        models["compressed_float"] = str(float_onnx)
+    baselines, warnings = {}, []
+    if "int8_original" in r.bench.baselines:
+        with timed(timings, "baselines"):
+            baseline_onnx = work / "original.int8.onnx"
+            try:
+                info = quantize.quantize(original_onnx, baseline_onnx, r.quantize or quantize.QuantizeSection(),
+                                         _calibration_feeds(ctx, r.quantize))
+                metric, _ = _onnx_metric(ctx, baseline_onnx, metric_before, reference)
+                baselines["int8_original"] = {"mode": info["mode"], "onnx_bytes": baseline_onnx.stat().st_size,
+                                              "metric": metric}
+                models["int8_original"] = str(baseline_onnx)
+            except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
+                baselines["int8_original"] = {"error": str(exc)}
+                warnings.append(f"baseline int8_original not measured: {exc}")
     with timed(timings, "bench"):
         feeds = {bs: export.to_feed(ctx.input_names, _real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
-        measured = bench.measure({"original": str(original_onnx), "compressed": str(compressed_onnx)}, feeds,
-                                 r.bench.threads, r.bench.warmup, r.bench.runs, progress=options.progress)
+        pairs = [("int8_original", "compressed")] if "int8_original" in models else []
+        measured = bench.measure(models, feeds, r.bench.threads, r.bench.warmup, r.bench.runs,
+                                 progress=options.progress, pairs=pairs)
         lat = measured["latency_ms"]
+    if "int8_original" in models:
+        baselines["int8_original"].update(
+            latency_ms=lat["int8_original"], speedup=measured["speedup"]["int8_original"],
+            speedup_ci=measured["speedup_ci"]["int8_original"],
+            compressed_speedup=measured["pairs"]["int8_original/compressed"])
 
     with timed(timings, "save"):
-        _save_model(ctx, compressed, methods, work / "model.pt", metric_after)
+        _save_model(ctx, compressed, methods, work / "model.pt", metric_after,
+                    r.quantize.model_dump() if r.quantize else None)
     original_onnx_bytes = original_onnx.stat().st_size
-    original_onnx.unlink()  # measured and benchmarked; the output keeps only the compressed model
+    for path in (original_onnx, work / "original.int8.onnx"):  # measured; the output keeps the compressed model
+        path.unlink(missing_ok=True)
 
+    model_pt = (work / "model.pt").stat().st_size
+    macs = bench.count_macs(compressed, ctx.sample)
     orig = reporting.Side(params=bench.count_params(original), macs=original_macs, onnx_bytes=original_onnx_bytes,
                           metric=metric_before, latency_ms=lat["original"],
                           checkpoint_bytes=Path(ctx.loaded.path).stat().st_size)
-    comp = reporting.Side(params=bench.count_params(compressed), macs=bench.count_macs(compressed, ctx.sample),
-                          onnx_bytes=compressed_onnx.stat().st_size, metric=metric_after, onnx_metric=onnx_metric,
-                          latency_ms=lat["compressed"], checkpoint_bytes=(work / "model.pt").stat().st_size)
+    comp = reporting.Side(params=bench.count_params(compressed), macs=macs, onnx_bytes=shipped.stat().st_size,
+                          metric=shipped_metric if r.quantize else metric_after, onnx_metric=shipped_metric,
+                          latency_ms=lat["compressed"], checkpoint_bytes=model_pt)
+    comp_float = None
+    if r.quantize:
+        comp_float = reporting.Side(params=comp.params, macs=macs, onnx_bytes=float_onnx.stat().st_size,
+                                    metric=metric_after, onnx_metric=float_onnx_metric,
+                                    latency_ms=lat["compressed_float"], checkpoint_bytes=model_pt)
     report = reporting.Report(
         recipe=str(ctx.recipe.path), recipe_name=r.name, recipe_sha256=ctx.recipe.sha256, model=ctx.loaded.path,
         seed=seed, device=str(device), inputs=ctx.input_names, original=orig, compressed=comp,
+        compressed_float=comp_float, quantization=quantization, baselines=baselines,
         ratios=reporting.Ratios(params=reporting.ratio(orig.params, comp.params),
                                 macs=reporting.ratio(orig.macs, comp.macs),
                                 onnx_bytes=reporting.ratio(orig.onnx_bytes, comp.onnx_bytes),
                                 speedup=measured["speedup"]["compressed"],
                                 speedup_ci=measured["speedup_ci"]["compressed"]),
-        warnings=measured["warnings"], parity=parity, layers=rows, finetune=_train_summary(trained),
+        warnings=warnings + measured["warnings"], parity=parity, layers=rows, finetune=_train_summary(trained),
         post_finetune=_train_summary(post), bench=r.bench.model_dump(), versions=reporting.versions(),
         timings_s=dict(timings))
     report.gates = check_gates(report, r.gates, options)
     report.files = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
     report.write(work)
     return report
+
+
+def _onnx_metric(ctx: Context, path: Path, torch_metric: dict | None, reference):
+    """(metric dict, outputs) of an ONNX model on the eval data, scored like the torch model; (None,
+    None) without eval data."""
+    data = ctx.data["eval"]
+    if data is None or torch_metric is None:
+        return None, None
+    r = ctx.recipe.recipe
+    outputs = export.onnx_predict(path, data, ctx.input_names, r.data.batch_size * 4, r.bench.threads)
+    value = score(torch_metric["name"], outputs, data.tensors.get(ctx.target), reference)
+    return {"name": torch_metric["name"], "value": round(value, 6)}, outputs
+
+
+def _calibration_feeds(ctx: Context, cfg) -> list[dict] | None:
+    """Static quantization's calibration batches (ONNX feeds) from data.calibration."""
+    data = ctx.data["calibration"]
+    if cfg is None or cfg.mode != "static" or data is None:
+        return None
+    feeds = []
+    for batch in data.batches(ctx.recipe.recipe.data.batch_size):
+        feeds.append(export.to_feed(ctx.input_names, split_batch(batch, ctx.input_names, ctx.target)[0]))
+        if len(feeds) >= cfg.calibration_batches:
+            break
+    return feeds
+
+
+def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict | None, float_outputs,
+              reference) -> dict:
+    """Quantize the float model.onnx, then hold the result to the recipe's fidelity limits against the
+    float model (on the eval data, else on a batch of the inputs): QuantizationError (exit 4) when missed."""
+    info = quantize.quantize(float_onnx, out, cfg, _calibration_feeds(ctx, cfg))
+    metric, outputs = _onnx_metric(ctx, out, float_metric, reference)
+    if outputs is None:  # no eval data: compare the two ONNX models on the batch parity used
+        r = ctx.recipe.recipe
+        batch = export.to_feed(ctx.input_names, _real_batch(ctx, min(64, max(r.bench.batch_sizes))))
+        float_outputs, outputs = (torch.from_numpy(bench.make_session(str(p), r.bench.threads)
+                                                   .run([export.OUTPUT_NAME], batch)[0]) for p in (float_onnx, out))
+    fid = quantize.fidelity(float_outputs, outputs, classes=bool(metric) and metric["name"] == "accuracy")
+    fid["metric_drop"] = (round(drop(metric["name"], float_metric["value"], metric["value"]), 6)
+                          if metric and float_metric else None)
+    fid.update(max_metric_drop=cfg.max_metric_drop, min_agreement=cfg.min_agreement)
+    missed = []
+    if fid["agreement"] < cfg.min_agreement:
+        missed.append(f"{fid['agreement_kind']} agreement with the float model {fid['agreement']:.4f} < "
+                      f"quantize.min_agreement {cfg.min_agreement}")
+    if fid["metric_drop"] is not None and fid["metric_drop"] > cfg.max_metric_drop:
+        missed.append(f"{metric['name']} drops by {fid['metric_drop']:.4f} from the float model > "
+                      f"quantize.max_metric_drop {cfg.max_metric_drop}")
+    if missed:
+        raise quantize.QuantizationError(f"quantized model.onnx strays too far from the float model: "
+                                         f"{'; '.join(missed)}; no ONNX model kept (exclude sensitive layers with "
+                                         "quantize.exclude, or try mode: static)")
+    fid["passed"] = True
+    fid["metric"] = metric
+    return {**info, "fidelity": fid}
 
 
 def _train_summary(trained) -> dict | None:
@@ -380,7 +474,8 @@ def _real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
     return split_batch(batch, ctx.input_names, ctx.target)[0]
 
 
-def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Path, metric: dict | None) -> None:
+def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Path, metric: dict | None,
+                quantization: dict | None = None) -> None:
     loaded = ctx.loaded
     if loaded.pickled:
         save_pickled_module(path, model)
@@ -389,6 +484,8 @@ def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Pat
     inputs = [{"name": n, "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
               for n, t in zip(ctx.input_names, ctx.sample)]
     metadata = {"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path}
+    if quantization:  # model.onnx is int8 by these settings; the weights saved here stay float
+        metadata["quantization"] = quantization
     save_checkpoint(path, model, loaded.factory, loaded.kwargs, inputs=inputs, edits=edits, metadata=metadata)
     save_artifact(path.parent, model, loaded.factory, loaded.kwargs, edits, inputs, metadata)
 

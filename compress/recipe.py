@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .errors import RecipeError, UserError
 from .methods import METHODS
 from .methods.base import Strict
+from .quantize import QuantizeSection
 
 
 SEED_MAX = 2**32 - 1
@@ -116,7 +117,12 @@ class BenchSection(Strict):
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32], min_length=1)
     threads: int = Field(1, gt=0, description="ONNX Runtime intra-op threads")
     warmup: int = Field(10, ge=0)
-    runs: int = Field(50, gt=0)
+    runs: int = Field(50, gt=0, description="timed runs per model and batch size (more while the speedup's "
+                      "interval is wide, up to 8x)")
+    baselines: list[Literal["int8_original"]] = Field(
+        default_factory=lambda: ["int8_original"], description="alternatives measured in the same run: "
+        "int8_original is ONNX Runtime's quantization of the original model (the recipe's quantize settings, "
+        "dynamic without them); [] for none")
 
 
 class GatesSection(Strict):
@@ -143,6 +149,8 @@ class Recipe(Strict):
     stages: list[StageUnion] = Field(min_length=1)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    quantize: QuantizeSection | None = Field(None, description="int8 model.onnx by ONNX Runtime's quantization "
+                                             "(absent: the float model ships)")
     bench: BenchSection = Field(default_factory=BenchSection)
     gates: GatesSection = Field(default_factory=GatesSection)
 

@@ -57,7 +57,7 @@ class Ratios:
                            "than +-5%)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Report:
     """What `compress apply` measured: report.json is `to_json()`, report.md is `to_markdown()`.
     The field order is report.json's key order; the keys are an interface for CI jobs."""
@@ -70,7 +70,19 @@ class Report:
     device: str = doc("where fine-tuning ran")
     inputs: list = doc("the model's input names, in call order")
     original: Side = doc("the original model's figures (below)")
-    compressed: Side = doc("the compressed model's figures (below)")
+    compressed: Side = doc("the shipped model's figures (below): `model.onnx`, int8 when the recipe quantizes "
+                           "(then `metric` is that of the int8 ONNX model)")
+    compressed_float: Side | None = doc("with `quantize:`, the same figures for the float compressed model "
+                                        "(`model.float.onnx`); null otherwise", default=None)
+    quantization: dict | None = doc("with `quantize:`: `mode`, `weight_type`, `per_channel`, `op_types`, `excluded` "
+                                    "(ONNX nodes kept in float), `quantized_ops` (operator counts), `fidelity` "
+                                    "(`agreement_kind` top1 or cosine, `agreement`, `max_abs_deviation`, "
+                                    "`metric_drop` from the float model, the limits, `passed`); null otherwise",
+                                    default=None)
+    baselines: dict = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
+                          "`mode`, `onnx_bytes`, `metric`, `latency_ms`, `speedup`/`speedup_ci` over the original, "
+                          "`compressed_speedup` (batch size -> `speedup`, `ci` of the shipped model over this "
+                          "baseline); `error` when it could not be made", default_factory=dict)
     ratios: Ratios = doc("original / compressed figures (below)")
     warnings: list = doc("one line each when a measurement was too noisy to trust (also printed on stderr)")
     parity: dict = doc("`max_abs_diff`, `max_rel_diff` (relative to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, "
@@ -112,7 +124,7 @@ class Report:
             "speedup (p50, 95% interval) " + ", ".join(
                 f"batch {b}: {s}x [{ci[b][0]}, {ci[b][1]}]" if b in ci else f"batch {b}: {s}x"
                 for b, s in r.speedup.items()) + f"  parity max abs diff {self.parity['max_abs_diff']:.2e}",
-        ]
+        ] + [line for line in [baseline_verdict(self.to_json())] if line]
 
 
 def keys_table() -> str:
@@ -178,26 +190,89 @@ def layers_table(rows: list[dict]) -> list[str]:
                    f"{_num(r['macs_before'])} -> {_num(r['macs_after'])}", note(r)] for r in rows])
 
 
+def baseline_verdict(report: dict) -> str | None:
+    """One plain sentence: does the shipped model beat int8 quantization of the original on size,
+    latency (at the largest batch, by the interval of the paired runs) and metric?"""
+    base = (report.get("baselines") or {}).get("int8_original")
+    if not base:
+        return None
+    if "error" in base:
+        return f"Int8 quantization of the original could not be measured: {base['error']}."
+    c = report["compressed"]
+    wins, parts = 0, []
+    smaller = c["onnx_bytes"] < base["onnx_bytes"]
+    wins += smaller
+    parts.append(f"{'smaller' if smaller else 'larger'} ({_num(c['onnx_bytes'])} vs {_num(base['onnx_bytes'])} bytes)")
+    batch = max(base["compressed_speedup"], key=int)
+    pair = base["compressed_speedup"][batch]
+    lo, hi = pair["ci"]
+    speed = "faster" if lo > 1 else "slower" if hi < 1 else "neither faster nor slower"
+    wins += lo > 1
+    parts.append(f"{speed} at batch {batch} ({pair['speedup']:.2f}x [{lo:.2f}, {hi:.2f}])")
+    if c.get("metric") and base.get("metric"):
+        from .metrics import drop
+
+        worse = drop(c["metric"]["name"], base["metric"]["value"], c["metric"]["value"])
+        wins += worse <= 0
+        parts.append(f"{'as good or better' if worse <= 0 else 'worse'} on {c['metric']['name']} "
+                     f"({c['metric']['value']:.4f} vs {base['metric']['value']:.4f})")
+        total = 3
+    else:
+        total = 2
+    verdict = "beats it" if wins == total else "does not beat it" if wins == 0 else f"beats it on {wins} of {total}"
+    return (f"Against int8 quantization of the original ({base['mode']}, the one-line alternative), the shipped "
+            f"model is {', '.join(parts)}: it {verdict}.")
+
+
 def to_markdown(report: dict) -> str:
     o, c, r = report["original"], report["compressed"], report["ratios"]
+    base = (report.get("baselines") or {}).get("int8_original")
+    columns = [("original", o)]
+    if base and "error" not in base:
+        columns.append(("int8 of the original", {"params": o["params"], "macs": o["macs"], **base}))
+    if report.get("compressed_float"):
+        columns.append(("compressed, float", report["compressed_float"]))
+    columns.append(("compressed (model.onnx)" + (", int8" if report.get("quantization") else ""), c))
+    rows = [["parameters"] + [_num(side["params"]) for _, side in columns],
+            ["MACs per sample"] + [_num(side["macs"]) for _, side in columns],
+            ["ONNX bytes"] + [_num(side["onnx_bytes"]) for _, side in columns],
+            ["metric"] + [_metric(side.get("metric")) for _, side in columns],
+            ["metric of the ONNX model"] + [_metric(side.get("onnx_metric")) for _, side in columns]]
+    for bs, stats in o["latency_ms"].items():
+        row = [f"latency batch {bs}: p50 ms (speedup over the original, 95% interval)"]
+        for _, side in columns:
+            p50 = side["latency_ms"][bs]["p50"]
+            if side is c:
+                lo, hi = r.get("speedup_ci", {}).get(bs, (None, None))
+                row.append(f"{p50:.3f} ({_num(r['speedup'].get(bs))}x" + (f" [{lo:.2f}, {hi:.2f}])" if lo else ")"))
+            elif "speedup" in side:  # the int8 baseline
+                lo, hi = side["speedup_ci"][bs]
+                row.append(f"{p50:.3f} ({_num(side['speedup'][bs])}x [{lo:.2f}, {hi:.2f}])")
+            else:
+                row.append(f"{p50:.3f}")
+        rows.append(row)
     lines = [f"# Compression report: {report.get('recipe_name') or report['recipe']}", "",
              f"Model `{report['model']}`, recipe `{report['recipe']}` (sha256 `{report['recipe_sha256'][:12]}`), "
-             f"seed {report['seed']}, device {report['device']}.", "",
-             "| | original | compressed | ratio |", "|---|---|---|---|",
-             f"| parameters | {_num(o['params'])} | {_num(c['params'])} | {_num(r['params'])}x |",
-             f"| MACs per sample | {_num(o['macs'])} | {_num(c['macs'])} | {_num(r['macs'])}x |",
-             f"| ONNX bytes | {_num(o['onnx_bytes'])} | {_num(c['onnx_bytes'])} | {_num(r['onnx_bytes'])}x |",
-             f"| metric | {_metric(o['metric'])} | {_metric(c['metric'])} | |"]
-    if c.get("onnx_metric"):
-        lines.append(f"| metric of model.onnx | | {_metric(c['onnx_metric'])} | |")
-    for bs, stats in o["latency_ms"].items():
-        cs = c["latency_ms"][bs]
-        lo, hi = r.get("speedup_ci", {}).get(bs, (None, None))
-        interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
-        lines.append(f"| latency batch {bs} p50 / p90 / p99 ms | {stats['p50']:.3f} / {stats['p90']:.3f} / {stats['p99']:.3f} "
-                     f"| {cs['p50']:.3f} / {cs['p90']:.3f} / {cs['p99']:.3f} | {_num(r['speedup'].get(bs))}x{interval} |")
+             f"seed {report['seed']}, device {report['device']}.", ""]
+    lines += table([""] + [name for name, _ in columns], rows)
+    lines += ["", f"Compressed: {_num(r['params'])}x fewer parameters, {_num(r['macs'])}x fewer MACs, "
+              f"{_num(r['onnx_bytes'])}x smaller ONNX file than the original."]
+    verdict = baseline_verdict(report)
+    if verdict:
+        lines += ["", verdict]
+    q = report.get("quantization")
+    if q:
+        f = q["fidelity"]
+        lines += ["", f"Quantization: {q['mode']}, {q['weight_type']} weights"
+                  f"{', per channel' if q['per_channel'] else ''}, {', '.join(q['op_types'])}; operators "
+                  + ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())
+                  + (f"; kept in float: {', '.join(q['excluded'])}" if q["excluded"] else "")
+                  + f". Fidelity to the float model: {f['agreement_kind']} agreement {f['agreement']:.4f} "
+                  f"(at least {f['min_agreement']}), max abs deviation {f['max_abs_deviation']:.3g}"
+                  + (f", metric drop {f['metric_drop']:.4f} (at most {f['max_metric_drop']})"
+                     if f.get("metric_drop") is not None else "") + "."]
     p = report["parity"]
-    lines += ["", f"ONNX parity ({'passed' if p['passed'] else 'FAILED'}): max abs diff {p['max_abs_diff']:.3g}, "
+    lines += ["", f"ONNX parity of the float model ({'passed' if p['passed'] else 'FAILED'}): max abs diff {p['max_abs_diff']:.3g}, "
               f"max rel diff {p['max_rel_diff']:.3g} (atol {p['atol']}, rtol {p['rtol']}).", ""]
     bench = report["bench"]
     lines.append(f"Latency: ONNX Runtime {report['versions']['onnxruntime']}, CPU, {bench['threads']} thread(s), "

@@ -24,6 +24,6 @@ def test_markdown_and_summary_come_from_the_same_report():
     data = report.to_json()
     assert "onnx_metric" not in data["original"] and data["compressed"]["onnx_metric"] is None
     text = to_markdown(data)
-    assert "2x [1.800, 2.200]" in text and "**Warning:** batch 8: noisy." in text and "a \\| b" in text
+    assert "1.000 (2x [1.80, 2.20])" in text and "**Warning:** batch 8: noisy." in text and "a \\| b" in text
     assert any("batch 8: 2.0x [1.8, 2.2]" in line for line in report.summary())
     assert layers_table(data["layers"])[2].startswith("| fc | Linear | keep | - |")

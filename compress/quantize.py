@@ -1,0 +1,176 @@
+"""Int8 ONNX as a stage: onnxruntime.quantization applied to an exported float model, the layer
+exclusions mapped from torch module names to ONNX nodes, and the fidelity check of the result.
+
+Nothing here quantizes by hand: `quantize_dynamic` (int8 weights, activations quantized at run
+time; MatMul/Gemm by default, since dynamic ConvInteger runs several times slower than a float
+Conv on ONNX Runtime's CPU provider) and `quantize_static` (QDQ format, activations calibrated on
+calibration data; Conv too) do the work. The float model is pre-processed first with ORT's
+`quant_pre_process` (shape inference and graph optimization), as ORT recommends.
+"""
+from __future__ import annotations
+
+import collections
+import fnmatch
+import tempfile
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from .errors import CompressError, UserError, first_line
+from .methods.base import Strict
+
+DEFAULT_OP_TYPES = {"dynamic": ["MatMul", "Gemm"], "static": ["Conv", "MatMul", "Gemm"]}
+QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+                 "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
+                 "QAttention"}
+
+
+class QuantizeSection(Strict):
+    """Int8 quantization of the exported model with ONNX Runtime (absent: the float model ships)."""
+
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic: int8 weights, activations quantized at run time (no data needed); "
+        "static: QDQ format, activation ranges calibrated on data.calibration")
+    weight_type: Literal["int8", "uint8"] = "int8"
+    per_channel: bool = Field(True, description="one scale per output channel of each weight")
+    op_types: list[str] | None = Field(None, description="ONNX operator types to quantize (default: MatMul and Gemm "
+                                       "for dynamic, also Conv for static)")
+    exclude: list[str] = Field(default_factory=list, description="module-name globs kept in float (a module's "
+                               "children too), e.g. ['fc', 'layer1.*']")
+    calibration_batches: int = Field(16, gt=0, description="static: calibration batches of data.batch_size")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    max_metric_drop: float = Field(0.02, ge=0, description="largest allowed drop of the metric from the float "
+                                   "compressed model to the quantized one (exit 4 when missed)")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="smallest allowed agreement of the quantized model with "
+                                 "the float one: top-1 for class outputs, mean cosine otherwise (exit 4 when missed)")
+
+
+class QuantizationError(CompressError):
+    """The quantized model strays too far from the float one: nothing is kept (exit 4, like parity)."""
+
+    exit_code = 4
+
+
+def supported_op_types(mode: str) -> set[str]:
+    from onnxruntime.quantization import registry
+
+    return set(registry.IntegerOpsRegistry if mode == "dynamic" else registry.QDQRegistry) | {"Gemm", "MatMul"}
+
+
+def check_section(cfg: QuantizeSection, module_names: Iterable[str], has_calibration: bool) -> None:
+    """Mistakes found before any work: static without data, unknown op types, exclusions that match
+    no module of the model (one-line errors, exit 2)."""
+    if cfg.mode == "static" and not has_calibration:
+        raise UserError("quantize.mode static needs calibration data: set data.calibration (or data.train)")
+    supported = supported_op_types(cfg.mode)
+    for i, op in enumerate(cfg.op_types or []):
+        if op not in supported:
+            raise UserError(f"quantize.op_types[{i}]: ONNX Runtime's {cfg.mode} quantization does not handle {op!r}; "
+                            f"it handles {', '.join(sorted(supported))}")
+    names = list(module_names)
+    for i, pattern in enumerate(cfg.exclude):
+        if not any(_matches(pattern, name) for name in names):
+            raise UserError(f"quantize.exclude[{i}]: pattern {pattern!r} matches no module of the model")
+
+
+def _matches(pattern: str, module: str) -> bool:
+    """A pattern matches a module or any module it lies inside (`fc` keeps `fc.first` in float too)."""
+    parts = module.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def node_module(node_name: str) -> str:
+    """The torch module an exported node came from: '/model/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1'
+    (the exporter's scopes are the module path, each level either a child name or a dotted full name)."""
+    scopes = [s for s in node_name.split("/") if s][:-1]
+    if scopes and scopes[0] == "model":  # export.PrimaryOutput wraps the model as `model`
+        scopes = scopes[1:]
+    current = ""
+    for scope in scopes:
+        current = scope if not current or scope.startswith(current + ".") else f"{current}.{scope}"
+    return current
+
+
+class _Reader:
+    """A CalibrationDataReader over a list of input feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+    def rewind(self):  # pragma: no cover - part of ORT's interface, not used by its MinMax path
+        pass
+
+
+def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
+             calibration: list[dict[str, np.ndarray]] | None = None) -> dict:
+    """Write the quantized `out_path` from `float_path`; what was done, as report data."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    op_types = cfg.op_types or DEFAULT_OP_TYPES[cfg.mode]
+    with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
+        source = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(float_path), str(source))
+            preprocessed = True
+        except Exception:  # ORT's pre-processing fails on some graphs; quantization works without it
+            source, preprocessed = Path(float_path), False
+        nodes = onnx.load(str(source), load_external_data=False).graph.node
+        candidates = [n for n in nodes if n.op_type in op_types]
+        excluded = sorted(n.name for n in candidates if any(_matches(p, node_module(n.name)) for p in cfg.exclude))
+        if not [n for n in candidates if n.name not in excluded]:
+            raise UserError(f"quantize: the model has no {'/'.join(op_types)} operator left to quantize "
+                            f"({len(candidates)} found, {len(excluded)} excluded)")
+        weight_type = QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8
+        try:
+            if cfg.mode == "dynamic":
+                quantize_dynamic(str(source), str(out_path), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+                                 weight_type=weight_type, nodes_to_exclude=excluded)
+            else:
+                if not calibration:
+                    raise UserError("quantize.mode static needs calibration data: set data.calibration (or data.train)")
+                reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration)
+                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[cfg.calibrate_method]
+                quantize_static(str(source), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+                                activation_type=QuantType.QUInt8, weight_type=weight_type,
+                                nodes_to_exclude=excluded, calibrate_method=method)
+        except UserError:
+            raise
+        except Exception as exc:  # ORT raises many types; the user needs the first line
+            raise UserError(f"quantize: ONNX Runtime could not quantize the model ({type(exc).__name__}: "
+                            f"{first_line(exc)})") from None
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out_path), load_external_data=False).graph.node)
+    quantized = {op: count for op, count in sorted(ops.items()) if op in QUANTIZED_OPS}
+    if not quantized:
+        raise UserError(f"quantize: ONNX Runtime left the model in float (no {'/'.join(op_types)} it could quantize)")
+    return {"mode": cfg.mode, "weight_type": cfg.weight_type, "per_channel": cfg.per_channel, "op_types": op_types,
+            "excluded": excluded, "preprocessed": preprocessed, "quantized_ops": quantized,
+            "calibration_batches": len(calibration) if cfg.mode == "static" and calibration else None,
+            "calibrate_method": cfg.calibrate_method if cfg.mode == "static" else None}
+
+
+def fidelity(float_out: torch.Tensor, quant_out: torch.Tensor, classes: bool = False) -> dict:
+    """How closely the quantized outputs follow the float model's: top-1 agreement for class
+    outputs (`classes`: the model is scored against class labels, outputs (B, C > 1)), mean cosine
+    otherwise (an embedding's top-1 dimension means nothing), and the largest absolute deviation."""
+    a, b = float_out.double(), quant_out.double().reshape(float_out.shape)
+    out = {"max_abs_deviation": round(float((a - b).abs().max()), 6) if a.numel() else 0.0}
+    if classes and a.dim() == 2 and a.shape[1] > 1:
+        out.update(agreement_kind="top1", agreement=round(float((a.argmax(1) == b.argmax(1)).double().mean()), 6))
+    else:
+        flat_a, flat_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        if flat_a.shape[1] == 1:  # one number per sample: cosine is meaningless, compare the whole vector
+            flat_a, flat_b = flat_a.T, flat_b.T
+        cosine = torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=1, eps=1e-12)
+        out.update(agreement_kind="cosine", agreement=round(float(cosine.mean()), 6))
+    return out

@@ -5,12 +5,17 @@ Nothing here quantizes by hand: `quantize_dynamic` (int8 weights, activations qu
 time; MatMul/Gemm by default, since dynamic ConvInteger runs several times slower than a float
 Conv on ONNX Runtime's CPU provider) and `quantize_static` (QDQ format, activations calibrated on
 calibration data; Conv too) do the work. The float model is pre-processed first with ORT's
-`quant_pre_process` (shape inference and graph optimization), as ORT recommends.
+`quant_pre_process` (shape inference and graph optimization), as ORT recommends; where that fails
+(symbolic shape inference on some attention graphs) the model is quantized as exported, and the
+report says so (`preprocessed`). Measured on the digits ResNet, static: no difference either way
+(without pre-processing 1.02x [0.97, 1.08] at batch 1, 1.02x [0.97, 1.07] at batch 32).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import fnmatch
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable, Literal
@@ -107,6 +112,19 @@ class _Reader:
         pass
 
 
+@contextlib.contextmanager
+def _quiet_ort_logging():
+    """ORT's quantization tools log advice to the root logger ("consider pre-processing ..."), which
+    would land in every CI log; what was done is in the report instead."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
              calibration: list[dict[str, np.ndarray]] | None = None) -> dict:
     """Write the quantized `out_path` from `float_path`; what was done, as report data."""
@@ -116,7 +134,7 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     op_types = cfg.op_types or DEFAULT_OP_TYPES[cfg.mode]
-    with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp, _quiet_ort_logging():
         source = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(float_path), str(source))

@@ -259,6 +259,7 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
     click.echo(f"\nmodel: {params:,} params -> {params - saved_p:,} ({params / max(1, params - saved_p):.2f}x); "
                f"{macs:,} MACs per sample -> {macs - saved_m:,} ({macs / max(1, macs - saved_m):.2f}x); "
                f"{sum(r['action'] != 'keep' for r in rows)} of {len(rows)} targeted layers changed")
+    click.echo(f"output: {ctx.output['kind']} ({ctx.output['reason']})")
 
 
 @cli.command(epilog="""\b

@@ -73,16 +73,21 @@ def verify(model: nn.Module, path: str | Path, input_names: list[str], batch: tu
     """Run the exported `path` in ONNX Runtime on a real `batch` and compare with the torch model
     (the check both `apply` and `export` make); ParityError when they disagree beyond tolerance."""
     from .bench import make_session
-    from .errors import ParityError
 
     with torch.no_grad():
         reference = primary_output(model.eval()(*batch))
     got = make_session(str(path), threads).run([OUTPUT_NAME], to_feed(input_names, batch))[0]
-    result = parity(reference, torch.from_numpy(got), atol, rtol)
+    return check_parity(parity(reference, torch.from_numpy(got), atol, rtol), what)
+
+
+def check_parity(result: dict, what: str = "model.onnx") -> dict:
+    """`result` of `parity` if it passed, else ParityError (exit 4) saying by how much it failed."""
+    from .errors import ParityError
+
     if not result["passed"]:
         raise ParityError(f"{what} disagrees with the torch model: max abs diff {result['max_abs_diff']:.3g}, "
-                          f"max rel diff {result['max_rel_diff']:.3g} over export.parity (atol {atol}, rtol {rtol}); "
-                          "no ONNX model kept")
+                          f"max rel diff {result['max_rel_diff']:.3g} over export.parity (atol {result['atol']}, "
+                          f"rtol {result['rtol']}); no ONNX model kept")
     return result
 
 
@@ -107,6 +112,7 @@ def parity(reference: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: 
     diff = (ref - cand).abs()
     rel = diff / ref.abs().clamp_min(1e-6)  # relative to |ref|, floored so exact zeros do not divide by 0
     return {
+        "samples": int(ref.shape[0]) if ref.dim() else 1,
         "max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
         "max_rel_diff": float(rel.max()) if rel.numel() else 0.0,
         "atol": atol,

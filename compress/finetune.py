@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
 from .data import Dataset, split_batch, to_device
 from .errors import CompressError, UserError, first_line
-from .metrics import is_binary, primary_output
+from .losses import distill_loss, task_loss
+from .metrics import primary_output
 
 
 @dataclass
@@ -32,24 +32,6 @@ class TrainResult:
     samples_per_s: float
     final_loss: float | None
     loss_terms: dict[str, float] | None = None  # the terms of the last step's loss, by name
-
-
-def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if kind == "auto":
-        kind = "bce" if is_binary(target) else ("mse" if target.is_floating_point() else "cross_entropy")
-    if kind == "cross_entropy":
-        return F.cross_entropy(output, target)
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(output.reshape(target.shape), target.float())
-    return F.mse_loss(output.reshape(target.shape).float(), target.float())
-
-
-def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    if kind == "mse":
-        return F.mse_loss(student, teacher)
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                    reduction="batchmean", log_target=True) * t * t
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -97,8 +79,9 @@ TEST_SIGNAL_ENV = "COMPRESS_TEST_SIGNAL_AT_STEP"
 def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key: str, cfg, batch_size: int, *,
              teacher: nn.Module | None = None, methods=(), device: torch.device = torch.device("cpu"),
              seed: int = 0, progress: bool = True, desc: str = "fine-tune",
-             checkpoint: ResumePoint | None = None) -> TrainResult:
-    """Train `model` in place for the steps `cfg` asks (a FinetuneSection); returns throughput figures."""
+             checkpoint: ResumePoint | None = None, output_kind: str = "logits") -> TrainResult:
+    """Train `model` in place for the steps `cfg` asks (a FinetuneSection); returns throughput figures.
+    `output_kind` says what the model returns (logits, probabilities, log_probabilities), for the losses."""
     steps = total_steps(cfg, len(data), batch_size)
     if steps == 0:
         return TrainResult(0, 0.0, 0.0, 0.0, None)
@@ -152,9 +135,11 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                 out = primary_output(outputs)
                 terms: dict[str, torch.Tensor] = {}
                 if has_labels:
-                    terms["task"] = task_loss(cfg.loss, out, target)
+                    terms["task"] = task_loss(cfg.loss, out, target, output_kind)
                 if distill_weight > 0:
-                    terms["distill"] = distill_weight * distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature)
+                    distill = distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature, output_kind)
+                    _check_distillation_sees(distill, out, ref, cfg.distill.loss, output_kind)
+                    terms["distill"] = distill_weight * distill
                 for method in methods:
                     terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
                 loss = sum(terms.values())
@@ -200,6 +185,18 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     seconds = time.perf_counter() - start
     model.eval()
     return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value, last_terms)
+
+
+def _check_distillation_sees(distill: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, loss: str,
+                             kind: str) -> None:
+    """A distillation loss that is exactly zero while the student's outputs differ from the
+    teacher's cannot see those outputs: training on it trains on nothing. Stop and say so."""
+    if float(distill.detach()) == 0.0:
+        gap = float((student.detach().float() - teacher.float()).abs().max()) if student.numel() else 0.0
+        if gap > 0:
+            raise UserError(f"distillation loss {loss} is exactly 0 while the student's outputs differ from the "
+                            f"original's by up to {gap:.3g} ({kind} of shape {list(student.shape)}): it cannot see "
+                            "these outputs; set finetune.output or finetune.distill.loss")
 
 
 def _catch_signals(flag: list) -> dict:

@@ -6,6 +6,7 @@ recipe objects, so each formula can be tested alone against an independent compu
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -54,11 +55,21 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 def rank_for_param_ratio(rows: int, cols: int, ratio: float) -> int:
     """Largest rank whose two factors hold at most `ratio` of a dense rows x cols matrix's entries.
 
-    r (rows + cols) <= ratio * rows * cols; at least 1.
+    r (rows + cols) <= ratio * rows * cols; at least 1. Computed in exact rational arithmetic on
+    the decimal the ratio was written as (0.5 is 1/2), so an exact integer bound is not missed by
+    a floating-point rounding.
     """
     if ratio <= 0:
         raise ValueError(f"ratio must be positive, got {ratio}")
-    return max(1, math.floor(ratio * rows * cols / (rows + cols)))
+    return max(1, math.floor(Fraction(str(ratio)) * rows * cols / (rows + cols)))
+
+
+def rank_for_rho(rows: int, cols: int, rho: float) -> int:
+    """PELA's rank rule r = floor(m n / (rho (m + n))): about rho times fewer parameters, in exact
+    rational arithmetic (320 x 960 at rho 1.5 is exactly 160, which floating point makes 159)."""
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    return max(1, math.floor(Fraction(rows * cols) / (Fraction(str(rho)) * (rows + cols))))
 
 
 def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,19 +5,37 @@ scored by the same code on the same data.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "auc": True, "mse": False}
+HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "auc": True, "mse": False, "cosine": True, "neighbors": True}
+NEIGHBORS_MAX = 4096  # samples the nearest-neighbour metric compares all-to-all (memory grows with the square)
+
+
+OUTPUT_KEY: ContextVar[str | None] = ContextVar("output_key", default=None)
 
 
 def primary_output(outputs: Any) -> torch.Tensor:
-    """The tensor a metric or a loss looks at: the output itself, the first of a tuple, or `logits`."""
+    """The tensor a metric or a loss looks at (the export's `output` too). The rule: a tensor is
+    itself; with `model.output_key` set in the recipe, that key of a dict (a transformers
+    ModelOutput is one), attribute, or tuple index; otherwise a dict's `logits`, else its first
+    value; a tuple's or list's first element; an object's `logits` attribute."""
     if isinstance(outputs, torch.Tensor):
         return outputs
+    key = OUTPUT_KEY.get()
+    if key is not None:
+        try:
+            if isinstance(outputs, dict):
+                return primary_output(outputs[key])
+            if isinstance(outputs, (tuple, list)) and key.lstrip("-").isdigit():
+                return primary_output(outputs[int(key)])
+            return primary_output(getattr(outputs, key))
+        except (KeyError, IndexError, AttributeError):
+            raise TypeError(f"model.output_key {key!r} is not in the model's {type(outputs).__name__} output") from None
     if isinstance(outputs, dict):
-        return outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
+        return primary_output(outputs["logits"] if "logits" in outputs else next(iter(outputs.values())))
     if isinstance(outputs, (tuple, list)) and outputs:
         return primary_output(outputs[0])
     if hasattr(outputs, "logits"):
@@ -26,11 +44,13 @@ def primary_output(outputs: Any) -> torch.Tensor:
 
 
 def choose_metric(requested: str, target: torch.Tensor | None) -> str:
-    """auto: accuracy for integer labels, mse for real-valued targets, agreement without labels."""
+    """auto: accuracy for integer labels, auc for 0/1 labels, mse for real-valued targets, and
+    without labels cosine to the original's outputs: never top-1 agreement, which means nothing for
+    an embedding (a classifier without labels asks for `agreement` itself)."""
     if requested != "auto":
         return requested
     if target is None:
-        return "agreement"
+        return "cosine"
     if is_binary(target):
         return "auc"
     return "mse" if target.is_floating_point() else "accuracy"
@@ -77,7 +97,42 @@ def score(name: str, outputs: torch.Tensor, target: torch.Tensor | None, referen
         if reference is None:
             raise ValueError("agreement needs the original model's outputs")
         return float((outputs.argmax(dim=1) == reference.float().argmax(dim=1)).float().mean())
+    if name == "cosine":
+        if reference is None:
+            raise ValueError("cosine needs the original model's outputs")
+        return cosine(outputs, reference.float())
+    if name == "neighbors":
+        if reference is None:
+            raise ValueError("neighbors needs the original model's outputs")
+        return neighbors(outputs, reference.float())
     raise ValueError(f"unknown metric {name!r}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).double()
+
+
+def cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine similarity of each sample's output to the original's; for one number per
+    sample, the cosine of the two centred output vectors over the set."""
+    a, b = _rows(outputs), _rows(reference)
+    if a.shape[1] == 1:
+        a, b = (a - a.mean()).T, (b - b.mean()).T
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
+
+
+def neighbors(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Top-1 nearest-neighbour agreement: the share of samples whose most similar other sample
+    (cosine, within the first NEIGHBORS_MAX of the set) is the same under both models."""
+    def nearest(x):
+        x = torch.nn.functional.normalize(_rows(x[:NEIGHBORS_MAX]), dim=1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(dim=1)
+
+    if outputs.shape[0] < 2:
+        raise ValueError("neighbors needs at least two samples")
+    return float((nearest(outputs) == nearest(reference)).double().mean())
 
 
 def drop(name: str, before: float, after: float) -> float:

@@ -30,6 +30,9 @@ class ModelSection(Strict):
 
     factory: str | None = Field(None, description="'package.module:callable' that returns the nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    output_key: str | None = Field(None, description="which output to compress for and measure when the model returns "
+                                   "a dict, a transformers ModelOutput, an object or a tuple: a key, an attribute, or "
+                                   "an index (default: `logits` if present, else the first)")
     trust: list[str] = Field(default_factory=list, description="module prefixes whose factories may be imported "
                              "and called (e.g. [mypackage.models]); the bundled examples' factories are always trusted")
 
@@ -56,9 +59,11 @@ class DataSection(Strict):
     eval: str | None = Field(None, description="data the metric is measured on (default: calibration)")
     target: str = Field("target", description="key of the labels; absent labels mean distillation only")
     batch_size: int = Field(64, gt=0)
-    metric: Literal["auto", "accuracy", "auc", "mse", "agreement"] = Field(
+    metric: Literal["auto", "accuracy", "auc", "mse", "agreement", "cosine", "neighbors"] = Field(
         "auto", description="auto: accuracy for class labels, auc for 0/1 labels, mse for other real-valued "
-        "targets, top-1 agreement with the original model when there are no labels"
+        "targets; without labels cosine (mean cosine of the outputs to the original's), never top-1 agreement "
+        "(meaningless for embeddings: ask for `agreement` for a classifier); neighbors: top-1 nearest-neighbour "
+        "agreement within the eval set, as embedding retrieval sees it"
     )
 
 
@@ -76,7 +81,9 @@ class InputSpec(Strict):
 
 class DistillSection(Strict):
     weight: float = Field(0.0, ge=0, description="weight of distillation from the frozen original (forced to 1 without labels if 0)")
-    loss: Literal["kl", "mse"] = "kl"
+    loss: Literal["kl", "mse", "cosine"] = Field("kl", description="kl: over the last axis (Bernoulli for one "
+                                                 "output per sample); mse; cosine: 1 - cosine over the last axis "
+                                                 "(embeddings)")
     temperature: float = Field(1.0, gt=0)
 
 
@@ -94,6 +101,9 @@ class FinetuneSection(Strict):
         "auto", description="task loss when labels exist; auto: cross_entropy for integer labels, bce for 0/1 "
         "labels, else mse"
     )
+    output: Literal["auto", "logits", "probabilities", "log_probabilities"] = Field(
+        "auto", description="what the model returns, for the losses; auto: probabilities when it ends in a sigmoid or "
+        "softmax or every sampled output is one, log_probabilities after a log-softmax, else logits")
     distill: DistillSection = Field(default_factory=DistillSection)
     clip_grad_norm: float | None = Field(None, gt=0)
     checkpoint_every: int | None = Field(None, gt=0, description="write the resumable state every N steps "

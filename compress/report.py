@@ -69,6 +69,9 @@ class Report:
     seed: int = doc("the seed used")
     device: str = doc("where fine-tuning ran")
     inputs: list = doc("the model's input names, in call order")
+    output: dict = doc("what the model returns, for the losses: `kind` (logits, probabilities, log_probabilities) "
+                       "and the `reason` (the recipe's finetune.output, or what auto saw)",
+                       default_factory=lambda: {"kind": "logits", "reason": "default"})
     original: Side = doc("the original model's figures (below)")
     compressed: Side = doc("the shipped model's figures (below): `model.onnx`, int8 when the recipe quantizes "
                            "(then `metric` is that of the int8 ONNX model)")
@@ -85,8 +88,9 @@ class Report:
                           "baseline); `error` when it could not be made", default_factory=dict)
     ratios: Ratios = doc("original / compressed figures (below)")
     warnings: list = doc("one line each when a measurement was too noisy to trust (also printed on stderr)")
-    parity: dict = doc("`max_abs_diff`, `max_rel_diff` (relative to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, "
-                       "`passed`: `model.onnx` against the torch model on a real batch")
+    parity: dict = doc("`samples` (the whole eval set, else one batch), `max_abs_diff`, `max_rel_diff` (relative "
+                       "to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, `passed`: the float ONNX model against the torch "
+                       "model")
     layers: list = doc("one decision per targeted layer: `name`, `method`, `layer_type`, `action` (`factorize`, "
                        "`project`, `prune` or `keep`), `weight_shape`, `rank`, `full_rank`, `scheme`, `energy` (share "
                        "of squared singular values kept), `factor_shapes`, `params_before/after`, "
@@ -98,8 +102,9 @@ class Report:
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
     timings_s: dict = doc("seconds per stage (load, calibrate, plan, prepare, finetune, export, parity, bench, ...)")
-    gates: dict = doc("`checked` (each `gate`, `limit`, `value`, `passed`; `min_speedup` is held to the lower end "
-                      "of the speedup's interval, with the point `estimate` beside it) and `passed`",
+    gates: dict = doc("`checked` (each `gate`, `limit`, `value`, `passed`; `max_metric_drop` is held to the worse "
+                      "of the torch and ONNX metrics, `measured_on` says which; `min_speedup` to the lower end of "
+                      "the speedup's interval, with the point `estimate` beside it) and `passed`",
                       default_factory=lambda: {"checked": [], "passed": True})
     files: list = doc("the files in the output folder", default_factory=list)
 

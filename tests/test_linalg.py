@@ -155,3 +155,13 @@ def test_auc_matches_pairwise_definition_with_ties():
     pos, neg = scores[labels == 1], scores[labels == 0]
     pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
     assert auc(scores, labels) == pytest.approx(float(pairwise), abs=1e-12)
+
+
+def test_pela_rank_rule_is_exact_at_integer_boundaries():
+    assert linalg.rank_for_rho(320, 960, 1.5) == 160  # floating point gives 159
+    assert linalg.rank_for_rho(300, 600, 3) == 66
+    assert linalg.rank_for_rho(64, 64, 2) == 16 and linalg.rank_for_rho(10, 10, 2) == 2
+    for m, n, rho in [(320, 960, 1.5), (96, 384, 3), (128, 128, 2), (77, 13, 1.5)]:
+        r = linalg.rank_for_rho(m, n, rho)
+        assert r * rho * (m + n) <= m * n < (r + 1) * rho * (m + n)  # the largest such rank
+    assert linalg.rank_for_param_ratio(320, 960, 0.5) == 120

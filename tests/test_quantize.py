@@ -1,7 +1,6 @@
 """Int8 as a stage (compress/quantize.py): node mapping, fidelity, and early mistakes."""
 import pytest
 import torch
-from torch import nn
 
 from compress.errors import UserError
 from compress.quantize import QuantizeSection, check_section, fidelity, node_module

@@ -36,3 +36,30 @@ def digits_as_tokens(split: str) -> dict[str, torch.Tensor]:
     data = digits_split(split)
     tokens = (data["image"] * 16).round().long().reshape(len(data["target"]), 64)
     return {"tokens": tokens, "mask": torch.ones_like(tokens), "target": data["target"]}
+
+
+class ClickProbability(nn.Module):
+    """A CTR model as CTR libraries ship it: the click probability (a final sigmoid), not a logit."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.out = nn.Sigmoid()
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        return self.out(self.base(fields))
+
+
+class DictEncoder(nn.Module):
+    """An encoder that returns a dict, like a model library: a sentence embedding and (unused here)
+    a per-token output; the recipe names which one is compressed for (model.output_key)."""
+
+    def __init__(self, vocab: int = 17, dim: int = 32, length: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.block = EncoderBlock(dim, heads=4, hidden=64)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
+        x = self.block(self.embed(tokens), mask)
+        return {"tokens": x, "embedding": self.proj(x.mean(1))}

@@ -114,6 +114,7 @@ class Method:
         self.stage = stage
         self.stage_index = stage_index
         self.decisions: list[Decision] = []
+        self.output_kind = "logits"  # what the model returns (losses.KINDS); the pipeline sets it
 
     needs_calibration: ClassVar[bool] = False
 

@@ -42,7 +42,7 @@ def test_pickled_transformer_with_token_ids_and_mask(tmp_path, write_recipe, run
     assert dims == ["batch", "sequence"]
 
 
-def test_unlabeled_data_distills_and_reports_agreement(tmp_path, digits_model, write_recipe, run_cli):
+def test_unlabeled_data_distills_and_reports_cosine_or_agreement(tmp_path, digits_model, write_recipe, run_cli):
     from compress.examples.digits import digits_split
 
     images = {"image": digits_split("calibration")["image"]}
@@ -56,7 +56,12 @@ def test_unlabeled_data_distills_and_reports_agreement(tmp_path, digits_model, w
     result = run_cli("apply", "-r", recipe, digits_model, "--out", tmp_path / "out", "-q")
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["original"]["metric"] == {"name": "agreement", "value": 1.0}
-    assert report["compressed"]["metric"]["name"] == "agreement"
-    assert 0.0 <= report["compressed"]["metric"]["value"] <= 1.0
+    # without labels, auto never scores by top-1 agreement (it means nothing for an embedding): cosine
+    assert report["original"]["metric"] == {"name": "cosine", "value": 1.0}
+    assert report["compressed"]["metric"]["name"] == "cosine" and 0.5 < report["compressed"]["metric"]["value"] < 1.0
     assert report["finetune"]["steps"] == 3
+    recipe.write_text(recipe.read_text().replace("data: {train: unlabeled.pt, eval: unlabeled.pt}",
+                                                 "data: {train: unlabeled.pt, eval: unlabeled.pt, metric: agreement}"))
+    result = run_cli("apply", "-r", recipe, digits_model, "--out", tmp_path / "out2", "-q")
+    report = json.loads((tmp_path / "out2" / "report.json").read_text())
+    assert report["original"]["metric"] == {"name": "agreement", "value": 1.0}  # a classifier asks for it

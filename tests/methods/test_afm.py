@@ -180,4 +180,4 @@ def test_afm_on_a_pickled_transformer_with_two_inputs(tmp_path, write_recipe, ru
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     factorized = {row["name"] for row in report["layers"] if row["action"] == "factorize"}
     assert {"embed", "block.query", "block.up", "block.down"} <= factorized
-    assert report["compressed"]["metric"]["name"] == "agreement" and report["parity"]["passed"]
+    assert report["compressed"]["metric"]["name"] == "cosine" and report["parity"]["passed"]

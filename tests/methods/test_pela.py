@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from compress import layers
 from compress.bench import profile_layers
@@ -57,7 +58,10 @@ def test_full_rank_student_equals_teacher_and_all_losses_are_zero():
     assert torch.allclose(outputs, reference, atol=1e-5)
     terms = method.loss(model, {}, outputs)
     assert set(terms) == {"feature", "output", "weight"}
-    assert all(float(v.detach()) < 1e-9 for v in terms.values()), terms
+    terms = {k: float(v.detach()) for k, v in terms.items()}
+    assert terms["feature"] < 1e-9 and terms["output"] < 1e-9, terms
+    # METHODS.md's (||BA - W||_max - eps)^2 at ||BA - W||_max = 0 is eps^2 (the hinge form gives 0)
+    assert terms["weight"] == pytest.approx(method.stage.eps ** 2, rel=1e-3)
 
 
 def test_weight_perturbation_matches_a_direct_computation():
@@ -66,7 +70,7 @@ def test_weight_perturbation_matches_a_direct_computation():
     direct = []
     for name, original in method.originals.items():
         deviation = layers.dense_weight(model.get_submodule(name)) - original
-        direct.append(torch.relu(deviation.abs().max() - 0.01) ** 2)
+        direct.append((deviation.abs().max() - 0.01) ** 2)  # wp_form: squared, the default
     assert float(method.weight_perturbation(model).detach()) == pytest.approx(float(sum(direct).detach()) / len(direct), rel=1e-5)
 
 
@@ -101,3 +105,43 @@ def test_pela_recipes_end_to_end(recipe, apply_shipped, transformer_model):
     else:  # label-free: no target key, distillation only, agreement with the original
         assert report["compressed"]["metric"]["name"] == "agreement"
         assert terms == {"pela.feature", "pela.output", "pela.weight"}
+
+
+def test_default_targets_leave_the_stem_and_downsampling_convs_dense():
+    class Vision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 32, 4, stride=4)  # patch embedding
+            self.mix = nn.Conv2d(32, 32, 3, padding=1)
+            self.down = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+            self.fc1 = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.down(torch.relu(self.mix(self.patch(x))))
+            return self.head(torch.relu(self.fc1(x.mean((2, 3)))))
+
+    model = Vision().eval()
+    method = Pela(PelaStage(method="pela"), 0)
+    rows = {d.name: d for d in method.plan(model, profile_layers(model, (torch.zeros(1, 3, 32, 32),)))}
+    assert "patch embedding" in rows["patch"].reason and "downsampling" in rows["down"].reason
+    assert "output head" in rows["head"].reason
+    assert rows["mix"].action == rows["fc1"].action == "factorize"
+    assert rows["fc1"].rank == 16  # floor(64 * 64 / (2 * 128))
+
+
+def test_weight_perturbation_forms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    for form, near in (("squared", "pushed"), ("hinge", "left alone")):
+        method = Pela(PelaStage(method="pela", rank=32, gamma=1.0, eps=0.5, wp_form=form,
+                                targets={"include": ["0"]}), 0)
+        net = copy.deepcopy(model)
+        method.plan(net, profile_layers(net, (torch.zeros(1, 32),)))
+        method.decisions[0].action = "factorize"  # full rank saves nothing, so the plan kept it dense
+        method.prepare(net)
+        value = float(method.weight_perturbation(net))  # full rank: |BA - W| ~ 1e-7, well within eps
+        if near == "pushed":
+            assert value == pytest.approx(0.25, rel=1e-3)  # (0 - 0.5)^2: the paper's formula
+        else:
+            assert value == 0.0

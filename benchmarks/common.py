@@ -26,11 +26,12 @@ def load_recipe_dict(name: str) -> dict:
     return yaml.safe_load((REPO / "recipes" / name).read_text())
 
 
-def run_recipe(document: dict, model: Path, workdir: Path, label: str) -> dict:
+def run_recipe(document: dict, model: Path, workdir: Path, label: str, trust_checkpoint: bool = False) -> dict:
     """Run a recipe given as a dict through the same pipeline as `compress apply`; its report."""
     recipe = LoadedRecipe(Recipe.model_validate(copy.deepcopy(document)), REPO / "recipes" / f"{label}.yaml", label)
-    ctx = load_context(recipe, model, Options(progress=False))
-    return apply(ctx, workdir / label, Options(progress=False), force=True).to_json()
+    options = Options(progress=False, trust_checkpoint=trust_checkpoint)
+    ctx = load_context(recipe, model, options)
+    return apply(ctx, workdir / label, options, force=True).to_json()
 
 
 def scratch() -> Path:

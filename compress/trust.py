@@ -11,8 +11,8 @@ enough to run it. A factory is resolved only when all of these hold, checked in 
    in the recipe the user chose to run. A file never trusts anything by itself. (Not the whole of
    `compress.examples`: its training functions write files.)
 2. The attribute path is public names only (no `_private` or `__dunder__` hops).
-3. The object is an `nn.Module` subclass or a plain Python function, *defined* in a trusted module
-   (its `__module__`), so `os:system`, `shutil:rmtree`, `builtins:exec`, or a trusted module's
+3. The object is an `nn.Module` subclass, a classmethod of one (`BertModel.from_pretrained`), or a
+   plain Python function, *defined* in a trusted module (its `__module__`), so `os:system`, `shutil:rmtree`, `builtins:exec`, or a trusted module's
    imported `torch.load`, can never be called.
 4. The keyword arguments are JSON-like data (None, bool, int, finite float, str, lists, string-keyed
    dicts), bounded in depth and size.
@@ -93,9 +93,14 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
         if target is None:
             raise UserError(f"factory {reference!r}: module {module_name!r} has no attribute {attr!r}")
     is_module_class = inspect.isclass(target) and issubclass(target, nn.Module)
-    if not (is_module_class or inspect.isfunction(target)):
-        raise UserError(f"factory {reference!r}: {type(target).__name__} is neither an nn.Module class nor a function")
-    defined_in = getattr(target, "__module__", None) or ""
+    # a classmethod of a model class, e.g. transformers' `BertModel.from_pretrained` (a local folder in kwargs)
+    is_module_constructor = (inspect.ismethod(target) and inspect.isclass(target.__self__)
+                             and issubclass(target.__self__, nn.Module))
+    if not (is_module_class or is_module_constructor or inspect.isfunction(target)):
+        raise UserError(f"factory {reference!r}: {type(target).__name__} is neither an nn.Module class, a classmethod "
+                        "of one, nor a function")
+    owner = target.__self__ if is_module_constructor else target
+    defined_in = getattr(owner, "__module__", None) or ""
     if not (defined_in == module_name if builtin else under(defined_in, prefixes)):
         raise UserError(f"factory {reference!r}: {attr!r} is defined in {defined_in!r}, which is not trusted "
                         f"(trusted: {', '.join(prefixes) or 'only the bundled examples'})")

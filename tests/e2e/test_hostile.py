@@ -131,8 +131,9 @@ def test_an_untrusted_module_is_not_even_imported(small, tmp_path, run_cli, writ
     marker = tmp_path / "imported"
     (tmp_path / "strangers_models.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
-        "from compress.examples.digits import digits_resnet\n"
-        "def build(width):\n    return digits_resnet(width=width)\n")
+        "from compress.examples.digits import DigitsResNet, digits_resnet\n"
+        "def build(width):\n    return digits_resnet(width=width)\n"
+        "class Net(DigitsResNet):\n    @classmethod\n    def from_config(cls, width):\n        return cls(width, 10)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = tampered_checkpoint(small, tmp_path, factory="strangers_models:build")
     message = one_line_error(run_cli("inspect", model))
@@ -151,6 +152,9 @@ def test_an_untrusted_module_is_not_even_imported(small, tmp_path, run_cli, writ
     assert result.exit_code == 0, result.stderr
     assert marker.exists() and json.loads(result.output)["total"]["params"] > 0
     assert run_cli("recipe", "check", recipe, model).exit_code == 0
+    # a model class's classmethod constructor (how transformers builds models) is allowed too
+    constructor = tampered_checkpoint(small, tmp_path, factory="strangers_models:Net.from_config")
+    assert run_cli("inspect", constructor, "--trust-factory", "strangers_models").exit_code == 0
     sys.modules.pop("strangers_models", None)
 
 

@@ -140,7 +140,7 @@ def test_weight_perturbation_forms():
         method.plan(net, profile_layers(net, (torch.zeros(1, 32),)))
         method.decisions[0].action = "factorize"  # full rank saves nothing, so the plan kept it dense
         method.prepare(net)
-        value = float(method.weight_perturbation(net))  # full rank: |BA - W| ~ 1e-7, well within eps
+        value = float(method.weight_perturbation(net).detach())  # full rank: |BA - W| ~ 1e-7, well within eps
         if near == "pushed":
             assert value == pytest.approx(0.25, rel=1e-3)  # (0 - 0.5)^2: the paper's formula
         else:

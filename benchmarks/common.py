@@ -9,9 +9,8 @@ from pathlib import Path
 
 import yaml
 
+import compress
 from compress.examples.training import train_digits_resnet
-from compress.pipeline import Options, apply, load_context
-from compress.recipe import LoadedRecipe, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,11 +26,9 @@ def load_recipe_dict(name: str) -> dict:
 
 
 def run_recipe(document: dict, model: Path, workdir: Path, label: str, trust_checkpoint: bool = False) -> dict:
-    """Run a recipe given as a dict through the same pipeline as `compress apply`; its report."""
-    recipe = LoadedRecipe(Recipe.model_validate(copy.deepcopy(document)), REPO / "recipes" / f"{label}.yaml", label)
-    options = Options(progress=False, trust_checkpoint=trust_checkpoint)
-    ctx = load_context(recipe, model, options)
-    return apply(ctx, workdir / label, options, force=True).to_json()
+    """Run a recipe given as a dict as `compress apply` does, through the public API; its report."""
+    result = compress.apply(model, copy.deepcopy(document), trust_checkpoint=trust_checkpoint)
+    return compress.export(result, workdir / label, force=True).to_json()
 
 
 def scratch() -> Path:

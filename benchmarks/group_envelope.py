@@ -23,7 +23,7 @@ from common import (
     write_results,
 )
 
-from compress import bench, export
+from compress import bench, exporting as export
 from compress.checkpoint import load_model
 from compress.data import load_source
 from compress.finetune import finetune, predict

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from common import arguments, load_recipe_dict, run_recipe, scratch, write_results
 
-from compress import export, quantize
-from compress.bench import make_session
+from compress import exporting as export, quantize
 from compress.checkpoint import load_model
 from compress.data import load_source, split_batch
 from compress.examples.training import train_ctr_deepfm, train_digits_resnet, train_digits_transformer

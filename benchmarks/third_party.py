@@ -23,7 +23,7 @@ from torch import nn
 from compress.checkpoint import load_model
 from compress.data import load_source
 from compress.examples.training import train_ctr_deepfm, train_digits_transformer
-from compress.export import onnx_predict
+from compress.exporting import onnx_predict
 
 
 class ClickProbability(nn.Module):

@@ -36,8 +36,8 @@ from compress.checkpoint import load_model
 from compress.data import load_source
 from compress.finetune import finetune, predict
 from compress.methods.trp import Trp, TrpStage
-from compress.pipeline import Options, load_context, plan
-from compress.recipe import FinetuneSection, LoadedRecipe, Recipe
+import compress
+from compress.recipe import FinetuneSection
 
 
 def compressed_layer_macs(report: dict, method: str) -> tuple[int, int]:
@@ -70,8 +70,7 @@ def svd_uniform_at_macs(trp_recipe: dict, trp_report: dict, scheme: str, model: 
 
     def macs_at(ratio: float) -> int:
         document["stages"] = [{"method": "svd", "scheme": scheme, "ratio": ratio, "targets": {"include": targets}}]
-        ctx = load_context(LoadedRecipe(Recipe.model_validate(document), work / "svd.yaml", "plan"), model, Options())
-        _, rows = plan(ctx)
+        rows = compress.plan(model, document)
         return sum(r["macs_after"] for r in rows if r["name"] in targets)
 
     low, high = 1e-3, 1.0

@@ -1,6 +1,9 @@
-"""compress: compress PyTorch models by low-rank and structured methods, export verified ONNX."""
+"""compress: compress PyTorch models by low-rank and structured methods, export verified ONNX.
 
-__version__ = "0.1.0"
+`compress.plan`, `compress.apply`, `compress.export` and `compress.load` are the Python API
+(see compress.api); the `compress` command line is a thin layer over them."""
+
+from ._version import __version__  # noqa: F401  (a leaf module, so nothing imports the package for it)
 
 
 def load(path, trust_checkpoint: bool = False, trust_factories=()):
@@ -11,3 +14,24 @@ def load(path, trust_checkpoint: bool = False, trust_factories=()):
     from .checkpoint import load as load_any
 
     return load_any(path, trust_checkpoint, trust_factories)
+
+
+def plan(model, recipe, **kwargs):
+    """Per-layer decisions of `recipe` on `model`, without training (see compress.api.plan)."""
+    from .api import plan as run
+
+    return run(model, recipe, **kwargs)
+
+
+def apply(model, recipe, **kwargs):
+    """Compress `model` by `recipe` in memory; a Result with `.model` (see compress.api.apply)."""
+    from .api import apply as run
+
+    return run(model, recipe, **kwargs)
+
+
+def export(result, out, **kwargs):
+    """Write an `apply` result to a folder: ONNX, checks, latency, report (see compress.api.export)."""
+    from .api import export as run
+
+    return run(result, out, **kwargs)

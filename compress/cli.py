@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import CompressError, Terminated, UserError, first_line
 
 EPILOG_FIRST_RUN = """\b

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import bench, export, linalg, outdir
+from . import bench, exporting as export, linalg, outdir
 from .checkpoint import current_umask, load_model
 from .errors import UserError, first_line
 from .layers import layer_matrix

@@ -13,12 +13,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import bench, distributed, export, metrics, outdir, quantize, report as reporting
+from . import bench, distributed, exporting as export, metrics, outdir, quantize, report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
@@ -88,17 +89,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options) -> Context:
+ROLES = ("train", "calibration", "eval")
+
+
+def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedModel, options: Options,
+                 data: dict | None = None) -> Context:
+    """Load (or take) the model and the data and check that they fit. `model` is a file or folder, or
+    a model in memory; `data` maps roles (train, calibration, eval) to data sets given in memory
+    (Dataset, or a dict of tensors), overriding the recipe's sources for those roles."""
     timings: dict[str, float] = {}
     r = recipe.recipe
     with timed(timings, "load"):
-        loaded = load_model(model_path, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
-                            trusted=trusted_prefixes(options.trust_factories, r.model.trust))
+        if isinstance(model, LoadedModel):
+            loaded = model
+        elif isinstance(model, nn.Module):
+            loaded = LoadedModel(model.eval(), "<in memory>")
+        else:
+            loaded = load_model(model, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
+                                trusted=trusted_prefixes(options.trust_factories, r.model.trust))
+        given = {role: _in_memory(d, role) for role, d in (data or {}).items()}
         sources = {"train": r.data.train, "calibration": r.data.calibration or r.data.train}
         sources["eval"] = r.data.eval or sources["calibration"]
         cache: dict[str, Dataset] = {}
-        data: dict[str, Dataset | None] = {}
+        data = {}
         for role, source in sources.items():
+            if role in given:
+                data[role] = given[role]
+                continue
             if source is None:
                 data[role] = None
                 continue
@@ -106,6 +123,10 @@ def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options)
             if resolved not in cache:
                 cache[resolved] = load_source(resolved)
             data[role] = cache[resolved]
+        if "train" in given and "calibration" not in given and r.data.calibration is None:
+            data["calibration"] = given["train"]
+        if "eval" not in given and r.data.eval is None and ("calibration" in given or "train" in given):
+            data["eval"] = data["calibration"]
         metrics.OUTPUT_KEY.set(r.model.output_key)
         input_names, sample = _inputs(r, loaded, data, r.data.target)
         _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
@@ -115,6 +136,18 @@ def load_context(recipe: LoadedRecipe, model_path: str | Path, options: Options)
             quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
                                    data["calibration"] is not None)
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings, output)
+
+
+def _in_memory(source, role: str) -> Dataset:
+    if role not in ROLES:
+        raise UserError(f"data role {role!r}: expected one of {', '.join(ROLES)}")
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, dict) and source and all(isinstance(v, torch.Tensor) for v in source.values()):
+        return Dataset(dict(source), f"<{role} data in memory>")
+    if isinstance(source, (str, Path)):
+        return load_source(str(source))
+    raise UserError(f"data {role}: expected a Dataset, a dict of tensors or a file path, not {type(source).__name__}")
 
 
 def _output_kind(model: nn.Module, names: list[str], sample, data, r) -> dict:
@@ -248,10 +281,19 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> rep
     torch.manual_seed(seed)
     device = resolve_device(options.device)
     out = Path(out)
-    outdir.check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     if not distributed.is_main():  # other processes of a torchrun only help fine-tune; rank 0 writes
-        _run(ctx, None, options, seed, device, resume_point(ctx, out, seed, options))
+        compress_model(ctx, options, seed, device, resume_point(ctx, out, seed, options))
         return None
+    return write(ctx, lambda: compress_model(ctx, options, seed, device, resume_point(ctx, out, seed, options)),
+                 out, options, force)
+
+
+def write(ctx: Context, compress: Callable[[], Compressed] | Compressed, out: Path, options: Options,
+          force: bool = False) -> reporting.Report:
+    """Into `out`, atomically and one run at a time: compress (when given a callable), then
+    evaluate, export, verify, benchmark and report. GateFailed (exit 3) after writing when a gate is missed."""
+    out = Path(out)
+    outdir.check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -265,14 +307,15 @@ def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> rep
             raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from None
         try:
             os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
-            result = _run(ctx, work, options, seed, device, resume_point(ctx, out, seed, options))
-            outdir.write_marker(work)
-            outdir.check_out(out, force)  # nothing of the user's appeared in it while we ran
-            outdir.replace_dir(work, out)
+            done = compress() if callable(compress) else compress
+            try:  # only the writing step's OSErrors are "cannot write": input errors keep their own message
+                result = publish(ctx, done, work, options)
+                outdir.write_marker(work)
+                outdir.check_out(out, force)  # nothing of the user's appeared in it while we ran
+                outdir.replace_dir(work, out)
+            except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
+                raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
             shutil.rmtree(resume_folder(out), ignore_errors=True)  # finished: nothing left to resume
-        except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
-            shutil.rmtree(work, ignore_errors=True)
-            raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -296,8 +339,30 @@ def resume_point(ctx: Context, out: Path, seed: int, options: Options) -> Resume
                        options.resume, identity)
 
 
-def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: torch.device,
-         checkpoint: ResumePoint | None = None) -> reporting.Report | None:
+@dataclass
+class Compressed:
+    """Compression done in memory: the compressed model (CPU, eval mode) and what the report needs."""
+
+    model: nn.Module
+    original: nn.Module
+    methods: list[Method]
+    seed: int
+    device: torch.device
+    metric_before: dict | None
+    reference: torch.Tensor | None  # the original's outputs on the eval data
+    original_macs: int
+    finetune: dict | None = None
+    post_finetune: dict | None = None
+
+    @property
+    def decisions(self) -> list[dict]:
+        """Per-layer decisions as finally applied (finalize may have changed ranks or groups)."""
+        return [d.as_dict() for m in self.methods for d in m.decisions]
+
+
+def compress_model(ctx: Context, options: Options, seed: int, device: torch.device,
+                   checkpoint: ResumePoint | None = None) -> Compressed:
+    """Plan, prepare, fine-tune and finalize: the compressed model in memory, no file written."""
     r = ctx.recipe.recipe
     timings = ctx.timings
     original = ctx.loaded.model.cpu().eval()
@@ -331,13 +396,20 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
                             r.finetune.model_copy(update={"epochs": post_epochs, "steps": None}), r.data.batch_size,
                             teacher=copy.deepcopy(original), device=device, seed=seed + 1,
                             progress=options.progress, desc="post-finetune", output_kind=ctx.output["kind"])
-    compressed = compressed.cpu().eval()
-    if work is None:
-        return None
+    return Compressed(compressed.cpu().eval(), original, methods, seed, device, metric_before, reference,
+                      original_macs, _train_summary(trained), _train_summary(post))
+
+
+def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> reporting.Report:
+    """Evaluate, export, verify, quantize, benchmark and save `done` into the folder `work`; the report."""
+    r = ctx.recipe.recipe
+    timings = ctx.timings
+    compressed, original, methods = done.model, done.original, done.methods
+    seed, device, metric_before, reference, original_macs = (done.seed, done.device, done.metric_before,
+                                                             done.reference, done.original_macs)
     with timed(timings, "evaluate"):
         metric_after, torch_outputs = _evaluate(compressed, ctx, torch.device("cpu"), reference)
-    # decisions as finally applied (finalize may have changed ranks or groups)
-    rows = [d.as_dict() for m in methods for d in m.decisions]
+    rows = done.decisions
 
     with timed(timings, "export"):
         declared = {s.name: s.dynamic_axes for s in r.inputs or []}
@@ -405,7 +477,7 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
     macs = bench.count_macs(compressed, ctx.sample)
     orig = reporting.Side(params=bench.count_params(original), macs=original_macs, onnx_bytes=original_onnx_bytes,
                           metric=metric_before, latency_ms=lat["original"],
-                          checkpoint_bytes=Path(ctx.loaded.path).stat().st_size)
+                          checkpoint_bytes=_file_size(ctx.loaded.path))
     comp = reporting.Side(params=bench.count_params(compressed), macs=macs, onnx_bytes=shipped.stat().st_size,
                           metric=shipped_metric if r.quantize else metric_after, onnx_metric=shipped_metric,
                           latency_ms=lat["compressed"], checkpoint_bytes=model_pt)
@@ -423,13 +495,21 @@ def _run(ctx: Context, work: Path | None, options: Options, seed: int, device: t
                                 onnx_bytes=reporting.ratio(orig.onnx_bytes, comp.onnx_bytes),
                                 speedup=measured["speedup"]["compressed"],
                                 speedup_ci=measured["speedup_ci"]["compressed"]),
-        warnings=warnings + measured["warnings"], parity=parity, layers=rows, finetune=_train_summary(trained),
-        post_finetune=_train_summary(post), bench=r.bench.model_dump(), versions=reporting.versions(),
+        warnings=warnings + measured["warnings"], parity=parity, layers=rows, finetune=done.finetune,
+        post_finetune=done.post_finetune, bench=r.bench.model_dump(), versions=reporting.versions(),
         timings_s=dict(timings))
     report.gates = check_gates(report, r.gates, options)
     report.files = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
     report.write(work)
     return report
+
+
+def _file_size(path) -> int | None:
+    """The input checkpoint's size (None for a model given in memory)."""
+    try:
+        return Path(path).stat().st_size
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def _onnx_metric(ctx: Context, path: Path, torch_metric: dict | None, reference):

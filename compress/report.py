@@ -15,7 +15,7 @@ def versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {"compress": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}

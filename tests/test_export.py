@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress import export
+from compress import exporting as export
 from compress.errors import ParityError
 
 

@@ -9,7 +9,7 @@ import torch
 
 from compress.checkpoint import load_model
 from compress.data import load_source
-from compress.export import onnx_predict
+from compress.exporting import onnx_predict
 from compress.metrics import score
 
 from ..conftest import REPO

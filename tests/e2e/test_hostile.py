@@ -271,7 +271,7 @@ def test_unwritable_parent_is_a_user_error(digits_model, write_recipe, run_cli, 
 
 
 def test_sigterm_outside_fine_tuning_leaves_nothing(digits_model, write_recipe, run_cli, tmp_path, monkeypatch):
-    from compress import export
+    from compress import exporting as export
 
     def terminated(*args, **kwargs):
         raise Terminated()

@@ -6,7 +6,7 @@ import torch
 
 from compress.checkpoint import load_model
 from compress.data import load_source
-from compress.export import onnx_predict
+from compress.exporting import onnx_predict
 
 from ..tiny_models import ClickProbability, DictEncoder, digits_as_tokens
 

@@ -3,7 +3,9 @@
 `compress.plan`, `compress.apply`, `compress.export` and `compress.load` are the Python API
 (see compress.api); the `compress` command line is a thin layer over them."""
 
-from ._version import __version__  # noqa: F401  (a leaf module, so nothing imports the package for it)
+from ._version import __version__  # a leaf module, so nothing imports the package for it
+
+__all__ = ["__version__", "apply", "export", "load", "plan"]
 
 
 def load(path, trust_checkpoint: bool = False, trust_factories=()):

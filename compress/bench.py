@@ -210,7 +210,7 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     (speedups over the first model for the others; "pairs" for each (A, B) in `pairs`: B over A,
     from the same interleaved runs).
     """
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     sessions = {label: make_session(path, threads) for label, path in models.items()}
     labels = list(sessions)
@@ -218,8 +218,7 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     result: dict = {"latency_ms": {label: {} for label in labels}, "speedup": {label: {} for label in others},
                     "speedup_ci": {label: {} for label in others}, "pairs": {f"{a}/{b}": {} for a, b in pairs},
                     "warnings": []}
-    bar = tqdm(total=len(feeds) * (warmup + runs) * len(labels), desc="benchmark", unit="run",
-               disable=not progress, leave=False)
+    bar = progress_bar(len(feeds) * (warmup + runs) * len(labels), "benchmark", "run", enabled=progress)
     for batch_size, feed in feeds.items():
         key = str(batch_size)
         for _ in range(warmup):
@@ -241,7 +240,8 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
             wide = [o for o in others if half_width(intervals[o], estimates[o]) > TARGET_HALF_WIDTH]
             if not wide or taken >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
                 break
-            bar.total += runs * len(labels)
+            if hasattr(bar, "total"):
+                bar.total += runs * len(labels)
         for label in labels:
             result["latency_ms"][label][key] = {**percentiles(samples[label]), "runs": taken}
         for o in others:

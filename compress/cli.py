@@ -229,7 +229,7 @@ def _print_summary(report, out: Path | None = None) -> None:
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     if out is not None:
-        click.echo(f"wrote {out}/model.pt, model.onnx, report.json, report.md")
+        click.echo(f"wrote {out}: {', '.join(report.files)}")
 
 
 @cli.command(epilog="""\b
@@ -269,15 +269,18 @@ Example:
 @click.argument("model", type=click.Path())
 @click.option("--recipe", "-r", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="Recipe for the factory, inputs or data when the checkpoint does not carry them.")
+@click.option("--scheme", type=click.Choice(["channel", "spatial"]), default=None,
+              help="How a Conv2d weight becomes a matrix for the ranks (default: the recipe's first stage's "
+                   "scheme, else channel), so the table lines up with what the recipe factorizes.")
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @common
-def inspect(model, recipe_path, trust_checkpoint, trust_factory, as_json, debug, quiet):
+def inspect(model, recipe_path, scheme, trust_checkpoint, trust_factory, as_json, debug, quiet):
     """Per-layer type, weight shape, params, MACs, singular-value energy ranks (90/95/99%) and
     effective rank of MODEL's Linear, Conv2d and Embedding layers."""
     from .inspection import inspect_model
 
-    rows, totals = inspect_model(model, recipe_path, trust_checkpoint, trust_factory)
+    rows, totals = inspect_model(model, recipe_path, trust_checkpoint, trust_factory, scheme)
     if as_json:
         click.echo(json.dumps({"layers": rows, "total": totals}, indent=2))
         return
@@ -394,9 +397,9 @@ Example:
 @click.argument("name", type=click.Choice(sorted(__import__("compress.examples.training", fromlist=["EXAMPLES"]).EXAMPLES)))
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the example's own).")
-@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
-@seed_option
-@device_option
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists (a regular file only).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Random seed for the training (default 0).")
+@click.option("--device", default="cpu", show_default=True, help="Device for the training: cpu, cuda, cuda:1, or auto.")
 @common
 def example(name, path, epochs, force, seed, device, debug, quiet):
     """Train a bundled example model on bundled real data and write a safe checkpoint to PATH."""
@@ -423,7 +426,8 @@ def recipe():
 @recipe.command(epilog="""\b
 Example:
   compress recipe schema > recipe.schema.json""")
-def schema():
+@common
+def schema(debug, quiet):
     """Print the recipe's JSON Schema (for editor completion and validation)."""
     from .recipe import json_schema
 

@@ -15,12 +15,12 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .data import Dataset, split_batch, to_device
 from .errors import CompressError, UserError, first_line
 from .losses import distill_loss, task_loss
+from .progress import bar as progress_bar
 from .metrics import primary_output
 
 
@@ -115,7 +115,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     interrupted: list[int] = []
     previous_handlers = _catch_signals(interrupted)
     start = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress or rank != 0, unit="step", leave=False)
+    bar = progress_bar(steps, desc, "step", enabled=progress and rank == 0, initial=step)
     try:
         skip = loop["batch"]  # batches of the current epoch trained before a resume
         while step < steps:

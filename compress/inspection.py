@@ -35,19 +35,24 @@ def _load(model_path, recipe_path, trust, factories=()):
     return loaded.model, [s["name"] for s in loaded.inputs], synthetic_sample(loaded.inputs), None, None
 
 
-def inspect_model(model_path, recipe_path=None, trust=False, factories=()) -> tuple[list[dict], dict]:
-    model, names, sample, _, _ = _load(model_path, recipe_path, trust, factories)
+def inspect_model(model_path, recipe_path=None, trust=False, factories=(), scheme: str | None = None
+                  ) -> tuple[list[dict], dict]:
+    model, names, sample, recipe, _ = _load(model_path, recipe_path, trust, factories)
+    if scheme is None:  # line up with what the recipe factorizes
+        scheme = next((getattr(s, "scheme", None) for s in (recipe.stages if recipe else [])
+                       if getattr(s, "scheme", None)), "channel")
     macs = bench.macs_by_module(model, sample)
     rows = []
     for name, module in model.named_modules():
         if not name or not isinstance(module, tuple(LAYER_TYPES.values())):
             continue
         weight = module.weight.detach()
-        matrix = weight if isinstance(module, nn.Embedding) else layer_matrix(module, "channel")
+        matrix = weight if isinstance(module, nn.Embedding) else layer_matrix(module, scheme)
         s = linalg.singular_values(matrix)
         rows.append({
             "name": name, "type": type(module).__name__, "weight_shape": list(weight.shape),
             "params": sum(p.numel() for p in module.parameters(recurse=False)), "macs": macs.get(name, 0),
+            "scheme": scheme if isinstance(module, nn.Conv2d) else None,
             "rank_90": linalg.energy_rank(s, 0.90), "rank_95": linalg.energy_rank(s, 0.95),
             "rank_99": linalg.energy_rank(s, 0.99), "full_rank": min(matrix.shape),
             "effective_rank": round(linalg.effective_rank(s), 3),

@@ -239,6 +239,9 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
         for batch in calibration.batches(ctx.recipe.recipe.data.batch_size):
             yield split_batch(batch, ctx.input_names, ctx.target)[0]
 
+    if calibration is not None:
+        batches.total = -(-len(calibration) // ctx.recipe.recipe.data.batch_size)  # for progress
+
     for method in methods:
         if method.needs_calibration:
             if calibration is None:

@@ -171,7 +171,7 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _metric(m: dict | None) -> str:
-    return "-" if not m else f"{m['name']} {_num(m['value'])}"
+    return "-" if not m else f"{m['name']} {m['value']:.4f}"  # one format for every metric value
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> list[str]:

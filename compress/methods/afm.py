@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import layers, linalg
+from ..progress import iterate
 from .base import Decision, Method, replace_module, select_targets
 from .lowrank import RankRule, decide_factorization, factorize_edits, rank_rule_targets, unswappable_layers
 
@@ -62,7 +62,7 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
     was_training = model.training
     model.eval()
     try:
-        for inputs in tqdm(batches(), desc=desc, unit="batch", disable=not progress, leave=False):
+        for inputs in iterate(batches(), getattr(batches, "total", None), desc, "batch", enabled=progress):
             device = next(model.parameters()).device
             model(*(t.to(device) for t in inputs))
     finally:

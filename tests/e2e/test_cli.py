@@ -235,3 +235,30 @@ def test_artifact_with_unknown_version_is_rejected(applied, run_cli, tmp_path):
     result = run_cli("inspect", out)
     assert result.exit_code == 2
     assert "artifact format version 7 is not supported" in result.stderr
+
+
+def test_progress_in_a_ci_log_is_lines_not_carriage_returns(digits_model, write_recipe, run_cli, tmp_path):
+    result = run_cli("apply", "-r", write_recipe(steps=20), digits_model, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "\r" not in result.stderr
+    assert any(line.startswith("fine-tune: 10% (2/20 step)") for line in lines), result.stderr
+    assert any(line.startswith("fine-tune: 100% (20/20 step)") for line in lines)
+    assert sum(line.startswith("fine-tune:") for line in lines) <= 11  # about one line per tenth
+    assert result.output.splitlines()[-1].startswith(f"wrote {tmp_path / 'out'}: ") and "compression.json" in result.output
+
+
+def test_calibration_runs_once_per_apply(ctr_model, write_recipe, run_cli, tmp_path, monkeypatch):
+    from compress.methods import afm
+
+    calls = []
+    real = afm.collect_moments
+    monkeypatch.setattr(afm, "collect_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe = write_recipe("""\
+        data: {calibration: bundled:ctr/calibration, eval: bundled:ctr/test, batch_size: 256}
+        inputs: [{name: fields, shape: [8], dtype: int64, dynamic_axes: {}}]
+        stages: [{method: afm, targets: {include: ["mlp.0", "mlp.2"]}, energy: 0.95}]
+        bench: {batch_sizes: [1], warmup: 1, runs: 3, baselines: []}
+        """)
+    assert run_cli("apply", "-r", recipe, ctr_model, "--out", tmp_path / "out", "-q").exit_code == 0
+    assert len(calls) == 1  # the plan's statistics are the ones prepare uses

@@ -45,30 +45,61 @@ def output_features(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
     return output.movedim(1, -1) if isinstance(module, nn.Conv2d) else output
 
 
+def from_inputs(module: nn.Module) -> bool:
+    """Whether a layer's output moments are cheaper to derive from its inputs: a Linear no wider
+    at its input than at its output (and so for a shared input, e.g. query/key/value)."""
+    return isinstance(module, nn.Linear) and module.in_features <= module.out_features
+
+
 @torch.no_grad()
 def collect_moments(model: nn.Module, names: list[str], batches, progress: bool = False,
-                    desc: str = "calibrate") -> dict[str, linalg.OutputMoments]:
-    """Streaming output moments of the named layers over every calibration batch."""
+                    desc: str = "calibrate", derive: bool = True,
+                    exact: bool = False) -> dict[str, linalg.OutputMoments | linalg.LinearOutputMoments]:
+    """Streaming output moments of the named layers over every calibration batch, in one pass.
+
+    A Linear whose input is no wider than its output accumulates its *input* moments instead (its
+    output moments follow exactly, see linalg.LinearOutputMoments), and Linears that read the very
+    same input tensor in a forward pass share one accumulator; every other layer accumulates its
+    outputs. `derive=False, exact=True` is the slow reference path (every layer's outputs, float64
+    products), kept for measuring against (benchmarks/scale.py)."""
     moments: dict[str, linalg.OutputMoments] = {}
+    inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
+    owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares (decided on batch 1)
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's input tensors, by id, kept alive
     hooks = []
-    for name in names:
-        module = model.get_submodule(name)
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():
+        if derive and from_inputs(module):
+            def pre_hook(mod, args, name=name):
+                x = args[0]
+                if name not in owner:  # the first batch decides who shares with whom
+                    match = seen.get(id(x))
+                    owner[name] = match[1] if match is not None and match[0] is x else name
+                    seen.setdefault(id(x), (x, name))
+                if owner[name] == name:
+                    inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, exact)
 
-        def hook(mod, args, output, name=name):
-            features = output_features(mod, output)
-            moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features)
+            hooks.append(module.register_forward_pre_hook(pre_hook))
+        else:
+            def hook(mod, args, output, name=name):
+                features = output_features(mod, output)
+                moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features, exact)
 
-        hooks.append(module.register_forward_hook(hook))
+            hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        for inputs in iterate(batches(), getattr(batches, "total", None), desc, "batch", enabled=progress):
+        for batch in iterate(batches(), getattr(batches, "total", None), desc, "batch", enabled=progress):
             device = next(model.parameters()).device
-            model(*(t.to(device) for t in inputs))
+            model(*(t.to(device) for t in batch))
+            seen.clear()
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    for name, source in owner.items():
+        layer = modules[name]
+        moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)
     return moments
 
 
@@ -80,7 +111,7 @@ class Afm(Method):
 
     def __init__(self, stage: AfmStage, stage_index: int):
         super().__init__(stage, stage_index)
-        self.moments: dict[str, linalg.OutputMoments] = {}
+        self.moments: dict = {}  # layer -> OutputMoments or LinearOutputMoments
         self.batches = None
         self.progress = False
 
@@ -124,7 +155,7 @@ class Afm(Method):
 
 
 @torch.no_grad()
-def mimic(layer: nn.Module, moments: linalg.OutputMoments, rank: int) -> nn.Module:
+def mimic(layer: nn.Module, moments, rank: int) -> nn.Module:
     """The rank-`rank` feature-mimicking replacement of `layer` from its output moments."""
     _, vectors = linalg.principal_subspace(moments.covariance())
     u = vectors[:, :rank]  # (m, k), float64

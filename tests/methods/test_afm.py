@@ -181,3 +181,42 @@ def test_afm_on_a_pickled_transformer_with_two_inputs(tmp_path, write_recipe, ru
     factorized = {row["name"] for row in report["layers"] if row["action"] == "factorize"}
     assert {"embed", "block.query", "block.up", "block.down"} <= factorized
     assert report["compressed"]["metric"]["name"] == "cosine" and report["parity"]["passed"]
+
+
+class SharedInput(nn.Module):
+    """Three projections of one tensor (query, key, value) and a narrowing layer after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(12, 24), nn.Linear(12, 24), nn.Linear(12, 24)
+        self.down = nn.Linear(72, 6)
+
+    def forward(self, x):
+        return self.down(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
+
+
+def test_statistics_from_inputs_equal_statistics_from_outputs():
+    torch.manual_seed(0)
+    model = SharedInput().double().eval()
+    x = torch.randn(400, 5, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)  # correlated inputs
+    batches = lambda: ((x[i:i + 50],) for i in range(0, 400, 50))  # noqa: E731
+    derived = collect_moments(model, ["q", "k", "v", "down"], batches)
+    assert all(isinstance(derived[n], linalg.LinearOutputMoments) for n in "qkv")
+    assert derived["q"].inputs is derived["k"].inputs is derived["v"].inputs  # one accumulator for one tensor
+    assert isinstance(derived["down"], linalg.OutputMoments)  # narrower output: its own outputs are cheaper
+    for name in "qkv":
+        direct = moments_of(getattr(model, name), x)
+        assert torch.allclose(derived[name].covariance(), direct.covariance(), atol=1e-9, rtol=1e-9)
+        assert torch.allclose(derived[name].mean(), direct.mean(), atol=1e-12)
+
+
+def test_float32_batch_products_are_accurate_to_float32():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, 48) * 3 + 1  # 16,384 rows per batch
+    fast, exact = linalg.OutputMoments(48), linalg.OutputMoments(48)
+    for batch in x.split(16):
+        fast.update(batch)
+        exact.update(batch, exact=True)
+    relative = float((fast.covariance() - exact.covariance()).norm() / exact.covariance().norm())
+    assert relative < 1e-6, relative  # float32 products, float64 accumulation
+    assert fast.count == exact.count == 64 * 256

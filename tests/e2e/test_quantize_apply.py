@@ -20,8 +20,11 @@ def ops(path):
                                                  ("group_envelope.yaml", "digits", "static"),
                                                  ("afm.yaml", "ctr", "dynamic"), ("pela.yaml", "transformer", "dynamic")])
 def test_every_method_ships_a_verified_int8_model(recipe, example, mode, shipped, run_cli, tmp_path, digits_model,
-                                                  ctr_model, transformer_model):
+                                                  ctr_model, transformer_model, monkeypatch):
     model = {"digits": digits_model, "ctr": ctr_model, "transformer": transformer_model}[example]
+    cwd = tmp_path / "cwd"  # ORT's pre-processing once left <uuid>.data files in the working directory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     path = shipped(recipe)
     path.write_text(path.read_text() + f"quantize: {{mode: {mode}}}\n")
     out = tmp_path / "out"
@@ -42,6 +45,7 @@ def test_every_method_ships_a_verified_int8_model(recipe, example, mode, shipped
         assert set(base["compressed_speedup"][bs]) == {"speedup", "ci"}
     assert "Against int8 quantization of the original" in (out / "report.md").read_text()
     assert json.loads((out / "compression.json").read_text())["metadata"]["quantization"]["mode"] == mode
+    assert list(cwd.iterdir()) == []  # nothing written outside --out
 
 
 def test_static_quantization_and_the_baseline_without_quantize(write_recipe, run_cli, digits_model, tmp_path):

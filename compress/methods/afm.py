@@ -25,82 +25,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from .. import layers, linalg
-from ..progress import iterate
-from .base import Decision, Method, replace_module, select_targets
-from .lowrank import RankRule, decide_factorization, factorize_edits, rank_rule_targets, unswappable_layers
+from .base import Method, replace_module, select_targets
+from .lowrank import (RankRule, collect_moments, factorize_edits, from_inputs, mimic, output_features,
+                      plan_mimicking)
+
+# the feature-mimicking core lives in lowrank.py (pela's `init: afm` uses it too); re-exported here
+__all__ = ["Afm", "AfmStage", "collect_moments", "from_inputs", "mimic", "output_features"]
 
 
 class AfmStage(RankRule):
     method: Literal["afm"] = "afm"
     sequential: bool = Field(False, description="calibrate each layer on the outputs of the compressed layers before it")
-
-
-def output_features(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
-    """A layer's outputs with the feature axis last: Conv2d (B, N, H, W) -> (B, H, W, N)."""
-    return output.movedim(1, -1) if isinstance(module, nn.Conv2d) else output
-
-
-def from_inputs(module: nn.Module) -> bool:
-    """Whether a layer's output moments are cheaper to derive from its inputs: a Linear no wider
-    at its input than at its output (and so for a shared input, e.g. query/key/value)."""
-    return isinstance(module, nn.Linear) and module.in_features <= module.out_features
-
-
-@torch.no_grad()
-def collect_moments(model: nn.Module, names: list[str], batches, progress: bool = False,
-                    desc: str = "calibrate", derive: bool = True,
-                    exact: bool = False) -> dict[str, linalg.OutputMoments | linalg.LinearOutputMoments]:
-    """Streaming output moments of the named layers over every calibration batch, in one pass.
-
-    A Linear whose input is no wider than its output accumulates its *input* moments instead (its
-    output moments follow exactly, see linalg.LinearOutputMoments), and Linears that read the very
-    same input tensor in a forward pass share one accumulator; every other layer accumulates its
-    outputs. `derive=False, exact=True` is the slow reference path (every layer's outputs, float64
-    products), kept for measuring against (benchmarks/scale.py)."""
-    moments: dict[str, linalg.OutputMoments] = {}
-    inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
-    owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares (decided on batch 1)
-    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's input tensors, by id, kept alive
-    hooks = []
-    modules = {name: model.get_submodule(name) for name in names}
-    for name, module in modules.items():
-        if derive and from_inputs(module):
-            def pre_hook(mod, args, name=name):
-                x = args[0]
-                if name not in owner:  # the first batch decides who shares with whom
-                    match = seen.get(id(x))
-                    owner[name] = match[1] if match is not None and match[0] is x else name
-                    seen.setdefault(id(x), (x, name))
-                if owner[name] == name:
-                    inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, exact)
-
-            hooks.append(module.register_forward_pre_hook(pre_hook))
-        else:
-            def hook(mod, args, output, name=name):
-                features = output_features(mod, output)
-                moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features, exact)
-
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in iterate(batches(), getattr(batches, "total", None), desc, "batch", enabled=progress):
-            device = next(model.parameters()).device
-            model(*(t.to(device) for t in batch))
-            seen.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    for name, source in owner.items():
-        layer = modules[name]
-        moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)
-    return moments
 
 
 class Afm(Method):
@@ -122,22 +59,8 @@ class Afm(Method):
         self.moments = collect_moments(model, names, batches, progress)
 
     def plan(self, model, profile):
-        blocked = unswappable_layers(model)
-        self.decisions = [self._decide(name, layer, profile.get(name), blocked.get(name))
-                          for name, layer in rank_rule_targets(model, self.stage, self)]
+        self.decisions = plan_mimicking(self, model, profile, self.stage, self.moments)
         return self.decisions
-
-    def _decide(self, name: str, layer: nn.Module, shapes, blocked: str | None) -> Decision:
-        """The shared decision, ranked by the output covariance's spectrum instead of the weight's."""
-        spectrum = None
-        if name in self.moments:
-            eigenvalues, _ = linalg.principal_subspace(self.moments[name].covariance())
-            spectrum = eigenvalues.clamp_min(0).sqrt()
-        elif blocked is None:
-            blocked = "layer did not run on the calibration data"
-        return decide_factorization(self.name, name, layer, shapes, "channel",
-                                    lambda s, rows, cols: self.stage.choose_rank(s, rows, cols, name=name),
-                                    blocked, spectrum=spectrum, bias=True)
 
     def prepare(self, model):
         for decision in self.decisions:
@@ -152,23 +75,3 @@ class Afm(Method):
 
     def edits(self):
         return factorize_edits(self.decisions, bias=True)
-
-
-@torch.no_grad()
-def mimic(layer: nn.Module, moments, rank: int) -> nn.Module:
-    """The rank-`rank` feature-mimicking replacement of `layer` from its output moments."""
-    _, vectors = linalg.principal_subspace(moments.covariance())
-    u = vectors[:, :rank]  # (m, k), float64
-    mu = moments.mean()
-    module = layers.empty_factorized(layer, rank, "channel", bias=True).to(layer.weight)
-    dtype = layer.weight.dtype
-    if isinstance(layer, nn.Embedding):
-        module.first.weight.copy_(((layer.weight.double().cpu() - mu) @ u).to(dtype))
-        module.second.weight.copy_(u.to(dtype))
-        module.second.bias.copy_(mu.to(dtype))
-        return module
-    weight = layers.layer_matrix(layer, "channel").double().cpu()  # (m, cols)
-    bias = layer.bias.double().cpu() if layer.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
-    layers.set_factors(module, (u.T @ weight).to(dtype), u.to(dtype))
-    module.second.bias.copy_((u @ (u.T @ bias) + mu - u @ (u.T @ mu)).to(dtype))
-    return module

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import layers, linalg
 from ..errors import RecipeError, UserError
+from ..progress import iterate
 from .base import (Decision, LayerProfile, Method, Stage, edit_module, output_head, register_edit, replace_module,
                    select_targets, short)
 
@@ -209,3 +210,108 @@ def _apply_factorize(model: nn.Module, checked, inputs) -> None:
 register_edit("factorize", _check_factorize, _apply_factorize)
 
 
+
+
+# ---- feature mimicking (METHODS.md section 4): factors from the outputs' principal subspace ----
+
+def output_features(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A layer's outputs with the feature axis last: Conv2d (B, N, H, W) -> (B, H, W, N)."""
+    return output.movedim(1, -1) if isinstance(module, nn.Conv2d) else output
+
+
+def from_inputs(module: nn.Module) -> bool:
+    """Whether a layer's output moments are cheaper to derive from its inputs: a Linear no wider
+    at its input than at its output (and so for a shared input, e.g. query/key/value)."""
+    return isinstance(module, nn.Linear) and module.in_features <= module.out_features
+
+
+@torch.no_grad()
+def collect_moments(model: nn.Module, names: list[str], batches, progress: bool = False,
+                    desc: str = "calibrate", derive: bool = True,
+                    exact: bool = False) -> dict[str, linalg.OutputMoments | linalg.LinearOutputMoments]:
+    """Streaming output moments of the named layers over every calibration batch, in one pass.
+
+    A Linear whose input is no wider than its output accumulates its *input* moments instead (its
+    output moments follow exactly, see linalg.LinearOutputMoments), and Linears that read the very
+    same input tensor in a forward pass share one accumulator; every other layer accumulates its
+    outputs. `derive=False, exact=True` is the slow reference path (every layer's outputs, float64
+    products), kept for measuring against (benchmarks/scale.py)."""
+    moments: dict[str, linalg.OutputMoments] = {}
+    inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
+    owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares (decided on batch 1)
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's input tensors, by id, kept alive
+    hooks = []
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():
+        if derive and from_inputs(module):
+            def pre_hook(mod, args, name=name):
+                x = args[0]
+                if name not in owner:  # the first batch decides who shares with whom
+                    match = seen.get(id(x))
+                    owner[name] = match[1] if match is not None and match[0] is x else name
+                    seen.setdefault(id(x), (x, name))
+                if owner[name] == name:
+                    inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, exact)
+
+            hooks.append(module.register_forward_pre_hook(pre_hook))
+        else:
+            def hook(mod, args, output, name=name):
+                features = output_features(mod, output)
+                moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features, exact)
+
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in iterate(batches(), getattr(batches, "total", None), desc, "batch", enabled=progress):
+            device = next(model.parameters()).device
+            model(*(t.to(device) for t in batch))
+            seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for name, source in owner.items():
+        layer = modules[name]
+        moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)
+    return moments
+
+
+def plan_mimicking(method: Method, model: nn.Module, profile: dict[str, LayerProfile], rule: RankRule,
+                   moments: dict, excluded: dict[str, str] | None = None) -> list[Decision]:
+    """Per-layer decisions ranked by each layer's output covariance spectrum (from `moments`)
+    instead of its weight's; factors carry a bias (the output mean). Used by afm, and by pela with
+    `init: afm`."""
+    blocked = {**unswappable_layers(model), **(excluded or {})}
+    decisions = []
+    for name, layer in rank_rule_targets(model, rule, method):
+        spectrum, reason = None, blocked.get(name)
+        if name in moments:
+            eigenvalues, _ = linalg.principal_subspace(moments[name].covariance())
+            spectrum = eigenvalues.clamp_min(0).sqrt()
+        elif reason is None:
+            reason = "layer did not run on the calibration data"
+        decisions.append(decide_factorization(method.name, name, layer, profile.get(name), "channel",
+                                              functools.partial(rule.choose_rank, name=name), reason,
+                                              spectrum=spectrum, bias=True))
+    return decisions
+
+
+@torch.no_grad()
+def mimic(layer: nn.Module, moments, rank: int) -> nn.Module:
+    """The rank-`rank` feature-mimicking replacement of `layer` from its output moments."""
+    _, vectors = linalg.principal_subspace(moments.covariance())
+    u = vectors[:, :rank]  # (m, k), float64
+    mu = moments.mean()
+    module = layers.empty_factorized(layer, rank, "channel", bias=True).to(layer.weight)
+    dtype = layer.weight.dtype
+    if isinstance(layer, nn.Embedding):
+        module.first.weight.copy_(((layer.weight.double().cpu() - mu) @ u).to(dtype))
+        module.second.weight.copy_(u.to(dtype))
+        module.second.bias.copy_(mu.to(dtype))
+        return module
+    weight = layers.layer_matrix(layer, "channel").double().cpu()  # (m, cols)
+    bias = layer.bias.double().cpu() if layer.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    layers.set_factors(module, (u.T @ weight).to(dtype), u.to(dtype))
+    module.second.bias.copy_((u @ (u.T @ bias) + mu - u @ (u.T @ mu)).to(dtype))
+    return module

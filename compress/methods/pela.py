@@ -41,8 +41,9 @@ from .. import layers, linalg
 from ..errors import RecipeError
 from ..losses import distill_loss
 from ..metrics import primary_output
-from .base import Method
-from .lowrank import RankRule, factorize_edits, factorize_planned, head_exclusion, plan_factorization
+from .base import Method, replace_module
+from .lowrank import (RankRule, collect_moments, factorize_edits, factorize_planned, head_exclusion, mimic,
+                      plan_factorization, plan_mimicking, rank_rule_targets)
 
 
 class PelaStage(RankRule):
@@ -57,6 +58,10 @@ class PelaStage(RankRule):
     temperature: float = Field(1.0, gt=0, description="for output_loss: kl")
     gamma: float = Field(0.0, ge=0, description="weight of the weight-perturbation regularizer L_wp (authors: 0 or 1)")
     eps: float = Field(1e-3, ge=0, description="L_wp tolerance on the largest absolute weight change")
+    init: Literal["svd", "afm"] = Field(
+        "svd", description="where the factors start: svd = the weight's truncated SVD (the paper); afm = the "
+        "feature-mimicking factors of the outputs on data.calibration (METHODS.md 4), which the distillation "
+        "then repairs; the rank rule is the same")
     wp_form: Literal["squared", "hinge"] = Field(
         "squared", description="L_wp per layer: squared = (||B A - W||_max - eps)^2, the paper's formula; "
         "hinge = max(0, ||B A - W||_max - eps)^2, which leaves a student within eps of the original alone")
@@ -90,11 +95,25 @@ class Pela(Method):
         self.teacher_features: dict[str, torch.Tensor] = {}
         self.teacher_output: torch.Tensor | None = None
         self.hooks = []
+        self.moments: dict = {}  # init: afm only
+
+    @property
+    def needs_calibration(self) -> bool:  # noqa: D401 - the lifecycle's flag, per stage
+        return self.stage.init == "afm"
+
+    def calibrate(self, model, batches, progress=False):
+        names = [n for n, _ in rank_rule_targets(model, self.stage, self)]
+        self.moments = collect_moments(model, names, batches, progress)
 
     def plan(self, model, profile):
         stage: PelaStage = self.stage
         excluded = {} if "targets" in stage.model_fields_set else self._default_exclusions(model)
-        self.decisions = plan_factorization(self, model, profile, stage, excluded, scheme="channel")
+        if stage.init == "afm":
+            self.decisions = plan_mimicking(self, model, profile, stage, self.moments, excluded)
+        else:
+            self.decisions = plan_factorization(self, model, profile, stage, excluded, scheme="channel")
+        for d in self.decisions:
+            d.extra["init"] = stage.init
         self.feature_names = self._features(model)
         return self.decisions
 
@@ -129,7 +148,12 @@ class Pela(Method):
         for d in self.decisions:
             if d.action == "factorize":
                 self.originals[d.name] = layers.layer_matrix(model.get_submodule(d.name)).detach().clone()
-        factorize_planned(model, self.decisions)
+        if self.stage.init == "svd":
+            factorize_planned(model, self.decisions)
+            return
+        for d in self.decisions:  # the afm factors: PELA's distillation starts from them
+            if d.action == "factorize":
+                replace_module(model, d.name, mimic(model.get_submodule(d.name), self.moments[d.name], d.rank))
 
     def start_finetune(self, model, teacher):
         self.remove_hooks()
@@ -179,4 +203,4 @@ class Pela(Method):
         self.remove_hooks()
 
     def edits(self):
-        return factorize_edits(self.decisions)
+        return factorize_edits(self.decisions, bias=True if self.stage.init == "afm" else None)

@@ -95,7 +95,7 @@ def test_bad_feature_pattern_is_a_recipe_error():
         planned(features=["encoder.*"])
 
 
-@pytest.mark.parametrize("recipe", ["pela.yaml", "pela-unlabeled.yaml"])
+@pytest.mark.parametrize("recipe", ["pela.yaml", "pela-unlabeled.yaml", "afm-pela.yaml"])
 def test_pela_recipes_end_to_end(recipe, apply_shipped, transformer_model):
     _, report = apply_shipped(recipe, transformer_model)
     assert report["parity"]["passed"] and report["ratios"]["params"] > 1.5
@@ -145,3 +145,36 @@ def test_weight_perturbation_forms():
             assert value == pytest.approx(0.25, rel=1e-3)  # (0 - 0.5)^2: the paper's formula
         else:
             assert value == 0.0
+
+
+def test_init_afm_starts_exactly_from_afms_factors():
+    from compress.methods.afm import Afm, AfmStage
+
+    torch.manual_seed(0)
+    data = tokens_split("calibration")
+    batches = lambda: ((data["tokens"][i:i + 50], data["mask"][i:i + 50]) for i in range(0, 200, 50))  # noqa: E731
+    sample = (data["tokens"][:1], data["mask"][:1])
+    model = digits_transformer().eval()
+    pela_model, afm_model = copy.deepcopy(model), copy.deepcopy(model)
+    pela = Pela(PelaStage(method="pela", init="afm"), 0)
+    assert pela.needs_calibration and not Pela(PelaStage(method="pela"), 0).needs_calibration
+    pela.calibrate(pela_model, batches)
+    pela.plan(pela_model, profile_layers(pela_model, sample))
+    pela.prepare(pela_model)
+    ranks = {d.name: d.rank for d in pela.decisions if d.action == "factorize"}
+    assert ranks and all(d.extra["init"] == "afm" for d in pela.decisions)
+    afm = Afm(AfmStage(method="afm", rank=1, ranks=ranks, targets={"include": sorted(ranks)}), 0)
+    afm.calibrate(afm_model, batches)
+    afm.plan(afm_model, profile_layers(afm_model, sample))
+    afm.prepare(afm_model)
+    inputs = (data["tokens"][:32], data["mask"][:32])
+    with torch.no_grad():  # the chain starts from afm's factors: the same outputs before any step
+        assert torch.allclose(pela_model(*inputs), afm_model(*inputs), atol=1e-5)
+        assert not torch.allclose(pela_model(*inputs), model(*inputs), atol=1e-3)
+    from compress.checkpoint import apply_edits
+
+    rebuilt = copy.deepcopy(model)  # and the edits (factors with a bias) rebuild it for reloading
+    apply_edits(rebuilt, pela.edits())
+    rebuilt.load_state_dict(pela_model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*inputs), pela_model(*inputs))

@@ -113,7 +113,7 @@ def test_untrusted_pickle_is_refused(tmp_path, write_recipe, run_cli):
 
 def test_plan_lists_decisions_and_target_errors(digits_model, write_recipe, run_cli):
     result = run_cli("plan", "-r", write_recipe(), digits_model, "--json")
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     assert {r["name"] for r in rows} == {f"layer{b}.{i}.conv{c}" for b in (1, 2) for i in (0, 1) for c in (1, 2)}
     bad = write_recipe("""\
         data: {eval: bundled:digits/test}
@@ -134,14 +134,14 @@ def test_plan_keeps_layers_that_would_not_get_cheaper(digits_model, write_recipe
             targets: {include: ["fc", "stem.0"]}
             energy: 1.0
         """)
-    rows = json.loads(run_cli("plan", "-r", recipe, digits_model, "--json").output)
+    rows = json.loads(run_cli("plan", "-r", recipe, digits_model, "--json").stdout)
     assert [r["action"] for r in rows] == ["keep", "keep"]
     assert all("would not reduce MACs" in r["reason"] for r in rows)
 
 
 def test_inspect_export_bench_and_schema(digits_model, run_cli, tmp_path):
     result = run_cli("inspect", digits_model, "--json")
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     conv = next(r for r in info["layers"] if r["name"] == "layer1.0.conv1")
     assert conv["rank_90"] <= conv["rank_95"] <= conv["rank_99"] <= conv["full_rank"] == 16
     assert conv["macs"] == 16 * 16 * 9 * 64
@@ -150,10 +150,10 @@ def test_inspect_export_bench_and_schema(digits_model, run_cli, tmp_path):
     assert result.exit_code == 0 and onnx_path.is_file() and "passed" in result.output
     assert run_cli("export", digits_model, "--out", onnx_path).exit_code == 2
     result = run_cli("bench", onnx_path, "--batch-sizes", "1,4", "--runs", "3", "--warmup", "1", "--json", "-q")
-    measured = json.loads(result.output)
+    measured = json.loads(result.stdout)
     assert set(measured["latency_ms"][str(onnx_path)]) == {"1", "4"}
     assert measured["speedup"] == {} and measured["latency_ms"][str(onnx_path)]["4"]["runs"] == 3
-    schema = json.loads(run_cli("recipe", "schema").output)
+    schema = json.loads(run_cli("recipe", "schema").stdout)
     assert "stages" in schema["properties"]
 
 
@@ -199,7 +199,7 @@ def test_per_layer_ranks_override_the_rule(digits_model, write_recipe, run_cli):
             rank: 2
             ranks: {layer1.0.conv1: 3}
         """)
-    rows = {r["name"]: r["rank"] for r in json.loads(run_cli("plan", "-r", recipe, digits_model, "--json").output)}
+    rows = {r["name"]: r["rank"] for r in json.loads(run_cli("plan", "-r", recipe, digits_model, "--json").stdout)}
     assert rows["layer1.0.conv1"] == 3 and rows["layer1.0.conv2"] == 2
     bad = write_recipe("stages: [{method: svd, ranks: {nope: 3}}]\ndata: {eval: bundled:digits/test}\n", name="bad.yaml")
     result = run_cli("plan", "-r", bad, digits_model)
@@ -245,7 +245,7 @@ def test_progress_in_a_ci_log_is_lines_not_carriage_returns(digits_model, write_
     assert any(line.startswith("fine-tune: 10% (2/20 step)") for line in lines), result.stderr
     assert any(line.startswith("fine-tune: 100% (20/20 step)") for line in lines)
     assert sum(line.startswith("fine-tune:") for line in lines) <= 11  # about one line per tenth
-    assert result.output.splitlines()[-1].startswith(f"wrote {tmp_path / 'out'}: ") and "compression.json" in result.output
+    assert result.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'out'}: ") and "compression.json" in result.stdout
 
 
 def test_calibration_runs_once_per_apply(ctr_model, write_recipe, run_cli, tmp_path, monkeypatch):

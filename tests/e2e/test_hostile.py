@@ -150,7 +150,7 @@ def test_an_untrusted_module_is_not_even_imported(small, tmp_path, run_cli, writ
     # ... and the user's own trust makes it work, from the flag or from the recipe
     result = run_cli("inspect", model, "--trust-factory", "strangers_models", "--json")
     assert result.exit_code == 0, result.stderr
-    assert marker.exists() and json.loads(result.output)["total"]["params"] > 0
+    assert marker.exists() and json.loads(result.stdout)["total"]["params"] > 0
     assert run_cli("recipe", "check", recipe, model).exit_code == 0
     # a model class's classmethod constructor (how transformers builds models) is allowed too
     constructor = tampered_checkpoint(small, tmp_path, factory="strangers_models:Net.from_config")
@@ -399,7 +399,7 @@ def test_the_same_model_twice_is_no_speedup(digits_model, run_cli, tmp_path):
     onnx_path = tmp_path / "m.onnx"
     assert run_cli("export", digits_model, "--out", onnx_path).exit_code == 0
     result = run_cli("bench", onnx_path, onnx_path, "--batch-sizes", "8,16", "--json", "-q")
-    measured = json.loads(result.output)
+    measured = json.loads(result.stdout)
     for bs, (lo, hi) in measured["speedup_ci"][f"{onnx_path}#1"].items():
         assert lo <= 1.0 <= hi, (bs, lo, hi)
 

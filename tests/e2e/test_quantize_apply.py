@@ -99,4 +99,4 @@ def test_export_and_bench_quantize_for_quick_use(run_cli, digits_model, tmp_path
     assert result.exit_code == 0 and "quantized (dynamic" in result.output and ops(path) & QUANTIZED
     result = run_cli("bench", path, "--quantize", "static", "--batch-sizes", "4", "--runs", "3", "--json", "-q")
     assert result.exit_code == 0, result.stderr
-    assert f"{path} (int8 static)" in json.loads(result.output)["latency_ms"]
+    assert f"{path} (int8 static)" in json.loads(result.stdout)["latency_ms"]

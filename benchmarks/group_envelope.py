@@ -77,7 +77,7 @@ def main() -> None:
             ("magnitude L2 peer (Torch-Pruning)", peer["accuracy"], peer["macs"], peer["params"], lat["peer"])]
     print(f"original digits ResNet: test accuracy {100 * o['metric']['value']:.2f}%, {o['macs']:,} MACs, "
           f"{o['params']:,} params; kept channels per group: "
-          + ", ".join(f"{r['name']} {r['kept']}/{r['channels']} (hard projection cut {r['hard_projection_cut']})"
+          + ", ".join(f"{r['name']} {r['kept']}/{r['channels']} (prox zeroed {r['prox_zeroed']}, projection cut {r['projection_cut']})"
                       for r in report["layers"] if r["action"] == "prune") + "\n")
     print("| run | test accuracy | change (points) | MACs | params | ORT speedup b1 | ORT speedup b32 | speedup b32 / MAC ratio |")
     print("|---|---|---|---|---|---|---|---|")

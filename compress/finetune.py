@@ -157,7 +157,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                 if scheduler is not None:
                     scheduler.step()
                 for method in methods:
-                    method.after_step(model, step, lr)
+                    method.after_step(model, step, lr, optimizer)
                 step += 1
                 loop.update(step=step, batch=index + 1)
                 samples += inputs[0].shape[0] * processes

@@ -8,7 +8,7 @@ The pipeline drives every method the same way:
     prepare(model, plan)     structural change before fine-tuning (factorize, group map)
     start_finetune(model, teacher)  before the loop (hooks on student and frozen original)
     loss(model, batch, out)  extra loss terms during fine-tuning (regularizers, distillation)
-    after_step(model, step)  hook after each optimizer step (projections, proximal steps)
+    after_step(model, step, lr, optimizer)  hook after each optimizer step (projections, proximal steps)
     finalize(model)          structural change after fine-tuning (decompose, drop groups)
     post_finetune_epochs()   extra epochs on the finalized model, if the method wants them
     edits()                  the structural edits made, as data, to rebuild the model later
@@ -137,8 +137,9 @@ class Method:
         """Extra named loss terms for this step (added to the task loss)."""
         return {}
 
-    def after_step(self, model: nn.Module, step: int, lr: float) -> None:
-        """Called after every optimizer step, with the learning rate that step used."""
+    def after_step(self, model: nn.Module, step: int, lr: float, optimizer=None) -> None:
+        """Called after every optimizer step, with the learning rate that step used and the
+        optimizer (whose state a proximal step may have to reset)."""
 
     def finalize(self, model: nn.Module) -> None:
         """Structural change after fine-tuning."""

@@ -11,8 +11,22 @@ Proximal training that leaves exactly k groups alive per layer, then removes the
   lr * lambda * S_k on their weighted group norms (`linalg.envelope_prox_scale`), which sets some
   channels exactly to zero. `keep` gives k per layer: a ratio below 1 or a count. How lambda should
   relate to k is open in the paper; the recipe sets lambda.
+- Momentum-aware: when the prox zeroes a channel, its optimizer state (SGD's momentum, Adam's
+  moments) is zeroed too, as in proximal methods that reset the state of variables sent to zero;
+  otherwise the next momentum step revives it and the prox never prunes (measured on the digits
+  ResNet, layer2.1.conv1, lambda 60, momentum 0.9: 5 of 16 channels zeroed by step 9, all 16
+  alive again before the last step without the reset, 11 with it; see the tests).
+- Lambda continuation (`lambda_growth` > 1, off by default): every `lambda_every` steps a layer
+  still above k live channels multiplies its lambda; once the prox alone has left at most k, its
+  dead channels are held at zero and lambda returns to the recipe's. Measured on the shipped
+  recipe: growth 1.2 or 1.3 every 10 steps does reach k by the prox alone (steps 72-116 of 152),
+  but the grown lambda (12 to 54) shrinks the surviving channels so much on the way that the
+  network collapses to chance accuracy, so it stays off: the envelope shrinks survivors like a
+  weight decay of strength lambda, and reaching k needs a lambda this model cannot survive.
 - At the end every layer has at most k non-zero channels: if the proximal steps have not got
-  there, the smallest are cut (a hard projection), and the report says how many per layer.
+  there, the smallest are cut (a hard projection). The report's layer rows say, per layer, how
+  many channels the prox zeroed (`prox_zeroed`), at which step the prox alone reached k
+  (`reached_k_step`) and how many the projection still cut (`projection_cut`).
 - Dead channels are removed physically with Torch-Pruning, so the model is smaller and faster,
   and its outputs equal the masked model's (the removed channels were exactly zero).
 - The prox shrinks the surviving channels too (S_k is 1/2 ||x||^2 on k-sparse vectors), like a
@@ -55,6 +69,9 @@ class GroupEnvelopeStage(Stage):
     post_finetune: int = Field(0, ge=0, description="epochs of fine-tuning after the channels are removed")
     round_to: int = Field(1, ge=1, description="round the kept count up to a multiple of this (runtimes "
                           "run channel counts that are multiples of 8 faster)")
+    lambda_growth: float = Field(1.0, ge=1, description="continuation: every `lambda_every` steps, each layer that "
+                                 "still has more than k live channels multiplies its lambda by this (1: constant)")
+    lambda_every: int = Field(10, ge=1, description="steps between lambda increases")
 
     def kept(self, channels: int) -> int:
         count = round(self.keep * channels) if self.keep < 1 else int(self.keep)
@@ -229,22 +246,55 @@ class GroupEnvelope(Method):
             if self.stage.weights == "size":
                 sizes = channel_sizes(slices, n)
                 weights = (sizes / sizes.mean()).sqrt()
-            self.groups[d.name] = {"slices": slices, "channels": n, "k": d.extra["keep"], "weights": weights}
+            self.groups[d.name] = {"slices": slices, "channels": n, "k": d.extra["keep"], "weights": weights,
+                                   "lambda": self.stage.lambda_, "reached_k_step": None}
 
-    def after_step(self, model, step, lr):
-        step_size = lr * self.stage.lambda_
-        if step_size <= 0:
-            return
+    def after_step(self, model, step, lr, optimizer=None):
+        """The proximal step on each layer's channel norms. A channel the prox sets to zero has its
+        optimizer state (momentum, Adam's moments) zeroed too: otherwise the next step's momentum
+        brings it straight back and the prox never gets to prune (measured: with SGD momentum 0.9
+        every channel was alive again before each prox step). Lambda continuation: a layer still
+        above k live channels every `lambda_every` steps multiplies its lambda by `lambda_growth`;
+        once the prox alone has left at most k, the layer's dead channels stay dead and its lambda
+        returns to the recipe's (a grown lambda would keep shrinking the survivors)."""
         for g in self.groups.values():
+            if g.get("dead") is not None:  # reached k: hold the support, train the survivors
+                scale_channels(g["slices"], (~g["dead"]).to(torch.float32))
+                if optimizer is not None:
+                    reset_optimizer_state(optimizer, g["slices"], g["dead"])
+            step_size = lr * g["lambda"]
+            if step_size <= 0:
+                continue
             norms = channel_norms(g["slices"], g["channels"])
-            scale_channels(g["slices"], linalg.envelope_prox_scale(norms, g["k"], step_size, g["weights"]))
+            scale = linalg.envelope_prox_scale(norms, g["k"], step_size, g["weights"])
+            scale_channels(g["slices"], scale)
+            if optimizer is not None:
+                reset_optimizer_state(optimizer, g["slices"], scale == 0)
+            if g.get("dead") is not None:
+                continue
+            if int((scale > 0).sum()) <= g["k"]:
+                g["reached_k_step"], g["dead"], g["lambda"] = step + 1, scale == 0, self.stage.lambda_
+            elif (step + 1) % self.stage.lambda_every == 0:
+                g["lambda"] *= self.stage.lambda_growth
+                g["largest"] = g["lambda"]
+
+    def state_dict(self):
+        return {"groups": {root: {"lambda": g["lambda"], "reached_k_step": g["reached_k_step"], "dead": g.get("dead")}
+                           for root, g in self.groups.items()}}
+
+    def load_state_dict(self, state):
+        for root, saved in state.get("groups", {}).items():
+            if root in self.groups:
+                self.groups[root].update(saved)
 
     def finalize(self, model):
         self.edits_made = []
         dead_by_root = {}
+        prox = {}
         for root, g in self.groups.items():
             norms = channel_norms(g["slices"], g["channels"])
             alive = int((norms > 0).sum())
+            prox[root] = g["channels"] - alive
             cut = max(0, alive - g["k"])
             if cut:  # the hard projection onto the k largest channels
                 keep = torch.zeros_like(norms)
@@ -266,8 +316,10 @@ class GroupEnvelope(Method):
             kept = n - len(dead)
             d.params_after = d.params_before * kept // n
             d.macs_after = d.macs_before * kept // n
+            g = self.groups[d.name]
             d.extra.update({"kept": kept, "kept_channels": [i for i in range(n) if i not in set(dead)],
-                            "hard_projection_cut": cut,
+                            "prox_zeroed": prox[d.name], "reached_k_step": g["reached_k_step"],
+                            "projection_cut": cut, "largest_lambda": round(g.get("largest", g["lambda"]), 6),
                             "note": f"{kept} of {n} channels kept" + (f"; the hard projection cut {cut}" if cut else "")})
             self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
 
@@ -276,6 +328,22 @@ class GroupEnvelope(Method):
 
     def edits(self):
         return list(self.edits_made)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, slices: list[ChannelSlice], dead: torch.Tensor) -> None:
+    """Zero the optimizer's per-parameter state (momentum buffers, Adam's moments) at the positions
+    of the `dead` channels, so that a channel the prox zeroed stays zero unless its gradient
+    genuinely revives it."""
+    if not bool(dead.any()):
+        return
+    for s in slices:
+        positions = s.idxs[dead.to(s.channel.device)[s.channel]]
+        if positions.numel() == 0:
+            continue
+        for value in optimizer.state.get(s.param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == s.param.shape:
+                value.index_fill_(s.dim, positions.to(value.device), 0)
 
 
 def _check_prune(model: nn.Module, edit: dict) -> tuple[str, list[int]]:

@@ -140,7 +140,7 @@ class Trp(Method):
             total = total + (weight * self.subgradients[n]).sum()
         return {"nuclear": nuclear.lambda_ * total}
 
-    def after_step(self, model, step, lr):
+    def after_step(self, model, step, lr, optimizer=None):
         self.step = step + 1
         if self.step % self.stage.period == 0:
             self.project(model)

@@ -133,3 +133,37 @@ def test_group_envelope_recipe_end_to_end_and_reload(apply_shipped, digits_model
 
     got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
     assert torch.allclose(rebuilt(x).detach(), torch.from_numpy(got), atol=1e-4)
+
+
+def test_a_channel_the_prox_zeroed_stays_zero_through_momentum():
+    """With SGD momentum the next step brought zeroed channels straight back (the prox never got to
+    prune); the prox now zeroes their momentum too."""
+    from compress.data import Dataset
+    from compress.finetune import finetune
+    from compress.methods import group_envelope as ge
+    from compress.recipe import FinetuneSection
+
+    data = Dataset(load_source("bundled:digits/train").head(256), "digits")
+    cfg = FinetuneSection(steps=12, optimizer="sgd", lr=0.01, momentum=0.9, schedule="constant")
+    alive = {}
+    for label, reset in (("reset", ge.reset_optimizer_state), ("no reset", lambda *a, **k: None)):
+        model, method = planned(keep=0.5, **{"lambda": 60.0})
+        method.prepare(model)
+        seen = []
+        original = method.after_step
+
+        def after_step(model, step, lr, optimizer=None, original=original, seen=seen):
+            root = "layer2.1.conv1"
+            seen.append(int((channel_norms(method.groups[root]["slices"], method.groups[root]["channels"]) > 0).sum()))
+            original(model, step, lr, optimizer)
+
+        method.after_step = after_step
+        ge_reset, ge.reset_optimizer_state = ge.reset_optimizer_state, reset
+        try:
+            finetune(model, data, ["image"], "target", cfg, 32, methods=[method], progress=False)
+        finally:
+            ge.reset_optimizer_state = ge_reset
+        alive[label] = seen[-1]  # live channels just before the last prox step
+    # measured: the prox zeroes 5 of 16 by step 9; without the reset all 16 are alive again before
+    # the last prox step, with it the 5 stay dead
+    assert alive["no reset"] == 16 and alive["reset"] <= 12, alive

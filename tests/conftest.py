@@ -69,8 +69,16 @@ def shortened(recipe: Path, tmp_path: Path, steps: int = 8) -> Path:
 
 @pytest.fixture(params=["short", pytest.param("full", marks=pytest.mark.slow)])
 def shipped(request, tmp_path):
-    """shipped("trp.yaml"): the shipped recipe, shortened (default tier) or as shipped (slow tier)."""
-    return lambda name: REPO / "recipes" / name if request.param == "full" else shortened(REPO / "recipes" / name, tmp_path)
+    """shipped("trp.yaml"): a copy of the shipped recipe (tests may add to it; the repository's file
+    is never written), shortened (default tier) or as shipped (slow tier)."""
+    def copy(name: str) -> Path:
+        if request.param == "short":
+            return shortened(REPO / "recipes" / name, tmp_path)
+        path = tmp_path / f"full-{name}"
+        path.write_text((REPO / "recipes" / name).read_text())
+        return path
+
+    return copy
 
 
 @pytest.fixture

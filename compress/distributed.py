@@ -69,3 +69,16 @@ def mean(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
     return (tensor / world()[1]).tolist()
+
+
+def sum_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over all ranks (float64 on the CPU, in place of the local values)."""
+    if world()[1] == 1:
+        return tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = []
+    for t in tensors:
+        t = t.to(device=device, dtype=torch.float64).contiguous().clone()
+        dist.all_reduce(t)
+        out.append(t.cpu())
+    return out

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from .. import layers, linalg
+from .. import distributed, layers, linalg
 from ..errors import RecipeError, UserError
 from ..progress import iterate
 from .base import (Decision, LayerProfile, Method, Stage, edit_module, output_head, register_edit, replace_module,
@@ -234,7 +234,8 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
     A Linear whose input is no wider than its output accumulates its *input* moments instead (its
     output moments follow exactly, see linalg.LinearOutputMoments), and Linears that read the very
     same input tensor in a forward pass share one accumulator; every other layer accumulates its
-    outputs. `derive=False, exact=True` is the slow reference path (every layer's outputs, float64
+    outputs. Under torchrun each process calibrates its share of the batches and the sums are
+    all-reduced, so every process ends with the statistics of all the data. `derive=False, exact=True` is the slow reference path (every layer's outputs, float64
     products), kept for measuring against (benchmarks/scale.py)."""
     moments: dict[str, linalg.OutputMoments] = {}
     inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
@@ -262,8 +263,15 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
+    rank, processes = distributed.world()
+    total = getattr(batches, "total", None)
+    # under torchrun each process takes every `processes`-th batch and the sums are added up after;
+    # with fewer batches than processes every process takes them all (and nothing is added up)
+    split = processes > 1 and total is not None and total >= processes
     try:
-        for batch in iterate(batches(), getattr(batches, "total", None), desc, "batch", enabled=progress):
+        for i, batch in enumerate(iterate(batches(), total, desc, "batch", enabled=progress)):
+            if split and i % processes != rank:
+                continue
             device = next(model.parameters()).device
             model(*(t.to(device) for t in batch))
             seen.clear()
@@ -271,6 +279,11 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
         for h in hooks:
             h.remove()
         model.train(was_training)
+    if split:
+        for accumulator in [moments[n] for n in sorted(moments)] + [inputs[n] for n in sorted(inputs)]:
+            accumulator.count, accumulator.total, accumulator.outer = distributed.sum_tensors(
+                [torch.tensor(float(accumulator.count), dtype=torch.float64), accumulator.total, accumulator.outer])
+            accumulator.count = int(accumulator.count)
     for name, source in owner.items():
         layer = modules[name]
         moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)

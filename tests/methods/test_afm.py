@@ -220,3 +220,47 @@ def test_float32_batch_products_are_accurate_to_float32():
     relative = float((fast.covariance() - exact.covariance()).norm() / exact.covariance().norm())
     assert relative < 1e-6, relative  # float32 products, float64 accumulation
     assert fast.count == exact.count == 64 * 256
+
+
+def _calibrate_in_process(rank, processes, port, folder):
+    """One of two gloo processes: calibrate its share of the batches, count what it ran."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes)
+    try:
+        torch.manual_seed(0)
+        model = SharedInput().double().eval()
+        x = torch.randn(400, 5, 12, dtype=torch.float64)
+        ran = []
+        model.down.register_forward_pre_hook(lambda m, a: ran.append(1))
+
+        def batches():
+            return ((x[i:i + 50],) for i in range(0, 400, 50))
+
+        batches.total = 8
+        moments = collect_moments(model, ["q", "k", "v", "down"], batches)
+        torch.save({"ran": len(ran), **{n: moments[n].covariance() for n in ("q", "down")},
+                    "count": moments["down"].count}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_calibration_split_across_two_processes_equals_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_calibrate_in_process, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = SharedInput().double().eval()
+    x = torch.randn(400, 5, 12, dtype=torch.float64)
+    single = collect_moments(model, ["q", "k", "v", "down"], lambda: ((x[i:i + 50],) for i in range(0, 400, 50)))
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["ran"] == 4  # each process ran half of the 8 batches ...
+        assert result["count"] == single["down"].count == 2000  # ... and ends with the statistics of all
+        for name in ("q", "down"):
+            assert torch.allclose(result[name], single[name].covariance(), atol=1e-9, rtol=1e-9)

@@ -43,12 +43,24 @@ MAX_STRING = 4096
 _NEVER = frozenset(sys.stdlib_module_names) | {"builtins", "__main__", "importlib", "pickle", "subprocess"}
 
 
+# packages whose functions load code or pickles from a path in their arguments (torch.hub.load,
+# torch.load, compress.checkpoint.load with trust_checkpoint): never trusted wholesale; the
+# bundled examples are named exactly instead (compress.examples.* may be trusted by name)
+_LOADERS = {"torch", "compress"}
+
+
 def check_prefix(prefix: str, where: str = "--trust-factory") -> str:
-    """A prefix the user wants to trust, validated: a dotted module name outside the standard library."""
+    """A prefix the user wants to trust, validated: a dotted module name outside the standard library
+    and outside the packages that load code from files."""
     if not isinstance(prefix, str) or not _MODULE.fullmatch(prefix):
         raise UserError(f"{where} {prefix!r}: expected a module name such as 'mypackage' or 'mypackage.models'")
-    if prefix.split(".")[0] in _NEVER:
+    top = prefix.split(".")[0]
+    if top in _NEVER:
         raise UserError(f"{where} {prefix!r}: Python's standard library holds no model factories; "
+                        "name the package that defines your model")
+    if top in _LOADERS and not (prefix == "compress.examples" or prefix.startswith("compress.examples.")):
+        raise UserError(f"{where} {prefix!r}: {top} has functions that load code or pickles from files "
+                        "(torch.hub.load, torch.load, compress.checkpoint.load), so it is never trusted wholesale; "
                         "name the package that defines your model")
     return prefix
 
@@ -81,6 +93,8 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
     from .examples import FACTORIES
 
     builtin = reference in FACTORIES
+    if under(module_name, ("compress.examples.training",)):  # trains and writes checkpoints to a path
+        raise UserError(f"factory {reference!r}: compress.examples.training writes files; it is never a factory")
     if not builtin and not under(module_name, prefixes):
         raise UserError(f"factory {reference!r} is not trusted, so nothing was imported: if you trust the package, "
                         f"pass --trust-factory {module_name} (or list it under model.trust in your recipe)")
@@ -145,6 +159,9 @@ def check_kwargs(kwargs: Any, reference: str) -> dict[str, Any]:
     for key, value in kwargs.items():
         if not isinstance(key, str) or not _PUBLIC.fullmatch(key):
             raise UserError(f"factory {reference!r}: kwargs key {_short(key)} is not a keyword argument name")
+        if key in ("trust_remote_code", "trust_checkpoint") and value:
+            raise UserError(f"factory {reference!r}: kwargs set {key}, which runs code from files; compress "
+                            "never passes that on (load such a model yourself and pass it to compress.apply)")
         walk(value, 1, key)
     return kwargs
 

@@ -92,13 +92,13 @@ def test_no_factory_named_by_a_file_runs_code(source, small, tmp_path, write_rec
         for args in (["inspect", model], ["export", model, "--out", tmp_path / "m.onnx"],
                      ["plan", "-r", recipe, model], ["apply", "-r", recipe, model, "--out", tmp_path / "out", "-q"],
                      ["recipe", "check", recipe, model],
-                     ["inspect", model, "--trust-factory", "compress"]):  # trusting compress trusts no os.system
+                     ["inspect", model, "--trust-factory", "compress.examples"]):  # trusting it trusts no os.system
             message = one_line_error(run_cli(*args))
             assert "factory" in message, message
         with pytest.raises(UserError):
             compress.load(model)
         with pytest.raises(UserError):
-            compress.load(model, trust_factories=["compress"])
+            compress.load(model, trust_factories=["compress.examples"])
         assert not marker.exists() and (victim / "precious.txt").exists(), factory
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
 
@@ -122,6 +122,14 @@ def test_trusting_the_standard_library_is_refused(small, tmp_path, run_cli):
     for prefix in ("os", "shutil", "builtins", "subprocess", "os.path"):
         message = one_line_error(run_cli("inspect", model, "--trust-factory", prefix))
         assert "standard library" in message
+    for prefix in ("torch", "torch.hub", "compress", "compress.checkpoint"):  # they load code from files
+        message = one_line_error(run_cli("inspect", model, "--trust-factory", prefix))
+        assert "never trusted wholesale" in message
+    assert run_cli("inspect", tampered_checkpoint(small, tmp_path), "--trust-factory", "compress.examples").exit_code == 0
+    trainer = tampered_checkpoint(small, tmp_path, factory="compress.examples.training:train_digits_resnet",
+                                  kwargs={"path": str(tmp_path / "written.pt"), "epochs": 1})
+    assert "writes files" in one_line_error(run_cli("inspect", trainer, "--trust-factory", "compress.examples"))
+    assert not (tmp_path / "written.pt").exists()
     with pytest.raises(UserError, match="standard library"):
         compress.load(model, trust_factories=["os"])
     assert not marker.exists()
@@ -162,7 +170,8 @@ def test_kwargs_are_bounded_json_like_data(small, tmp_path, run_cli):
     for kwargs, words in [({"width": 10**6}, "would build a model of"), ({"width": 2**70}, "out of range"),
                           ({"width": float("nan")}, "not a finite number"), ({"width": "x" * 5000}, "characters"),
                           ({"width": torch.zeros(3)}, "only JSON-like values"), (["width"], "must be a mapping"),
-                          ({"__class__": 1}, "not a keyword argument name"), ({"width": [[[[[[[[[[1]]]]]]]]]]}, "nested")]:
+                          ({"__class__": 1}, "not a keyword argument name"), ({"width": [[[[[[[[[[1]]]]]]]]]]}, "nested"),
+                          ({"width": 8, "trust_remote_code": True}, "runs code from files")]:
         model = tampered_checkpoint(small, tmp_path, kwargs=kwargs)
         assert words in one_line_error(run_cli("inspect", model)), kwargs
 

@@ -72,12 +72,16 @@ def verify(model: nn.Module, path: str | Path, input_names: list[str], batch: tu
            atol: float, rtol: float, threads: int = 1, what: str = "model.onnx") -> dict:
     """Run the exported `path` in ONNX Runtime on a real `batch` and compare with the torch model
     (the check both `apply` and `export` make); ParityError when they disagree beyond tolerance."""
-    from .bench import make_session
-
     with torch.no_grad():
         reference = primary_output(model.eval()(*batch))
-    got = make_session(str(path), threads).run([OUTPUT_NAME], to_feed(input_names, batch))[0]
-    return check_parity(parity(reference, torch.from_numpy(got), atol, rtol), what)
+    return check_parity(parity(reference, run(path, to_feed(input_names, batch), threads), atol, rtol), what)
+
+
+def run(path: str | Path, feed: dict[str, np.ndarray], threads: int = 1) -> torch.Tensor:
+    """The ONNX model's `output` on one feed."""
+    from .bench import make_session
+
+    return torch.from_numpy(make_session(str(path), threads).run([OUTPUT_NAME], feed)[0])
 
 
 def check_parity(result: dict, what: str = "model.onnx") -> dict:

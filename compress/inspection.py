@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from . import bench, exporting as export, linalg, outdir
@@ -108,20 +107,16 @@ def _quantize_file(path: Path, recipe, mode: str, names, batch, data) -> dict:
     if mode == "static":
         if data is None:
             raise UserError("--quantize static needs calibration data: pass --recipe with data.calibration")
-        calibration = [export.to_feed(names, tuple(b[n] for n in names))
-                       for b, _ in zip(data.batches(recipe.data.batch_size), range(cfg.calibration_batches))]
+        calibration = quantize.calibration_feeds(data, names, recipe.data.batch_size, cfg)
     quantized = path.with_name(path.name + ".int8")
     try:
         info = quantize.quantize(path, quantized, cfg, calibration)
         feed = export.to_feed(names, batch)
-        float_out, int8_out = (torch.from_numpy(bench.make_session(str(p), 1).run([export.OUTPUT_NAME], feed)[0])
-                               for p in (path, quantized))
+        float_out, int8_out = (export.run(p, feed) for p in (path, quantized))
         labels = data.tensors.get(recipe.data.target) if data is not None else None
-        fid = quantize.fidelity(float_out, int8_out, classes=labels is not None and not labels.is_floating_point())
-        if fid["agreement"] < cfg.min_agreement:
-            raise quantize.QuantizationError(
-                f"the quantized model strays from the float one: {fid['agreement_kind']} agreement "
-                f"{fid['agreement']:.4f} < {cfg.min_agreement}; nothing written")
+        fid = quantize.check_fidelity(quantize.fidelity(float_out, int8_out, classes=labels is not None
+                                                        and not labels.is_floating_point()),
+                                      cfg, what="the quantized model", kept="nothing written")
         quantized.replace(path)
     finally:
         quantized.unlink(missing_ok=True)

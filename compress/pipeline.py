@@ -532,12 +532,7 @@ def _calibration_feeds(ctx: Context, cfg) -> list[dict] | None:
     data = ctx.data["calibration"]
     if cfg is None or cfg.mode != "static" or data is None:
         return None
-    feeds = []
-    for batch in data.batches(ctx.recipe.recipe.data.batch_size):
-        feeds.append(export.to_feed(ctx.input_names, split_batch(batch, ctx.input_names, ctx.target)[0]))
-        if len(feeds) >= cfg.calibration_batches:
-            break
-    return feeds
+    return quantize.calibration_feeds(data, ctx.input_names, ctx.recipe.recipe.data.batch_size, cfg)
 
 
 def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict | None, float_outputs,
@@ -549,24 +544,11 @@ def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict
     if outputs is None:  # no eval data: compare the two ONNX models on the batch parity used
         r = ctx.recipe.recipe
         batch = export.to_feed(ctx.input_names, _real_batch(ctx, min(64, max(r.bench.batch_sizes))))
-        float_outputs, outputs = (torch.from_numpy(bench.make_session(str(p), r.bench.threads)
-                                                   .run([export.OUTPUT_NAME], batch)[0]) for p in (float_onnx, out))
+        float_outputs, outputs = (export.run(p, batch, r.bench.threads) for p in (float_onnx, out))
     fid = quantize.fidelity(float_outputs, outputs, classes=bool(metric) and metric["name"] == "accuracy")
     fid["metric_drop"] = (round(drop(metric["name"], float_metric["value"], metric["value"]), 6)
                           if metric and float_metric else None)
-    fid.update(max_metric_drop=cfg.max_metric_drop, min_agreement=cfg.min_agreement)
-    missed = []
-    if fid["agreement"] < cfg.min_agreement:
-        missed.append(f"{fid['agreement_kind']} agreement with the float model {fid['agreement']:.4f} < "
-                      f"quantize.min_agreement {cfg.min_agreement}")
-    if fid["metric_drop"] is not None and fid["metric_drop"] > cfg.max_metric_drop:
-        missed.append(f"{metric['name']} drops by {fid['metric_drop']:.4f} from the float model > "
-                      f"quantize.max_metric_drop {cfg.max_metric_drop}")
-    if missed:
-        raise quantize.QuantizationError(f"quantized model.onnx strays too far from the float model: "
-                                         f"{'; '.join(missed)}; no ONNX model kept (exclude sensitive layers with "
-                                         "quantize.exclude, or try mode: static)")
-    fid["passed"] = True
+    fid = quantize.check_fidelity(fid, cfg, metric["name"] if metric else None)
     fid["metric"] = metric
     return {**info, "fidelity": fid}
 

@@ -205,6 +205,31 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
             "calibrate_method": cfg.calibrate_method if cfg.mode == "static" else None}
 
 
+def calibration_feeds(data, names: list[str], batch_size: int, cfg: QuantizeSection) -> list[dict[str, np.ndarray]]:
+    """Static quantization's calibration batches: the first `cfg.calibration_batches` of `data`, as ONNX feeds."""
+    from .exporting import to_feed
+
+    return [to_feed(names, tuple(b[n] for n in names))
+            for b, _ in zip(data.batches(batch_size), range(cfg.calibration_batches))]
+
+
+def check_fidelity(fid: dict, cfg: QuantizeSection, metric_name: str | None = None,
+                   what: str = "quantized model.onnx", kept: str = "no ONNX model kept") -> dict:
+    """Hold `fid` (see `fidelity`, plus `metric_drop` when measured) to the section's limits;
+    QuantizationError (exit 4) naming every limit missed."""
+    missed = []
+    if fid["agreement"] < cfg.min_agreement:
+        missed.append(f"{fid['agreement_kind']} agreement with the float model {fid['agreement']:.4f} < "
+                      f"quantize.min_agreement {cfg.min_agreement}")
+    if fid.get("metric_drop") is not None and fid["metric_drop"] > cfg.max_metric_drop:
+        missed.append(f"{metric_name} drops by {fid['metric_drop']:.4f} from the float model > "
+                      f"quantize.max_metric_drop {cfg.max_metric_drop}")
+    if missed:
+        raise QuantizationError(f"{what} strays too far from the float model: {'; '.join(missed)}; {kept} "
+                                "(exclude sensitive layers with quantize.exclude, or try mode: static)")
+    return {**fid, "max_metric_drop": cfg.max_metric_drop, "min_agreement": cfg.min_agreement, "passed": True}
+
+
 def fidelity(float_out: torch.Tensor, quant_out: torch.Tensor, classes: bool = False) -> dict:
     """How closely the quantized outputs follow the float model's: top-1 agreement for class
     outputs (`classes`: the model is scored against class labels, outputs (B, C > 1)), mean cosine

@@ -19,7 +19,6 @@ works the same way with the factory named in the recipe. A whole pickled module
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import zipfile
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import sample_size_error
 from .errors import UserError, first_line
 from .methods.base import short
 from .trust import build_model, trusted_prefixes
@@ -58,7 +58,6 @@ class LoadedModel:
 
 
 MAX_EDITS = 100_000
-MAX_SAMPLE_ELEMENTS = 1 << 26  # one sample of one input: 64M elements (256 MB of float32)
 INPUT_DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
 
 
@@ -98,9 +97,9 @@ def check_inputs(inputs: Any, source: str) -> list[dict] | None:
         if not ok:
             raise UserError(f"{source}: input description {short(spec)} is not valid (name, shape of positive "
                             f"integers, dtype one of {', '.join(INPUT_DTYPES)})")
-        if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
-            raise UserError(f"{source}: input {spec['name']!r} has shape {shape}, over {MAX_SAMPLE_ELEMENTS:,} "
-                            "elements per sample; refusing to allocate it")
+        error = sample_size_error(spec["name"], shape)
+        if error:
+            raise UserError(f"{source}: {error}")
     return inputs
 
 

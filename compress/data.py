@@ -6,6 +6,7 @@ name, plus an optional target. Files are read without unpickling anything: `.pt`
 """
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -129,12 +130,27 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+MAX_SAMPLE_ELEMENTS = 1 << 26  # one sample of one input: 64M elements (256 MB of float32)
+
+
+def sample_size_error(name: str, shape) -> str | None:
+    """Why an input of this per-sample shape cannot be allocated, or None: the one bound that a
+    checkpoint's, a compression.json's and a recipe's input descriptions are all held to."""
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        return (f"input {name!r} has shape {list(shape)}, over {MAX_SAMPLE_ELEMENTS:,} elements per sample; "
+                "refusing to allocate it")
+    return None
+
+
 def synthetic_sample(specs: list[dict]) -> tuple[torch.Tensor, ...]:
     """One sample per input spec when there is no data: standard normal floats, zero integers
     (a valid index for any embedding table)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for s in specs:
+        error = sample_size_error(s["name"], s["shape"])
+        if error:
+            raise UserError(error)
         dtype = DTYPES[s.get("dtype", "float32")]
         shape = (1, *s["shape"])
         out.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))

@@ -78,6 +78,15 @@ class InputSpec(Strict):
         "when inputs are declared, only these (2-D integer inputs otherwise get a dynamic axis 1)"
     )
 
+    @model_validator(mode="after")
+    def _bounded(self):
+        from .data import sample_size_error
+
+        error = sample_size_error(self.name, self.shape)
+        if error:
+            raise ValueError(error)
+        return self
+
 
 class DistillSection(Strict):
     weight: float = Field(0.0, ge=0, description="weight of distillation from the frozen original (forced to 1 without labels if 0)")

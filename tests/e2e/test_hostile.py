@@ -334,6 +334,7 @@ BOMB = "".join(f"{k}: &{k} [" + ",".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) 
     ("stages: [{method: svd}]\nfinetune: {distill: {weight: .inf}}\n", "finetune.distill.weight: Input should be a finite"),
     ("stages: [{method: svd}]\nseed: 99999999999999999999999\n", "seed: Input should be less than or equal to 4294967295"),
     ("stages: [{method: svd}]\nmodel: {trust: [os]}\n", "standard library"),
+    ("stages: [{method: svd}]\ninputs: [{name: x, shape: [100000, 100000, 100]}]\n", "refusing to allocate it"),
     ("stages: [{method: " + "x" * 100000 + "}]\n", "unknown method"),
 ])
 def test_hostile_recipes_fail_fast_in_one_short_line(text, words, run_cli, tmp_path, digits_model):

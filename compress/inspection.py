@@ -131,7 +131,7 @@ def onnx_feeds(paths: list[str], batch_sizes: list[int], dims: dict[str, int]) -
     """Random inputs for ONNX models per batch size: axis 0 is the batch, other dynamic axes take
     their size from `dims` (by name). Every model must load and take the same inputs, and the
     largest batch must fit in memory (estimated from the graph's tensor shapes) before any is made."""
-    signatures = {}
+    signatures, first_inputs = {}, None
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: ONNX file not found")
@@ -141,14 +141,14 @@ def onnx_feeds(paths: list[str], batch_sizes: list[int], dims: dict[str, int]) -
             raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
         signatures[path] = [(i.name, i.type, [d if isinstance(d, int) else None for d in i.shape])
                             for i in session.get_inputs()]
+        first_inputs = first_inputs or session.get_inputs()
     first = paths[0]
     for path, signature in signatures.items():
         if signature != signatures[first]:
             raise UserError(f"{path}: takes inputs {_describe(signature)}, but {first} takes "
                             f"{_describe(signatures[first])}; bench compares models with the same inputs")
-    session = bench.make_session(first, 1)
     shapes = {}
-    for inp in session.get_inputs():
+    for inp in first_inputs:
         shape = []
         for axis, size in enumerate(inp.shape):
             if isinstance(size, int):

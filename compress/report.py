@@ -114,9 +114,10 @@ class Report:
         return out
 
     def write(self, folder: Path) -> None:
-        """report.json and report.md into `folder`."""
-        write_json(self.to_json(), folder / "report.json")
-        (folder / "report.md").write_text(to_markdown(self.to_json()))
+        """report.json and report.md into `folder`, both from one `to_json()`."""
+        data = self.to_json()
+        write_json(data, folder / "report.json")
+        (folder / "report.md").write_text(to_markdown(data))
 
     def summary(self) -> list[str]:
         """The lines `compress apply` prints at the end."""

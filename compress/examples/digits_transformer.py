@@ -36,16 +36,16 @@ class EncoderBlock(nn.Module):
         self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
+        b, n, _ = x.shape
         h = self.norm1(x)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # the projections' width, not d: heads can be pruned
+            return t.reshape(b, n, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
 
         attend = (mask != 0)[:, None, None, :]
         a = F.scaled_dot_product_attention(heads(self.query(h)), heads(self.key(h)), heads(self.value(h)),
                                            attn_mask=attend)
-        x = x + self.output(a.transpose(1, 2).reshape(b, n, d))
+        x = x + self.output(a.transpose(1, 2).reshape(b, n, -1))
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 

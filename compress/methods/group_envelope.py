@@ -27,6 +27,15 @@ Proximal training that leaves exactly k groups alive per layer, then removes the
   there, the smallest are cut (a hard projection). The report's layer rows say, per layer, how
   many channels the prox zeroed (`prox_zeroed`), at which step the prox alone reached k
   (`reached_k_step`) and how many the projection still cut (`projection_cut`).
+- Attention heads are groups too: a module with a head count (`heads` or `num_heads`) and its own
+  query/key/value and output Linears (ATTENTION_LAYOUTS, one line per naming convention) is one
+  "layer" whose groups are its heads: head h owns rows h*d/H..(h+1)*d/H of query, key and value
+  (weights and biases) and the same columns of the output projection. A zeroed head gives zero
+  queries and keys (uniform attention) over zero values, so its output is exactly zero and removing
+  it (the four Linears shrink, the head count drops) changes nothing. Torch-Pruning alone would
+  couple the projections channel by channel through the reshape into heads, which leaves heads of
+  unequal widths. FFN hidden channels (Linear -> activation -> Linear) come from Torch-Pruning's
+  graph as for convolutions. Tested on the digits Transformer: pruned == masked.
 - Dead channels are removed physically with Torch-Pruning, so the model is smaller and faster,
   and its outputs equal the masked model's (the removed channels were exactly zero).
 - The prox shrinks the surviving channels too (S_k is 1/2 ||x||^2 on k-sparse vectors), like a
@@ -38,6 +47,7 @@ Examples and data: the dependency graph is traced on one calibration sample.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,9 +83,10 @@ class GroupEnvelopeStage(Stage):
                                  "still has more than k live channels multiplies its lambda by this (1: constant)")
     lambda_every: int = Field(10, ge=1, description="steps between lambda increases")
 
-    def kept(self, channels: int) -> int:
+    def kept(self, channels: int, round_to: int | None = None) -> int:
         count = round(self.keep * channels) if self.keep < 1 else int(self.keep)
-        count = -(-count // self.round_to) * self.round_to
+        step = self.round_to if round_to is None else round_to
+        count = -(-count // step) * step
         return max(1, min(count, channels))
 
 
@@ -93,11 +104,20 @@ def _module_names(model: nn.Module) -> dict[nn.Module, str]:
     return {m: n for n, m in model.named_modules()}
 
 
-def dependency_groups(model: nn.Module, sample: tuple[torch.Tensor, ...], ignored: list[nn.Module]):
-    """Torch-Pruning's coupled channel groups of `model`, rooted at Conv2d and Linear layers."""
+def build_graph(model: nn.Module, sample: tuple[torch.Tensor, ...]):
+    """Torch-Pruning's dependency graph of `model`, traced on `sample`. Parameters that belong to no
+    layer (position embeddings) follow the channels of their last dimension, Torch-Pruning's default;
+    its warning saying so is not the user's business."""
     import torch_pruning as tp
 
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=sample)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=sample)
+
+
+def dependency_groups(model: nn.Module, sample: tuple[torch.Tensor, ...], ignored: list[nn.Module]):
+    """Torch-Pruning's coupled channel groups of `model`, rooted at Conv2d and Linear layers."""
+    graph = build_graph(model, sample)
     groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear])
     return graph, list(groups)
 
@@ -160,6 +180,72 @@ def scale_channels(slices: list[ChannelSlice], factors: torch.Tensor) -> None:
         s.param.mul_(full.reshape(shape))
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How a self-attention module names its parts: the int attribute holding its head count, its
+    query/key/value Linears (output features split into equal heads) and its output Linear."""
+
+    heads: str
+    qkv: tuple[str, str, str]
+    output: str
+
+
+# one line per naming convention (the bundled Transformer; Llama/Mistral-style attention modules)
+ATTENTION_LAYOUTS = (
+    AttentionLayout("heads", ("query", "key", "value"), "output"),
+    AttentionLayout("num_heads", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+)
+
+
+def attention_layout(module: nn.Module) -> AttentionLayout | None:
+    """The layout `module` follows, when it is a self-attention module whose heads can be removed."""
+    for layout in ATTENTION_LAYOUTS:
+        heads = getattr(module, layout.heads, None)
+        parts = [getattr(module, n, None) for n in (*layout.qkv, layout.output)]
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 2:
+            continue
+        if not all(type(p) is nn.Linear for p in parts):
+            continue
+        widths = {p.out_features for p in parts[:3]}
+        if len(widths) == 1 and parts[3].in_features in widths and parts[3].in_features % heads == 0:
+            return layout
+    return None
+
+
+def head_slices(module: nn.Module, layout: AttentionLayout) -> list[ChannelSlice]:
+    """Each head's parameters: its rows of query, key and value (weight and bias), its columns of
+    the output projection."""
+    width = getattr(module, layout.output).in_features
+    heads = getattr(module, layout.heads)
+    idxs = torch.arange(width)
+    channel = idxs // (width // heads)
+    slices = []
+    for name in layout.qkv:
+        linear = getattr(module, name)
+        slices += [ChannelSlice(p, 0, idxs, channel) for p in (linear.weight, linear.bias) if p is not None]
+    return slices + [ChannelSlice(getattr(module, layout.output).weight, 1, idxs, channel)]
+
+
+@torch.no_grad()
+def remove_heads(module: nn.Module, layout: AttentionLayout, dead: list[int]) -> None:
+    """Remove the `dead` heads: query/key/value lose their rows, the output its columns."""
+    heads = getattr(module, layout.heads)
+    width = getattr(module, layout.output).in_features
+    size = width // heads
+    keep = torch.tensor([i for i in range(width) if i // size not in set(dead)], dtype=torch.long)
+    for name in (*layout.qkv, layout.output):
+        old = getattr(module, name)
+        rows = name != layout.output
+        new = nn.Linear(old.in_features if rows else len(keep), len(keep) if rows else old.out_features,
+                        bias=old.bias is not None).to(old.weight)
+        new.weight.copy_(old.weight[keep] if rows else old.weight[:, keep])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[keep] if rows else old.bias)
+        new.train(old.training)
+        setattr(module, name, new)
+    setattr(module, layout.heads, heads - len(dead))
+
+
 class GroupEnvelope(Method):
     name = "group_envelope"
     schema = GroupEnvelopeStage
@@ -191,9 +277,17 @@ class GroupEnvelope(Method):
         graph, groups = dependency_groups(model, self.sample, ignored)
         names = _module_names(model)
         found = {}
+        in_heads = set()  # the Linears of attention modules whose heads are the groups
+        for name, module in model.named_modules():
+            layout = attention_layout(module)
+            members = [f"{name}.{part}" if name else part for part in (*layout.qkv, layout.output)] if layout else []
+            if layout and any(m in targets for m in members):
+                found[name] = {"group": None, "layout": layout, "slices": head_slices(module, layout), "reason": None,
+                               "channels": getattr(module, layout.heads), "members": members}
+                in_heads.update(members)
         for group in groups:
             root = names[group[0].dep.target.module]
-            if root not in targets:
+            if root not in targets or root in in_heads:
                 continue
             slices, reason = group_slices(group, names)
             found[root] = {"group": group, "slices": slices, "reason": reason, "channels": len(group[0].idxs),
@@ -211,18 +305,22 @@ class GroupEnvelope(Method):
             # params and MACs of the layers that produce these channels (each layer produces the
             # channels of one group only, so rows add up; the layers consuming them shrink too,
             # which the report's whole-model counts include)
-            producers = [m for m in info["members"] if self._produces(model, m, info)]
-            params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
+            heads = info.get("layout") is not None
+            # heads: query/key/value and the output projection's weight shrink with the heads
+            producers = info["members"] if heads else [m for m in info["members"] if self._produces(model, m, info)]
+            params = sum(p.numel() for m in producers for n_, p in model.get_submodule(m).named_parameters(recurse=False)
+                         if not (heads and m == info["members"][-1] and n_ == "bias"))
             macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
                        for m in producers if m in profile)
+            kind, unit = ("heads", "heads") if heads else ("channels", "channels")
             extra = {"channels": n, "members": info["members"]}
             if info["reason"]:
-                self.decisions.append(Decision(root, self.name, "channels", "keep", [n], params, macs, params, macs,
+                self.decisions.append(Decision(root, self.name, kind, "keep", [n], params, macs, params, macs,
                                                reason=info["reason"], extra=extra))
                 continue
-            k = self.stage.kept(n)
-            extra.update({"keep": k, "note": f"keep {k} of {n} channels (members: {', '.join(info['members'])})"})
-            self.decisions.append(Decision(root, self.name, "channels", "prune", [n], params, macs,
+            k = self.stage.kept(n, round_to=1 if heads else None)  # a head count is not rounded to 8
+            extra.update({"keep": k, "note": f"keep {k} of {n} {unit} (members: {', '.join(info['members'])})"})
+            self.decisions.append(Decision(root, self.name, kind, "prune", [n], params, macs,
                                            params * k // n, macs * k // n, extra=extra))
         return self.decisions
 
@@ -303,25 +401,34 @@ class GroupEnvelope(Method):
                 norms = norms * keep
             dead_by_root[root] = (torch.nonzero(norms == 0).flatten().tolist(), cut)
         graph, found = self._collect(model)
+        heads_to_remove = []
         for d in self.decisions:
             if d.name not in dead_by_root:
                 continue
             dead, cut = dead_by_root[d.name]
             n = d.extra["channels"]
-            if dead:
+            layout = found[d.name].get("layout")
+            if dead and layout is not None:
+                heads_to_remove.append((d.name, layout, dead))
+            elif dead:
                 group = found[d.name]["group"]
                 root = group[0].dep.target.module
                 pruning = graph.get_pruning_group(root, group[0].dep.handler, idxs=dead)
                 pruning.prune()
             kept = n - len(dead)
+            unit = "heads" if layout is not None else "channels"
             d.params_after = d.params_before * kept // n
             d.macs_after = d.macs_before * kept // n
             g = self.groups[d.name]
             d.extra.update({"kept": kept, "kept_channels": [i for i in range(n) if i not in set(dead)],
                             "prox_zeroed": prox[d.name], "reached_k_step": g["reached_k_step"],
                             "projection_cut": cut, "largest_lambda": round(g.get("largest", g["lambda"]), 6),
-                            "note": f"{kept} of {n} channels kept" + (f"; the hard projection cut {cut}" if cut else "")})
-            self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
+                            "note": f"{kept} of {n} {unit} kept" + (f"; the hard projection cut {cut}" if cut else "")})
+            if layout is None:
+                self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
+        for name, layout, dead in heads_to_remove:  # after Torch-Pruning's graph has done its part
+            remove_heads(model.get_submodule(name), layout, dead)
+            self.edits_made.append({"op": "prune_heads", "module": name, "heads": dead})
 
     def post_finetune_epochs(self) -> int:
         return self.stage.post_finetune
@@ -369,10 +476,39 @@ def _apply_prune(model: nn.Module, checked: tuple[str, list[int]], inputs: list[
         return
     if not inputs:
         raise UserError("the checkpoint removes channels but does not describe the model's inputs")
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=synthetic_sample(inputs))
+    graph = build_graph(model, synthetic_sample(inputs))
     module = model.get_submodule(root)
     handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
     graph.get_pruning_group(module, handler, idxs=idxs).prune()
 
 
 register_edit("prune_channels", _check_prune, _apply_prune)
+
+
+def _check_prune_heads(model: nn.Module, edit: dict) -> tuple[nn.Module, AttentionLayout, list[int]]:
+    name = edit.get("module")
+    if not isinstance(name, str):
+        raise UserError(f"structural edit {short(edit)}: 'module' must name an attention module")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"structural edit {short(edit)}: the model built by the factory has no module {name!r}") from None
+    layout = attention_layout(module)
+    if layout is None:
+        raise UserError(f"structural edit {short(edit)}: {name!r} is not an attention module whose heads can be removed")
+    count = getattr(module, layout.heads)
+    heads = edit.get("heads")
+    if (not isinstance(heads, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in heads)
+            or any(not 0 <= i < count for i in heads) or len(set(heads)) != len(heads) or len(heads) >= count):
+        raise UserError(f"structural edit {short(edit)}: heads must be distinct head indices of {name!r} "
+                        f"in [0, {count}), leaving at least one head")
+    return module, layout, heads
+
+
+def _apply_prune_heads(model: nn.Module, checked, inputs) -> None:
+    module, layout, heads = checked
+    if heads:
+        remove_heads(module, layout, heads)
+
+
+register_edit("prune_heads", _check_prune_heads, _apply_prune_heads)

@@ -1,5 +1,7 @@
 import copy
+import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -167,3 +169,93 @@ def test_a_channel_the_prox_zeroed_stays_zero_through_momentum():
     # measured: the prox zeroes 5 of 16 by step 9; without the reset all 16 are alive again before
     # the last prox step, with it the 5 stay dead
     assert alive["no reset"] == 16 and alive["reset"] <= 12, alive
+
+
+def _transformer_planned(**stage):
+    from compress.examples.digits_transformer import digits_transformer, tokens_split
+
+    data = tokens_split("calibration")
+    inputs = (data["tokens"][:48], data["mask"][:48])
+    torch.manual_seed(0)
+    model = digits_transformer(dim=32, hidden=64, heads=4).eval()
+    method = GroupEnvelope(GroupEnvelopeStage.model_validate({"method": "group_envelope", **stage}), 0)
+    method.calibrate(model, lambda: iter([inputs]))
+    method.plan(model, profile_layers(model, tuple(t[:1] for t in inputs)))
+    return model, method, inputs
+
+
+def test_transformer_groups_are_heads_and_ffn_channels():
+    _, method, _ = _transformer_planned(keep=0.5)
+    by_name = {d.name: d for d in method.decisions}
+    assert by_name["blocks.0"].layer_type == "heads" and by_name["blocks.0"].extra["keep"] == 2
+    assert by_name["blocks.0"].extra["members"] == ["blocks.0.query", "blocks.0.key", "blocks.0.value", "blocks.0.output"]
+    assert by_name["blocks.1.up"].action == "prune" and by_name["blocks.1.up"].extra["members"] == ["blocks.1.down", "blocks.1.up"]
+    assert by_name["blocks.1.up"].extra["channels"] == 64
+    # the residual stream meets LayerNorm: refused with the reason, never pruned
+    assert by_name["blocks.1.down"].action == "keep" and "LayerNorm" in by_name["blocks.1.down"].reason
+    assert not {"blocks.0.query", "blocks.0.value"} & set(by_name)  # no channel-by-channel attention groups
+
+
+def test_transformer_heads_and_ffn_channels_pruned_physically_equal_the_masked_model():
+    from compress.checkpoint import apply_edits
+    from compress.examples.digits_transformer import digits_transformer
+
+    model, method, inputs = _transformer_planned(keep=0.5, **{"lambda": 0.0})
+    method.prepare(model)
+    with torch.no_grad():  # make each layer's smallest groups dead by hand, as the prox would
+        for g in method.groups.values():
+            norms = channel_norms(g["slices"], g["channels"])
+            factors = torch.ones(g["channels"], dtype=torch.float64)
+            factors[torch.argsort(norms)[: g["channels"] - g["k"]]] = 0
+            scale_channels(g["slices"], factors)
+        masked = model(*inputs)
+    method.finalize(model)
+    block = model.blocks[0]
+    assert block.heads == 2 and block.query.out_features == block.key.out_features == block.value.out_features == 16
+    assert block.output.in_features == 16 and block.up.out_features == 32 and block.down.in_features == 32
+    with torch.no_grad():
+        assert torch.allclose(model(*inputs), masked, atol=1e-5)
+    edits = method.edits()
+    assert {e["op"] for e in edits} == {"prune_heads", "prune_channels"}
+    rebuilt = digits_transformer(dim=32, hidden=64, heads=4).eval()  # replayed from the edits, as on reload
+    apply_edits(rebuilt, edits, [{"name": "tokens", "shape": [64], "dtype": "int64"},
+                                 {"name": "mask", "shape": [64], "dtype": "int64"}])
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*inputs), model(*inputs))
+
+
+def test_a_head_the_prox_zeroed_stays_zero_through_adamw():
+    from compress.methods.group_envelope import reset_optimizer_state
+
+    model, method, inputs = _transformer_planned(keep=0.5)
+    method.prepare(model)
+    g = method.groups["blocks.0"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    target = torch.arange(inputs[0].shape[0]) % 10
+    for _ in range(3):  # build up Adam's moments on every head
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(*inputs), target).backward()
+        optimizer.step()
+    dead = torch.tensor([True, False, False, False])
+    scale_channels(g["slices"], (~dead).double())
+    reset_optimizer_state(optimizer, g["slices"], dead)
+    optimizer.zero_grad()  # head 0 has no gradient now (zero queries, keys and values) and no momentum
+    nn.functional.cross_entropy(model(*inputs), target).backward()
+    optimizer.step()
+    norms = channel_norms(g["slices"], g["channels"])
+    assert norms[0] == 0 and bool((norms[1:] > 0).all())
+
+
+def test_bad_head_edits_are_refused():
+    from compress.checkpoint import apply_edits
+    from compress.errors import UserError
+    from compress.examples.digits_transformer import digits_transformer
+
+    model = digits_transformer(dim=32, hidden=64, heads=4)
+    for edit, says in [({"op": "prune_heads", "module": "blocks.0", "heads": [0, 1, 2, 3]}, "leaving at least one"),
+                       ({"op": "prune_heads", "module": "blocks.0", "heads": [7]}, "in [0, 4)"),
+                       ({"op": "prune_heads", "module": "blocks.0.query", "heads": [0]}, "not an attention module"),
+                       ({"op": "prune_heads", "module": "nope", "heads": [0]}, "has no module")]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            apply_edits(model, [edit])

@@ -254,11 +254,12 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
         return
     click.echo("\n".join(layers_table(rows)))
     params, macs = count_params(ctx.loaded.model), count_macs(ctx.loaded.model, ctx.sample)
-    saved_p = sum(r["params_before"] - r["params_after"] for r in rows)
-    saved_m = sum(r["macs_before"] - r["macs_after"] for r in rows)
+    own = [r for r in rows if r["action"] != "refine"]  # a refine row repeats the earlier stage's change
+    saved_p = sum(r["params_before"] - r["params_after"] for r in own)
+    saved_m = sum(r["macs_before"] - r["macs_after"] for r in own)
     click.echo(f"\nmodel: {params:,} params -> {params - saved_p:,} ({params / max(1, params - saved_p):.2f}x); "
                f"{macs:,} MACs per sample -> {macs - saved_m:,} ({macs / max(1, macs - saved_m):.2f}x); "
-               f"{sum(r['action'] != 'keep' for r in rows)} of {len(rows)} targeted layers changed")
+               f"{_changed(rows)} of {len({r['name'] for r in rows})} targeted layers changed")
     click.echo(f"output: {ctx.output['kind']} ({ctx.output['reason']})")
 
 
@@ -466,8 +467,13 @@ def check(recipe_path, model, trust_checkpoint, trust_factory, debug, quiet):
         chosen = [n for n, _ in select_targets(ctx.loaded.model, stage.targets, path, types)]
         click.echo(f"  targets {len(chosen)} layer(s): {', '.join(chosen) or 'none'}")
     _, rows = make_plan(ctx)
-    changed = sum(r["action"] != "keep" for r in rows)
-    click.echo(f"plan: {changed} of {len(rows)} targeted layers would change (see `compress plan`)")
+    click.echo(f"plan: {_changed(rows)} of {len({r['name'] for r in rows})} targeted layers would change "
+               "(see `compress plan`)")
+
+
+def _changed(rows: list[dict]) -> int:
+    """How many layers the plan changes (a layer two chained stages change counts once)."""
+    return len({r["name"] for r in rows if r["action"] != "keep"})
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from .data import Dataset, load_source, split_batch, synthetic_sample
 from .errors import GateFailed, RecipeError, UserError, first_line
 from .finetune import ResumePoint, finetune, predict
 from .losses import detect_output_kind
-from .methods import METHODS, Method
+from .methods import METHODS, Decision, Method
 from .metrics import choose_metric, drop, primary_output, score
 from .recipe import LoadedRecipe
 from .trust import trusted_prefixes
@@ -252,16 +252,27 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
     with timed(ctx.timings, "plan"):
         profile = bench.profile_layers(model, ctx.sample)
         rows = []
-        changed_by: dict[str, int] = {}
+        changed: dict[str, tuple[int, Decision]] = {}
         for method in methods:
+            method.earlier = dict(changed)
             for decision in method.plan(model, profile):
                 if decision.action != "keep":
-                    if decision.name in changed_by:
-                        raise RecipeError(f"stages[{method.stage_index}].targets: layer {decision.name!r} is already "
-                                          f"changed by stages[{changed_by[decision.name]}]; exclude it from one of them")
-                    changed_by[decision.name] = method.stage_index
+                    if decision.name in changed and decision.action != "refine":
+                        raise RecipeError(_overlap_error(method, decision.name, *changed[decision.name]))
+                    changed[decision.name] = (method.stage_index, decision)
                 rows.append(decision.as_dict())
     return methods, rows
+
+
+def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:
+    """Why a stage may not change a layer an earlier stage changed, and which chains exist instead."""
+    here = f"stages[{method.stage_index}].targets: layer {layer!r} is already changed by stages[{index}] ({prior.method})"
+    chains = ", ".join(f"{earlier} -> {name}" for name, cls in METHODS.items() for earlier in cls.refines)
+    if prior.method in method.refines:
+        why = f"{method.name} continues only layers that {prior.method} factorized (it {prior.action}s this one)"
+    else:
+        why = f"{method.name} cannot continue from {prior.method} (allowed chains: {chains or 'none'})"
+    return f"{here}; {why}; exclude it from one of them"
 
 
 def _evaluate(model: nn.Module, ctx: Context, device, reference: torch.Tensor | None):
@@ -576,7 +587,10 @@ def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Pat
     if loaded.pickled:
         save_pickled_module(path, model)
         return
-    edits = list(loaded.edits) + [e for m in methods for e in m.edits()]
+    # a layer a later stage refined (afm -> pela) is replayed by the earlier stage's edit, which names the chain
+    chains = {d.name: d.extra["chain"] for m in methods for d in m.decisions if d.action == "refine"}
+    edits = list(loaded.edits) + [{**e, "chain": chains[e["name"]]} if e["op"] == "factorize" and e["name"] in chains
+                                  else e for m in methods for e in m.edits()]
     inputs = [{"name": n, "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
               for n, t in zip(ctx.input_names, ctx.sample)]
     metadata = {"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path}

@@ -92,7 +92,8 @@ class Report:
                        "to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, `passed`: the float ONNX model against the torch "
                        "model")
     layers: list = doc("one decision per targeted layer: `name`, `method`, `layer_type`, `action` (`factorize`, "
-                       "`project`, `prune` or `keep`), `weight_shape`, `rank`, `full_rank`, `scheme`, `energy` (share "
+                       "`project`, `prune`, `refine` (a later stage trains an earlier stage's factors; `chain` names "
+                       "both, e.g. `stages[0] afm -> stages[1] pela`) or `keep`), `weight_shape`, `rank`, `full_rank`, `scheme`, `energy` (share "
                        "of squared singular values kept), `factor_shapes`, `params_before/after`, "
                        "`macs_before/after`, `reason` when kept, and method-specific keys (e.g. `kept_channels`)")
     finetune: dict | None = doc("`steps`, `epochs`, `seconds`, `samples_per_s`, `final_loss`, `loss_terms` (the "
@@ -184,8 +185,8 @@ def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 
 def layers_table(rows: list[dict]) -> list[str]:
     def note(r):
-        if r.get("reason") or r.get("note"):
-            return r.get("reason") or r.get("note")
+        if r.get("reason") or r.get("note") or r.get("chain"):
+            return r.get("reason") or r.get("note") or r.get("chain")
         if r.get("scheme"):
             return f"{r['scheme']} scheme, energy {r['energy']:.3f}"
         return f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""

@@ -18,8 +18,13 @@ no training; fine-tuning afterwards is optional.
   kept (`energy`). A Linear or Conv2d is left dense when the factorization would not reduce its
   MACs; an Embedding when it would not reduce its parameters (a table lookup costs no MACs,
   the added Linear k -> d does, and the report shows it).
-- `sequential: true` calibrates each layer on the outputs of the already-compressed layers before
-  it (one calibration pass per layer), which reduces the error of deep stacks.
+- `sequential` calibrates layers on the outputs of the already-compressed layers before them, which
+  reduces the error of deep stacks: `layers` (or `true`) one layer at a time, one calibration pass
+  per layer; `blocks` one block at a time (each Transformer layer of the model's first ModuleList;
+  the layers inside a block see the compressed blocks before them but each other uncompressed), as
+  GPTQ and SparseGPT do, one pass per block. Every pass stops once the group's last layer has run,
+  so a group late in the model costs little more than the layers before it. Measured in
+  benchmarks/compose.py (`sequential` rows).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from pydantic import Field
 
 from .base import Method, replace_module, select_targets
 from .lowrank import (RankRule, collect_moments, factorize_edits, from_inputs, mimic, output_features,
-                      plan_mimicking)
+                      plan_mimicking, sequential_groups)
 
 # the feature-mimicking core lives in lowrank.py (pela's `init: afm` uses it too); re-exported here
 __all__ = ["Afm", "AfmStage", "collect_moments", "from_inputs", "mimic", "output_features"]
@@ -37,7 +42,10 @@ __all__ = ["Afm", "AfmStage", "collect_moments", "from_inputs", "mimic", "output
 
 class AfmStage(RankRule):
     method: Literal["afm"] = "afm"
-    sequential: bool = Field(False, description="calibrate each layer on the outputs of the compressed layers before it")
+    sequential: bool | Literal["layers", "blocks"] = Field(
+        False, description="calibrate on the outputs of the layers compressed before: layers (or true) one layer "
+        "at a time, one calibration pass each; blocks: one block (Transformer layer) at a time, one pass per block; "
+        "false: every layer on the original's outputs, one pass")
 
 
 class Afm(Method):
@@ -63,15 +71,19 @@ class Afm(Method):
         return self.decisions
 
     def prepare(self, model):
-        for decision in self.decisions:
-            if decision.action != "factorize":
-                continue
-            moments = self.moments[decision.name]
-            if self.stage.sequential:  # on the outputs of the layers compressed so far
-                moments = collect_moments(model, [decision.name], self.batches, self.progress,
-                                          desc=f"calibrate {decision.name}")[decision.name]
-            layer = model.get_submodule(decision.name)
-            replace_module(model, decision.name, mimic(layer, moments, decision.rank))
+        ranks = {d.name: d.rank for d in self.decisions if d.action == "factorize"}
+        mode = self.stage.sequential
+        if not mode or not ranks:
+            groups, moments = [list(ranks)], self.moments
+        else:  # on the outputs of the layers compressed so far, group by group
+            groups = sequential_groups(model, list(ranks), next(iter(self.batches())),
+                                       "layers" if mode is True else mode)
+        for group in groups:
+            if mode and ranks:
+                moments = collect_moments(model, group, self.batches, self.progress, stop_after=group[-1],
+                                          desc=f"calibrate {group[0]}" + (f" (+{len(group) - 1})" if len(group) > 1 else ""))
+            for name in group:
+                replace_module(model, name, mimic(model.get_submodule(name), moments[name], ranks[name]))
 
     def edits(self):
         return factorize_edits(self.decisions, bias=True)

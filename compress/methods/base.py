@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
@@ -109,11 +109,16 @@ class Method:
     name: ClassVar[str]
     schema: ClassVar[type[Stage]]
     layer_types: ClassVar[tuple[str, ...]] = ("Linear", "Conv2d")  # targets.types when not given
+    # methods whose factorized layers this one may continue training from (a chain, e.g. afm -> pela):
+    # its decision for such a layer is `refine`, at the earlier stage's rank, and the factors are kept
+    refines: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, stage: Stage, stage_index: int):
         self.stage = stage
         self.stage_index = stage_index
         self.decisions: list[Decision] = []
+        # layers earlier stages changed: name -> (stage index, decision); the pipeline sets it before plan
+        self.earlier: dict[str, tuple[int, Decision]] = {}
         self.output_kind = "logits"  # what the model returns (losses.KINDS); the pipeline sets it
 
     needs_calibration: ClassVar[bool] = False
@@ -158,6 +163,30 @@ class Method:
     def edits(self) -> list[dict[str, Any]]:
         """The structural edits this method made, as JSON-able data (see checkpoint.apply_edits)."""
         return []
+
+
+def chain_refinements(method: Method, decisions: list[Decision]) -> list[Decision]:
+    """`decisions` with each layer an earlier stage factorized, by a method `method` refines, turned
+    into a `refine` decision: the earlier stage's rank and costs, its factors kept as the start."""
+    out = []
+    for d in decisions:
+        index, prior = method.earlier.get(d.name, (None, None))
+        if prior is not None and prior.method in method.refines and prior.action == "factorize":
+            chain = f"stages[{index}] {prior.method} -> stages[{method.stage_index}] {method.name}"
+            d = replace(prior, method=method.name, action="refine", reason=None,
+                        extra={**prior.extra, "chain": chain})
+        out.append(d)
+    return out
+
+
+def block_modules(model: nn.Module) -> list[str]:
+    """The model's blocks: each block of the first ModuleList with at least two blocks (Transformer
+    layers), or else the top-level children that have parameters. PELA matches their outputs; afm's
+    `sequential: blocks` calibrates one block at a time."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            return [f"{name}.{i}" if name else str(i) for i in range(len(module))]
+    return [name for name, child in model.named_children() if any(True for _ in child.parameters())]
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -16,8 +16,8 @@ from torch import nn
 from .. import distributed, layers, linalg
 from ..errors import RecipeError, UserError
 from ..progress import iterate
-from .base import (Decision, LayerProfile, Method, Stage, edit_module, output_head, register_edit, replace_module,
-                   select_targets, short)
+from .base import (Decision, LayerProfile, Method, Stage, block_modules, edit_module, output_head, register_edit,
+                   replace_module, select_targets, short)
 
 
 DEFAULT_ENERGY = 0.9
@@ -225,18 +225,62 @@ def from_inputs(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and module.in_features <= module.out_features
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a calibration forward pass once every layer it needs has run."""
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, names: list[str], batch: tuple) -> list[str]:
+    """`names` in the order a forward pass on `batch` first runs them (those that never run last)."""
+    order: list[str] = []
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, name=n: order.append(name) if name not in order else None) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(*(t.to(device) for t in batch))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return order + [n for n in names if n not in order]
+
+
+def sequential_groups(model: nn.Module, names: list[str], batch: tuple, mode: str) -> list[list[str]]:
+    """The order in which `sequential` afm calibrates and compresses layers: one layer at a time
+    (`layers`), or one block at a time (`blocks`: the layers inside each block of base.block_modules
+    together, every other layer on its own), each group in execution order."""
+    order = execution_order(model, names, batch)
+    if mode == "layers":
+        return [[n] for n in order]
+    blocks = block_modules(model)
+    groups: list[list[str]] = []
+    keys: list[str] = []
+    for name in order:
+        key = next((b for b in blocks if name.startswith(b + ".")), name)
+        if keys and keys[-1] == key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            keys.append(key)
+    return groups
+
+
 @torch.no_grad()
 def collect_moments(model: nn.Module, names: list[str], batches, progress: bool = False,
-                    desc: str = "calibrate", derive: bool = True,
-                    exact: bool = False) -> dict[str, linalg.OutputMoments | linalg.LinearOutputMoments]:
+                    desc: str = "calibrate", derive: bool = True, exact: bool = False,
+                    stop_after: str | None = None) -> dict[str, linalg.OutputMoments | linalg.LinearOutputMoments]:
     """Streaming output moments of the named layers over every calibration batch, in one pass.
 
     A Linear whose input is no wider than its output accumulates its *input* moments instead (its
     output moments follow exactly, see linalg.LinearOutputMoments), and Linears that read the very
     same input tensor in a forward pass share one accumulator; every other layer accumulates its
     outputs. Under torchrun each process calibrates its share of the batches and the sums are
-    all-reduced, so every process ends with the statistics of all the data. `derive=False, exact=True` is the slow reference path (every layer's outputs, float64
-    products), kept for measuring against (benchmarks/scale.py)."""
+    all-reduced, so every process ends with the statistics of all the data. `derive=False, exact=True`
+    is the slow reference path (every layer's outputs, float64 products), kept for measuring against
+    (benchmarks/scale.py). With `stop_after`, each forward pass ends once that layer has run (the
+    last of `names` to run): what comes after it is not needed."""
     moments: dict[str, linalg.OutputMoments] = {}
     inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
     owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares (decided on batch 1)
@@ -261,6 +305,11 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
                 moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features, exact)
 
             hooks.append(module.register_forward_hook(hook))
+    if stop_after is not None:  # registered last, so the layer's own statistics are taken first
+        def stop(mod, args, output):
+            raise _StopForward
+
+        hooks.append(model.get_submodule(stop_after).register_forward_hook(stop))
     was_training = model.training
     model.eval()
     rank, processes = distributed.world()
@@ -273,7 +322,10 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
             if split and i % processes != rank:
                 continue
             device = next(model.parameters()).device
-            model(*(t.to(device) for t in batch))
+            try:
+                model(*(t.to(device) for t in batch))
+            except _StopForward:
+                pass
             seen.clear()
     finally:
         for h in hooks:

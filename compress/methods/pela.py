@@ -26,6 +26,13 @@ Default targets (when `targets` is not given) skip what the authors skip: embedd
 (not Linear/Conv2d), the output head (the last Linear), the patch embedding or stem (the first
 Conv2d), downsampling convs (stride > 1) and layers with fewer than 10 outputs.
 Without labels PELA is pure distillation and the report's metric is agreement with the original.
+
+Chains: a `pela` stage after an `afm` (or `svd`) stage may target the layers that stage factorized.
+It then trains those factors as they are (no new SVD, the earlier stage's rank; its own rank rule
+applies to its other layers), with its distillation losses and L_wp against the original weight.
+The report's row for such a layer has action `refine` and `chain: "stages[0] afm -> stages[1] pela"`;
+`compression.json` replays the earlier stage's `factorize` edit, annotated with the same chain.
+`init: afm` is the one-stage form of the same start.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from .. import layers, linalg
 from ..errors import RecipeError
 from ..losses import distill_loss
 from ..metrics import primary_output
-from .base import Method, replace_module
+from .base import Method, block_modules as default_feature_modules, chain_refinements, replace_module
 from .lowrank import (RankRule, collect_moments, factorize_edits, factorize_planned, head_exclusion, mimic,
                       plan_factorization, plan_mimicking, rank_rule_targets)
 
@@ -73,19 +80,11 @@ class PelaStage(RankRule):
         return min(linalg.rank_for_rho(rows, cols, self.rho), rows, cols)
 
 
-def default_feature_modules(model: nn.Module) -> list[str]:
-    """Each block of the first ModuleList with at least two blocks (Transformer layers), or else
-    the model's top-level children that have parameters."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            return [f"{name}.{i}" if name else str(i) for i in range(len(module))]
-    return [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-
-
 class Pela(Method):
     name = "pela"
     schema = PelaStage
     uses_teacher = True
+    refines = ("afm", "svd")  # `afm` then `pela` on the same layers: PELA trains afm's factors
 
     def __init__(self, stage: PelaStage, stage_index: int):
         super().__init__(stage, stage_index)
@@ -112,8 +111,14 @@ class Pela(Method):
             self.decisions = plan_mimicking(self, model, profile, stage, self.moments, excluded)
         else:
             self.decisions = plan_factorization(self, model, profile, stage, excluded, scheme="channel")
+        self.decisions = chain_refinements(self, self.decisions)
         for d in self.decisions:
-            d.extra["init"] = stage.init
+            if d.action == "refine":
+                d.extra["init"] = d.extra["chain"].split(" -> ")[0]
+                if stage.gamma > 0:  # L_wp measures against the original weight, which prepare no longer sees
+                    self.originals[d.name] = layers.layer_matrix(model.get_submodule(d.name)).detach().clone()
+            else:
+                d.extra["init"] = stage.init
         self.feature_names = self._features(model)
         return self.decisions
 

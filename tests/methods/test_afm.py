@@ -264,3 +264,65 @@ def test_calibration_split_across_two_processes_equals_one(tmp_path):
         assert result["count"] == single["down"].count == 2000  # ... and ends with the statistics of all
         for name in ("q", "down"):
             assert torch.allclose(result[name], single[name].covariance(), atol=1e-9, rtol=1e-9)
+
+
+def _transformer_batches():
+    from compress.examples.digits_transformer import digits_transformer, tokens_split
+
+    data = tokens_split("calibration")
+    batches = lambda: ((data["tokens"][i:i + 50], data["mask"][i:i + 50]) for i in range(0, 200, 50))  # noqa: E731
+    torch.manual_seed(0)
+    return digits_transformer(dim=32, hidden=64).eval(), batches
+
+
+def test_sequential_groups_follow_execution_order_by_layer_or_by_block():
+    from compress.methods.lowrank import sequential_groups
+
+    model, batches = _transformer_batches()
+    names = ["head", "blocks.1.down", "blocks.0.up", "blocks.0.query", "blocks.0.key", "embed"]
+    batch = next(iter(batches()))
+    assert sequential_groups(model, names, batch, "layers") == [
+        ["embed"], ["blocks.0.query"], ["blocks.0.key"], ["blocks.0.up"], ["blocks.1.down"], ["head"]]
+    assert sequential_groups(model, names, batch, "blocks") == [
+        ["embed"], ["blocks.0.query", "blocks.0.key", "blocks.0.up"], ["blocks.1.down"], ["head"]]
+
+
+def test_a_pass_stopped_after_the_last_layer_gives_the_same_statistics():
+    model, batches = _transformer_batches()
+    names = ["blocks.0.query", "blocks.0.output", "blocks.0.down"]
+    full = collect_moments(model, names, batches)
+    stopped = collect_moments(model, names, batches, stop_after="blocks.0.down")
+    for name in names:
+        assert torch.equal(full[name].covariance(), stopped[name].covariance())
+    # the pass really stops: a layer after the stop is never reached
+    assert "blocks.1.up" not in collect_moments(model, ["blocks.1.up", "blocks.0.down"], batches,
+                                                stop_after="blocks.0.down")
+
+
+@pytest.mark.parametrize("mode", ["blocks", "layers"])
+def test_sequential_afm_compresses_each_group_on_the_compressed_groups_before_it(mode):
+    from compress.methods.base import replace_module
+
+    model, batches = _transformer_batches()
+    targets = {"include": ["blocks.*"], "types": ["Linear"]}
+    stage = AfmStage(method="afm", rank=8, targets=targets, sequential=mode)
+    method = Afm(stage, 0)
+    sample = tuple(t[:1] for t in next(iter(batches())))
+    compressed = __import__("copy").deepcopy(model)
+    method.calibrate(compressed, batches)
+    method.plan(compressed, profile_layers(compressed, sample))
+    method.prepare(compressed)
+    # the reference, by hand: block 0 on the original's statistics (within a block: as the original;
+    # one layer at a time: each on the layers compressed before it), block 1 after all of block 0
+    reference = __import__("copy").deepcopy(model)
+    order = ["query", "key", "value", "output", "up", "down"]
+    for block in ("blocks.0", "blocks.1"):
+        names = [f"{block}.{n}" for n in order]
+        groups = [names] if mode == "blocks" else [[n] for n in names]
+        for group in groups:
+            stats = collect_moments(reference, group, batches)
+            for name in group:
+                replace_module(reference, name, mimic(reference.get_submodule(name), stats[name], 8))
+    inputs = tuple(t[:64] for t in next(iter(batches())))
+    with torch.no_grad():
+        assert torch.allclose(compressed(*inputs), reference(*inputs), atol=1e-5)

@@ -178,3 +178,92 @@ def test_init_afm_starts_exactly_from_afms_factors():
     rebuilt.load_state_dict(pela_model.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(*inputs), pela_model(*inputs))
+
+
+# ---- chains: an `afm` stage, then a `pela` stage on the same layers ----
+
+def _chain_recipe(first: dict, second: dict, steps: int = 0) -> dict:
+    return {"data": {"train": "bundled:digits-tokens-unlabeled/train",
+                     "calibration": "bundled:digits-tokens-unlabeled/calibration",
+                     "eval": "bundled:digits-tokens-unlabeled/test", "batch_size": 64},
+            "stages": [first, second], "finetune": {"steps": steps, "lr": 0.001}}
+
+
+BLOCK_LINEARS = {"include": ["blocks.*"], "types": ["Linear"]}
+
+
+def test_chain_afm_then_pela_starts_from_afms_factors_and_trains_them(transformer_model):
+    import compress
+
+    afm = {"method": "afm", "targets": BLOCK_LINEARS, "ratio": 0.5}
+    pela = {"method": "pela", "targets": BLOCK_LINEARS, "beta": 1.0, "gamma": 1.0}
+    inputs = (TOKENS["tokens"][:32], TOKENS["mask"][:32])
+    alone = compress.apply(transformer_model, {**_chain_recipe(afm, afm), "stages": [afm]})
+    chained = compress.apply(transformer_model, _chain_recipe(afm, pela))
+    with torch.no_grad():  # before the first step the chain is exactly afm's model
+        assert torch.equal(chained.model(*inputs), alone.model(*inputs))
+    refined = [d for d in chained.decisions if d["action"] == "refine"]
+    factorized = [d for d in chained.decisions if d["action"] == "factorize"]
+    assert len(refined) == len(factorized) == 12
+    assert {d["name"]: d["rank"] for d in refined} == {d["name"]: d["rank"] for d in factorized}
+    assert all(d["chain"] == "stages[0] afm -> stages[1] pela" and d["method"] == "pela" for d in refined)
+
+    trained = compress.apply(transformer_model, _chain_recipe(afm, pela, steps=3))
+    assert set(trained.finetune["loss_terms"]) >= {"pela.feature", "pela.output", "pela.weight"}
+    with torch.no_grad():
+        assert not torch.allclose(trained.model(*inputs), alone.model(*inputs), atol=1e-4)
+    query = trained.model.blocks[0].query  # still afm's structure: rank and bias on the second factor
+    assert isinstance(query, layers.LowRankLinear) and query.first.out_features == 16
+    assert query.second.bias is not None and query.first.bias is None
+
+
+def test_chain_reloads_from_compression_json(transformer_model, tmp_path):
+    import json
+
+    import compress
+
+    afm = {"method": "afm", "targets": BLOCK_LINEARS, "ratio": 0.5}
+    pela = {"method": "pela", "targets": BLOCK_LINEARS}
+    result = compress.apply(transformer_model, _chain_recipe(afm, pela, steps=2))
+    compress.export(result, tmp_path / "out")
+    edits = json.loads((tmp_path / "out" / "compression.json").read_text())["edits"]
+    assert len(edits) == 12 and all(e["op"] == "factorize" and e["bias"] for e in edits)
+    assert {e["chain"] for e in edits} == {"stages[0] afm -> stages[1] pela"}
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())["layers"]
+    assert sum(r["action"] == "refine" for r in rows) == 12
+    reloaded = compress.load(tmp_path / "out")
+    inputs = (TOKENS["tokens"][:16], TOKENS["mask"][:16])
+    with torch.no_grad():
+        assert torch.equal(reloaded(*inputs), result.model(*inputs))
+
+
+@pytest.mark.parametrize("first,second,says", [
+    ({"method": "pela"}, {"method": "afm", "targets": BLOCK_LINEARS},
+     "stages[1].targets: layer 'blocks.0.query' is already changed by stages[0] (pela); afm cannot continue "
+     "from pela (allowed chains: afm -> pela, svd -> pela)"),
+    ({"method": "afm", "targets": BLOCK_LINEARS, "ratio": 0.5}, {"method": "svd", "targets": BLOCK_LINEARS},
+     "svd cannot continue from afm"),
+    ({"method": "afm", "targets": BLOCK_LINEARS, "ratio": 0.5}, {"method": "afm", "targets": BLOCK_LINEARS},
+     "afm cannot continue from afm"),
+    ({"method": "group_envelope", "targets": {"include": ["blocks.0.up"]}, "keep": 0.5},
+     {"method": "pela", "targets": {"include": ["blocks.0.up"]}},
+     "pela cannot continue from group_envelope"),
+])
+def test_invalid_chains_are_one_line_recipe_errors(transformer_model, first, second, says):
+    import compress
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        compress.plan(transformer_model, _chain_recipe(first, second))
+    message = str(err.value)
+    assert says in message and "\n" not in message and message.endswith("exclude it from one of them")
+
+
+def test_invalid_chain_from_the_cli_exits_2_and_writes_nothing(transformer_model, tmp_path, run_cli):
+    import yaml
+
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(yaml.safe_dump(_chain_recipe({"method": "pela"}, {"method": "afm", "targets": BLOCK_LINEARS})))
+    result = run_cli("apply", "--recipe", recipe, transformer_model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "afm cannot continue from pela" in result.output
+    assert not (tmp_path / "out").exists()

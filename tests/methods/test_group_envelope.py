@@ -137,6 +137,25 @@ def test_group_envelope_recipe_end_to_end_and_reload(apply_shipped, digits_model
     assert torch.allclose(rebuilt(x).detach(), torch.from_numpy(got), atol=1e-4)
 
 
+def test_transformer_recipe_end_to_end_and_reload(apply_shipped, transformer_model):
+    out, report = apply_shipped("group_envelope-transformer.yaml", transformer_model)
+    assert report["parity"]["passed"] and report["compressed"]["macs"] < report["original"]["macs"]
+    kinds = {row["layer_type"] for row in report["layers"] if row["action"] == "prune"}
+    assert kinds == {"heads", "channels"}
+    from compress.examples.digits_transformer import tokens_split
+
+    data = tokens_split("test")
+    x = (data["tokens"][:8], data["mask"][:8])
+    rebuilt = compress.load(out)  # heads and channels removed again from compression.json
+    assert all(block.heads == 2 for block in rebuilt.blocks)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"tokens": x[0].numpy(), "mask": x[1].numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(*x), torch.from_numpy(got), atol=1e-4)
+
+
 def test_a_channel_the_prox_zeroed_stays_zero_through_momentum():
     """With SGD momentum the next step brought zeroed channels straight back (the prox never got to
     prune); the prox now zeroes their momentum too."""

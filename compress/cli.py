@@ -245,7 +245,7 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
     """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
     from .bench import count_macs, count_params
     from .pipeline import plan as make_plan
-    from .report import layers_table
+    from .report import budget_line, layers_table
 
     ctx, _ = _context(recipe_path, model, trust_checkpoint, trust_factory, quiet=quiet)
     _, rows = make_plan(ctx)
@@ -261,6 +261,8 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
                f"{macs:,} MACs per sample -> {macs - saved_m:,} ({macs / max(1, macs - saved_m):.2f}x); "
                f"{_changed(rows)} of {len({r['name'] for r in rows})} targeted layers changed")
     click.echo(f"output: {ctx.output['kind']} ({ctx.output['reason']})")
+    if ctx.allocation is not None:
+        click.echo(budget_line(ctx.allocation.summary()))
 
 
 @cli.command(epilog="""\b

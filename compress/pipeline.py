@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bench, distributed, exporting as export, metrics, outdir, quantize, report as reporting
+from . import bench, budget as budgeting, distributed, exporting as export, metrics, opcost, outdir, quantize
+from . import report as reporting
 from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
@@ -59,6 +60,7 @@ class Context:
     target: str
     timings: dict[str, float] = field(default_factory=dict)
     output: dict = field(default_factory=lambda: {"kind": "logits", "reason": "default"})  # losses.detect_output_kind
+    allocation: budgeting.Allocation | None = None  # the budget's choice per layer (recipes with `budget:`)
 
 
 @contextmanager
@@ -251,17 +253,84 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
                 method.calibrate(model, batches, progress)
     with timed(ctx.timings, "plan"):
         profile = bench.profile_layers(model, ctx.sample)
-        rows = []
-        changed: dict[str, tuple[int, Decision]] = {}
-        for method in methods:
-            method.earlier = dict(changed)
-            for decision in method.plan(model, profile):
-                if decision.action != "keep":
-                    if decision.name in changed and decision.action != "refine":
-                        raise RecipeError(_overlap_error(method, decision.name, *changed[decision.name]))
-                    changed[decision.name] = (method.stage_index, decision)
-                rows.append(decision.as_dict())
+    if ctx.recipe.recipe.budget is not None:
+        if calibration is None:
+            raise UserError("budget: needs calibration data to measure what each candidate loses: set "
+                            "data.calibration (or data.train) in the recipe")
+        with timed(ctx.timings, "budget"):
+            ctx.allocation = _allocate(ctx, methods, model, profile, batches, progress)
+    with timed(ctx.timings, "plan"):
+        rows = plan_methods(methods, model, profile)
     return methods, rows
+
+
+def plan_methods(methods: list[Method], model: nn.Module, profile: dict) -> list[dict]:
+    """Every stage's decisions in order, each stage seeing what the earlier ones change (chains)."""
+    rows = []
+    changed: dict[str, tuple[int, Decision]] = {}
+    for method in methods:
+        method.earlier = dict(changed)
+        decisions = method.plan(model, profile)
+        budgeting.annotate(decisions, method)
+        for decision in decisions:
+            if decision.action != "keep":
+                if decision.name in changed and decision.action != "refine":
+                    raise RecipeError(_overlap_error(method, decision.name, *changed[decision.name]))
+                changed[decision.name] = (method.stage_index, decision)
+            rows.append(decision.as_dict())
+    return rows
+
+
+def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: dict, batches,
+              progress: bool) -> budgeting.Allocation:
+    """The budget's allocation: candidates priced (latency measured per op, cached), errors measured
+    on the calibration data, one candidate per layer by the knapsack; handed to the methods."""
+    r = ctx.recipe.recipe
+    b = r.budget
+    budgeting.check(b, methods)
+    costs, table = None, None
+    if b.in_latency:
+        table = opcost.OpCosts(r.bench.threads)
+        costs = table.latency_ms
+        reference = _latencies(ctx, {"original": model}, b.batch)["original"]
+    elif b.target == "params":
+        reference = float(bench.count_params(model))
+    else:
+        reference = float(bench.count_macs(model, ctx.sample))
+    savings, fixed_layers = 0.0, set()
+    for method in [m for m in methods if not budgeting.allocated(m)]:  # explicit rules count toward the budget
+        method.earlier = {}
+        for d in method.plan(model, profile):
+            if d.action == "keep":
+                continue
+            fixed_layers.add(d.name)
+            if costs is None:
+                savings += getattr(d, f"{b.target}_before") - getattr(d, f"{b.target}_after")
+            else:
+                layer, shape = model.get_submodule(d.name), (b.batch,) + tuple(profile[d.name].in_shape)
+                savings += costs(layer, None, "channel", shape) - costs(layer, d.rank, d.scheme or "channel", shape)
+    allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
+                                           skip=fixed_layers, progress=progress)
+    if table is not None:
+        table.save()
+        allocation.newly_measured = table.measured
+    budgeting.assign(allocation)
+    return allocation
+
+
+def _latencies(ctx: Context, models: dict[str, nn.Module], batch: int) -> dict[str, float]:
+    """p50 latency in ms of each model at `batch` in ONNX Runtime, measured together (bench.measure)."""
+    r = ctx.recipe.recipe
+    with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
+        paths = {}
+        declared = {s.name: s.dynamic_axes for s in r.inputs or []}
+        axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, True)
+        for label, model in models.items():
+            paths[label] = str(Path(folder) / f"{label}.onnx")
+            export.export_onnx(model.cpu().eval(), ctx.sample, ctx.input_names, paths[label], r.export.opset, axes)
+        feeds = {batch: export.to_feed(ctx.input_names, _real_batch(ctx, batch))}
+        measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
+    return {label: measured["latency_ms"][label][str(batch)]["p50"] for label in models}
 
 
 def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:
@@ -389,6 +458,8 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
     with timed(timings, "prepare"):
         for method in methods:
             method.prepare(compressed)
+    if ctx.allocation is not None and r.budget.in_latency:
+        compressed = _verify_allocation(ctx, original, compressed, methods)
     train = ctx.data["train"]
     steps_wanted = r.finetune.steps or r.finetune.epochs
     if steps_wanted and train is None:
@@ -412,6 +483,26 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
                             progress=options.progress, desc="post-finetune", output_kind=ctx.output["kind"])
     return Compressed(compressed.cpu().eval(), original, methods, seed, device, metric_before, reference,
                       original_macs, _train_summary(trained), _train_summary(post))
+
+
+def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, methods: list[Method]) -> nn.Module:
+    """Latency budgets: measure the built model beside the original before any fine-tuning; while the
+    additive prediction misses by more than 5 %, correct the costs, allocate again and rebuild."""
+    b = ctx.recipe.recipe.budget
+    allocation = ctx.allocation
+    with timed(ctx.timings, "budget"):
+        while True:
+            measured = _latencies(ctx, {"original": original, "compressed": compressed}, b.batch)
+            # in the units of the first measurement of the original, which the costs were fitted to
+            ms = allocation.reference * measured["compressed"] / measured["original"]
+            if budgeting.record(allocation, ms) or allocation.rounds >= b.rounds:
+                return compressed
+            budgeting.correct(allocation, ms)
+            budgeting.assign(allocation)
+            plan_methods(methods, original, bench.profile_layers(original, ctx.sample))
+            compressed = copy.deepcopy(original)
+            for method in methods:
+                method.prepare(compressed)
 
 
 def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> reporting.Report:
@@ -512,6 +603,8 @@ def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> rep
         warnings=warnings + measured["warnings"], parity=parity, layers=rows, finetune=done.finetune,
         post_finetune=done.post_finetune, bench=r.bench.model_dump(), versions=reporting.versions(),
         timings_s=dict(timings))
+    if ctx.allocation is not None:
+        report.budget = budgeting.outcome(ctx.allocation, report)
     report.gates = check_gates(report, r.gates, options)
     report.files = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
     report.write(work)
@@ -625,4 +718,8 @@ def check_gates(report: reporting.Report, gates, options: Options) -> dict:
         value = report.ratios.onnx_bytes
         checked.append({"gate": "min_size_ratio", "limit": min_size, "value": value,
                         "passed": value is not None and value >= min_size})
+    if gates.budget and report.budget is not None:
+        target, = (k for k in report.budget["target"] if k != "batch")
+        checked.append({"gate": f"budget.{target}", "limit": report.budget["target"][target],
+                        "value": report.budget["measured"], "passed": report.budget["met"]})
     return {"checked": checked, "passed": all(g["passed"] for g in checked)}

@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .errors import RecipeError, UserError
 from .methods import METHODS
 from .methods.base import Strict
+from .budget import BudgetSection
 from .quantize import QuantizeSection
 
 
@@ -151,6 +152,8 @@ class GatesSection(Strict):
     min_speedup: float | None = Field(None, gt=0, description="p50 latency ratio original/compressed at speedup_batch")
     speedup_batch: int | None = Field(None, gt=0, description="batch size min_speedup applies to (default: the largest benchmarked)")
     min_size_ratio: float | None = Field(None, gt=0, description="ONNX file size ratio original/compressed")
+    budget: bool = Field(False, description="exit 3 when the recipe's `budget:` target is missed (latency "
+                         "targets by more than 5 %)")
 
 
 StageUnion = Annotated[Union[tuple(cls.schema for cls in METHODS.values())], Field(discriminator="method")]
@@ -171,6 +174,8 @@ class Recipe(Strict):
     quantize: QuantizeSection | None = Field(None, description="int8 model.onnx by ONNX Runtime's quantization "
                                              "(absent: the float model ships)")
     bench: BenchSection = Field(default_factory=BenchSection)
+    budget: BudgetSection | None = Field(None, description="what the compressed model may cost; svd, afm and pela "
+                                         "stages without a rank rule get their ranks allocated to meet it")
     gates: GatesSection = Field(default_factory=GatesSection)
 
     @model_validator(mode="after")
@@ -178,6 +183,14 @@ class Recipe(Strict):
         b = self.gates.speedup_batch
         if b is not None and b not in self.bench.batch_sizes:
             raise ValueError(f"gates.speedup_batch {b} is not among bench.batch_sizes {self.bench.batch_sizes}")
+        if self.budget is not None and self.budget.in_latency:
+            if self.budget.batch is None:
+                self.budget.batch = max(self.bench.batch_sizes)
+            elif self.budget.batch not in self.bench.batch_sizes:
+                raise ValueError(f"budget.batch {self.budget.batch} is not among bench.batch_sizes "
+                                 f"{self.bench.batch_sizes}")
+        if self.gates.budget and self.budget is None:
+            raise ValueError("gates.budget is set but the recipe has no budget section")
         return self
 
 

@@ -100,6 +100,12 @@ class Report:
                                 "last step's loss by term); null without fine-tuning")
     post_finetune: dict | None = doc("the same for the epochs a method asks for after its structural change "
                                      "(trp, group_envelope); null when none ran")
+    budget: dict | None = doc("with `budget:`: `target` (e.g. `{\"speedup\": 2, \"batch\": 32}`), `predicted` "
+                              "(ratio, or ms for latency_ms), `measured` on the shipped model, `met` (latency "
+                              "within 5 %), `rounds` (allocations made; latency targets are measured before "
+                              "fine-tuning and corrected), `allocated_layers`, `dense_layers`, `history` "
+                              "(predicted and measured ms per round), `ops_measured` (latencies not found in the "
+                              "cache); null otherwise", default=None)
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
     timings_s: dict = doc("seconds per stage (load, calibrate, plan, prepare, finetune, export, parity, bench, ...)")
@@ -231,6 +237,22 @@ def baseline_verdict(report: dict) -> str | None:
             f"model is {', '.join(parts)}: it {verdict}.")
 
 
+def budget_line(budget: dict) -> str:
+    """One sentence on a budget: target, prediction, measurement, met or not."""
+    target, = (k for k in budget["target"] if k != "batch")
+    unit = " ms" if target == "latency_ms" else "x"
+    where = f" at batch {budget['target']['batch']}" if "batch" in budget["target"] else ""
+    if "met" in budget:
+        measured = budget.get("measured")
+        said = (f", measured {_num(measured)}{unit}" if measured is not None else ", not measured") \
+            + (": met" if budget["met"] else ": MISSED")
+    else:
+        said = " (planned: nothing built or measured yet)"
+    return (f"Budget: {target} {budget['target'][target]}{unit}{where}; predicted {_num(budget['predicted'])}{unit}"
+            f"{said} ({budget['allocated_layers']} layers allocated, {budget['dense_layers']} left dense, "
+            f"{budget['rounds']} round(s)).")
+
+
 def to_markdown(report: dict) -> str:
     o, c, r = report["original"], report["compressed"], report["ratios"]
     base = (report.get("baselines") or {}).get("int8_original")
@@ -267,6 +289,8 @@ def to_markdown(report: dict) -> str:
     verdict = baseline_verdict(report)
     if verdict:
         lines += ["", verdict]
+    if report.get("budget"):
+        lines += ["", budget_line(report["budget"])]
     q = report.get("quantization")
     if q:
         f = q["fidelity"]

@@ -119,6 +119,9 @@ class Method:
         self.decisions: list[Decision] = []
         # layers earlier stages changed: name -> (stage index, decision); the pipeline sets it before plan
         self.earlier: dict[str, tuple[int, Decision]] = {}
+        # a budget's allocation (budget.assign): layers it leaves dense, and what it predicted per layer
+        self.budget_dense: dict[str, str] = {}
+        self.budget_rows: dict[str, dict] = {}
         self.output_kind = "logits"  # what the model returns (losses.KINDS); the pipeline sets it
 
     needs_calibration: ClassVar[bool] = False
@@ -129,6 +132,10 @@ class Method:
 
     def plan(self, model: nn.Module, profile: dict[str, LayerProfile]) -> list[Decision]:
         raise NotImplementedError
+
+    def default_exclusions(self, model: nn.Module) -> dict[str, str]:
+        """{layer: why} the method leaves dense by default (a budget never allocates them)."""
+        return {}
 
     def prepare(self, model: nn.Module) -> None:
         """Structural change before fine-tuning, following `self.decisions`."""

@@ -56,7 +56,7 @@ def plan_factorization(method: Method, model: nn.Module, profile: dict[str, Laye
                        excluded: dict[str, str] | None = None, scheme: str | None = None) -> list[Decision]:
     """Per-layer weight-SVD factorization decisions for the targets of `rule` (svd, pela); a layer in
     `excluded` (name -> why) or one no module may swap stays dense with that reason."""
-    blocked = {**unswappable_layers(model), **(excluded or {})}
+    blocked = {**unswappable_layers(model), **(excluded or {}), **method.budget_dense}
     scheme = scheme or getattr(rule, "scheme", "channel")
     decisions = []
     for name, layer in rank_rule_targets(model, rule, method):
@@ -347,7 +347,7 @@ def plan_mimicking(method: Method, model: nn.Module, profile: dict[str, LayerPro
     """Per-layer decisions ranked by each layer's output covariance spectrum (from `moments`)
     instead of its weight's; factors carry a bias (the output mean). Used by afm, and by pela with
     `init: afm`."""
-    blocked = {**unswappable_layers(model), **(excluded or {})}
+    blocked = {**unswappable_layers(model), **(excluded or {}), **method.budget_dense}
     decisions = []
     for name, layer in rank_rule_targets(model, rule, method):
         spectrum, reason = None, blocked.get(name)

@@ -106,7 +106,7 @@ class Pela(Method):
 
     def plan(self, model, profile):
         stage: PelaStage = self.stage
-        excluded = {} if "targets" in stage.model_fields_set else self._default_exclusions(model)
+        excluded = self.default_exclusions(model)
         if stage.init == "afm":
             self.decisions = plan_mimicking(self, model, profile, stage, self.moments, excluded)
         else:
@@ -122,7 +122,9 @@ class Pela(Method):
         self.feature_names = self._features(model)
         return self.decisions
 
-    def _default_exclusions(self, model: nn.Module) -> dict[str, str]:
+    def default_exclusions(self, model: nn.Module) -> dict[str, str]:
+        if "targets" in self.stage.model_fields_set:  # the user's targets replace the authors' defaults
+            return {}
         excluded = {}
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         for name, module in convs:

@@ -1,0 +1,149 @@
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from compress import linalg, opcost
+from compress.budget import BudgetSection, interpolate_coefficient, rank_grid, weight_error_curve
+from compress.errors import RecipeError
+from compress.recipe import parse_recipe
+
+STAGE = {"method": "svd", "targets": {"types": ["Conv2d"], "include": ["layer*"], "exclude": ["*.shortcut.*"]},
+         "scheme": "spatial"}
+DATA = {"calibration": "bundled:digits/calibration", "eval": "bundled:digits/test", "batch_size": 64}
+
+
+def _moments(x: torch.Tensor) -> linalg.OutputMoments:
+    m = linalg.OutputMoments(x.shape[-1])
+    m.update(x)
+    return m
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_conv_error_curve_is_the_expected_output_error_of_the_truncated_weight(scheme):
+    from compress import layers
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(40, 3, 6, 6, dtype=torch.float64) + 0.5 * torch.randn(1, 3, 1, 1, dtype=torch.float64)
+    patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
+    curve = weight_error_curve(conv, scheme, _moments(patches), [1, 2, 4])
+    for rank, predicted in curve.items():
+        truncated = layers.factorize(conv, rank, scheme).double()
+        with torch.no_grad():  # the bias cancels: what differs is the weight's truncation
+            diff = conv(x) - truncated(x)
+        direct = float(diff.pow(2).sum(1).mean())  # per position, summed over output channels
+        assert predicted == pytest.approx(direct, rel=1e-6)
+
+
+def test_linear_error_curve_uses_the_inputs_not_the_bare_spectrum():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4, bias=False).double()
+    x = torch.randn(500, 6, dtype=torch.float64) * torch.tensor([10, 1, 1, 1, 1, 0.1], dtype=torch.float64)
+    curve = weight_error_curve(linear, "channel", _moments(x), [1, 2, 3])
+    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    for rank, predicted in curve.items():
+        dropped = (u[:, rank:] * s[rank:]) @ vh[rank:]
+        assert predicted == pytest.approx(float((x @ dropped.T).pow(2).sum(1).mean()), rel=1e-6)
+    assert list(curve.values()) == sorted(curve.values(), reverse=True)
+
+
+def test_rank_grid_and_interpolation():
+    assert rank_grid(12, lambda r: r < 6) == [1, 2, 3, 4, 5]
+    assert rank_grid(64, lambda r: True) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56]
+    assert len(rank_grid(4096, lambda r: True)) <= 24
+    measured = {8: 2.0, 32: 8.0}
+    assert interpolate_coefficient(measured, 4) == 2.0 and interpolate_coefficient(measured, 64) == 8.0
+    assert interpolate_coefficient(measured, 20) == pytest.approx(4.0)  # geometric halfway
+    assert interpolate_coefficient({}, 5) == 0.0
+
+
+def test_latency_cache_measures_once_and_ignores_a_corrupt_file(tmp_path):
+    path = tmp_path / "cache.json"
+    layer = nn.Linear(16, 32)
+    first = opcost.OpCosts(path=path)
+    dense = first.latency_ms(layer, None, "channel", (4, 16))
+    first.latency_ms(layer, 4, "channel", (4, 16))
+    first.latency_ms(layer, None, "channel", (4, 16))
+    assert first.measured == 2 and dense > 0
+    first.save()
+    second = opcost.OpCosts(path=path)
+    assert second.latency_ms(layer, None, "channel", (4, 16)) == dense and second.measured == 0
+    assert opcost.OpCosts(path=path, threads=2).latency_ms(layer, None, "channel", (4, 16)) > 0  # another key
+    entries = json.loads(path.read_text())
+    key = next(iter(entries))
+    path.write_text(json.dumps({key: "rm -rf /", "x": -1, "y": [1], "z": 1e999}))
+    third = opcost.OpCosts(path=path)
+    assert third.entries == {}
+    path.write_text("not json")
+    assert opcost.OpCosts(path=path).entries == {}
+
+
+@pytest.mark.parametrize("section,says", [
+    ({}, "exactly one of speedup, latency_ms, params, macs"),
+    ({"macs": 2, "params": 2}, "not params and macs"),
+    ({"macs": 0.5}, "greater than 1"),
+    ({"speedup": 2, "batch": 7}, "budget.batch 7 is not among bench.batch_sizes"),
+])
+def test_budget_section_errors(section, says):
+    with pytest.raises(RecipeError, match=re.escape(says)):
+        parse_recipe(json.dumps({"data": DATA, "stages": [STAGE], "budget": section}).encode())
+
+
+def test_gate_without_budget_is_an_error():
+    with pytest.raises(RecipeError, match="gates.budget is set but the recipe has no budget section"):
+        parse_recipe(json.dumps({"stages": [STAGE], "gates": {"budget": True}}).encode())
+
+
+def test_latency_budget_defaults_to_the_largest_benchmarked_batch():
+    r = parse_recipe(json.dumps({"stages": [STAGE], "budget": {"speedup": 2},
+                                 "bench": {"batch_sizes": [1, 8]}}).encode())
+    assert r.budget.batch == 8 and BudgetSection(macs=2).target == "macs"
+
+
+@pytest.mark.parametrize("recipe,says", [
+    ({"stages": [{**STAGE, "ratio": 0.5}], "budget": {"macs": 2}}, "budget: no stage to allocate"),
+    ({"stages": [STAGE], "budget": {"macs": 1000}}, "cannot be met even with every allocated layer at its smallest "
+                                                     "candidate; the best reachable is"),
+    ({"stages": [STAGE, {"method": "group_envelope", "targets": {"include": ["fc"]}}], "budget": {"speedup": 2}},
+     "stages[1] (group_envelope) changes the model in a way the latency table cannot price"),
+    ({"data": {"eval": "bundled:digits/test"}, "stages": [STAGE], "budget": {"macs": 2}}, "budget: needs calibration"),
+])
+def test_budget_errors_are_one_line_exit_2(digits_model, write_recipe, run_cli, tmp_path, recipe, says):
+    import yaml
+
+    path = write_recipe(yaml.safe_dump({"data": DATA, **recipe}))
+    result = run_cli("plan", "--recipe", path, digits_model)
+    assert result.exit_code == 2, result.output
+    assert says in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_macs_budget_is_met_reported_and_gated(digits_model, write_recipe, run_cli, tmp_path):
+    import yaml
+
+    recipe = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3, "baselines": []}, "gates": {"budget": True}}
+    path = write_recipe(yaml.safe_dump(recipe))
+    plan = run_cli("plan", "--recipe", path, digits_model)
+    assert plan.exit_code == 0 and "Budget: macs 2.43x; predicted" in plan.output
+    result = run_cli("apply", "--recipe", path, digits_model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    b = report["budget"]
+    assert b["target"] == {"macs": 2.43} and b["met"] and b["measured"] >= 2.43 and b["rounds"] == 1
+    assert b["predicted"] == pytest.approx(b["measured"], rel=1e-3)
+    assert report["gates"]["checked"][0]["gate"] == "budget.macs" and report["gates"]["passed"]
+    allocated = [r for r in report["layers"] if "budget_cost" in r]
+    assert len(allocated) == b["allocated_layers"] == 8
+    assert "Budget: macs 2.43x" in (tmp_path / "out" / "report.md").read_text()
+    # a budget the allocation cannot quite reach exactly: params come along, the gate holds the target
+    recipe["budget"] = {"params": 1.5, "probes": 1}
+    recipe["gates"] = {"budget": True}
+    path = write_recipe(yaml.safe_dump(recipe), name="params.yaml")
+    result = run_cli("apply", "--recipe", path, digits_model, "--out", tmp_path / "params", "-q")
+    report = json.loads((tmp_path / "params" / "report.json").read_text())
+    assert result.exit_code == 0 and report["budget"]["met"] and report["ratios"]["params"] >= 1.5
+    assert not math.isnan(report["budget"]["predicted"])

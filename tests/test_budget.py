@@ -147,3 +147,25 @@ def test_macs_budget_is_met_reported_and_gated(digits_model, write_recipe, run_c
     report = json.loads((tmp_path / "params" / "report.json").read_text())
     assert result.exit_code == 0 and report["budget"]["met"] and report["ratios"]["params"] >= 1.5
     assert not math.isnan(report["budget"]["predicted"])
+
+
+def test_speedup_budget_is_verified_before_fine_tuning_and_a_second_run_measures_nothing(
+        digits_model, write_recipe, run_cli, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = {"data": DATA, "stages": [STAGE], "budget": {"speedup": 1.3, "batch": 8, "probes": 1},
+              "bench": {"batch_sizes": [1, 8], "warmup": 1, "runs": 5, "baselines": []}}
+    path = write_recipe(yaml.safe_dump(recipe))
+    reports = []
+    for run in ("first", "second"):
+        result = run_cli("apply", "--recipe", path, digits_model, "--out", tmp_path / run, "-q")
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((tmp_path / run / "report.json").read_text())["budget"])
+    first, second = reports
+    assert first["target"] == {"speedup": 1.3, "batch": 8} and first["ops_measured"] > 0
+    assert second["ops_measured"] == 0  # every op latency came from the cache
+    assert 1 <= first["rounds"] <= 3 and len(first["history"]) == first["rounds"]
+    assert all(h["predicted_ms"] > 0 and h["measured_ms"] > 0 for h in first["history"])
+    assert isinstance(first["met"], bool) and first["measured"] > 0
+    assert (tmp_path / "cache" / "op-latency-v1.json").exists()

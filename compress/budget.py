@@ -122,6 +122,7 @@ class LayerChoice:
     coefficient: float = 1.0
     curve: dict = field(default_factory=dict)  # rank -> layer error
     probes: dict = field(default_factory=dict)  # rank -> measured output error / layer error
+    energy: float = 0.0  # the layer's error at rank 0: its output energy (afm: variance)
 
 
 @dataclass
@@ -298,13 +299,14 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
             if not ranks:
                 unpriced.append((method, name))
                 continue
-            if _uses_afm(method):
+            if _uses_afm(method):  # rank 0 drops everything: the layer's output energy
                 tail = afm_error_curve(method.moments[name])
-                curve = {r: float(tail[r]) for r in ranks}
+                curve = {r: float(tail[r]) for r in [0, *ranks]}
             else:
-                curve = weight_error_curve(layer, s, method.budget_inputs.get(name), ranks)
+                curve = weight_error_curve(layer, s, method.budget_inputs.get(name), [0, *ranks])
+            energy = curve.pop(0)
             choices.append(LayerChoice(method, name, s, [Candidate(None, 0.0, 0.0)] +
-                                       [Candidate(r, 0.0, curve[r]) for r in ranks], curve=curve))
+                                       [Candidate(r, 0.0, curve[r]) for r in ranks], curve=curve, energy=energy))
     if not choices:
         raise RecipeError("budget: the stages it allocates have no layer whose factorization would save anything")
     # costs (latency: measured per op, cached)
@@ -339,8 +341,7 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, probe_batc
 
     if budget.sensitivity == "layer":
         for choice in choices:
-            dense_energy = _output_energy(choice)
-            choice.coefficient = 1.0 / dense_energy if dense_energy > 0 else 0.0
+            choice.coefficient = 1.0 / choice.energy if choice.energy > 0 else 0.0
             for c in choice.candidates:
                 c.error *= choice.coefficient
         return
@@ -391,14 +392,6 @@ def interpolate_coefficient(measured: dict[int, float], rank: int) -> float:
             t = (rank - r0) / (r1 - r0)
             return math.exp((1 - t) * math.log(v0) + t * math.log(v1))
     return points[-1][1]
-
-
-def _output_energy(choice: LayerChoice) -> float:
-    method = choice.method
-    if _uses_afm(method):
-        m = method.moments[choice.name]
-        return float(torch.diagonal(m.covariance()).sum())
-    return max(choice.candidates[1].error, 1e-30) if len(choice.candidates) > 1 else 1.0
 
 
 def _take(batches, count: int):

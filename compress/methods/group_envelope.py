@@ -56,6 +56,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from .. import layers, linalg
+from ..metrics import primary_output
 from ..errors import RecipeError, UserError
 from .base import Decision, Method, Stage, edit_module, register_edit, select_targets, short
 
@@ -427,8 +428,32 @@ class GroupEnvelope(Method):
             if layout is None:
                 self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
         for name, layout, dead in heads_to_remove:  # after Torch-Pruning's graph has done its part
-            remove_heads(model.get_submodule(name), layout, dead)
+            self._remove_heads_checked(model, name, layout, dead)
             self.edits_made.append({"op": "prune_heads", "module": name, "heads": dead})
+
+    @torch.no_grad()
+    def _remove_heads_checked(self, model: nn.Module, name: str, layout: AttentionLayout, dead: list[int]) -> None:
+        """Remove the heads, then check on the calibration sample that the model computes what the
+        masked one did: a forward that reads a head count or width from attributes other than
+        `layout.heads` (e.g. a fixed head_dim * num_heads reshape) would silently change."""
+        device = next(model.parameters()).device
+        sample = tuple(t.to(device) for t in self.sample)
+        was_training = model.training
+        model.eval()
+        try:
+            before = primary_output(model(*sample))
+            remove_heads(model.get_submodule(name), layout, dead)
+            try:
+                after = primary_output(model(*sample))
+                same = after.shape == before.shape and torch.allclose(after, before, atol=1e-4, rtol=1e-3)
+            except Exception:  # noqa: BLE001 - any failure of the forward is the same finding
+                same = False
+        finally:
+            model.train(was_training)
+        if not same:
+            raise UserError(f"stages[{self.stage_index}] (group_envelope): removing heads of {name!r} changed the "
+                            "model's outputs (its forward reads head counts or widths that compress does not "
+                            f"update); leave its attention layers out of stages[{self.stage_index}].targets")
 
     def post_finetune_epochs(self) -> int:
         return self.stage.post_finetune

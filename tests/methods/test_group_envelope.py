@@ -278,3 +278,38 @@ def test_bad_head_edits_are_refused():
                        ({"op": "prune_heads", "module": "nope", "heads": [0]}, "has no module")]:
         with pytest.raises(UserError, match=re.escape(says)):
             apply_edits(model, [edit])
+
+
+def test_heads_of_a_forward_with_a_fixed_width_are_refused_not_silently_broken():
+    from compress.errors import UserError
+
+    class FixedWidth(nn.Module):  # reshapes to heads * 8, whatever the projections' width
+        def __init__(self):
+            super().__init__()
+            self.heads = 4
+            self.query, self.key, self.value, self.output = (nn.Linear(32, 32) for _ in range(4))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = (t.reshape(b, n, 4, 8).transpose(1, 2) for t in (self.query(x), self.key(x), self.value(x)))
+            a = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.output(a.transpose(1, 2).reshape(b, n, 32))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = FixedWidth(), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x)).mean(1)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(4, 5, 32)
+    method = GroupEnvelope(GroupEnvelopeStage(method="group_envelope", keep=0.5, **{"lambda": 0.0}), 0)
+    method.calibrate(model, lambda: iter([(x,)]))
+    method.plan(model, profile_layers(model, (x[:1],)))
+    assert [d.layer_type for d in method.decisions if d.action == "prune"] == ["heads"]
+    method.prepare(model)
+    with pytest.raises(UserError, match="removing heads of 'attn' changed the model's outputs"):
+        method.finalize(model)

@@ -22,7 +22,6 @@ batch 32 of one seed's models against the original (compress.bench.measure, inte
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import warnings
 from pathlib import Path
@@ -141,7 +140,6 @@ def main() -> None:
         test = load_source(f"bundled:{setup['data']}/test")
         original = load_model(path).model
         sample = tuple(test.head(1)[n] for n in names)
-        accuracy = {}
         runs = {"group_envelope": [], "magnitude": [], "taylor": [], "group-norm": []}
         layer_rows, models = None, {}
         for seed in range(args.seeds):

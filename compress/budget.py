@@ -282,7 +282,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
         scheme = getattr(method.stage, "scheme", "channel")
         names = [(n, l) for n, l in rank_rule_targets(model, method.stage, method)
                  if n not in skip and not unfactorizable(method.name, l, profile.get(n), excluded.get(n))]
-        if not _uses_afm(method):
+        if not _uses_afm(method) and method.budget_inputs is None:  # a sweep's later runs have them
             method.budget_inputs = input_moments(model, [n for n, _ in names], batches)
         for name, layer in names:
             shapes = profile[name]

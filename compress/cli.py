@@ -232,6 +232,56 @@ def _print_summary(report, out: Path | None = None) -> None:
         click.echo(f"wrote {out}: {', '.join(report.files)}")
 
 
+class BudgetList(click.ParamType):
+    """Comma-separated finite positive numbers: `1.5,2,3`."""
+
+    name = "budgets"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            numbers = [float(part) for part in str(value).split(",") if part.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 1.5,2,3", param, ctx)
+        if not numbers or len(numbers) > 32 or not all(math.isfinite(x) and x > 0 for x in numbers):
+            self.fail(f"{value!r}: give 1 to 32 finite positive numbers, e.g. 1.5,2,3", param, ctx)
+        if len(set(numbers)) != len(numbers):
+            self.fail(f"{value!r}: a budget is given twice", param, ctx)
+        return sorted(numbers)
+
+
+@cli.command(epilog="""\b
+Example:
+  compress sweep --recipe recipes/svd-budget.yaml model.pt --budgets 1.3,1.6,2 --out out/sweep""")
+@recipe_option
+@click.argument("model", type=click.Path())
+@click.option("--budgets", type=BudgetList(), required=True,
+              help="Values for the recipe's budget target (its speedup, latency_ms, params or macs), comma-separated.")
+@click.option("--out", "-o", type=click.Path(), default=None,
+              help="Output folder (default: out/sweep-<recipe file name>): budget-<value>/ per run, pareto.json, "
+                   "pareto.md, pareto.png (with compress[plot]).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it is a previous sweep.")
+@seed_option
+@device_option
+@trust_option
+@common
+def sweep(recipe_path, model, budgets, out, force, seed, device, trust_checkpoint, trust_factory, debug, quiet):
+    """One budgeted `apply` per value of --budgets, sharing calibration and the latency cache; the
+    metric against measured latency of every run, beside the original and int8 of the original."""
+    from .sweep import run as run_sweep
+
+    ctx, options = _context(recipe_path, model, trust_checkpoint, trust_factory, seed, device, quiet)
+    out = Path(out) if out else Path("out") / f"sweep-{Path(recipe_path).stem}"
+    summary = run_sweep(ctx, budgets, out, options, force)
+    for point in summary["points"]:
+        m = point.get("metric")
+        click.echo(f"{point['label']}: {point['latency_ms']:.4f} ms at batch {summary['batch']}, "
+                   f"speedup {point['speedup']}x, " + (f"{m['name']} {m['value']:.4f}" if m else "no metric")
+                   + f", budget met: {point['budget_met']}")
+    click.echo(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+
+
 @cli.command(epilog="""\b
 Example:
   compress plan --recipe recipes/svd.yaml model.pt

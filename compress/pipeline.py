@@ -61,6 +61,8 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     output: dict = field(default_factory=lambda: {"kind": "logits", "reason": "default"})  # losses.detect_output_kind
     allocation: budgeting.Allocation | None = None  # the budget's choice per layer (recipes with `budget:`)
+    # what calibration (and a budget's input statistics) left on each stage, by stage: a sweep's runs share it
+    calibrated: dict = field(default_factory=dict)
 
 
 @contextmanager
@@ -244,13 +246,20 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
     if calibration is not None:
         batches.total = -(-len(calibration) // ctx.recipe.recipe.data.batch_size)  # for progress
 
+    keys = {id(m): _stage_key(m) for m in methods}  # before a budget sets any ranks
     for method in methods:
-        if method.needs_calibration:
+        saved = ctx.calibrated.get(keys[id(method)])
+        if saved is not None:  # the same stage, calibrated on the same data before (a sweep)
+            method.__dict__.update(saved)
+        elif method.needs_calibration:
             if calibration is None:
                 raise UserError(f"stages[{method.stage_index}] ({method.name}) needs calibration data: "
                                 "set data.calibration (or data.train) in the recipe")
+            before = dict(method.__dict__)
             with timed(ctx.timings, "calibrate"):
                 method.calibrate(model, batches, progress)
+            ctx.calibrated[keys[id(method)]] = {k: v for k, v in method.__dict__.items()
+                                                if k not in before or before[k] is not v}
     with timed(ctx.timings, "plan"):
         profile = bench.profile_layers(model, ctx.sample)
     if ctx.recipe.recipe.budget is not None:
@@ -259,9 +268,16 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
                             "data.calibration (or data.train) in the recipe")
         with timed(ctx.timings, "budget"):
             ctx.allocation = _allocate(ctx, methods, model, profile, batches, progress)
+        for method in methods:  # the budget's input statistics, for a sweep's next run
+            if method.budget_inputs is not None:
+                ctx.calibrated.setdefault(keys[id(method)], {})["budget_inputs"] = method.budget_inputs
     with timed(ctx.timings, "plan"):
         rows = plan_methods(methods, model, profile)
     return methods, rows
+
+
+def _stage_key(method: Method) -> str:
+    return f"{method.stage_index}:{method.stage.model_dump_json()}"
 
 
 def plan_methods(methods: list[Method], model: nn.Module, profile: dict) -> list[dict]:

@@ -122,6 +122,7 @@ class Method:
         # a budget's allocation (budget.assign): layers it leaves dense, and what it predicted per layer
         self.budget_dense: dict[str, str] = {}
         self.budget_rows: dict[str, dict] = {}
+        self.budget_inputs: dict | None = None  # svd/pela: the layers' input moments for the budget's errors
         self.output_kind = "logits"  # what the model returns (losses.KINDS); the pipeline sets it
 
     needs_calibration: ClassVar[bool] = False

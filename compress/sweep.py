@@ -1,0 +1,181 @@
+"""`compress sweep`: one budgeted run per budget value, and the Pareto front they trace.
+
+The recipe's `budget:` target (speedup, latency_ms, params or macs) is set to each value in turn;
+every run is a complete `compress apply` into `OUT/budget-<value>/`. The runs share the
+calibration statistics (taken once, in memory) and the op-latency cache (on disk). `OUT` then
+holds `pareto.json` and `pareto.md` (metric against measured latency at the budget's batch size,
+with the original and, when the recipe benchmarks it, int8 of the original) and `pareto.png` when
+matplotlib is installed (`pip install 'compress[plot]'`; otherwise pareto.md says it was skipped).
+The folder is built beside `OUT` and moved into place at the end, like `apply`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+from . import outdir
+from .errors import GateFailed, UserError
+from .recipe import LoadedRecipe
+
+SWEEP_FILES = frozenset({outdir.MARKER, "pareto.json", "pareto.md", "pareto.png"})
+
+
+def folder_name(value: float) -> str:
+    return f"budget-{value:g}"
+
+
+def check_out(out: Path, force: bool, inputs) -> None:
+    """Like outdir.check_out, for a sweep's folder: a previous sweep (its files and its budget-* runs,
+    each an output of compress) may be replaced with --force, nothing else."""
+    entries = list(out.iterdir()) if out.is_dir() and not out.is_symlink() else []
+    if not entries:
+        outdir.check_out(out, force, inputs)  # missing, empty, a file, a link: as for apply
+        return
+    resolved = out.resolve()
+    for path in inputs:
+        if path is not None and (Path(path).resolve() == resolved or resolved in Path(path).resolve().parents):
+            raise UserError(f"{out}: holds the input {path}; write the output to another folder")
+    if not force:
+        raise UserError(f"{out}: output folder exists; pass --force to replace it")
+    ours = (out / outdir.MARKER).is_file() and all(
+        (p.name in SWEEP_FILES and p.is_file() and not p.is_symlink())
+        or (p.is_dir() and not p.is_symlink() and p.name.startswith("budget-") and _only_ours(p))
+        for p in entries)
+    if not ours:
+        raise UserError(f"{out}: --force replaces only a previous compress sweep, and this folder holds other "
+                        "files; nothing was touched: choose another --out or move them")
+
+
+def _only_ours(folder: Path) -> bool:
+    """A budget-* run folder holding only what `apply` writes, its marker included."""
+    entries = list(folder.iterdir())
+    return (folder / outdir.MARKER).is_file() and all(
+        p.name in outdir.OUTPUT_FILES and p.is_file() and not p.is_symlink() for p in entries)
+
+
+def run(ctx, values: list[float], out: Path, options, force: bool = False) -> dict:
+    """Every budget in `values`, written under `out`; the Pareto summary (also in pareto.json)."""
+    from .pipeline import compress_model, resolve_device, resume_point, write
+
+    recipe = ctx.recipe.recipe
+    if recipe.budget is None:
+        raise UserError("sweep: the recipe has no budget: section; its target is what --budgets sets")
+    target = recipe.budget.target
+    for value in values:  # the section's own bounds, before anything runs
+        try:
+            recipe.budget.model_validate({**recipe.budget.model_dump(exclude_none=True), target: value})
+        except Exception as exc:  # noqa: BLE001 - pydantic's message, one line
+            raise UserError(f"--budgets {value:g}: not a valid budget.{target} ({str(exc).splitlines()[-1].strip()})") \
+                from None
+    out = Path(out)
+    check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
+    device = resolve_device(options.device)
+    points = []
+    with outdir.locked(out):
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.sweep-", dir=out.parent))
+        try:
+            for value in values:
+                budget = recipe.budget.model_copy(update={target: value})
+                loaded = LoadedRecipe(recipe.model_copy(update={"budget": budget}), ctx.recipe.path,
+                                      ctx.recipe.sha256)
+                run_ctx = dataclasses.replace(ctx, recipe=loaded, timings={}, allocation=None)
+                seed = recipe.seed if options.seed is None else options.seed
+                folder = work / folder_name(value)
+                try:
+                    report = write(run_ctx, lambda: compress_model(run_ctx, options, seed, device,
+                                                                   resume_point(run_ctx, folder, seed, options)),
+                                   folder, options)
+                except GateFailed as exc:  # the run's report is written; the sweep goes on
+                    report = exc.result
+                points.append(_point(f"budget {target} {value:g}", value, report.to_json(), recipe.budget.batch))
+            first = json.loads((work / folder_name(values[0]) / "report.json").read_text())
+            summary = _summary(target, recipe.budget.batch, first, points)
+            (work / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
+            png = _plot(summary, work / "pareto.png")
+            (work / "pareto.md").write_text(_markdown(summary, png))
+            outdir.write_marker(work)
+            outdir.replace_dir(work, out)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return summary
+
+
+def _batch(report: dict, batch: int | None) -> str:
+    sizes = list(report["original"]["latency_ms"])
+    return str(batch) if batch is not None and str(batch) in sizes else sizes[-1]
+
+
+def _point(label: str, value, report: dict, batch: int | None) -> dict:
+    b = _batch(report, batch)
+    c = report["compressed"]
+    return {"label": label, "budget": value, "latency_ms": c["latency_ms"][b]["p50"],
+            "speedup": report["ratios"]["speedup"].get(b), "params": c["params"], "macs": c["macs"],
+            "metric": c.get("metric"), "budget_met": (report.get("budget") or {}).get("met"),
+            "folder": folder_name(value)}
+
+
+def _summary(target: str, batch: int | None, first: dict, points: list[dict]) -> dict:
+    b = _batch(first, batch)
+    o = first["original"]
+    reference = [{"label": "original", "latency_ms": o["latency_ms"][b]["p50"], "params": o["params"],
+                  "macs": o["macs"], "metric": o.get("metric")}]
+    int8 = (first.get("baselines") or {}).get("int8_original")
+    if int8 and "error" not in int8:
+        reference.append({"label": "int8 of the original", "latency_ms": int8["latency_ms"][b]["p50"],
+                          "metric": int8.get("metric")})
+    return {"target": target, "batch": int(b), "reference": reference, "points": points,
+            "note": "latencies are ONNX Runtime p50 at the batch size, each run measured beside its own original; "
+                    "the reference points are from the first run"}
+
+
+def _markdown(summary: dict, png: str | None) -> str:
+    def metric(m):
+        return "-" if not m else f"{m['name']} {m['value']:.4f}"
+
+    lines = [f"# Sweep over budget.{summary['target']}", "",
+             f"Latency: ONNX Runtime p50 at batch {summary['batch']}.", "",
+             "| run | latency ms | speedup | params | MACs | metric | budget met |", "|---|---|---|---|---|---|---|"]
+    def count(value):
+        return "-" if value is None else f"{value:,}"
+
+    for r in summary["reference"]:
+        lines.append(f"| {r['label']} | {r['latency_ms']:.4f} | - | {count(r.get('params'))} | {count(r.get('macs'))} | "
+                     f"{metric(r.get('metric'))} | - |")
+    for p in summary["points"]:
+        lines.append(f"| {p['label']} | {p['latency_ms']:.4f} | {p['speedup']} | {p['params']:,} | {p['macs']:,} | "
+                     f"{metric(p.get('metric'))} | {p['budget_met']} |")
+    lines += ["", png or "pareto.png skipped: matplotlib is not installed (pip install 'compress[plot]')", ""]
+    return "\n".join(lines)
+
+
+def _plot(summary: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [p for p in summary["points"] if p.get("metric")]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["latency_ms"] for p in points], [p["metric"]["value"] for p in points], "o-", label="budgeted runs")
+    for p in points:
+        ax.annotate(f"{p['budget']:g}", (p["latency_ms"], p["metric"]["value"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    for r, marker in zip(summary["reference"], ("s", "^")):
+        if r.get("metric"):
+            ax.plot([r["latency_ms"]], [r["metric"]["value"]], marker, label=r["label"])
+    ax.set_xlabel(f"ONNX Runtime p50 latency, batch {summary['batch']} (ms)")
+    ax.set_ylabel(points[0]["metric"]["name"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return "pareto.png: metric against measured latency."

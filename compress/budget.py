@@ -63,6 +63,8 @@ class BudgetSection(Strict):
     probes: int = Field(3, ge=1, le=MAX_CANDIDATES, description="sensitivity: output: ranks per layer at which the "
                         "model's output error is measured (spread over the layer's candidates; the others are "
                         "interpolated): one calibration pass each")
+    probe_samples: int = Field(256, ge=1, le=65536, description="calibration samples each probe pass runs (whole "
+                               "batches, at least this many)")
     sensitivity: Literal["output", "layer"] = Field(
         "output", description="how layer errors are made comparable: output = scaled by one calibration pass per "
         "layer measuring the model's output error; layer = relative to the layer's own output energy")
@@ -266,7 +268,7 @@ def _output_error(model: nn.Module, batches, reference: list[torch.Tensor]) -> f
 
 def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Module, profile: dict,
                     batches, costs: Callable | None, reference_cost: float, fixed_savings: float,
-                    skip: set[str] = frozenset(), probe_batches: int = 4, progress: bool = False) -> Allocation:
+                    skip: set[str] = frozenset(), progress: bool = False) -> Allocation:
     """Candidates, costs, errors and the knapsack's choice for every allocatable layer.
 
     `costs(layer, rank, scheme, in_shape) -> ms` prices latency targets; `reference_cost` is the
@@ -321,7 +323,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                                                               shapes.out_shape), target))
             else:
                 c.cost = costs(layer, c.rank, choice.scheme, (budget_batch(budget),) + tuple(shapes.in_shape))
-    _scale_errors(budget, choices, model, batches, probe_batches, progress)
+    _scale_errors(budget, choices, model, batches, progress)
     dense_total = sum(c.candidates[0].cost for c in choices)
     fixed = reference_cost - fixed_savings - dense_total  # everything the allocation does not touch
     allocation = Allocation(target, budget.value, budget_batch(budget) if budget.in_latency else None, choices,
@@ -334,7 +336,7 @@ def budget_batch(budget: BudgetSection) -> int:
     return budget.batch or 1
 
 
-def _scale_errors(budget, choices: list[LayerChoice], model, batches, probe_batches: int, progress: bool) -> None:
+def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: bool) -> None:
     """Make the layers' error curves comparable: scale each by its measured effect on the model's
     output at a probe rank (`sensitivity: output`) or by the layer's output energy (`layer`)."""
     from .progress import iterate
@@ -345,7 +347,7 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, probe_batc
             for c in choice.candidates:
                 c.error *= choice.coefficient
         return
-    probe = list(_take(batches, probe_batches))
+    probe = list(_take(batches, budget.probe_samples))
     with torch.no_grad():
         from .metrics import primary_output
 
@@ -394,10 +396,13 @@ def interpolate_coefficient(measured: dict[int, float], rank: int) -> float:
     return points[-1][1]
 
 
-def _take(batches, count: int):
-    for i, batch in enumerate(batches()):
-        if i >= count:
+def _take(batches, samples: int):
+    """Whole batches from the start of `batches()` until at least `samples` samples."""
+    taken = 0
+    for batch in batches():
+        if taken >= samples:
             break
+        taken += batch[0].shape[0]
         yield batch
 
 

@@ -160,9 +160,10 @@ class Allocation:
 
 # ---------------------------------------------------------------- statistics and errors
 
-@torch.no_grad()
 def input_moments(model: nn.Module, names: list[str], batches) -> dict[str, linalg.OutputMoments]:
     """Uncentered second moments of each named layer's inputs (a Conv2d's input patches), one pass."""
+    from .methods.lowrank import run_hooked
+
     moments: dict[str, linalg.OutputMoments] = {}
     hooks = []
     for name in names:
@@ -177,16 +178,7 @@ def input_moments(model: nn.Module, names: list[str], batches) -> dict[str, lina
             moments.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x)
 
         hooks.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches():
-            device = next(model.parameters()).device
-            model(*(t.to(device) for t in batch))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_hooked(model, hooks, batches())
     return moments
 
 

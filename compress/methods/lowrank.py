@@ -230,20 +230,27 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
+def run_hooked(model: nn.Module, hooks: list, batches) -> None:
+    """Every batch of `batches` through `model` in eval mode for what `hooks` record; then the hooks
+    are removed and the model's mode restored, whatever happens."""
+    was_training = model.training
+    try:
+        model.eval()
+        for batch in batches:
+            device = next(model.parameters()).device
+            model(*(t.to(device) for t in batch))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 def execution_order(model: nn.Module, names: list[str], batch: tuple) -> list[str]:
     """`names` in the order a forward pass on `batch` first runs them (those that never run last)."""
     order: list[str] = []
     hooks = [model.get_submodule(n).register_forward_pre_hook(
         lambda mod, args, name=n: order.append(name) if name not in order else None) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(*(t.to(device) for t in batch))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_hooked(model, hooks, [batch])
     return order + [n for n in names if n not in order]
 
 

@@ -180,9 +180,13 @@ def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_che
         from .recipe import load_recipe
 
         resolve_device(device)
-        batch = load_recipe(recipe_path).recipe.data.batch_size  # fail here once, not in every process
+        loaded = load_recipe(recipe_path).recipe  # fail here once, not in every process
+        batch = loaded.data.batch_size
         if batch % nproc:
             raise UserError(f"--nproc {nproc}: data.batch_size {batch} must be divisible by the number of processes")
+        if loaded.budget is not None and loaded.budget.in_latency:
+            raise UserError(f"--nproc {nproc}: budget.{loaded.budget.target} is measured, and each process would "
+                            "measure, and allocate, differently; run without --nproc or use a params or macs budget")
         sys.exit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
     distributed.init_from_env(device)
     try:

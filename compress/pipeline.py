@@ -305,6 +305,9 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     b = r.budget
     budgeting.check(b, methods)
     costs, table = None, None
+    if b.in_latency and distributed.world()[1] > 1:  # each process would time, and allocate, differently
+        raise UserError(f"budget.{b.target}: latency is measured, and measurements differ from process to process; "
+                        "run without --nproc, or use a params or macs budget")
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads)
         costs = table.latency_ms

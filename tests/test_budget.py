@@ -169,3 +169,12 @@ def test_speedup_budget_is_verified_before_fine_tuning_and_a_second_run_measures
     assert all(h["predicted_ms"] > 0 and h["measured_ms"] > 0 for h in first["history"])
     assert isinstance(first["met"], bool) and first["measured"] > 0
     assert (tmp_path / "cache" / "op-latency-v1.json").exists()
+
+
+def test_a_latency_budget_is_refused_with_several_processes(digits_model, write_recipe, run_cli, tmp_path):
+    import yaml
+
+    path = write_recipe(yaml.safe_dump({"data": DATA, "stages": [STAGE], "budget": {"speedup": 1.5}}))
+    result = run_cli("apply", "--recipe", path, digits_model, "--nproc", "2", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "each process would measure, and allocate, differently" in result.output
+    assert not (tmp_path / "out").exists()

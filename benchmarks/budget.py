@@ -4,7 +4,8 @@ Side by side in one run, from the same original:
   - digits ResNet, svd (spatial scheme, the block convs of recipes/svd.yaml), MAC budgets 1.94x,
     2.43x and 3x: `budget: {macs: X}` with the layer sensitivity measured on the model's output
     at 1, 3 and every candidate rank (`probes`), and scaled by the layer's own energy
-    (`sensitivity: layer`); against uniform svd at the largest `ratio` whose MACs are at least as
+    (`sensitivity: layer`), and weighted by the output's gradients (`sensitivity: gradient`, first
+    order); against uniform svd at the largest `ratio` whose MACs are at least as
     low (a grid of ratios, 0.01 apart, planned, not guessed);
   - digits Transformer, afm on the blocks' Linear layers, MAC budgets 2x and 3x, same comparison;
   - digits ResNet, `budget: {speedup: 1.6}` at batch 32: the additive latency prediction against the
@@ -149,7 +150,8 @@ def allocation_time() -> list[dict]:
 
 def main() -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--only", choices=["quality", "latency", "scale"], default=None)
+    parser.add_argument("--only", choices=["quality", "scale"], default=None)
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the budget variants")
     args = parser.parse_args()
     if args.only == "scale":
         write_results(args.out, {"allocation_time": allocation_time()})
@@ -160,11 +162,17 @@ def main() -> None:
     train_digits_resnet(resnet, progress=False)
     train_digits_transformer(transformer, progress=False)
     variants = {"output, 1 probe": {"probes": 1}, "output, 3 probes": {"probes": 3},
-                "output, every candidate": {"probes": 24}, "layer energy": {"sensitivity": "layer"}}
+                "output, every candidate": {"probes": 24}, "gradient": {"sensitivity": "gradient"},
+                "layer energy": {"sensitivity": "layer"}}
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     rows = compare("digits ResNet, svd spatial", resnet, RESNET, RESNET_STAGE, ["image"], "digits",
                    [1.94, 2.43, 3.0], variants)
     rows += compare("digits Transformer, afm", transformer, TRANSFORMER, TRANSFORMER_STAGE, ["tokens", "mask"],
                     "digits-tokens", [2.0, 3.0], variants)
+    if args.only == "quality":
+        write_results(args.out, {"rows": rows})
+        return
     latency = speedup_budget(resnet)
     scale = allocation_time()
     print("\n| model | MAC budget | run | MACs ratio | test accuracy | agreement | budget s |")

@@ -65,9 +65,11 @@ class BudgetSection(Strict):
                         "interpolated): one calibration pass each")
     probe_samples: int = Field(256, ge=1, le=65536, description="calibration samples each probe pass runs (whole "
                                "batches, at least this many)")
-    sensitivity: Literal["output", "layer"] = Field(
-        "output", description="how layer errors are made comparable: output = scaled by one calibration pass per "
-        "layer measuring the model's output error; layer = relative to the layer's own output energy")
+    sensitivity: Literal["output", "gradient", "layer"] = Field(
+        "output", description="how layer errors are made comparable: output = scaled by calibration passes that "
+        "measure the model's output error with the layer truncated (`probes` per layer); gradient = weighted by "
+        "the output's gradients at the layer (first order, one backward pass per batch for all layers); layer = "
+        "relative to the layer's own output energy")
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -184,38 +186,106 @@ def input_moments(model: nn.Module, names: list[str], batches) -> dict[str, lina
 
 @torch.no_grad()
 def weight_error_curve(layer: nn.Module, scheme: str, moments: linalg.OutputMoments | None,
-                       ranks: list[int]) -> dict[int, float]:
+                       ranks: list[int], gradient: torch.Tensor | None = None) -> dict[int, float]:
     """{rank: expected squared error of the rank-r truncated SVD of the weight on the layer's inputs}
     (summed over the output features, per position). With the inputs' second moment M (a Conv2d's
     input patches): E||(W - W_r) x||^2 = tr(D M D^T), D = W - W_r in the channel view; in the channel
     scheme (and for a Linear) that is sum_{i > r} s_i^2 v_i^T M v_i in closed form, in the spatial
-    scheme W_r is rebuilt per rank. Without moments (an Embedding): the weight spectrum."""
+    scheme W_r is rebuilt per rank. Without moments (an Embedding): the weight spectrum.
+
+    With `gradient` G (second moment of the model output's gradient at this layer's output, see
+    output_gradient_moments) the error is weighted by it: tr(G D M D^T), the first-order estimate of
+    the model's output error (gradients and inputs taken as independent, K-FAC's approximation)."""
     matrix = layers.layer_matrix(layer, scheme).double().cpu()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     if moments is None:
-        tail = torch.flip(torch.cumsum(torch.flip(s.pow(2), [0]), 0), [0])
+        per = s.pow(2) * (torch.einsum("ji,jk,ki->i", u, gradient, u) if gradient is not None else 1.0)
+        tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
         return {r: float(tail[r]) if r < len(tail) else 0.0 for r in ranks}
     second = moments.outer / max(1, moments.count)  # E[x x^T]
     if scheme == "channel" or not isinstance(layer, nn.Conv2d):
-        per = s.pow(2) * torch.einsum("ij,jk,ik->i", vh, second, vh)
-        tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
-        return {r: max(0.0, float(tail[r])) if r < len(tail) else 0.0 for r in ranks}
+        if gradient is None:
+            per = s.pow(2) * torch.einsum("ij,jk,ik->i", vh, second, vh)
+            tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
+            return {r: max(0.0, float(tail[r])) if r < len(tail) else 0.0 for r in ranks}
+        # sum over i, j >= r of s_i s_j (u_i^T G u_j)(v_j^T M v_i): a suffix sum over both indices
+        terms = torch.outer(s, s) * (u.T @ gradient @ u) * (vh @ second @ vh.T)
+        suffix = _suffix_sums(terms)
+        return {r: max(0.0, float(suffix[r, r])) if r < len(s) else 0.0 for r in ranks}
     n, c, kh, kw = layer.weight.shape
     errors = {}
     for r in ranks:
         residual = (u[:, r:] * s[r:]) @ vh[r:]  # (C kh, N kw): what the truncation drops
         d = residual.reshape(c, kh, n, kw).permute(2, 0, 1, 3).reshape(n, c * kh * kw)
-        errors[r] = max(0.0, float(((d @ second) * d).sum()))
+        weighted = gradient @ d if gradient is not None else d
+        errors[r] = max(0.0, float(((weighted @ second) * d).sum()))
     return errors
 
 
+def _suffix_sums(terms: torch.Tensor) -> torch.Tensor:
+    """out[i, j] = sum of terms[i:, j:]."""
+    flipped = torch.flip(terms, [0, 1])
+    return torch.flip(flipped.cumsum(0).cumsum(1), [0, 1])
+
+
 @torch.no_grad()
-def afm_error_curve(moments) -> torch.Tensor:
-    """errors[r] = the output covariance's eigenvalues beyond r: afm's reconstruction error."""
-    eigenvalues, _ = linalg.principal_subspace(moments.covariance())
-    lam = eigenvalues.clamp_min(0).double()
-    tail = torch.flip(torch.cumsum(torch.flip(lam, [0]), 0), [0])
-    return torch.cat([tail, torch.zeros(1, dtype=tail.dtype)])
+def afm_error_curve(moments, ranks: list[int], gradient: torch.Tensor | None = None) -> dict[int, float]:
+    """{rank: afm's reconstruction error}: the output covariance's eigenvalues beyond the rank,
+    sum_{i > r} lambda_i, or with `gradient` G its first-order effect on the model's output,
+    sum_{i > r} lambda_i u_i^T G u_i."""
+    eigenvalues, vectors = linalg.principal_subspace(moments.covariance())
+    per = eigenvalues.clamp_min(0).double()
+    if gradient is not None:
+        per = per * torch.einsum("ji,jk,ki->i", vectors.double(), gradient, vectors.double())
+    tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
+    return {r: max(0.0, float(tail[r])) if r < len(tail) else 0.0 for r in ranks}
+
+
+def output_gradient_moments(model: nn.Module, names: list[str], batches, samples: int) -> dict[str, torch.Tensor]:
+    """{layer: E[g g^T]} with g the gradient of r . f(x) at the layer's output, r ~ N(0, I) per
+    output element, summed over the layer's positions and averaged over samples: then
+    E||J delta||^2 ~ tr(G Cov(delta)) for a perturbation delta of the layer's outputs (Hutchinson).
+    One forward and one backward pass per calibration batch, for all layers at once."""
+    from .methods.lowrank import output_features
+    from .metrics import primary_output
+
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        def hook(mod, args, output, name=name):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                def grad_hook(grad, mod=mod):
+                    g = output_features(mod, grad).reshape(-1, grad.shape[1 if isinstance(mod, nn.Conv2d) else -1])
+                    g = g.detach().double().cpu()
+                    sums[name] = sums.get(name, 0) + g.T @ g
+                output.register_hook(grad_hook)
+
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    count = 0
+    generator = torch.Generator().manual_seed(0)
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in _take(batches, samples):
+                device = params[0].device
+                out = primary_output(model(*(t.to(device) for t in batch)))
+                r = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
+                model.zero_grad(set_to_none=True)
+                (out * r).sum().backward()
+                count += out.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {name: total / max(1, count) for name, total in sums.items()}
 
 
 def rank_grid(full: int, fits: Callable[[int], bool]) -> list[int]:
@@ -271,6 +341,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     target = budget.target
     choices: list[LayerChoice] = []
     unpriced: list[tuple[Method, str]] = []  # no rank of these would save anything: dense
+    pending: list[tuple] = []  # (method, name, layer, scheme, ranks) of the layers with candidates
     for method in [m for m in methods if allocated(m)]:
         excluded = {**unswappable_layers(model), **method.default_exclusions(model)}
         scheme = getattr(method.stage, "scheme", "channel")
@@ -293,14 +364,18 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
             if not ranks:
                 unpriced.append((method, name))
                 continue
-            if _uses_afm(method):  # rank 0 drops everything: the layer's output energy
-                tail = afm_error_curve(method.moments[name])
-                curve = {r: float(tail[r]) for r in [0, *ranks]}
-            else:
-                curve = weight_error_curve(layer, s, method.budget_inputs.get(name), [0, *ranks])
-            energy = curve.pop(0)
-            choices.append(LayerChoice(method, name, s, [Candidate(None, 0.0, 0.0)] +
-                                       [Candidate(r, 0.0, curve[r]) for r in ranks], curve=curve, energy=energy))
+            pending.append((method, name, layer, s, ranks))
+    gradients = (output_gradient_moments(model, [p[1] for p in pending], batches, budget.probe_samples)
+                 if budget.sensitivity == "gradient" and pending else {})
+    for method, name, layer, s, ranks in pending:
+        weight = gradients.get(name)
+        if _uses_afm(method):  # rank 0 drops everything: the layer's output energy
+            curve = afm_error_curve(method.moments[name], [0, *ranks], weight)
+        else:
+            curve = weight_error_curve(layer, s, method.budget_inputs.get(name), [0, *ranks], weight)
+        energy = curve.pop(0)
+        choices.append(LayerChoice(method, name, s, [Candidate(None, 0.0, 0.0)] +
+                                   [Candidate(r, 0.0, curve[r]) for r in ranks], curve=curve, energy=energy))
     if not choices:
         raise RecipeError("budget: the stages it allocates have no layer whose factorization would save anything")
     # costs (latency: measured per op, cached)
@@ -333,6 +408,8 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
     output at a probe rank (`sensitivity: output`) or by the layer's output energy (`layer`)."""
     from .progress import iterate
 
+    if budget.sensitivity == "gradient":  # the curves are already first-order output errors
+        return
     if budget.sensitivity == "layer":
         for choice in choices:
             choice.coefficient = 1.0 / choice.energy if choice.energy > 0 else 0.0

@@ -178,3 +178,30 @@ def test_a_latency_budget_is_refused_with_several_processes(digits_model, write_
     result = run_cli("apply", "--recipe", path, digits_model, "--nproc", "2", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "each process would measure, and allocate, differently" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_gradient_weighted_error_is_the_output_error_when_what_follows_is_linear():
+    from compress import layers
+    from compress.budget import afm_error_curve, output_gradient_moments
+    from compress.methods.lowrank import collect_moments, mimic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3)).double()
+    x = torch.randn(4000, 8, dtype=torch.float64) * torch.linspace(2, 0.1, 8, dtype=torch.float64)
+    batches = lambda: ((x[i:i + 500],) for i in range(0, 4000, 500))  # noqa: E731
+    gradient = output_gradient_moments(model, ["0"], batches, 4000)["0"]
+    second = model[1].weight.detach().T @ model[1].weight.detach()  # E[g g^T] = B^T B for r ~ N(0, I)
+    assert torch.allclose(gradient, second, rtol=0.15, atol=0.02)
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    inputs = _moments(x)
+    svd_curve = weight_error_curve(model[0], "channel", inputs, [1, 3], gradient=second)
+    afm_curve = afm_error_curve(collect_moments(model, ["0"], batches)["0"], [1, 3], gradient=second)
+    for rank in (1, 3):
+        with torch.no_grad():
+            reference = model(x)
+            truncated = nn.Sequential(layers.factorize(model[0], rank, "channel"), model[1]).double()
+            mimicked = nn.Sequential(mimic(model[0], collect_moments(model, ["0"], batches)["0"], rank), model[1])
+            svd_out = float((truncated(x) - reference).pow(2).sum(1).mean())
+            afm_out = float((mimicked(x) - reference).pow(2).sum(1).mean())
+        assert svd_curve[rank] == pytest.approx(svd_out, rel=1e-6)  # exact: the layer after is linear
+        assert afm_curve[rank] == pytest.approx(afm_out, rel=1e-6)

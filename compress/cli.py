@@ -277,7 +277,16 @@ def sweep(recipe_path, model, budgets, out, force, seed, device, trust_checkpoin
 
     ctx, options = _context(recipe_path, model, trust_checkpoint, trust_factory, seed, device, quiet)
     out = Path(out) if out else Path("out") / f"sweep-{Path(recipe_path).stem}"
-    summary = run_sweep(ctx, budgets, out, options, force)
+    try:
+        summary = run_sweep(ctx, budgets, out, options, force)
+    except CompressError as exc:
+        if exc.exit_code == 3:  # written, but a run missed a gate: show the front before failing
+            _print_sweep(exc.result, out)
+        raise
+    _print_sweep(summary, out)
+
+
+def _print_sweep(summary: dict, out: Path) -> None:
     for point in summary["points"]:
         m = point.get("metric")
         click.echo(f"{point['label']}: {point['latency_ms']:.4f} ms at batch {summary['batch']}, "

@@ -6,7 +6,8 @@ calibration statistics (taken once, in memory) and the op-latency cache (on disk
 holds `pareto.json` and `pareto.md` (metric against measured latency at the budget's batch size,
 with the original and, when the recipe benchmarks it, int8 of the original) and `pareto.png` when
 matplotlib is installed (`pip install 'compress[plot]'`; otherwise pareto.md says it was skipped).
-The folder is built beside `OUT` and moved into place at the end, like `apply`'s.
+The folder is built beside `OUT` and moved into place at the end, like `apply`'s. A run that
+misses one of the recipe's gates does not stop the sweep; the sweep then exits 3 at the end.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
     out = Path(out)
     check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     device = resolve_device(options.device)
-    points = []
+    points, missed = [], []
     with outdir.locked(out):
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.sweep-", dir=out.parent))
         try:
@@ -89,6 +90,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                                    folder, options)
                 except GateFailed as exc:  # the run's report is written; the sweep goes on
                     report = exc.result
+                    missed.append(folder_name(value))
                 points.append(_point(f"budget {target} {value:g}", value, report.to_json(), recipe.budget.batch))
             first = json.loads((work / folder_name(values[0]) / "report.json").read_text())
             summary = _summary(target, recipe.budget.batch, first, points)
@@ -102,6 +104,11 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
 
             shutil.rmtree(work, ignore_errors=True)
             raise
+    if missed:  # everything is written; the exit code says a run missed a gate
+        error = GateFailed(f"sweep: {len(missed)} of {len(values)} runs missed a gate: {', '.join(missed)} "
+                           f"(see their report.md in {out})")
+        error.result = summary
+        raise error
     return summary
 
 

@@ -60,3 +60,14 @@ def test_sweep_errors_are_one_line_and_write_nothing(digits_model, write_recipe,
     result = run_cli("sweep", "--recipe", path, digits_model, "--budgets", budgets, "--out", tmp_path / "sweep")
     assert result.exit_code == 2 and says in result.output, result.output
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_run_that_misses_a_gate_does_not_stop_the_sweep_but_it_exits_3(digits_model, write_recipe, run_cli,
+                                                                          tmp_path):
+    recipe = {**RECIPE, "gates": {"max_metric_drop": 0.0001}}  # svd without fine-tuning loses more than that
+    path = write_recipe(yaml.safe_dump(recipe))
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", "--recipe", path, digits_model, "--budgets", "2,3", "--out", out, "-q")
+    assert result.exit_code == 3, result.output
+    assert "2 of 2 runs missed a gate: budget-2, budget-3" in result.output
+    assert (out / "pareto.json").exists() and (out / "budget-3" / "report.json").exists()

@@ -191,7 +191,9 @@ def weight_error_curve(layer: nn.Module, scheme: str, moments: linalg.OutputMome
     (summed over the output features, per position). With the inputs' second moment M (a Conv2d's
     input patches): E||(W - W_r) x||^2 = tr(D M D^T), D = W - W_r in the channel view; in the channel
     scheme (and for a Linear) that is sum_{i > r} s_i^2 v_i^T M v_i in closed form, in the spatial
-    scheme W_r is rebuilt per rank. Without moments (an Embedding): the weight spectrum.
+    scheme W_r is rebuilt per rank. Without moments (an Embedding, whose inputs are indices): the
+    weight spectrum per lookup, every row looked up equally often (for a table, each singular
+    direction's output side is v_i, a row of the table's space).
 
     With `gradient` G (second moment of the model output's gradient at this layer's output, see
     output_gradient_moments) the error is weighted by it: tr(G D M D^T), the first-order estimate of
@@ -199,7 +201,10 @@ def weight_error_curve(layer: nn.Module, scheme: str, moments: linalg.OutputMome
     matrix = layers.layer_matrix(layer, scheme).double().cpu()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     if moments is None:
-        per = s.pow(2) * (torch.einsum("ji,jk,ki->i", u, gradient, u) if gradient is not None else 1.0)
+        table = isinstance(layer, nn.Embedding)
+        outputs = vh if table else u.T  # row i: the output-side direction of the i-th term
+        per = s.pow(2) * (torch.einsum("ij,jk,ik->i", outputs, gradient, outputs) if gradient is not None else 1.0)
+        per = per / matrix.shape[0] if table else per
         tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
         return {r: float(tail[r]) if r < len(tail) else 0.0 for r in ranks}
     second = moments.outer / max(1, moments.count)  # E[x x^T]

@@ -205,3 +205,17 @@ def test_gradient_weighted_error_is_the_output_error_when_what_follows_is_linear
             afm_out = float((mimicked(x) - reference).pow(2).sum(1).mean())
         assert svd_curve[rank] == pytest.approx(svd_out, rel=1e-6)  # exact: the layer after is linear
         assert afm_curve[rank] == pytest.approx(afm_out, rel=1e-6)
+
+
+def test_an_embedding_table_error_is_per_lookup_and_weighted_on_its_output_side():
+    from compress import layers
+
+    torch.manual_seed(0)
+    table, head = nn.Embedding(30, 6).double(), nn.Linear(6, 4, bias=False).double()
+    gradient = head.weight.detach().T @ head.weight.detach()  # what follows is linear: E[g g^T] = B^T B
+    curve = weight_error_curve(table, "channel", None, [1, 3], gradient=gradient)
+    ids = torch.arange(30)  # every row looked up once
+    for rank, predicted in curve.items():
+        with torch.no_grad():
+            diff = head(table(ids)) - head(layers.factorize(table, rank, "channel").double()(ids))
+        assert predicted == pytest.approx(float(diff.pow(2).sum(1).mean()), rel=1e-6)

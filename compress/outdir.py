@@ -38,13 +38,7 @@ def check_out(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None
         raise UserError(f"{out}: is a symbolic link; give --out a real folder path")
     if info is not None and not stat.S_ISDIR(info.st_mode):
         raise UserError(f"{out}: exists and is not a folder; refusing to replace it, with or without --force")
-    resolved = out.resolve()
-    for path in inputs:
-        if path is None:
-            continue
-        source = Path(path).resolve()
-        if source == resolved or resolved in source.parents:
-            raise UserError(f"{out}: holds the input {path}; write the output to another folder")
+    check_not_holding(out, inputs)
     if info is None:
         return
     entries = sorted(p.name for p in out.iterdir())
@@ -59,6 +53,17 @@ def check_out(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None
         what = f"it holds files compress did not write: {shown}" if foreign else "it is not an output of compress apply"
         raise UserError(f"{out}: --force replaces only a previous compress output, and {what}; "
                         "nothing was touched: choose another --out or move them")
+
+
+def check_not_holding(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output folder that is, or holds, one of the run's inputs (replacing it would delete it)."""
+    resolved = out.resolve()
+    for path in inputs:
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == resolved or resolved in source.parents:
+            raise UserError(f"{out}: holds the input {path}; write the output to another folder")
 
 
 def check_file_out(path: Path, force: bool) -> None:

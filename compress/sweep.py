@@ -34,10 +34,7 @@ def check_out(out: Path, force: bool, inputs) -> None:
     if not entries:
         outdir.check_out(out, force, inputs)  # missing, empty, a file, a link: as for apply
         return
-    resolved = out.resolve()
-    for path in inputs:
-        if path is not None and (Path(path).resolve() == resolved or resolved in Path(path).resolve().parents):
-            raise UserError(f"{out}: holds the input {path}; write the output to another folder")
+    outdir.check_not_holding(out, inputs)
     if not force:
         raise UserError(f"{out}: output folder exists; pass --force to replace it")
     ours = (out / outdir.MARKER).is_file() and all(

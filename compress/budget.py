@@ -123,9 +123,6 @@ class LayerChoice:
     scheme: str
     candidates: list[Candidate]
     chosen: int = 0
-    coefficient: float = 1.0
-    curve: dict = field(default_factory=dict)  # rank -> layer error
-    probes: dict = field(default_factory=dict)  # rank -> measured output error / layer error
     energy: float = 0.0  # the layer's error at rank 0: its output energy (afm: variance)
 
 
@@ -309,7 +306,7 @@ def rank_grid(full: int, fits: Callable[[int], bool]) -> list[int]:
 
 # ---------------------------------------------------------------- allocation
 
-def _replacement(method: Method, name: str, layer: nn.Module, rank: int, scheme: str, moments) -> nn.Module:
+def _replacement(method: Method, layer: nn.Module, rank: int, scheme: str, moments) -> nn.Module:
     from .methods.lowrank import mimic
 
     if _uses_afm(method):
@@ -380,7 +377,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
             curve = weight_error_curve(layer, s, method.budget_inputs.get(name), [0, *ranks], weight)
         energy = curve.pop(0)
         choices.append(LayerChoice(method, name, s, [Candidate(None, 0.0, 0.0)] +
-                                   [Candidate(r, 0.0, curve[r]) for r in ranks], curve=curve, energy=energy))
+                                   [Candidate(r, 0.0, curve[r]) for r in ranks], energy=energy))
     if not choices:
         raise RecipeError("budget: the stages it allocates have no layer whose factorization would save anything")
     # costs (latency: measured per op, cached)
@@ -417,9 +414,9 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
         return
     if budget.sensitivity == "layer":
         for choice in choices:
-            choice.coefficient = 1.0 / choice.energy if choice.energy > 0 else 0.0
+            coefficient = 1.0 / choice.energy if choice.energy > 0 else 0.0
             for c in choice.candidates:
-                c.error *= choice.coefficient
+                c.error *= coefficient
         return
     probe = list(_take(batches, budget.probe_samples))
     with torch.no_grad():
@@ -436,7 +433,7 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
         measured = {}  # rank -> output error / layer error
         for index in picks:
             pick = ranked[index]
-            replace_module(model, choice.name, _replacement(choice.method, choice.name, layer, pick.rank,
+            replace_module(model, choice.name, _replacement(choice.method, layer, pick.rank,
                                                             choice.scheme, moments))
             try:
                 out = _output_error(model, probe_fn, reference)
@@ -444,10 +441,8 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
                 replace_module(model, choice.name, layer)
             if pick.error > 0:
                 measured[pick.rank] = out / pick.error
-        choice.probes = {r: float(f"{v:.6g}") for r, v in measured.items()}
         for c in ranked:
             c.error *= interpolate_coefficient(measured, c.rank)
-        choice.coefficient = interpolate_coefficient(measured, ranked[len(ranked) // 2].rank)
 
 
 def interpolate_coefficient(measured: dict[int, float], rank: int) -> float:

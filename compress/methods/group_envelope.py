@@ -427,33 +427,36 @@ class GroupEnvelope(Method):
                             "note": f"{kept} of {n} {unit} kept" + (f"; the hard projection cut {cut}" if cut else "")})
             if layout is None:
                 self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
-        for name, layout, dead in heads_to_remove:  # after Torch-Pruning's graph has done its part
-            self._remove_heads_checked(model, name, layout, dead)
-            self.edits_made.append({"op": "prune_heads", "module": name, "heads": dead})
+        if heads_to_remove:  # after Torch-Pruning's graph has done its part
+            self._remove_heads_checked(model, heads_to_remove)
 
     @torch.no_grad()
-    def _remove_heads_checked(self, model: nn.Module, name: str, layout: AttentionLayout, dead: list[int]) -> None:
-        """Remove the heads, then check on the calibration sample that the model computes what the
-        masked one did: a forward that reads a head count or width from attributes other than
-        `layout.heads` (e.g. a fixed head_dim * num_heads reshape) would silently change."""
+    def _remove_heads_checked(self, model: nn.Module, heads_to_remove: list[tuple[str, AttentionLayout, list[int]]]):
+        """Remove the heads module by module, checking after each on the calibration sample that the
+        model still computes what the masked one did: a forward that reads a head count or width
+        from attributes other than `layout.heads` (e.g. a fixed head_dim * num_heads reshape) would
+        silently change. The masked model's output is computed once: every removal must keep it."""
         device = next(model.parameters()).device
         sample = tuple(t.to(device) for t in self.sample)
         was_training = model.training
         model.eval()
         try:
-            before = primary_output(model(*sample))
-            remove_heads(model.get_submodule(name), layout, dead)
-            try:
-                after = primary_output(model(*sample))
-                same = after.shape == before.shape and torch.allclose(after, before, atol=1e-4, rtol=1e-3)
-            except Exception:  # noqa: BLE001 - any failure of the forward is the same finding
-                same = False
+            masked = primary_output(model(*sample))
+            for name, layout, dead in heads_to_remove:
+                remove_heads(model.get_submodule(name), layout, dead)
+                try:
+                    after = primary_output(model(*sample))
+                    same = after.shape == masked.shape and torch.allclose(after, masked, atol=1e-4, rtol=1e-3)
+                except Exception:  # noqa: BLE001 - any failure of the forward is the same finding
+                    same = False
+                if not same:
+                    raise UserError(f"stages[{self.stage_index}] (group_envelope): removing heads of {name!r} "
+                                    "changed the model's outputs (its forward reads head counts or widths that "
+                                    "compress does not update); leave its attention layers out of "
+                                    f"stages[{self.stage_index}].targets")
+                self.edits_made.append({"op": "prune_heads", "module": name, "heads": dead})
         finally:
             model.train(was_training)
-        if not same:
-            raise UserError(f"stages[{self.stage_index}] (group_envelope): removing heads of {name!r} changed the "
-                            "model's outputs (its forward reads head counts or widths that compress does not "
-                            f"update); leave its attention layers out of stages[{self.stage_index}].targets")
 
     def post_finetune_epochs(self) -> int:
         return self.stage.post_finetune

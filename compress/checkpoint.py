@@ -58,6 +58,7 @@ class LoadedModel:
 
 
 MAX_EDITS = 100_000
+MAX_DESCRIPTION_BYTES = 64 << 20  # a compression.json larger than this is not one of ours
 INPUT_DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
 
 
@@ -214,6 +215,9 @@ def load_artifact(path: Path, trusted: tuple[str, ...] | None = None) -> LoadedM
     """Rebuild a compressed model from `compression.json` and the weights file it names."""
     source = str(path)
     try:
+        if path.stat().st_size > MAX_DESCRIPTION_BYTES:  # MAX_EDITS edits of a few hundred bytes fit easily
+            raise UserError(f"{source}: {path.stat().st_size:,} bytes is not a compression.json (at most "
+                            f"{MAX_DESCRIPTION_BYTES:,}); refusing to read it")
         description = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{source}: not a readable compression.json ({first_line(exc)})") from None

@@ -209,6 +209,14 @@ def test_artifact_weights_must_lie_beside_it(small, tmp_path, run_cli):
     assert "must name a file beside it" in one_line_error(run_cli("inspect", folder))
 
 
+def test_an_oversized_compression_json_is_not_read(small, tmp_path, run_cli, monkeypatch):
+    from compress import checkpoint
+
+    folder = tampered_artifact(small, tmp_path)
+    monkeypatch.setattr(checkpoint, "MAX_DESCRIPTION_BYTES", 100)  # the real bound is 64 MB
+    assert "is not a compression.json (at most 100)" in one_line_error(run_cli("inspect", folder))
+
+
 # ---- --out, --force and files the tool did not write ----
 
 def test_force_never_replaces_a_folder_of_the_users_files(digits_model, write_recipe, run_cli, tmp_path):

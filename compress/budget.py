@@ -1,13 +1,24 @@
 """`budget:` -- the user states what they pay for; the tool spends it across layers.
 
-A recipe with a `budget:` section (one target: `speedup`, `latency_ms`, `params` or `macs`) lets
+A recipe with a `budget:` section (one target: `speedup`, `latency_ms`, `params`, `macs` or
+`onnx_bytes`) lets
 every svd, afm or pela stage whose rank rule is left out be *allocated*: each of its layers gets
 one candidate -- dense, or a rank from a grid -- so that the model meets the target with the least
-predicted damage. Stages with an explicit rule stay as they are and count toward the target.
+predicted damage. A group_envelope stage with `keep: auto` is allocated the same way, per coupled
+channel group: keep all, or k channels (heads) on a grid; its error is what the final projection
+to k drops (the smallest channel norms squared), its cost counts every parameter of the group's
+channels, and where two pruned groups shrink the same parameter the total is made exact
+(exact_envelope). Stages with an explicit rule stay as they are and count toward the target.
 
 Cost of a candidate: params and MACs exactly (layers.factorized_cost); latency measured alone in
 ONNX Runtime at the layer's real input shape at `budget.batch` (opcost.py, cached on disk). The
 latency model is additive: the original's whole-model latency minus what each changed layer saves.
+When the recipe quantizes, every cost is the int8 model's (the original's latency and size as
+ONNX Runtime's quantization of it would ship; each op measured quantized when the recipe's
+settings quantize it), while the ratio stays against the float original, as in the report.
+ONNX bytes: a layer's parameters at 4 bytes each, or 1 per weight element where the int8 model
+quantizes the layer; everything else (the graph, the layers not allocated) is the original's
+exported file size minus its allocated layers, checked like latency on the built model.
 What it misses (a factorized layer is two ops, each with its own fixed overhead; fusions) is
 checked: after the model is built, before fine-tuning, it is exported and measured beside the
 original; when the measured latency is more than 5 % off the prediction, the miss is spread over
@@ -31,6 +42,7 @@ predicted output error within the budget.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -43,10 +55,15 @@ from .errors import RecipeError
 from .knapsack import smallest_cost, solve
 from .methods.base import Decision, Method, Strict, replace_module
 
-ALLOCATABLE = ("svd", "afm", "pela")
+ALLOCATABLE = ("svd", "afm", "pela")  # ranks; and group_envelope's kept channels with keep: auto
+ENVELOPE = "group_envelope"
 RULE_KEYS = ("rank", "ratio", "energy", "ranks", "rho")
-TOLERANCE = 0.05  # a latency measured within 5 % of the prediction needs no further round
+TARGETS = ("speedup", "latency_ms", "params", "macs", "onnx_bytes")
+TOLERANCE = {"speedup": 0.05, "latency_ms": 0.05,  # a latency within 5 % of the prediction needs no other round
+             "onnx_bytes": 0.01, "params": 0.0, "macs": 0.0}  # a size is no noisier than its estimate
 MAX_CANDIDATES = 24
+AUTO_PROBES = 3  # probes per layer by default ...
+PROBE_PASSES = 120  # ... unless that makes more calibration passes than this (102 layers: 1 probe each)
 
 
 class BudgetSection(Strict):
@@ -56,13 +73,22 @@ class BudgetSection(Strict):
     latency_ms: float | None = Field(None, gt=0, description="ORT p50 latency of the compressed model at `batch`")
     params: float | None = Field(None, gt=1, description="parameter ratio original/compressed (2: half the parameters)")
     macs: float | None = Field(None, gt=1, description="MAC ratio original/compressed per sample")
+    onnx_bytes: float | None = Field(None, gt=1, description="file size ratio of the original's ONNX to the shipped "
+                                     "model.onnx (int8 when the recipe quantizes)")
     batch: int | None = Field(None, gt=0, description="batch size of the latency targets (default: the largest "
                               "bench.batch_sizes)")
     rounds: int = Field(3, ge=1, le=10, description="latency targets: allocations at most, each checked by "
                         "measuring the whole model before fine-tuning")
-    probes: int = Field(3, ge=1, le=MAX_CANDIDATES, description="sensitivity: output: ranks per layer at which the "
-                        "model's output error is measured (spread over the layer's candidates; the others are "
-                        "interpolated): one calibration pass each")
+    probes: int | Literal["auto"] = Field(
+        "auto", description="sensitivity: output: ranks per layer at which the model's output error is measured "
+        "(spread over the layer's candidates; the others are interpolated): one calibration pass each; auto = "
+        f"{AUTO_PROBES} per layer, fewer when that would pass more than {PROBE_PASSES} times in all (at least 1)")
+
+    @model_validator(mode="after")
+    def _probe_range(self):
+        if self.probes != "auto" and not 1 <= self.probes <= MAX_CANDIDATES:
+            raise ValueError(f"probes must be auto or between 1 and {MAX_CANDIDATES}")
+        return self
     probe_samples: int = Field(256, ge=1, le=65536, description="calibration samples each probe pass runs (whole "
                                "batches, at least this many)")
     sensitivity: Literal["output", "gradient", "layer"] = Field(
@@ -73,15 +99,15 @@ class BudgetSection(Strict):
 
     @model_validator(mode="after")
     def _one_target(self):
-        given = [k for k in ("speedup", "latency_ms", "params", "macs") if getattr(self, k) is not None]
+        given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of speedup, latency_ms, params, macs"
+            raise ValueError(f"give exactly one of {', '.join(TARGETS)}"
                              + (f", not {' and '.join(given)}" if given else ""))
         return self
 
     @property
     def target(self) -> str:
-        return next(k for k in ("speedup", "latency_ms", "params", "macs") if getattr(self, k) is not None)
+        return next(k for k in TARGETS if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:
@@ -91,9 +117,18 @@ class BudgetSection(Strict):
     def in_latency(self) -> bool:
         return self.target in ("speedup", "latency_ms")
 
+    @property
+    def verified(self) -> bool:
+        """Whether the built model is measured, and the allocation corrected, before fine-tuning
+        (the targets whose per-layer costs are estimates: latency and file size)."""
+        return self.target in ("speedup", "latency_ms", "onnx_bytes")
+
 
 def allocated(method: Method) -> bool:
-    """Whether a budget allocates this stage's ranks: an svd, afm or pela stage without a rank rule."""
+    """Whether a budget allocates this stage: an svd, afm or pela stage without a rank rule (its
+    ranks), a group_envelope stage with keep: auto (its kept channels)."""
+    if method.name == ENVELOPE:
+        return getattr(method.stage, "keep", None) == "auto"
     return method.name in ALLOCATABLE and not (set(RULE_KEYS) & method.stage.model_fields_set)
 
 
@@ -101,17 +136,17 @@ def check(budget: BudgetSection, methods: list[Method]) -> None:
     """Recipe-level checks: something to allocate, and nothing a latency table cannot price."""
     if not any(allocated(m) for m in methods):
         raise RecipeError("budget: no stage to allocate; leave out the rank rule (rank, ratio, energy, ranks, rho) "
-                          "of an svd, afm or pela stage")
+                          "of an svd, afm or pela stage, or set keep: auto on a group_envelope stage")
     if budget.in_latency:
         for m in methods:
             if m.name not in ALLOCATABLE:
                 raise RecipeError(f"budget.{budget.target}: stages[{m.stage_index}] ({m.name}) changes the model in a "
-                                  "way the latency table cannot price; use a params or macs budget with it")
+                                  "way the latency table cannot price; use a params, macs or onnx_bytes budget with it")
 
 
 @dataclass
 class Candidate:
-    rank: int | None  # None: dense
+    rank: int | None  # None: dense; the rank, or for group_envelope the channels (heads) kept
     cost: float
     error: float  # predicted output error
 
@@ -124,6 +159,7 @@ class LayerChoice:
     candidates: list[Candidate]
     chosen: int = 0
     energy: float = 0.0  # the layer's error at rank 0: its output energy (afm: variance)
+    group: dict | None = None  # group_envelope: the layer's channel group (channel_groups)
 
 
 @dataclass
@@ -314,6 +350,34 @@ def _replacement(method: Method, layer: nn.Module, rank: int, scheme: str, momen
     return layers.factorize(layer, rank, scheme)
 
 
+@contextlib.contextmanager
+def _applied(model: nn.Module, choice: LayerChoice, rank: int):
+    """The model with one layer at one candidate, restored afterwards: the layer replaced by its
+    factorization, or (group_envelope) all but its `rank` largest channels zeroed."""
+    if choice.group is not None:
+        from .methods.group_envelope import channel_norms, scale_channels
+
+        slices, n = choice.group["slices"], choice.group["channels"]
+        saved = {id(s.param): (s.param, s.param.detach().clone()) for s in slices}
+        keep = torch.zeros(n, dtype=torch.float64)
+        keep[torch.argsort(channel_norms(slices, n), descending=True)[:rank]] = 1.0
+        scale_channels(slices, keep)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, data in saved.values():
+                    param.copy_(data)
+        return
+    layer = model.get_submodule(choice.name)
+    moments = getattr(choice.method, "moments", {}).get(choice.name)
+    replace_module(model, choice.name, _replacement(choice.method, layer, rank, choice.scheme, moments))
+    try:
+        yield
+    finally:
+        replace_module(model, choice.name, layer)
+
+
 def _uses_afm(method: Method) -> bool:
     return method.name == "afm" or getattr(method.stage, "init", "svd") == "afm"
 
@@ -332,11 +396,16 @@ def _output_error(model: nn.Module, batches, reference: list[torch.Tensor]) -> f
 
 def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Module, profile: dict,
                     batches, costs: Callable | None, reference_cost: float, fixed_savings: float,
-                    skip: set[str] = frozenset(), progress: bool = False) -> Allocation:
+                    skip: set[str] = frozenset(), progress: bool = False,
+                    base_cost: float | None = None,
+                    quantized: Callable[[str, nn.Module], bool] = lambda name, layer: False) -> Allocation:
     """Candidates, costs, errors and the knapsack's choice for every allocatable layer.
 
-    `costs(layer, rank, scheme, in_shape) -> ms` prices latency targets; `reference_cost` is the
-    original's params, MACs or latency; `fixed_savings` what the stages with explicit rules save."""
+    `costs(name, layer, rank, scheme, in_shape) -> ms or bytes` prices latency and file size
+    targets; `reference_cost` is the original's params, MACs, latency or bytes (what the target's
+    ratio is against); `base_cost` the original as it would ship (int8 when the recipe quantizes;
+    default: the reference); `fixed_savings` what the stages with explicit rules save;
+    `quantized(name, layer)` whether the int8 model quantizes a layer (its weights take a byte)."""
     from .methods.lowrank import rank_rule_targets, unfactorizable, unswappable_layers
     from .progress import iterate
 
@@ -344,7 +413,11 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     choices: list[LayerChoice] = []
     unpriced: list[tuple[Method, str]] = []  # no rank of these would save anything: dense
     pending: list[tuple] = []  # (method, name, layer, scheme, ranks) of the layers with candidates
+    envelope: list[LayerChoice] = []
     for method in [m for m in methods if allocated(m)]:
+        if method.name == ENVELOPE:
+            envelope += envelope_choices(method, model, skip, unpriced)
+            continue
         excluded = {**unswappable_layers(model), **method.default_exclusions(model)}
         scheme = getattr(method.stage, "scheme", "channel")
         names = [(n, l) for n, l in rank_rule_targets(model, method.stage, method)
@@ -378,27 +451,160 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
         energy = curve.pop(0)
         choices.append(LayerChoice(method, name, s, [Candidate(None, 0.0, 0.0)] +
                                    [Candidate(r, 0.0, curve[r]) for r in ranks], energy=energy))
+    choices += envelope
     if not choices:
-        raise RecipeError("budget: the stages it allocates have no layer whose factorization would save anything")
+        raise RecipeError("budget: the stages it allocates have no layer whose factorization (or pruning) would save "
+                          "anything")
+    units = param_units(model, profile, target, quantized) if envelope else {}
     # costs (latency: measured per op, cached)
     for choice in iterate(choices, len(choices), "price candidates", "layer", enabled=progress and budget.in_latency):
+        if choice.group is not None:
+            for c in choice.candidates:
+                c.cost = envelope_cost(choice, c.rank, units)
+            continue
         layer = model.get_submodule(choice.name)
         shapes = profile[choice.name]
         for c in choice.candidates:
-            if target in ("params", "macs"):
-                dense = layers.dense_cost(layer, shapes.out_shape)
-                c.cost = float(getattr(dense if c.rank is None else
-                                       layers.factorized_cost(layer, c.rank, choice.scheme, shapes.in_shape,
-                                                              shapes.out_shape), target))
+            if target in ("params", "macs", "onnx_bytes"):
+                cost = (layers.dense_cost(layer, shapes.out_shape) if c.rank is None else
+                        layers.factorized_cost(layer, c.rank, choice.scheme, shapes.in_shape, shapes.out_shape))
+                c.cost = (layer_bytes(layer, cost.params, quantized(choice.name, layer)) if target == "onnx_bytes"
+                          else float(getattr(cost, target)))
             else:
-                c.cost = costs(layer, c.rank, choice.scheme, (budget_batch(budget),) + tuple(shapes.in_shape))
+                c.cost = costs(choice.name, layer, c.rank, choice.scheme,
+                               (budget_batch(budget),) + tuple(shapes.in_shape))
     _scale_errors(budget, choices, model, batches, progress)
     dense_total = sum(c.candidates[0].cost for c in choices)
-    fixed = reference_cost - fixed_savings - dense_total  # everything the allocation does not touch
+    base = reference_cost if base_cost is None else base_cost
+    fixed = base - fixed_savings - dense_total  # everything the allocation does not touch
     allocation = Allocation(target, budget.value, budget_batch(budget) if budget.in_latency else None, choices,
                             fixed, reference_cost, reference_cost, unpriced=unpriced)
     solve_allocation(allocation)
+    if envelope:
+        exact_envelope(allocation, units)
     return allocation
+
+
+def layer_bytes(layer: nn.Module, params: int, quantized: bool) -> float:
+    """Bytes `params` parameters of (a candidate for) `layer` take in the ONNX file: 4 each, or 1
+    per weight element where the int8 model quantizes the layer (its bias vector stays float)."""
+    if not quantized:
+        return 4.0 * params
+    bias = (layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features if isinstance(layer, nn.Linear)
+            else 0) if getattr(layer, "bias", None) is not None else 0
+    return float(4 * bias + (params - bias))
+
+
+# ---------------------------------------------------------------- group_envelope: kept channels
+
+def envelope_choices(method: Method, model: nn.Module, skip: set[str], unpriced: list) -> list[LayerChoice]:
+    """One choice per channel group (attention module) of a keep: auto group_envelope stage: keep
+    all n, or k on a grid (multiples of the stage's round_to; every count for heads). A candidate's
+    error is what the hard projection to k drops, the n - k smallest channel norms squared, scaled
+    by its measured effect on the output like every other layer's (`_scale_errors`)."""
+    from .methods.group_envelope import channel_norms
+
+    out = []
+    for root, info in method.channel_groups(model).items():
+        n = info["channels"]
+        if root in skip or info["reason"] or n < 2:
+            if not info["reason"] and root not in skip:
+                unpriced.append((method, root))
+            continue
+        step = 1 if info.get("layout") is not None else method.stage.round_to
+        counts = list(range(step, n, step))
+        if not counts:
+            unpriced.append((method, root))
+            continue
+        if len(counts) > MAX_CANDIDATES:
+            stride = -(-len(counts) // MAX_CANDIDATES)
+            counts = counts[::-1][::stride][::-1]
+        squares = torch.sort(channel_norms(info["slices"], n).pow(2)).values  # ascending
+        dropped = torch.cumsum(squares, 0)  # dropped[i]: the i + 1 smallest
+        candidates = [Candidate(None, 0.0, 0.0)] + [Candidate(k, 0.0, float(dropped[n - k - 1])) for k in counts]
+        out.append(LayerChoice(method, root, "channels", candidates, energy=float(dropped[-1]), group=info))
+    return out
+
+
+def param_units(model: nn.Module, profile: dict, target: str, quantized: Callable) -> dict[int, float]:
+    """{id(parameter): what one of its elements costs in the target}: 1 for params; a weight's share
+    of its layer's MACs for macs (other parameters 0); 4 bytes, or 1 for a weight the int8 model
+    quantizes, for onnx_bytes."""
+    units = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if target == "params":
+                units[id(p)] = 1.0
+            elif target == "macs":
+                macs = (layers.dense_cost(module, profile[name].out_shape).macs
+                        if isinstance(module, (nn.Conv2d, nn.Linear)) and name in profile and p is module.weight else 0)
+                units[id(p)] = macs / p.numel()
+            else:
+                units[id(p)] = 1.0 if p.dim() >= 2 and quantized(name, module) else 4.0
+    return units
+
+
+def _shares(choice: LayerChoice, units: dict[int, float]):
+    """(parameter, its cost, the share of its `dim` that is the group's channels) per slice."""
+    for s in choice.group["slices"]:
+        yield s.param, units.get(id(s.param), 0.0) * s.param.numel(), len(s.idxs) / s.param.shape[s.dim]
+
+
+def envelope_cost(choice: LayerChoice, kept: int | None, units: dict[int, float]) -> float:
+    """The group's parameters' cost with `kept` of its n channels (None: all), as if no other group
+    shrank (additive; exact_envelope corrects where two groups shrink the same parameter)."""
+    fraction = 1.0 if kept is None else kept / choice.group["channels"]
+    return sum(cost * share * fraction for _, cost, share in _shares(choice, units))
+
+
+def envelope_interaction(allocation: Allocation, units: dict[int, float]) -> float:
+    """What the additive prediction misses: a parameter two groups shrink (a conv between two pruned
+    groups loses rows and columns) saves (1 - (1 - a)(1 - b)), not a + b, of its cost."""
+    removed: dict[int, tuple[float, list[float]]] = {}
+    for choice in allocation.layers:
+        if choice.group is None:
+            continue
+        c = choice.candidates[choice.chosen]
+        dropped = 0.0 if c.rank is None else 1 - c.rank / choice.group["channels"]
+        for param, cost, share in _shares(choice, units):
+            removed.setdefault(id(param), (cost, []))[1].append(share * dropped)
+    missed = 0.0
+    for cost, parts in removed.values():
+        remaining = 1.0
+        for part in parts:
+            remaining *= 1 - part
+        missed += cost * (sum(parts) - (1 - remaining))
+    return missed
+
+
+def exact_envelope(allocation: Allocation, units: dict[int, float], rounds: int = 10) -> None:
+    """Make the prediction exact where pruned groups share parameters; while the exact cost is over
+    the target, add the excess to the pruned groups' candidates and solve again (a few rounds)."""
+    true_cost = {id(c): c.cost for choice in allocation.layers for c in choice.candidates}
+    total = _limit(allocation) + allocation.fixed
+
+    def exact() -> float:
+        chosen = sum(true_cost[id(choice.candidates[choice.chosen])] for choice in allocation.layers)
+        return allocation.fixed + chosen + envelope_interaction(allocation, units)
+
+    try:
+        for _ in range(rounds):
+            cost = exact()
+            if cost <= total:
+                allocation.predicted = cost
+                return
+            pruned = [c for c in allocation.layers if c.group is not None and c.candidates[c.chosen].rank is not None]
+            for choice in pruned:
+                for c in choice.candidates:
+                    if c.rank is not None:
+                        c.cost += (cost - total) / len(pruned)
+            solve_allocation(allocation)
+    finally:
+        for choice in allocation.layers:
+            for c in choice.candidates:
+                c.cost = true_cost[id(c)]
+    raise RecipeError(f"budget.{allocation.target} {allocation.value:g}: the pruned channel groups share layers, and "
+                      f"no allocation found in {rounds} rounds meets the target once that is counted; lower it")
 
 
 def budget_batch(budget: BudgetSection) -> int:
@@ -410,8 +616,10 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
     output at a probe rank (`sensitivity: output`) or by the layer's output energy (`layer`)."""
     from .progress import iterate
 
-    if budget.sensitivity == "gradient":  # the curves are already first-order output errors
-        return
+    if budget.sensitivity == "gradient":  # the curves are already first-order output errors ...
+        choices = [c for c in choices if c.group is not None]  # ... but for channels, which are probed
+        if not choices:
+            return
     if budget.sensitivity == "layer":
         for choice in choices:
             coefficient = 1.0 / choice.energy if choice.energy > 0 else 0.0
@@ -424,25 +632,30 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
 
         reference = [primary_output(model(*b)).double() for b in probe]
     probe_fn = lambda: iter(probe)  # noqa: E731
+    per_layer = probes_per_layer(budget.probes, len(choices))
     for choice in iterate(choices, len(choices), "layer sensitivity", "layer", enabled=progress):
         ranked = [c for c in choice.candidates if c.rank is not None]
-        count = min(budget.probes, len(ranked))  # spread from the smallest to the largest rank
+        count = min(per_layer, len(ranked))  # spread from the smallest to the largest rank
         picks = sorted({round(i * (len(ranked) - 1) / max(1, count - 1)) for i in range(count)})
-        layer = model.get_submodule(choice.name)
-        moments = getattr(choice.method, "moments", {}).get(choice.name)
         measured = {}  # rank -> output error / layer error
         for index in picks:
             pick = ranked[index]
-            replace_module(model, choice.name, _replacement(choice.method, layer, pick.rank,
-                                                            choice.scheme, moments))
-            try:
+            with _applied(model, choice, pick.rank):
                 out = _output_error(model, probe_fn, reference)
-            finally:
-                replace_module(model, choice.name, layer)
             if pick.error > 0:
                 measured[pick.rank] = out / pick.error
         for c in ranked:
             c.error *= interpolate_coefficient(measured, c.rank)
+
+
+def probes_per_layer(probes: int | str, layers: int) -> int:
+    """`probes` as given, or for auto: AUTO_PROBES per layer while that stays within PROBE_PASSES
+    calibration passes in all, else as many as fit (at least one). Each pass runs the whole model
+    on the probe samples, so a 100-layer model with 3 probes spends most of its planning there
+    (52 s of 55 s on the 102-Linear model of benchmarks/budget.py, against 16 s with 1)."""
+    if probes != "auto":
+        return int(probes)
+    return max(1, min(AUTO_PROBES, PROBE_PASSES // max(1, layers)))
 
 
 def interpolate_coefficient(measured: dict[int, float], rank: int) -> float:
@@ -498,19 +711,21 @@ def _limit(allocation: Allocation) -> float:
     return total - allocation.fixed
 
 
-def record(allocation: Allocation, measured_ms: float) -> bool:
-    """Note a whole-model latency measurement of the allocation; True when it is within TOLERANCE
-    of the prediction."""
-    allocation.measured = measured_ms
-    allocation.history.append({"round": allocation.rounds, "predicted_ms": round(allocation.predicted, 4),
-                               "measured_ms": round(measured_ms, 4)})
-    return abs(measured_ms - allocation.predicted) <= TOLERANCE * measured_ms
+def record(allocation: Allocation, measured: float) -> bool:
+    """Note a whole-model measurement of the allocation (ms, or bytes); True when it is within the
+    target's TOLERANCE of the prediction."""
+    allocation.measured = measured
+    unit = "bytes" if allocation.target == "onnx_bytes" else "ms"
+    allocation.history.append({"round": allocation.rounds, f"predicted_{unit}": round(allocation.predicted, 4),
+                               f"measured_{unit}": round(measured, 4)})
+    return abs(measured - allocation.predicted) <= TOLERANCE[allocation.target] * measured
 
 
-def correct(allocation: Allocation, measured_ms: float) -> None:
+def correct(allocation: Allocation, measured: float) -> None:
     """Spread the miss between measurement and prediction over the factorized layers as a per-op
-    overhead (what an additive model of ops measured alone misses), and solve again."""
-    miss = measured_ms - allocation.predicted
+    overhead (what an additive model of ops measured alone misses: launch costs, an initializer's
+    and a quantization scale's bytes), and solve again."""
+    miss = measured - allocation.predicted
     factorized = [c for c in allocation.layers if c.candidates[c.chosen].rank is not None]
     if not factorized:  # nothing factorized: the miss is the fixed part's
         allocation.fixed += miss
@@ -533,12 +748,15 @@ def outcome(allocation: Allocation, report) -> dict:
         measured, met = report.ratios.params, report.ratios.params >= value
     elif target == "macs":
         measured, met = report.ratios.macs, report.ratios.macs >= value
+    elif target == "onnx_bytes":
+        measured = report.ratios.onnx_bytes
+        met = measured is not None and measured >= value * (1 - TOLERANCE[target])
     elif target == "speedup":
         measured = report.ratios.speedup.get(str(allocation.batch))
-        met = measured is not None and measured >= value * (1 - TOLERANCE)
+        met = measured is not None and measured >= value * (1 - TOLERANCE[target])
     else:
         measured = report.compressed.latency_ms.get(str(allocation.batch), {}).get("p50")
-        met = measured is not None and measured <= value * (1 + TOLERANCE)
+        met = measured is not None and measured <= value * (1 + TOLERANCE[target])
     out.update(measured=measured, met=bool(met))
     if allocation.newly_measured is not None:
         out["ops_measured"] = allocation.newly_measured  # 0 when the latency cache had them all
@@ -555,12 +773,13 @@ def assign(allocation: Allocation) -> None:
         entry = by_method.setdefault(id(choice.method), {"method": choice.method, "ranks": {}, "dense": {}})
         c = choice.candidates[choice.chosen]
         if c.rank is None:
-            entry["dense"][choice.name] = "budget: left dense, the better use of the budget"
+            entry["dense"][choice.name] = ("budget: left whole, the better use of the budget" if choice.group
+                                           else "budget: left dense, the better use of the budget")
         else:
             entry["ranks"][choice.name] = c.rank
     for entry in by_method.values():
         method = entry["method"]
-        method.stage = method.stage.model_copy(update={"ranks": entry["ranks"]})
+        method.stage = method.stage.model_copy(update={"keeps" if method.name == ENVELOPE else "ranks": entry["ranks"]})
         method.budget_dense = entry["dense"]
         method.budget_rows = {choice.name: {"budget_cost": round(choice.candidates[choice.chosen].cost, 6),
                                             "budget_error": float(f"{choice.candidates[choice.chosen].error:.6g}"),

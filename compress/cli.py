@@ -186,7 +186,7 @@ def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_che
             raise UserError(f"--nproc {nproc}: data.batch_size {batch} must be divisible by the number of processes")
         if loaded.budget is not None and loaded.budget.in_latency:
             raise UserError(f"--nproc {nproc}: budget.{loaded.budget.target} is measured, and each process would "
-                            "measure, and allocate, differently; run without --nproc or use a params or macs budget")
+                            "measure, and allocate, differently; run without --nproc or use a params, macs or onnx_bytes budget")
         sys.exit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
     distributed.init_from_env(device)
     try:
@@ -261,7 +261,7 @@ Example:
 @recipe_option
 @click.argument("model", type=click.Path())
 @click.option("--budgets", type=BudgetList(), required=True,
-              help="Values for the recipe's budget target (its speedup, latency_ms, params or macs), comma-separated.")
+              help="Values for the recipe's budget target (its speedup, latency_ms, params, macs or onnx_bytes), comma-separated.")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Output folder (default: out/sweep-<recipe file name>): budget-<value>/ per run, pareto.json, "
                    "pareto.md, pareto.png (with compress[plot]).")

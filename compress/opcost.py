@@ -5,7 +5,11 @@ the dense layer, or its factorization at a rank. Each is measured by exporting e
 compress would ship (layers.empty_factorized, or the layer itself) to ONNX at the layer's real
 input shape at the budget's batch size, and timing it alone in a session configured as the
 whole-model benchmark's (bench.make_session: same threads, full graph optimization). Weights are
-random (float latency does not depend on their values).
+random (latency does not depend on their values). When the recipe quantizes, a layer the int8
+model would quantize is measured quantized: the op is put through the same `quantize.quantize`
+with the recipe's settings (static mode calibrated on the op's random input), because a
+factorized layer quantized dynamically pays the activation quantization twice, which a float
+table would not see.
 
 Measurements are cached in a JSON file keyed by everything the number depends on: the layer's
 kind and geometry, the rank and scheme, the input shape, the thread count, the ONNX Runtime
@@ -54,15 +58,24 @@ def signature(layer: nn.Module, rank: int | None, scheme: str, in_shape: tuple[i
     return f"{geometry}|{form}|in{list(in_shape)}"
 
 
-class OpCosts:
-    """Per-candidate latency in milliseconds, measured on demand and cached."""
+def quantization_key(cfg) -> str:
+    """What of a QuantizeSection an op's latency depends on ("float" without one)."""
+    if cfg is None:
+        return "float"
+    ops = ",".join(sorted(cfg.op_types or [])) or "default"
+    return f"{cfg.mode}-{cfg.weight_type}-pc{int(cfg.per_channel)}-{ops}"
 
-    def __init__(self, threads: int = 1, quantization: str = "float", path: Path | None = None):
+
+class OpCosts:
+    """Per-candidate latency in milliseconds, measured on demand and cached. With `quantize` (the
+    recipe's QuantizeSection) a candidate asked for `quantized` is measured as int8."""
+
+    def __init__(self, threads: int = 1, quantize=None, path: Path | None = None):
         import onnxruntime as ort
 
         self.threads = threads
-        self.quantization = quantization
-        self.suffix = f"|t{threads}|ort{ort.__version__}|torch{torch.__version__}|{quantization}"
+        self.quantize = quantize.model_copy(update={"exclude": []}) if quantize is not None else None
+        self.suffix = f"|t{threads}|ort{ort.__version__}|torch{torch.__version__}"
         self.path = path or cache_dir() / CACHE_NAME
         self.entries = self._read()
         self.measured = 0  # measurements taken by this object (not from the cache)
@@ -90,10 +103,12 @@ class OpCosts:
         except OSError:
             pass
 
-    def latency_ms(self, layer: nn.Module, rank: int | None, scheme: str, in_shape: tuple[int, ...]) -> float:
-        key = signature(layer, rank, scheme, in_shape) + self.suffix
+    def latency_ms(self, layer: nn.Module, rank: int | None, scheme: str, in_shape: tuple[int, ...],
+                   quantized: bool = False) -> float:
+        cfg = self.quantize if quantized else None
+        key = f"{signature(layer, rank, scheme, in_shape)}{self.suffix}|{quantization_key(cfg)}"
         if key not in self.entries:
-            self.entries[key] = measure(layer, rank, scheme, in_shape, self.threads, self.quantization)
+            self.entries[key] = measure(layer, rank, scheme, in_shape, self.threads, cfg)
             self.measured += 1
         return self.entries[key]
 
@@ -117,9 +132,11 @@ def _copy_shape(layer: nn.Module) -> nn.Module:
 
 
 def measure(layer: nn.Module, rank: int | None, scheme: str, in_shape: tuple[int, ...], threads: int,
-            quantization: str = "float", runs: int = 30, warmup: int = 5) -> float:
-    """Median latency in ms of the candidate alone in ONNX Runtime at input shape `in_shape`."""
+            quantize=None, runs: int = 30, warmup: int = 5) -> float:
+    """Median latency in ms of the candidate alone in ONNX Runtime at input shape `in_shape`, int8
+    by `quantize` (a QuantizeSection) when given and the op is one it quantizes."""
     from .bench import make_session
+    from .errors import UserError
 
     module = candidate_module(layer, rank, scheme)
     if isinstance(layer, nn.Embedding):
@@ -131,12 +148,15 @@ def measure(layer: nn.Module, rank: int | None, scheme: str, in_shape: tuple[int
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "op.onnx"
         path.write_bytes(buffer.getvalue())
-        if quantization != "float":  # the op as the recipe's int8 model would run it
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+        if quantize is not None:  # the op as the recipe's int8 model would run it
+            from .quantize import quantize as quantize_file
 
             quantized = Path(folder) / "op.int8.onnx"
-            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
-            path = quantized
+            try:
+                quantize_file(path, quantized, quantize, [{"x": x.numpy()}] * 4)
+                path = quantized
+            except UserError:  # not an op these settings quantize (a Conv under dynamic): it runs in float
+                pass
         session = make_session(str(path), threads)
         feed = {"x": x.numpy()}
         for _ in range(warmup):

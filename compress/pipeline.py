@@ -7,6 +7,7 @@ failed run never leaves files that look finished.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -304,17 +305,25 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     r = ctx.recipe.recipe
     b = r.budget
     budgeting.check(b, methods)
-    costs, table = None, None
+    costs, table, base = None, None, None
     if b.in_latency and distributed.world()[1] > 1:  # each process would time, and allocate, differently
         raise UserError(f"budget.{b.target}: latency is measured, and measurements differ from process to process; "
-                        "run without --nproc, or use a params or macs budget")
+                        "run without --nproc, or use a params, macs or onnx_bytes budget")
+    quantized = functools.partial(quantize.quantizes_layer, r.quantize)
+    if b.verified:  # measured on the original as exported, and as it would ship when the recipe quantizes
+        shipped = {"original": (model, False), **({"original_int8": (model, True)} if r.quantize else {})}
+        measured = _measure_models(ctx, shipped, b)
+        reference, base = measured["original"], measured.get("original_int8")
     if b.in_latency:
-        table = opcost.OpCosts(r.bench.threads)
-        costs = table.latency_ms
-        reference = _latencies(ctx, {"original": model}, b.batch)["original"]
+        table = opcost.OpCosts(r.bench.threads, r.quantize)
+
+        def latency(name, layer, rank, scheme, shape):
+            return table.latency_ms(layer, rank, scheme, shape, quantized(name, layer))
+
+        costs = latency
     elif b.target == "params":
         reference = float(bench.count_params(model))
-    else:
+    elif b.target == "macs":
         reference = float(bench.count_macs(model, ctx.sample))
     savings, fixed_layers = 0.0, set()
     for method in [m for m in methods if not budgeting.allocated(m)]:  # explicit rules count toward the budget
@@ -323,13 +332,17 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
             if d.action == "keep":
                 continue
             fixed_layers.add(d.name)
-            if costs is None:
+            layer = model.get_submodule(d.name)
+            if b.target == "onnx_bytes":
+                savings += budgeting.layer_bytes(layer, d.params_before - d.params_after, quantized(d.name, layer))
+            elif costs is None:
                 savings += getattr(d, f"{b.target}_before") - getattr(d, f"{b.target}_after")
             else:
-                layer, shape = model.get_submodule(d.name), (b.batch,) + tuple(profile[d.name].in_shape)
-                savings += costs(layer, None, "channel", shape) - costs(layer, d.rank, d.scheme or "channel", shape)
+                shape = (b.batch,) + tuple(profile[d.name].in_shape)
+                savings += (costs(d.name, layer, None, "channel", shape)
+                            - costs(d.name, layer, d.rank, d.scheme or "channel", shape))
     allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
-                                           skip=fixed_layers, progress=progress)
+                                           skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized)
     if table is not None:
         table.save()
         allocation.newly_measured = table.measured
@@ -337,19 +350,27 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     return allocation
 
 
-def _latencies(ctx: Context, models: dict[str, nn.Module], batch: int) -> dict[str, float]:
-    """p50 latency in ms of each model at `batch` in ONNX Runtime, measured together (bench.measure)."""
+def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict[str, float]:
+    """What the budget counts of each (model, quantized) as exported: its ONNX file's bytes, or its
+    p50 latency in ms at budget.batch in ONNX Runtime (measured together, bench.measure); quantized
+    by the recipe's `quantize:` settings where asked."""
     r = ctx.recipe.recipe
     with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
         paths = {}
         declared = {s.name: s.dynamic_axes for s in r.inputs or []}
         axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, True)
-        for label, model in models.items():
+        for label, (model, int8) in models.items():
             paths[label] = str(Path(folder) / f"{label}.onnx")
             export.export_onnx(model.cpu().eval(), ctx.sample, ctx.input_names, paths[label], r.export.opset, axes)
-        feeds = {batch: export.to_feed(ctx.input_names, _real_batch(ctx, batch))}
+            if int8:
+                paths[label] = str(Path(folder) / f"{label}.int8.onnx")
+                quantize.quantize(Path(folder) / f"{label}.onnx", Path(paths[label]), r.quantize,
+                                  _calibration_feeds(ctx, r.quantize))
+        if budget.target == "onnx_bytes":
+            return {label: float(_file_size(path)) for label, path in paths.items()}
+        feeds = {budget.batch: export.to_feed(ctx.input_names, _real_batch(ctx, budget.batch))}
         measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
-    return {label: measured["latency_ms"][label][str(batch)]["p50"] for label in models}
+    return {label: measured["latency_ms"][label][str(budget.batch)]["p50"] for label in models}
 
 
 def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:
@@ -477,7 +498,8 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
     with timed(timings, "prepare"):
         for method in methods:
             method.prepare(compressed)
-    if ctx.allocation is not None and r.budget.in_latency:
+    if ctx.allocation is not None and r.budget.verified and not any(m.name == "group_envelope" for m in methods):
+        # (group_envelope removes channels after fine-tuning: nothing to measure yet; its costs are counted exactly)
         compressed = _verify_allocation(ctx, original, compressed, methods)
     train = ctx.data["train"]
     steps_wanted = r.finetune.steps or r.finetune.epochs
@@ -505,18 +527,21 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
 
 
 def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, methods: list[Method]) -> nn.Module:
-    """Latency budgets: measure the built model beside the original before any fine-tuning; while the
-    additive prediction misses by more than 5 %, correct the costs, allocate again and rebuild."""
-    b = ctx.recipe.recipe.budget
+    """Latency and file size budgets: measure the built model (as it will ship: int8 when the recipe
+    quantizes) beside the original before any fine-tuning; while the additive prediction misses by
+    more than the target's tolerance, correct the costs, allocate again and rebuild."""
+    r = ctx.recipe.recipe
+    b = r.budget
     allocation = ctx.allocation
     with timed(ctx.timings, "budget"):
         while True:
-            measured = _latencies(ctx, {"original": original, "compressed": compressed}, b.batch)
+            measured = _measure_models(ctx, {"original": (original, False),
+                                             "compressed": (compressed, r.quantize is not None)}, b)
             # in the units of the first measurement of the original, which the costs were fitted to
-            ms = allocation.reference * measured["compressed"] / measured["original"]
-            if budgeting.record(allocation, ms) or allocation.rounds >= b.rounds:
+            value = allocation.reference * measured["compressed"] / measured["original"]
+            if budgeting.record(allocation, value) or allocation.rounds >= b.rounds:
                 return compressed
-            budgeting.correct(allocation, ms)
+            budgeting.correct(allocation, value)
             budgeting.assign(allocation)
             plan_methods(methods, original, bench.profile_layers(original, ctx.sample))
             compressed = copy.deepcopy(original)

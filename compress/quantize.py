@@ -89,6 +89,19 @@ def _matches(pattern: str, module: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
+LAYER_OPS = {"Linear": {"MatMul", "Gemm"}, "Conv2d": {"Conv"}, "Embedding": {"Gather"}}  # what each exports to
+
+
+def quantizes_layer(cfg: QuantizeSection | None, name: str, layer: torch.nn.Module) -> bool:
+    """Whether these settings quantize the op(s) the torch layer `name` exports to (its type's ONNX
+    op among the op types, the layer not excluded); False without settings."""
+    if cfg is None:
+        return False
+    ops = set(cfg.op_types or DEFAULT_OP_TYPES[cfg.mode])
+    kinds = next((v for k, v in LAYER_OPS.items() if isinstance(layer, getattr(torch.nn, k))), set())
+    return bool(ops & kinds) and not any(_matches(p, name) for p in cfg.exclude)
+
+
 def node_module(node_name: str) -> str:
     """The torch module an exported node came from: '/model/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1'
     (the exporter's scopes are the module path, each level either a child name or a dotted full name)."""

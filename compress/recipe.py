@@ -191,6 +191,10 @@ class Recipe(Strict):
                                  f"{self.bench.batch_sizes}")
         if self.gates.budget and self.budget is None:
             raise ValueError("gates.budget is set but the recipe has no budget section")
+        for i, stage in enumerate(self.stages):
+            if getattr(stage, "keep", None) == "auto" and self.budget is None:
+                raise ValueError(f"stages[{i}].keep: auto needs a budget: section (params, macs or onnx_bytes) to "
+                                 "allocate the kept channels")
         return self
 
 

@@ -102,10 +102,11 @@ class Report:
                                      "(trp, group_envelope); null when none ran")
     budget: dict | None = doc("with `budget:`: `target` (e.g. `{\"speedup\": 2, \"batch\": 32}`), `predicted` "
                               "(ratio, or ms for latency_ms), `measured` on the shipped model, `met` (latency "
-                              "within 5 %), `rounds` (allocations made; latency targets are measured before "
-                              "fine-tuning and corrected), `allocated_layers`, `dense_layers`, `history` "
-                              "(predicted and measured ms per round), `ops_measured` (latencies not found in the "
-                              "cache); null otherwise", default=None)
+                              "within 5 %, ONNX bytes within 1 %), `rounds` (allocations made; latency and "
+                              "onnx_bytes targets are measured on the built model, int8 when the recipe quantizes, "
+                              "before fine-tuning and corrected), `allocated_layers`, `dense_layers`, `history` "
+                              "(predicted and measured ms, or bytes, per round), `ops_measured` (latencies not "
+                              "found in the cache); null otherwise", default=None)
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
     timings_s: dict = doc("seconds per stage (load, calibrate, plan, prepare, finetune, export, parity, bench, ...)")

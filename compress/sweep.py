@@ -1,6 +1,6 @@
 """`compress sweep`: one budgeted run per budget value, and the Pareto front they trace.
 
-The recipe's `budget:` target (speedup, latency_ms, params or macs) is set to each value in turn;
+The recipe's `budget:` target (speedup, latency_ms, params, macs or onnx_bytes) is set to each value in turn;
 every run is a complete `compress apply` into `OUT/budget-<value>/`. The runs share the
 calibration statistics (taken once, in memory) and the op-latency cache (on disk). `OUT` then
 holds `pareto.json` and `pareto.md` (metric against measured latency at the budget's batch size,

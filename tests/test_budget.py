@@ -219,3 +219,115 @@ def test_an_embedding_table_error_is_per_lookup_and_weighted_on_its_output_side(
         with torch.no_grad():
             diff = head(table(ids)) - head(layers.factorize(table, rank, "channel").double()(ids))
         assert predicted == pytest.approx(float(diff.pow(2).sum(1).mean()), rel=1e-6)
+
+
+def test_auto_probes_stay_within_a_pass_budget():
+    from compress.budget import PROBE_PASSES, probes_per_layer
+
+    assert probes_per_layer("auto", 9) == 3 and probes_per_layer("auto", 102) == 1
+    assert probes_per_layer("auto", PROBE_PASSES // 2) == 2 and probes_per_layer("auto", 10_000) == 1
+    assert probes_per_layer(5, 1000) == 5
+    assert BudgetSection(macs=2).probes == "auto"
+    for bad in (0, 25, "some"):
+        with pytest.raises(ValueError):
+            BudgetSection(macs=2, probes=bad)
+
+
+def test_quantized_op_costs_are_keyed_apart_and_an_op_the_settings_skip_runs_in_float(tmp_path):
+    from compress.quantize import QuantizeSection, quantizes_layer
+
+    cfg = QuantizeSection(exclude=["head"])
+    costs = opcost.OpCosts(quantize=cfg, path=tmp_path / "cache.json")
+    linear, conv = nn.Linear(64, 64), nn.Conv2d(4, 8, 3)
+    assert costs.latency_ms(linear, 8, "channel", (16, 64), quantized=True) > 0
+    assert costs.latency_ms(linear, 8, "channel", (16, 64)) > 0
+    assert costs.latency_ms(conv, None, "channel", (2, 4, 8, 8), quantized=True) > 0  # dynamic: no Conv; float
+    keys = sorted(costs.entries)
+    assert costs.measured == 3 and sum(k.endswith("|float") for k in keys) == 1
+    assert sum("|dynamic-int8-pc1-default" in k for k in keys) == 2
+    assert quantizes_layer(cfg, "blocks.0.fc", linear) and not quantizes_layer(cfg, "head", linear)
+    assert not quantizes_layer(cfg, "conv", conv) and quantizes_layer(QuantizeSection(mode="static"), "conv", conv)
+    assert not quantizes_layer(None, "blocks.0.fc", linear)
+
+
+@pytest.mark.parametrize("quantize", [None, {"mode": "static", "calibration_batches": 2}])
+def test_onnx_bytes_budget_is_verified_on_the_file_that_ships(digits_model, write_recipe, run_cli, tmp_path,
+                                                              quantize):
+    import yaml
+
+    recipe = {"data": DATA, "stages": [STAGE], "budget": {"onnx_bytes": 1.5, "probes": 1},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3, "baselines": []}, "gates": {"budget": True}}
+    if quantize:  # int8 of the original is already ~4x smaller: the budget counts against the float original
+        recipe["budget"]["onnx_bytes"] = 3.5
+        recipe["quantize"] = {**quantize, "max_metric_drop": 1, "min_agreement": 0}
+    path = write_recipe(yaml.safe_dump(recipe))
+    result = run_cli("apply", "--recipe", path, digits_model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    b = report["budget"]
+    assert b["met"] and b["measured"] == report["ratios"]["onnx_bytes"] >= b["target"]["onnx_bytes"] * 0.99
+    last = b["history"][-1]
+    assert last["predicted_bytes"] == pytest.approx(last["measured_bytes"], rel=0.01)
+    assert report["gates"]["passed"] and (quantize is None) == (report["quantization"] is None)
+
+
+def test_a_latency_budget_with_quantize_prices_and_measures_the_int8_model(transformer_model, write_recipe, run_cli,
+                                                                          tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = {"data": {"calibration": "bundled:digits-tokens/calibration", "eval": "bundled:digits-tokens/test",
+                       "batch_size": 64},
+              "stages": [{"method": "svd", "targets": {"types": ["Linear"], "include": ["blocks.*"]}}],
+              "budget": {"speedup": 1.02, "batch": 8, "probes": 1, "rounds": 2},
+              "quantize": {"max_metric_drop": 1, "min_agreement": 0},
+              "bench": {"batch_sizes": [8], "warmup": 1, "runs": 5, "baselines": []}}
+    path = write_recipe(yaml.safe_dump(recipe))
+    result = run_cli("apply", "--recipe", path, transformer_model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    b = report["budget"]
+    assert b["measured"] == report["ratios"]["speedup"]["8"] and report["quantization"]["mode"] == "dynamic"
+    assert all(h["predicted_ms"] > 0 and h["measured_ms"] > 0 for h in b["history"])
+    keys = json.loads((tmp_path / "cache" / "op-latency-v1.json").read_text())
+    assert any(k.endswith("|dynamic-int8-pc1-default") for k in keys)  # the blocks' Linear layers, as int8
+
+
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_group_envelope_keep_auto_is_allocated_and_counted_exactly(digits_model, write_recipe, run_cli, tmp_path,
+                                                                   target):
+    import yaml
+
+    recipe = {"data": {**DATA, "train": "bundled:digits/train"},
+              "stages": [{"method": "group_envelope", "keep": "auto", "round_to": 4, "lambda": 1.0}],
+              "budget": {target: 1.4, "probes": 1}, "finetune": {"steps": 2, "optimizer": "sgd", "lr": 0.01},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3, "baselines": []}, "gates": {"budget": True}}
+    path = write_recipe(yaml.safe_dump(recipe))
+    result = run_cli("apply", "--recipe", path, digits_model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    b = report["budget"]
+    # the groups share layers (a conv between two pruned groups loses rows and columns): counted exactly
+    assert b["met"] and b["predicted"] == pytest.approx(report["ratios"][target], rel=1e-3)
+    rows = [r for r in report["layers"] if "budget_cost" in r]
+    assert len(rows) == b["allocated_layers"] and any(r["action"] == "prune" for r in rows)
+    assert all(r["action"] == "prune" or r["reason"].startswith("budget: left whole") for r in rows)
+
+
+def test_group_envelope_keep_auto_allocates_attention_heads(transformer_model, write_recipe, run_cli):
+    import yaml
+
+    recipe = {"data": {"calibration": "bundled:digits-tokens/calibration", "batch_size": 64},
+              "stages": [{"method": "group_envelope", "keep": "auto", "targets": {"include": ["blocks.*"]}}],
+              "budget": {"params": 1.3, "probes": 1}}
+    result = run_cli("plan", "--recipe", write_recipe(yaml.safe_dump(recipe)), transformer_model)
+    assert result.exit_code == 0, result.output
+    assert "| heads | prune |" in result.output or "| heads | keep |" in result.output
+    assert "Budget: params 1.3x; predicted" in result.output
+
+
+def test_keep_auto_without_a_budget_is_a_recipe_error():
+    with pytest.raises(RecipeError, match=re.escape("stages[0].keep: auto needs a budget: section")):
+        parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": "auto"}]}).encode())
+    with pytest.raises(RecipeError, match="keep must be greater than 0"):
+        parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": -1}]}).encode())

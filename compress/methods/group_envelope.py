@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from .. import layers, linalg
@@ -74,7 +74,11 @@ CHANNEL_SLICES = {
 class GroupEnvelopeStage(Stage):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     method: Literal["group_envelope"] = "group_envelope"
-    keep: float = Field(0.5, gt=0, description="channels kept per layer: a ratio below 1, or a count (1, 2, ...)")
+    keep: float | Literal["auto"] = Field(0.5, description="channels kept per layer: a ratio below 1, a count (1, 2, "
+                                          "...), or auto: per layer, by the recipe's `budget:` (params, macs or "
+                                          "onnx_bytes)")
+    keeps: dict[str, int] | None = Field(None, description="kept count per layer (its root module's name); set by "
+                                         "a budget with keep: auto")
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="strength of the envelope regularizer")
     weights: Literal["uniform", "size"] = Field("uniform", description="group weights w_j")
     post_finetune: int = Field(0, ge=0, description="epochs of fine-tuning after the channels are removed")
@@ -83,6 +87,13 @@ class GroupEnvelopeStage(Stage):
     lambda_growth: float = Field(1.0, ge=1, description="continuation: every `lambda_every` steps, each layer that "
                                  "still has more than k live channels multiplies its lambda by this (1: constant)")
     lambda_every: int = Field(10, ge=1, description="steps between lambda increases")
+
+    @field_validator("keep")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("keep must be greater than 0 (a ratio below 1 or a count), or auto")
+        return value
 
     def kept(self, channels: int, round_to: int | None = None) -> int:
         count = round(self.keep * channels) if self.keep < 1 else int(self.keep)
@@ -273,6 +284,13 @@ class GroupEnvelope(Method):
         ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen]
         return chosen, ignored
 
+    def channel_groups(self, model: nn.Module) -> dict[str, dict]:
+        """{root: {"channels", "slices", "reason", "members", "layout"}}: the layers this stage prunes,
+        each one coupled group of channels (or an attention module's heads); for a budget."""
+        if self.sample is None:
+            raise RecipeError(f"stages[{self.stage_index}] (group_envelope) needs calibration data")
+        return self._collect(model)[1]
+
     def _collect(self, model: nn.Module):
         targets, ignored = self._targets(model)
         graph, groups = dependency_groups(model, self.sample, ignored)
@@ -319,7 +337,15 @@ class GroupEnvelope(Method):
                 self.decisions.append(Decision(root, self.name, kind, "keep", [n], params, macs, params, macs,
                                                reason=info["reason"], extra=extra))
                 continue
-            k = self.stage.kept(n, round_to=1 if heads else None)  # a head count is not rounded to 8
+            if self.stage.keep == "auto":  # a budget's allocation; none for a layer it leaves whole
+                k = (self.stage.keeps or {}).get(root)
+                if k is None or k >= n:
+                    self.decisions.append(Decision(root, self.name, kind, "keep", [n], params, macs, params, macs,
+                                                   reason=self.budget_dense.get(root, "budget: left whole"),
+                                                   extra=extra))
+                    continue
+            else:
+                k = self.stage.kept(n, round_to=1 if heads else None)  # a head count is not rounded to 8
             extra.update({"keep": k, "note": f"keep {k} of {n} {unit} (members: {', '.join(info['members'])})"})
             self.decisions.append(Decision(root, self.name, kind, "prune", [n], params, macs,
                                            params * k // n, macs * k // n, extra=extra))

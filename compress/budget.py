@@ -711,14 +711,19 @@ def _limit(allocation: Allocation) -> float:
     return total - allocation.fixed
 
 
-def record(allocation: Allocation, measured: float) -> bool:
+def record(allocation: Allocation, measured: float, interval: list[float] | None = None) -> bool:
     """Note a whole-model measurement of the allocation (ms, or bytes); True when it is within the
-    target's TOLERANCE of the prediction."""
+    target's TOLERANCE of the prediction, or (latency) the prediction lies inside the measurement's
+    95 % interval: a noisy run is no reason to move the allocation."""
     allocation.measured = measured
     unit = "bytes" if allocation.target == "onnx_bytes" else "ms"
-    allocation.history.append({"round": allocation.rounds, f"predicted_{unit}": round(allocation.predicted, 4),
-                               f"measured_{unit}": round(measured, 4)})
-    return abs(measured - allocation.predicted) <= TOLERANCE[allocation.target] * measured
+    row = {"round": allocation.rounds, f"predicted_{unit}": round(allocation.predicted, 4),
+           f"measured_{unit}": round(measured, 4)}
+    if interval is not None and interval[0] != interval[1]:
+        row["measured_interval"] = [round(x, 4) for x in interval]
+    allocation.history.append(row)
+    inside = interval is not None and interval[0] <= allocation.predicted <= interval[1]
+    return inside or abs(measured - allocation.predicted) <= TOLERANCE[allocation.target] * measured
 
 
 def correct(allocation: Allocation, measured: float) -> None:

@@ -370,7 +370,12 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], bud
             return {label: float(_file_size(path)) for label, path in paths.items()}
         feeds = {budget.batch: export.to_feed(ctx.input_names, _real_batch(ctx, budget.batch))}
         measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
-    return {label: measured["latency_ms"][label][str(budget.batch)]["p50"] for label in models}
+    key = str(budget.batch)
+    out = {label: measured["latency_ms"][label][key]["p50"] for label in models}
+    # each later model's latency relative to the first, as a 95 % interval (of the paired runs)
+    out.update({f"{label}/interval": [1 / hi, 1 / lo] for label, ci in measured["speedup_ci"].items()
+                for lo, hi in [ci[key]]})
+    return out
 
 
 def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:
@@ -539,7 +544,8 @@ def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module,
                                              "compressed": (compressed, r.quantize is not None)}, b)
             # in the units of the first measurement of the original, which the costs were fitted to
             value = allocation.reference * measured["compressed"] / measured["original"]
-            if budgeting.record(allocation, value) or allocation.rounds >= b.rounds:
+            interval = [allocation.reference * x for x in measured.get("compressed/interval", [value, value])]
+            if budgeting.record(allocation, value, interval) or allocation.rounds >= b.rounds:
                 return compressed
             budgeting.correct(allocation, value)
             budgeting.assign(allocation)

@@ -105,8 +105,9 @@ class Report:
                               "within 5 %, ONNX bytes within 1 %), `rounds` (allocations made; latency and "
                               "onnx_bytes targets are measured on the built model, int8 when the recipe quantizes, "
                               "before fine-tuning and corrected), `allocated_layers`, `dense_layers`, `history` "
-                              "(predicted and measured ms, or bytes, per round), `ops_measured` (latencies not "
-                              "found in the cache); null otherwise", default=None)
+                              "(predicted and measured ms, or bytes, per round; latency with the 95 % "
+                              "`measured_interval`), `ops_measured` (latencies not found in the cache); null "
+                              "otherwise", default=None)
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
     timings_s: dict = doc("seconds per stage (load, calibrate, plan, prepare, finetune, export, parity, bench, ...)")

@@ -331,3 +331,13 @@ def test_keep_auto_without_a_budget_is_a_recipe_error():
         parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": "auto"}]}).encode())
     with pytest.raises(RecipeError, match="keep must be greater than 0"):
         parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": -1}]}).encode())
+
+
+def test_a_noisy_latency_measurement_whose_interval_holds_the_prediction_moves_nothing():
+    from compress.budget import Allocation, record
+
+    allocation = Allocation("speedup", 2.0, 8, [], fixed=0.0, reference=10.0, predicted=5.0)
+    assert not record(allocation, 6.0)  # 20 % off, no interval: correct it
+    assert record(allocation, 6.0, [4.8, 7.0])  # 20 % off, but the runs were too noisy to say
+    assert not record(allocation, 6.0, [5.5, 6.5])
+    assert allocation.history[1]["measured_interval"] == [4.8, 7.0] and len(allocation.history) == 3

@@ -350,10 +350,11 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     return allocation
 
 
-def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict[str, float]:
+def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict:
     """What the budget counts of each (model, quantized) as exported: its ONNX file's bytes, or its
     p50 latency in ms at budget.batch in ONNX Runtime (measured together, bench.measure); quantized
-    by the recipe's `quantize:` settings where asked."""
+    by the recipe's `quantize:` settings where asked. For latency also "<label>/interval": each later
+    model's latency over the first's, the 95 % interval of the paired runs."""
     r = ctx.recipe.recipe
     with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
         paths = {}
@@ -372,7 +373,6 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], bud
         measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
     key = str(budget.batch)
     out = {label: measured["latency_ms"][label][key]["p50"] for label in models}
-    # each later model's latency relative to the first, as a 95 % interval (of the paired runs)
     out.update({f"{label}/interval": [1 / hi, 1 / lo] for label, ci in measured["speedup_ci"].items()
                 for lo, hi in [ci[key]]})
     return out
@@ -544,7 +544,8 @@ def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module,
                                              "compressed": (compressed, r.quantize is not None)}, b)
             # in the units of the first measurement of the original, which the costs were fitted to
             value = allocation.reference * measured["compressed"] / measured["original"]
-            interval = [allocation.reference * x for x in measured.get("compressed/interval", [value, value])]
+            ratio = measured.get("compressed/interval")  # latency only: compressed / original, 95 %
+            interval = [allocation.reference * x for x in ratio] if ratio else None
             if budgeting.record(allocation, value, interval) or allocation.rounds >= b.rounds:
                 return compressed
             budgeting.correct(allocation, value)

@@ -559,7 +559,9 @@ def envelope_cost(choice: LayerChoice, kept: int | None, units: dict[int, float]
 
 def envelope_interaction(allocation: Allocation, units: dict[int, float]) -> float:
     """What the additive prediction misses: a parameter two groups shrink (a conv between two pruned
-    groups loses rows and columns) saves (1 - (1 - a)(1 - b)), not a + b, of its cost."""
+    groups loses rows and columns) saves 1 - (1 - a)(1 - b), not a + b, of its cost."""
+    from .methods.group_envelope import overcounted
+
     removed: dict[int, tuple[float, list[float]]] = {}
     for choice in allocation.layers:
         if choice.group is None:
@@ -568,13 +570,7 @@ def envelope_interaction(allocation: Allocation, units: dict[int, float]) -> flo
         dropped = 0.0 if c.rank is None else 1 - c.rank / choice.group["channels"]
         for param, cost, share in _shares(choice, units):
             removed.setdefault(id(param), (cost, []))[1].append(share * dropped)
-    missed = 0.0
-    for cost, parts in removed.values():
-        remaining = 1.0
-        for part in parts:
-            remaining *= 1 - part
-        missed += cost * (sum(parts) - (1 - remaining))
-    return missed
+    return overcounted(removed)
 
 
 def exact_envelope(allocation: Allocation, units: dict[int, float], rounds: int = 10) -> None:

@@ -154,7 +154,8 @@ def test_speedup_budget_is_verified_before_fine_tuning_and_a_second_run_measures
     import yaml
 
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
-    recipe = {"data": DATA, "stages": [STAGE], "budget": {"speedup": 1.3, "batch": 8, "probes": 1},
+    # a target far within reach however noisy the machine (what is tested is the verification and the cache)
+    recipe = {"data": DATA, "stages": [STAGE], "budget": {"speedup": 1.05, "batch": 8, "probes": 1},
               "bench": {"batch_sizes": [1, 8], "warmup": 1, "runs": 5, "baselines": []}}
     path = write_recipe(yaml.safe_dump(recipe))
     reports = []
@@ -163,7 +164,7 @@ def test_speedup_budget_is_verified_before_fine_tuning_and_a_second_run_measures
         assert result.exit_code == 0, result.output
         reports.append(json.loads((tmp_path / run / "report.json").read_text())["budget"])
     first, second = reports
-    assert first["target"] == {"speedup": 1.3, "batch": 8} and first["ops_measured"] > 0
+    assert first["target"] == {"speedup": 1.05, "batch": 8} and first["ops_measured"] > 0
     assert second["ops_measured"] == 0  # every op latency came from the cache
     assert 1 <= first["rounds"] <= 3 and len(first["history"]) == first["rounds"]
     assert all(h["predicted_ms"] > 0 and h["measured_ms"] > 0 for h in first["history"])
@@ -279,7 +280,8 @@ def test_a_latency_budget_with_quantize_prices_and_measures_the_int8_model(trans
     recipe = {"data": {"calibration": "bundled:digits-tokens/calibration", "eval": "bundled:digits-tokens/test",
                        "batch_size": 64},
               "stages": [{"method": "svd", "targets": {"types": ["Linear"], "include": ["blocks.*"]}}],
-              "budget": {"speedup": 1.02, "batch": 8, "probes": 1, "rounds": 2},
+              # a target no timing can miss: what is tested is the pricing and the verification as int8
+              "budget": {"latency_ms": 1e5, "batch": 8, "probes": 1, "rounds": 2},
               "quantize": {"max_metric_drop": 1, "min_agreement": 0},
               "bench": {"batch_sizes": [8], "warmup": 1, "runs": 5, "baselines": []}}
     path = write_recipe(yaml.safe_dump(recipe))
@@ -287,7 +289,8 @@ def test_a_latency_budget_with_quantize_prices_and_measures_the_int8_model(trans
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     b = report["budget"]
-    assert b["measured"] == report["ratios"]["speedup"]["8"] and report["quantization"]["mode"] == "dynamic"
+    assert b["measured"] == report["compressed"]["latency_ms"]["8"]["p50"] and b["met"]
+    assert report["quantization"]["mode"] == "dynamic" and b["dense_layers"] == b["allocated_layers"]
     assert all(h["predicted_ms"] > 0 and h["measured_ms"] > 0 for h in b["history"])
     keys = json.loads((tmp_path / "cache" / "op-latency-v1.json").read_text())
     assert any(k.endswith("|dynamic-int8-pc1-default") for k in keys)  # the blocks' Linear layers, as int8

@@ -258,6 +258,36 @@ def remove_heads(module: nn.Module, layout: AttentionLayout, dead: list[int]) ->
     setattr(module, layout.heads, heads - len(dead))
 
 
+def group_cost(model: nn.Module, profile: dict, slices: list[ChannelSlice]) -> tuple[int, int]:
+    """(params, MACs per sample) the group's channels own: each slice's share of its parameter (a
+    layer's output channels, a consumer's input channels, BatchNorm entries), and the same share of
+    a Conv2d's or Linear's MACs for its weight. Removing a fraction of the channels removes that
+    fraction of both, exactly when no other group shrinks the same layer (budget.exact_envelope
+    counts that case)."""
+    owners = {id(p): (name, module) for name, module in model.named_modules() for p in module.parameters(recurse=False)}
+    params = macs = 0.0
+    for s in slices:
+        share = len(s.idxs) / s.param.shape[s.dim]
+        params += s.param.numel() * share
+        name, module = owners.get(id(s.param), (None, None))
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and s.param is module.weight and name in profile:
+            macs += layers.dense_cost(module, profile[name].out_shape).macs * share
+    return round(params), round(macs)
+
+
+def overcounted(parts: dict[int, tuple[float, list[float]]]) -> float:
+    """{parameter: (its cost, the shares of it each shrinking group removes)} -> what adding the
+    shares up overcounts: a parameter two groups shrink by a and b loses 1 - (1 - a)(1 - b) of its
+    cost, not a + b."""
+    total = 0.0
+    for cost, shares in parts.values():
+        remaining = 1.0
+        for share in shares:
+            remaining *= 1 - share
+        total += cost * (sum(shares) - (1 - remaining))
+    return total
+
+
 class GroupEnvelope(Method):
     name = "group_envelope"
     schema = GroupEnvelopeStage
@@ -321,16 +351,14 @@ class GroupEnvelope(Method):
         self.decisions = []
         for root, info in found.items():
             n = info["channels"]
-            # params and MACs of the layers that produce these channels (each layer produces the
-            # channels of one group only, so rows add up; the layers consuming them shrink too,
-            # which the report's whole-model counts include)
             heads = info.get("layout") is not None
-            # heads: query/key/value and the output projection's weight shrink with the heads
-            producers = info["members"] if heads else [m for m in info["members"] if self._produces(model, m, info)]
-            params = sum(p.numel() for m in producers for n_, p in model.get_submodule(m).named_parameters(recurse=False)
-                         if not (heads and m == info["members"][-1] and n_ == "bias"))
-            macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
-                       for m in producers if m in profile)
+            if info["slices"]:  # the group's share of every parameter its channels own, producers and consumers
+                params, macs = group_cost(model, profile, info["slices"])
+            else:  # unsupported: the layers that produce these channels, for the row
+                producers = [m for m in info["members"] if self._produces(model, m, info)]
+                params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
+                macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
+                           for m in producers if m in profile)
             kind, unit = ("heads", "heads") if heads else ("channels", "channels")
             extra = {"channels": n, "members": info["members"]}
             if info["reason"]:
@@ -350,6 +378,25 @@ class GroupEnvelope(Method):
             self.decisions.append(Decision(root, self.name, kind, "prune", [n], params, macs,
                                            params * k // n, macs * k // n, extra=extra))
         return self.decisions
+
+    def counted_twice(self, model, profile):
+        _, found = self._collect(model)
+        owners = {id(p): (name, module) for name, module in model.named_modules()
+                  for p in module.parameters(recurse=False)}
+        params: dict[int, tuple[float, list[float]]] = {}
+        macs: dict[int, tuple[float, list[float]]] = {}
+        for d in self.decisions:
+            if d.action != "prune":
+                continue
+            dropped = 1 - d.extra["keep"] / d.extra["channels"]
+            for s in found[d.name]["slices"]:
+                share = len(s.idxs) / s.param.shape[s.dim] * dropped
+                params.setdefault(id(s.param), (s.param.numel(), []))[1].append(share)
+                name, module = owners[id(s.param)]
+                if isinstance(module, (nn.Conv2d, nn.Linear)) and s.param is module.weight and name in profile:
+                    macs.setdefault(id(s.param), (layers.dense_cost(module, profile[name].out_shape).macs, []))[1] \
+                        .append(share)
+        return round(overcounted(params)), round(overcounted(macs))
 
     @staticmethod
     def _produces(model, member: str, info) -> bool:

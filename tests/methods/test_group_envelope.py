@@ -313,3 +313,21 @@ def test_heads_of_a_forward_with_a_fixed_width_are_refused_not_silently_broken()
     method.prepare(model)
     with pytest.raises(UserError, match="removing heads of 'attn' changed the model's outputs"):
         method.finalize(model)
+
+
+@pytest.mark.parametrize("keep", [0.66, 0.4])
+def test_the_plan_counts_the_pruned_model_exactly(digits_model, write_recipe, run_cli, keep):
+    """Rows count every parameter a group's channels own (producers and consumers); a conv between
+    two pruned groups is in two rows, and the plan's whole-model line takes that off."""
+    import yaml
+
+    from compress import bench
+
+    recipe = {"data": {"calibration": "bundled:digits/calibration", "batch_size": 64},
+              "stages": [{"method": "group_envelope", "keep": keep, "round_to": 4}]}
+    result = run_cli("plan", "--recipe", write_recipe(yaml.safe_dump(recipe)), digits_model)
+    assert result.exit_code == 0, result.output
+    params, macs = (int(x.replace(",", "")) for x in
+                    re.search(r"params -> ([\d,]+) .*MACs per sample -> ([\d,]+)", result.output).groups())
+    pruned = compress.apply(digits_model, recipe)  # no training: the projection to k, then the removal
+    assert (params, macs) == (bench.count_params(pruned.model), bench.count_macs(pruned.model, pruned.context.sample))

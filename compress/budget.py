@@ -327,17 +327,22 @@ def output_gradient_moments(model: nn.Module, names: list[str], batches, samples
 
 
 def rank_grid(full: int, fits: Callable[[int], bool]) -> list[int]:
-    """Candidate ranks: every rank up to 16, else 1, 2, 4 and the multiples of 8 (thinned to at most
-    MAX_CANDIDATES), keeping only those that `fits` (that save what the budget counts)."""
-    if full <= 16:
-        ranks = list(range(1, full + 1))
-    else:
-        ranks = [1, 2, 4] + list(range(8, full + 1, 8))
-    ranks = [r for r in ranks if r < full and fits(r)]
-    if len(ranks) > MAX_CANDIDATES:
-        step = -(-len(ranks) // MAX_CANDIDATES)
-        ranks = ranks[::-1][::step][::-1]
-    return ranks
+    """Candidate ranks among those that `fits` (that save what the budget counts): all of them when
+    there are at most MAX_CANDIDATES; else 1, 2, 4 and the multiples of 4 or of 8 (narrow layers:
+    a step of 8 would leave a handful of choices); on wide layers, where even the multiples of 8 are
+    too many, multiples of 8 spaced geometrically (as fine at rank 16 as at rank 1000, relatively)."""
+    fitting = [r for r in range(1, full) if fits(r)]
+    if len(fitting) <= MAX_CANDIDATES:
+        return fitting
+    small = [r for r in (1, 2, 4) if r in fitting]
+    for step in (4, 8):
+        multiples = [r for r in fitting if r % step == 0 and r > 4]
+        if len(small) + len(multiples) <= MAX_CANDIDATES:
+            return small + multiples
+    count = MAX_CANDIDATES - len(small)
+    low, high = multiples[0], multiples[-1]
+    targets = [low * (high / low) ** (i / (count - 1)) for i in range(count)]
+    return small + sorted({min(multiples, key=lambda r: abs(r - t)) for t in targets})
 
 
 # ---------------------------------------------------------------- allocation

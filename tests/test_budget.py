@@ -52,9 +52,12 @@ def test_linear_error_curve_uses_the_inputs_not_the_bare_spectrum():
 
 
 def test_rank_grid_and_interpolation():
-    assert rank_grid(12, lambda r: r < 6) == [1, 2, 3, 4, 5]
-    assert rank_grid(64, lambda r: True) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56]
-    assert len(rank_grid(4096, lambda r: True)) <= 24
+    assert rank_grid(12, lambda r: r < 6) == [1, 2, 3, 4, 5]  # few enough: every rank that saves
+    assert rank_grid(96, lambda r: r < 48) == [1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44]  # narrow: by 4
+    assert rank_grid(384, lambda r: r < 160) == [1, 2, 4] + list(range(8, 160, 8))  # by 8
+    wide = rank_grid(4096, lambda r: True)  # too many multiples of 8: spaced geometrically
+    assert len(wide) <= 24 and wide[:5] == [1, 2, 4, 8, 16] and wide[-1] == 4088
+    assert all(r % 8 == 0 for r in wide[3:]) and all(b / a < 1.7 for a, b in zip(wide[4:], wide[5:]))
     measured = {8: 2.0, 32: 8.0}
     assert interpolate_coefficient(measured, 4) == 2.0 and interpolate_coefficient(measured, 64) == 8.0
     assert interpolate_coefficient(measured, 20) == pytest.approx(4.0)  # geometric halfway

@@ -774,7 +774,7 @@ def assign(allocation: Allocation) -> None:
     by_method: dict[int, dict] = {}
     for method, name in allocation.unpriced:
         entry = by_method.setdefault(id(method), {"method": method, "ranks": {}, "dense": {}})
-        entry["dense"][name] = "budget: no rank of this layer would save what the budget counts"
+        entry["dense"][name] = "budget: no candidate of this layer (rank, kept channels) saves what the budget counts"
     for choice in allocation.layers:
         entry = by_method.setdefault(id(choice.method), {"method": choice.method, "ranks": {}, "dense": {}})
         c = choice.candidates[choice.chosen]

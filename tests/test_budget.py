@@ -335,6 +335,8 @@ def test_group_envelope_keep_auto_allocates_attention_heads(transformer_model, w
 def test_keep_auto_without_a_budget_is_a_recipe_error():
     with pytest.raises(RecipeError, match=re.escape("stages[0].keep: auto needs a budget: section")):
         parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": "auto"}]}).encode())
+    with pytest.raises(RecipeError, match="keeps is set by a budget"):
+        parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keeps": {"fc": 2}}]}).encode())
     with pytest.raises(RecipeError, match="keep must be greater than 0"):
         parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": -1}]}).encode())
 

@@ -88,6 +88,13 @@ class GroupEnvelopeStage(Stage):
                                  "still has more than k live channels multiplies its lambda by this (1: constant)")
     lambda_every: int = Field(10, ge=1, description="steps between lambda increases")
 
+    @field_validator("keeps")
+    @classmethod
+    def _not_given(cls, value):
+        if value is not None:  # a budget sets it (model_copy, no validation); a recipe never does
+            raise ValueError("keeps is set by a budget: give keep: auto and a budget: section instead")
+        return value
+
     @field_validator("keep")
     @classmethod
     def _positive(cls, value):

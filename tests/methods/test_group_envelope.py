@@ -331,3 +331,18 @@ def test_the_plan_counts_the_pruned_model_exactly(digits_model, write_recipe, ru
                     re.search(r"params -> ([\d,]+) .*MACs per sample -> ([\d,]+)", result.output).groups())
     pruned = compress.apply(digits_model, recipe)  # no training: the projection to k, then the removal
     assert (params, macs) == (bench.count_params(pruned.model), bench.count_macs(pruned.model, pruned.context.sample))
+
+
+def test_the_plan_counts_pruned_heads_and_ffn_channels_exactly(transformer_model, write_recipe, run_cli):
+    import yaml
+
+    from compress import bench
+
+    recipe = {"data": {"calibration": "bundled:digits-tokens/calibration", "batch_size": 64},
+              "stages": [{"method": "group_envelope", "keep": 0.5, "targets": {"include": ["blocks.*"]}}]}
+    result = run_cli("plan", "--recipe", write_recipe(yaml.safe_dump(recipe)), transformer_model)
+    assert result.exit_code == 0, result.output
+    params, macs = (int(x.replace(",", "")) for x in
+                    re.search(r"params -> ([\d,]+) .*MACs per sample -> ([\d,]+)", result.output).groups())
+    pruned = compress.apply(transformer_model, recipe)
+    assert (params, macs) == (bench.count_params(pruned.model), bench.count_macs(pruned.model, pruned.context.sample))

@@ -54,6 +54,7 @@ from . import layers, linalg
 from .errors import RecipeError
 from .knapsack import smallest_cost, solve
 from .methods.base import Decision, Method, Strict, replace_module
+from .methods.group_envelope import overcounted, slice_costs, unit_costs
 
 ALLOCATABLE = ("svd", "afm", "pela")  # ranks; and group_envelope's kept channels with keep: auto
 ENVELOPE = "group_envelope"
@@ -460,7 +461,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     if not choices:
         raise RecipeError("budget: the stages it allocates have no layer whose factorization (or pruning) would save "
                           "anything")
-    units = param_units(model, profile, target, quantized) if envelope else {}
+    units = unit_costs(model, profile, target, quantized) if envelope else {}
     # costs (latency: measured per op, cached)
     for choice in iterate(choices, len(choices), "price candidates", "layer", enabled=progress and budget.in_latency):
         if choice.group is not None:
@@ -531,49 +532,23 @@ def envelope_choices(method: Method, model: nn.Module, skip: set[str], unpriced:
     return out
 
 
-def param_units(model: nn.Module, profile: dict, target: str, quantized: Callable) -> dict[int, float]:
-    """{id(parameter): what one of its elements costs in the target}: 1 for params; a weight's share
-    of its layer's MACs for macs (other parameters 0); 4 bytes, or 1 for a weight the int8 model
-    quantizes, for onnx_bytes."""
-    units = {}
-    for name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            if target == "params":
-                units[id(p)] = 1.0
-            elif target == "macs":
-                macs = (layers.dense_cost(module, profile[name].out_shape).macs
-                        if isinstance(module, (nn.Conv2d, nn.Linear)) and name in profile and p is module.weight else 0)
-                units[id(p)] = macs / p.numel()
-            else:
-                units[id(p)] = 1.0 if p.dim() >= 2 and quantized(name, module) else 4.0
-    return units
-
-
-def _shares(choice: LayerChoice, units: dict[int, float]):
-    """(parameter, its cost, the share of its `dim` that is the group's channels) per slice."""
-    for s in choice.group["slices"]:
-        yield s.param, units.get(id(s.param), 0.0) * s.param.numel(), len(s.idxs) / s.param.shape[s.dim]
-
-
 def envelope_cost(choice: LayerChoice, kept: int | None, units: dict[int, float]) -> float:
     """The group's parameters' cost with `kept` of its n channels (None: all), as if no other group
     shrank (additive; exact_envelope corrects where two groups shrink the same parameter)."""
     fraction = 1.0 if kept is None else kept / choice.group["channels"]
-    return sum(cost * share * fraction for _, cost, share in _shares(choice, units))
+    return sum(cost * share * fraction for _, cost, share in slice_costs(choice.group["slices"], units))
 
 
 def envelope_interaction(allocation: Allocation, units: dict[int, float]) -> float:
     """What the additive prediction misses: a parameter two groups shrink (a conv between two pruned
     groups loses rows and columns) saves 1 - (1 - a)(1 - b), not a + b, of its cost."""
-    from .methods.group_envelope import overcounted
-
     removed: dict[int, tuple[float, list[float]]] = {}
     for choice in allocation.layers:
         if choice.group is None:
             continue
         c = choice.candidates[choice.chosen]
         dropped = 0.0 if c.rank is None else 1 - c.rank / choice.group["channels"]
-        for param, cost, share in _shares(choice, units):
+        for param, cost, share in slice_costs(choice.group["slices"], units):
             removed.setdefault(id(param), (cost, []))[1].append(share * dropped)
     return overcounted(removed)
 

@@ -306,20 +306,19 @@ Example:
 @common
 def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, quiet):
     """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
-    from .bench import count_macs, count_params, profile_layers
+    from .bench import count_macs, count_params
     from .pipeline import plan as make_plan
     from .report import budget_line, layers_table
 
     ctx, _ = _context(recipe_path, model, trust_checkpoint, trust_factory, quiet=quiet)
     methods, rows = make_plan(ctx)
-    profile = profile_layers(ctx.loaded.model, ctx.sample)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo("\n".join(layers_table(rows)))
     params, macs = count_params(ctx.loaded.model), count_macs(ctx.loaded.model, ctx.sample)
     own = [r for r in rows if r["action"] != "refine"]  # a refine row repeats the earlier stage's change
-    twice = [m.counted_twice(ctx.loaded.model, profile) for m in methods]  # rows that shrink one layer together
+    twice = [m.counted_twice() for m in methods]  # rows that shrink one layer together
     saved_p = sum(r["params_before"] - r["params_after"] for r in own) - sum(t[0] for t in twice)
     saved_m = sum(r["macs_before"] - r["macs_after"] for r in own) - sum(t[1] for t in twice)
     click.echo(f"\nmodel: {params:,} params -> {params - saved_p:,} ({params / max(1, params - saved_p):.2f}x); "

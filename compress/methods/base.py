@@ -138,9 +138,9 @@ class Method:
         """{layer: why} the method leaves dense by default (a budget never allocates them)."""
         return {}
 
-    def counted_twice(self, model: nn.Module, profile: dict) -> tuple[int, int]:
-        """(params, MACs) that this stage's planned rows save twice over: a layer two of its rows
-        shrink at once (group_envelope: a conv between two pruned channel groups). The plan's
+    def counted_twice(self) -> tuple[int, int]:
+        """(params, MACs) that this stage's last planned rows save twice over: a layer two of its
+        rows shrink at once (group_envelope: a conv between two pruned channel groups). The plan's
         whole-model line subtracts it; 0 for methods whose rows never share a layer."""
         return 0, 0
 

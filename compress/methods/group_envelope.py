@@ -265,21 +265,31 @@ def remove_heads(module: nn.Module, layout: AttentionLayout, dead: list[int]) ->
     setattr(module, layout.heads, heads - len(dead))
 
 
-def group_cost(model: nn.Module, profile: dict, slices: list[ChannelSlice]) -> tuple[int, int]:
-    """(params, MACs per sample) the group's channels own: each slice's share of its parameter (a
-    layer's output channels, a consumer's input channels, BatchNorm entries), and the same share of
-    a Conv2d's or Linear's MACs for its weight. Removing a fraction of the channels removes that
-    fraction of both, exactly when no other group shrinks the same layer (budget.exact_envelope
-    counts that case)."""
-    owners = {id(p): (name, module) for name, module in model.named_modules() for p in module.parameters(recurse=False)}
-    params = macs = 0.0
+def unit_costs(model: nn.Module, profile: dict, kind: str,
+               quantized=lambda name, module: False) -> dict[int, float]:
+    """{id(parameter): what one of its elements costs}: 1 for params; for macs a weight's share of
+    its Conv2d's or Linear's MACs per sample (other parameters 0); for onnx_bytes 4, or 1 for a
+    weight the int8 model quantizes (`quantized(name, module)`)."""
+    units = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if kind == "params":
+                units[id(p)] = 1.0
+            elif kind == "macs":
+                layer = isinstance(module, (nn.Conv2d, nn.Linear)) and p is module.weight and name in profile
+                units[id(p)] = layers.dense_cost(module, profile[name].out_shape).macs / p.numel() if layer else 0.0
+            else:
+                units[id(p)] = 1.0 if p.dim() >= 2 and quantized(name, module) else 4.0
+    return units
+
+
+def slice_costs(slices: list[ChannelSlice], units: dict[int, float]):
+    """(parameter, its whole cost, the share of it the group's channels own) per slice: a layer's
+    output channels, a consumer's input channels, BatchNorm entries. Removing a fraction of the
+    channels removes that fraction of each share, exactly when no other group shrinks the same
+    parameter (`overcounted` is what adding the shares up gets wrong then)."""
     for s in slices:
-        share = len(s.idxs) / s.param.shape[s.dim]
-        params += s.param.numel() * share
-        name, module = owners.get(id(s.param), (None, None))
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and s.param is module.weight and name in profile:
-            macs += layers.dense_cost(module, profile[name].out_shape).macs * share
-    return round(params), round(macs)
+        yield s.param, units.get(id(s.param), 0.0) * s.param.numel(), len(s.idxs) / s.param.shape[s.dim]
 
 
 def overcounted(parts: dict[int, tuple[float, list[float]]]) -> float:
@@ -305,6 +315,7 @@ class GroupEnvelope(Method):
         self.sample: tuple[torch.Tensor, ...] | None = None
         self.groups: dict[str, dict] = {}  # root name -> {"slices", "channels", "k", "weights"}
         self.edits_made: list[dict] = []
+        self.twice = (0, 0)  # (params, MACs) the planned rows save twice over (counted_twice)
 
     def calibrate(self, model, batches, progress=False):
         first = next(iter(batches()), None)
@@ -355,12 +366,14 @@ class GroupEnvelope(Method):
         if self.sample is None:
             raise RecipeError(f"stages[{self.stage_index}] (group_envelope) needs calibration data")
         _, found = self._collect(model)
+        units = unit_costs(model, profile, "params"), unit_costs(model, profile, "macs")
         self.decisions = []
         for root, info in found.items():
             n = info["channels"]
             heads = info.get("layout") is not None
             if info["slices"]:  # the group's share of every parameter its channels own, producers and consumers
-                params, macs = group_cost(model, profile, info["slices"])
+                params, macs = (round(sum(cost * share for _, cost, share in slice_costs(info["slices"], u)))
+                                for u in units)
             else:  # unsupported: the layers that produce these channels, for the row
                 producers = [m for m in info["members"] if self._produces(model, m, info)]
                 params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
@@ -384,26 +397,23 @@ class GroupEnvelope(Method):
             extra.update({"keep": k, "note": f"keep {k} of {n} {unit} (members: {', '.join(info['members'])})"})
             self.decisions.append(Decision(root, self.name, kind, "prune", [n], params, macs,
                                            params * k // n, macs * k // n, extra=extra))
+        self.twice = self._counted_twice(found, units)
         return self.decisions
 
-    def counted_twice(self, model, profile):
-        _, found = self._collect(model)
-        owners = {id(p): (name, module) for name, module in model.named_modules()
-                  for p in module.parameters(recurse=False)}
-        params: dict[int, tuple[float, list[float]]] = {}
-        macs: dict[int, tuple[float, list[float]]] = {}
+    def counted_twice(self) -> tuple[int, int]:
+        return self.twice
+
+    def _counted_twice(self, found: dict, units: tuple[dict, dict]) -> tuple[int, int]:
+        """(params, MACs) the prune rows save twice over: a parameter two pruned groups shrink."""
+        removed: tuple[dict, dict] = ({}, {})
         for d in self.decisions:
             if d.action != "prune":
                 continue
             dropped = 1 - d.extra["keep"] / d.extra["channels"]
-            for s in found[d.name]["slices"]:
-                share = len(s.idxs) / s.param.shape[s.dim] * dropped
-                params.setdefault(id(s.param), (s.param.numel(), []))[1].append(share)
-                name, module = owners[id(s.param)]
-                if isinstance(module, (nn.Conv2d, nn.Linear)) and s.param is module.weight and name in profile:
-                    macs.setdefault(id(s.param), (layers.dense_cost(module, profile[name].out_shape).macs, []))[1] \
-                        .append(share)
-        return round(overcounted(params)), round(overcounted(macs))
+            for parts, u in zip(removed, units):
+                for param, cost, share in slice_costs(found[d.name]["slices"], u):
+                    parts.setdefault(id(param), (cost, []))[1].append(share * dropped)
+        return round(overcounted(removed[0])), round(overcounted(removed[1]))
 
     @staticmethod
     def _produces(model, member: str, info) -> bool:

@@ -70,7 +70,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
     out = Path(out)
     check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     device = resolve_device(options.device)
-    points, missed = [], []
+    points, missed, reports = [], [], []
     with outdir.locked(out):
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.sweep-", dir=out.parent))
         try:
@@ -88,9 +88,9 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                 except GateFailed as exc:  # the run's report is written; the sweep goes on
                     report = exc.result
                     missed.append(folder_name(value))
-                points.append(_point(f"budget {target} {value:g}", value, report.to_json(), recipe.budget.batch))
-            first = json.loads((work / folder_name(values[0]) / "report.json").read_text())
-            summary = _summary(target, recipe.budget.batch, first, points)
+                reports.append(report.to_json())
+                points.append(_point(f"budget {target} {value:g}", value, reports[-1], recipe.budget.batch))
+            summary = _summary(target, recipe.budget.batch, reports[0], points)
             (work / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
             png = _plot(summary, work / "pareto.png")
             (work / "pareto.md").write_text(_markdown(summary, png))

@@ -43,6 +43,9 @@ class QuantizeSection(Strict):
         "static: QDQ format, activation ranges calibrated on data.calibration")
     weight_type: Literal["int8", "uint8"] = "int8"
     per_channel: bool = Field(True, description="one scale per output channel of each weight")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights: needed for accurate int8 on x86 CPUs without VNNI (AVX2/AVX-512 "
+        "only), where ONNX Runtime's u8 x s8 kernel saturates; auto: on when this CPU lacks VNNI")
     op_types: list[str] | None = Field(None, description="ONNX operator types to quantize (default: MatMul and Gemm "
                                        "for dynamic, also Conv for static)")
     exclude: list[str] = Field(default_factory=list, description="module-name globs kept in float (a module's "
@@ -59,6 +62,34 @@ class QuantizationError(CompressError):
     """The quantized model strays too far from the float one: nothing is kept (exit 4, like parity)."""
 
     exit_code = 4
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (AVX512_VNNI or AVX_VNNI); None when that cannot be read
+    (not Linux, not x86), where ONNX Runtime's int8 kernels do not saturate."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            text = f.read(1 << 20).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})
+    return None
+
+
+def resolve_reduce_range(cfg: QuantizeSection) -> bool:
+    """reduce_range as ONNX Runtime gets it: `auto` turns it on for an x86 CPU without VNNI, whose
+    u8 x s8 multiply (VPMADDUBSW) saturates on full-range int8 weights. The model is quantized for
+    the machine it is measured on; the report records the choice."""
+    if cfg.reduce_range != "auto":
+        return bool(cfg.reduce_range)
+    return cpu_has_vnni() is False
 
 
 def supported_op_types(mode: str) -> set[str]:
@@ -189,10 +220,11 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
             raise UserError(f"quantize: the model has no {'/'.join(op_types)} operator left to quantize "
                             f"({len(candidates)} found, {len(excluded)} excluded)")
         weight_type = QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8
+        reduce_range = resolve_reduce_range(cfg)
         try:
             if cfg.mode == "dynamic":
                 quantize_dynamic(str(source), str(out_path), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
-                                 weight_type=weight_type, nodes_to_exclude=excluded)
+                                 weight_type=weight_type, nodes_to_exclude=excluded, reduce_range=reduce_range)
             else:
                 if not calibration:
                     raise UserError("quantize.mode static needs calibration data: set data.calibration (or data.train)")
@@ -202,7 +234,7 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
                 quantize_static(str(source), str(out_path), reader, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=op_types, per_channel=cfg.per_channel,
                                 activation_type=QuantType.QUInt8, weight_type=weight_type,
-                                nodes_to_exclude=excluded, calibrate_method=method)
+                                nodes_to_exclude=excluded, calibrate_method=method, reduce_range=reduce_range)
         except UserError:
             raise
         except Exception as exc:  # ORT raises many types; the user needs the first line
@@ -212,7 +244,8 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
     quantized = {op: count for op, count in sorted(ops.items()) if op in QUANTIZED_OPS}
     if not quantized:
         raise UserError(f"quantize: ONNX Runtime left the model in float (no {'/'.join(op_types)} it could quantize)")
-    return {"mode": cfg.mode, "weight_type": cfg.weight_type, "per_channel": cfg.per_channel, "op_types": op_types,
+    return {"mode": cfg.mode, "weight_type": cfg.weight_type, "per_channel": cfg.per_channel,
+            "reduce_range": reduce_range, "op_types": op_types,
             "excluded": excluded, "preprocessed": preprocessed, "quantized_ops": quantized,
             "calibration_batches": len(calibration) if cfg.mode == "static" and calibration else None,
             "calibrate_method": cfg.calibrate_method if cfg.mode == "static" else None}

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import RecipeError
 from .pipeline import Compressed, Context, Options, compress_model, load_context, plan as plan_layers, resolve_device, write
 from .recipe import LoadedRecipe, Recipe, format_errors, load_recipe, parse_recipe
+from .trust import check_trust_flag, trusted_prefixes
 
 
 @dataclass
@@ -66,7 +67,8 @@ def as_recipe(recipe: Any) -> LoadedRecipe:
 
 
 def _context(model, recipe, data, trust_checkpoint, trust_factories, **options) -> tuple[Context, Options]:
-    opts = Options(trust_checkpoint=trust_checkpoint, trust_factories=tuple(trust_factories), **options)
+    opts = Options(trust_checkpoint=check_trust_flag(trust_checkpoint),
+                   trust_factories=trusted_prefixes(trust_factories), **options)
     return load_context(as_recipe(recipe), model, opts, data), opts
 
 

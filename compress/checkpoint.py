@@ -32,7 +32,7 @@ from torch import nn
 from .data import sample_size_error
 from .errors import UserError, first_line
 from .methods.base import short
-from .trust import build_model, trusted_prefixes
+from .trust import build_model, check_trust_flag, trusted_prefixes
 
 FORMAT = "compress.checkpoint"
 VERSION = 1
@@ -248,7 +248,7 @@ def load(path: str | Path, trust_checkpoint: bool = False, trust_factories: list
     """The model in a checkpoint, an artifact folder (compression.json + model.safetensors) or a
     compression.json, in eval mode. Factories other than the bundled examples' are built only under the
     module prefixes in `trust_factories`."""
-    return load_model(path, trust=trust_checkpoint, trusted=trusted_prefixes(trust_factories)).model
+    return load_model(path, trust=check_trust_flag(trust_checkpoint), trusted=trusted_prefixes(trust_factories)).model
 
 
 def _from_safe_checkpoint(obj: dict, source: str, trusted: tuple[str, ...]) -> LoadedModel:

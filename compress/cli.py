@@ -92,7 +92,8 @@ def trust_option(fn):
     fn = click.option("--trust-factory", "trust_factory", multiple=True, metavar="PREFIX",
                       help="Trust model factories in modules under PREFIX (e.g. mypackage.models): a checkpoint, "
                            "compression.json or recipe naming one may import and call it. Repeatable. Without it "
-                           "only the bundled examples' factories and the recipe's model.trust are trusted.")(fn)
+                           "only the bundled examples' and installed plug-ins' factories are trusted; a recipe or a "
+                           "file never trusts anything.")(fn)
     fn = click.option("--trust-checkpoint", is_flag=True,
                       help="Allow loading a whole pickled module (unpickling runs code: only for files you trust).")(fn)
     return fn

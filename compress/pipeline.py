@@ -111,7 +111,7 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
             loaded = LoadedModel(model.eval(), "<in memory>")
         else:
             loaded = load_model(model, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
-                                trusted=trusted_prefixes(options.trust_factories, r.model.trust))
+                                trusted=trusted_prefixes(options.trust_factories))
         given = {role: _in_memory(d, role) for role, d in (data or {}).items()}
         sources = {"train": r.data.train, "calibration": r.data.calibration or r.data.train}
         sources["eval"] = r.data.eval or sources["calibration"]

@@ -34,19 +34,23 @@ class ModelSection(Strict):
     output_key: str | None = Field(None, description="which output to compress for and measure when the model returns "
                                    "a dict, a transformers ModelOutput, an object or a tuple: a key, an attribute, or "
                                    "an index (default: `logits` if present, else the first)")
-    trust: list[str] = Field(default_factory=list, description="module prefixes whose factories may be imported "
-                             "and called (e.g. [mypackage.models]); the bundled examples' factories are always trusted")
+    trust: list[str] = Field(default_factory=list, description="not allowed: a recipe may come from anyone, so it "
+                             "cannot trust code; trust a factory's package with --trust-factory PREFIX (or "
+                             "trust_factories= in Python)")
 
     @field_validator("trust")
     @classmethod
-    def _trusted_modules(cls, value: list[str]) -> list[str]:
-        from .trust import check_prefix
+    def _recipes_trust_nothing(cls, value: list[str]) -> list[str]:
+        if value:
+            from .trust import _never_trusted
 
-        for prefix in value:
-            try:
-                check_prefix(prefix, "model.trust")
-            except UserError as exc:
-                raise ValueError(str(exc).removeprefix("model.trust ")) from None
+            first = value[0] if isinstance(value[0], str) and len(value[0]) < 100 else "PREFIX"
+            if _never_trusted(first):
+                raise ValueError(f"a recipe cannot trust code, and {first!r} can never be trusted: "
+                                 f"{_never_trusted(first)}")
+            raise ValueError("a recipe cannot trust code (a recipe may come from anyone, e.g. a pull request); "
+                             f"pass --trust-factory {first} on the command line (trust_factories= in Python) "
+                             "if you trust it yourself")
         return value
 
 

@@ -36,10 +36,10 @@ def make_case(name, tmp_path, digits_model, write_recipe):
         model = tmp_path / "whole.pt"
         torch.save(digits_resnet(width=8), model)
         message = "--trust-checkpoint"
-    elif name == "factory does not import":
+    elif name == "recipe trusts a module":
         model = tmp_path / "sd.pt"
         torch.save(digits_resnet(width=8).state_dict(), model)
-        extra, message = "model: {factory: 'missing_module:build', trust: [missing_module]}", "cannot import 'missing_module'"
+        extra, message = "model: {factory: 'missing_module:build', trust: [missing_module]}", "a recipe cannot trust code"
     elif name == "untrusted factory":
         model = tmp_path / "sd.pt"
         torch.save(digits_resnet(width=8).state_dict(), model)
@@ -83,7 +83,7 @@ def make_case(name, tmp_path, digits_model, write_recipe):
 
 
 CASES = ["missing model", "empty model", "truncated model", "not a checkpoint", "untrusted pickle",
-         "factory does not import", "untrusted factory", "state dict does not fit", "yaml syntax error", "unknown recipe key",
+         "recipe trusts a module", "untrusted factory", "state dict does not fit", "yaml syntax error", "unknown recipe key",
          "wrong type", "out of range", "pattern matches nothing", "data missing keys", "data wrong dtype",
          "data wrong shape", "data file missing", "output exists"]
 

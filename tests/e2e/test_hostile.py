@@ -111,9 +111,10 @@ def test_only_the_examples_model_factories_are_trusted_by_default():
     for reference in FACTORIES:
         assert callable(resolve_factory(reference, ()))
     for reference in ("compress.examples.digits:digits_split", "compress.examples.digits:BasicBlock"):
-        with pytest.raises(UserError, match="not trusted"):
+        with pytest.raises(UserError, match="never trusted"):
             resolve_factory(reference, ())
-    assert resolve_factory("compress.examples.digits:BasicBlock", ("compress.examples",)).__name__ == "BasicBlock"
+        with pytest.raises(UserError, match="never trusted"):  # a caller's prefixes cannot reach the tool itself
+            resolve_factory(reference, ("compress.examples",))
 
 
 def test_trusting_the_standard_library_is_refused(small, tmp_path, run_cli):
@@ -122,13 +123,15 @@ def test_trusting_the_standard_library_is_refused(small, tmp_path, run_cli):
     for prefix in ("os", "shutil", "builtins", "subprocess", "os.path"):
         message = one_line_error(run_cli("inspect", model, "--trust-factory", prefix))
         assert "standard library" in message
-    for prefix in ("torch", "torch.hub", "compress", "compress.checkpoint"):  # they load code from files
+    # they load code, pickles or files named in their arguments, or dispatch to other callables
+    for prefix in ("torch", "torch.hub", "compress", "compress.checkpoint", "compress.examples", "numpy", "yaml",
+                   "joblib", "click", "dill", "cloudpickle", "pandas", "numpy.lib"):
         message = one_line_error(run_cli("inspect", model, "--trust-factory", prefix))
-        assert "never trusted wholesale" in message
-    assert run_cli("inspect", tampered_checkpoint(small, tmp_path), "--trust-factory", "compress.examples").exit_code == 0
+        assert "never trusted" in message, prefix
+    assert run_cli("inspect", tampered_checkpoint(small, tmp_path)).exit_code == 0  # the bundled factory, by name
     trainer = tampered_checkpoint(small, tmp_path, factory="compress.examples.training:train_digits_resnet",
                                   kwargs={"path": str(tmp_path / "written.pt"), "epochs": 1})
-    assert "writes files" in one_line_error(run_cli("inspect", trainer, "--trust-factory", "compress.examples"))
+    assert "never trusted" in one_line_error(run_cli("inspect", trainer))
     assert not (tmp_path / "written.pt").exists()
     with pytest.raises(UserError, match="standard library"):
         compress.load(model, trust_factories=["os"])
@@ -147,19 +150,23 @@ def test_an_untrusted_module_is_not_even_imported(small, tmp_path, run_cli, writ
     message = one_line_error(run_cli("inspect", model))
     assert "not trusted, so nothing was imported" in message and "--trust-factory strangers_models" in message
     assert not marker.exists() and "strangers_models" not in sys.modules
-    # `recipe check` without a model imports nothing, whatever the recipe names and trusts
+    # a recipe cannot trust anything: `recipe check` refuses one that tries, and imports nothing
     recipe = write_recipe(extra="model: {factory: 'strangers_models:build', trust: [strangers_models]}")
+    assert "a recipe cannot trust code" in one_line_error(run_cli("recipe", "check", recipe))
+    assert "a recipe cannot trust code" in one_line_error(run_cli("recipe", "check", recipe, model))
+    assert not marker.exists()
+    recipe = write_recipe(name="named.yaml", extra="model: {factory: 'strangers_models:build'}")
     assert run_cli("recipe", "check", recipe).exit_code == 0
     assert not marker.exists()
     # with a model it follows the same rules: refused without trust ...
     plain = write_recipe(name="plain.yaml")
     assert "not trusted" in one_line_error(run_cli("recipe", "check", plain, model))
     assert not marker.exists()
-    # ... and the user's own trust makes it work, from the flag or from the recipe
+    # ... and the user's own trust makes it work, from the flag only
     result = run_cli("inspect", model, "--trust-factory", "strangers_models", "--json")
     assert result.exit_code == 0, result.stderr
     assert marker.exists() and json.loads(result.stdout)["total"]["params"] > 0
-    assert run_cli("recipe", "check", recipe, model).exit_code == 0
+    assert run_cli("recipe", "check", recipe, model, "--trust-factory", "strangers_models").exit_code == 0
     # a model class's classmethod constructor (how transformers builds models) is allowed too
     constructor = tampered_checkpoint(small, tmp_path, factory="strangers_models:Net.from_config")
     assert run_cli("inspect", constructor, "--trust-factory", "strangers_models").exit_code == 0
@@ -171,7 +178,10 @@ def test_kwargs_are_bounded_json_like_data(small, tmp_path, run_cli):
                           ({"width": float("nan")}, "not a finite number"), ({"width": "x" * 5000}, "characters"),
                           ({"width": torch.zeros(3)}, "only JSON-like values"), (["width"], "must be a mapping"),
                           ({"__class__": 1}, "not a keyword argument name"), ({"width": [[[[[[[[[[1]]]]]]]]]]}, "nested"),
-                          ({"width": 8, "trust_remote_code": True}, "runs code from files")]:
+                          ({"width": 8, "trust_remote_code": True}, "turns on loading code"),
+                          ({"width": 8, "config": {"Trust-Remote-Code": 1}}, "turns on loading code"),
+                          ({"width": 8, "opts": [{"allow_pickle": True}]}, "turns on loading code"),
+                          ({"width": 8, "weights_only": False}, "turns on loading code")]:
         model = tampered_checkpoint(small, tmp_path, kwargs=kwargs)
         assert words in one_line_error(run_cli("inspect", model)), kwargs
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from .data import sample_size_error
 from .errors import UserError, first_line
 from .methods.base import short
+from . import outdir
 from .trust import build_model, check_trust_flag, trusted_prefixes
 
 FORMAT = "compress.checkpoint"
@@ -205,7 +205,7 @@ def save_artifact(folder: Path, model: nn.Module, factory: str, kwargs: dict[str
     # safetensors refuses tensors that share memory; a state dict is saved as independent copies
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": ARTIFACT_FORMAT})
-    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~current_umask())  # safetensors writes it private; it is an ordinary file
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~outdir.current_umask())  # safetensors writes it private; it is an ordinary file
     description = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "factory": factory, "kwargs": kwargs,
                    "edits": edits, "inputs": inputs, "weights": WEIGHTS_NAME, "metadata": metadata or {}}
     (folder / ARTIFACT_NAME).write_text(json.dumps(description, indent=2) + "\n")
@@ -307,21 +307,6 @@ def save_pickled_module(path: str | Path, model: nn.Module) -> None:
     _atomic_save(model, Path(path))
 
 
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so set it straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    outdir.write_atomic(path, lambda f: torch.save(obj, f), public=True)

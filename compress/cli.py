@@ -216,7 +216,7 @@ def _apply(recipe_path, model, out, force, resume, seed, device, trust_checkpoin
     ctx, options = _context(recipe_path, model, trust_checkpoint, trust_factory, seed, device, quiet or not is_main(),
                             max_metric_drop=max_metric_drop, min_speedup=min_speedup, min_size_ratio=min_size_ratio,
                             resume=resume)
-    out = Path(out) if out else Path("out") / Path(recipe_path).stem
+    out = Path(out) if out is not None else Path("out") / Path(recipe_path).stem
     try:
         result = run_apply(ctx, out, options, force=force)
     except CompressError as exc:
@@ -277,7 +277,7 @@ def sweep(recipe_path, model, budgets, out, force, seed, device, trust_checkpoin
     from .sweep import run as run_sweep
 
     ctx, options = _context(recipe_path, model, trust_checkpoint, trust_factory, seed, device, quiet)
-    out = Path(out) if out else Path("out") / f"sweep-{Path(recipe_path).stem}"
+    out = Path(out) if out is not None else Path("out") / f"sweep-{Path(recipe_path).stem}"
     try:
         summary = run_sweep(ctx, budgets, out, options, force)
     except CompressError as exc:

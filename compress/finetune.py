@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, outdir
 from .data import Dataset, split_batch, to_device
 from .errors import CompressError, UserError, first_line
 from .losses import distill_loss, task_loss
@@ -222,15 +223,18 @@ def _save_state(checkpoint: ResumePoint, loop: dict, model, optimizer, scheduler
     state = {"identity": checkpoint.identity, "loop": loop, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
              "torch_rng": torch.get_rng_state(), "methods": [m.state_dict() for m in methods]}
-    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.path.with_name(checkpoint.path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, checkpoint.path)  # atomic: a kill leaves the previous state or the new one
+    outdir.own_dir(checkpoint.path.parent)  # never through a symbolic link planted beside --out
+    outdir.write_atomic(checkpoint.path, lambda f: torch.save(state, f))  # a kill leaves the old state or the new
 
 
 def _restore(checkpoint: ResumePoint, model, optimizer, scheduler, generator, methods) -> dict:
-    if not checkpoint.path.is_file():
-        raise UserError(f"--resume: no saved state at {checkpoint.path}; run without --resume")
+    try:
+        info = os.lstat(checkpoint.path)
+    except OSError:
+        raise UserError(f"--resume: no saved state at {checkpoint.path}; run without --resume") from None
+    if not stat.S_ISREG(info.st_mode) or not stat.S_ISDIR(os.lstat(checkpoint.path.parent).st_mode):
+        raise UserError(f"{checkpoint.path}: not a resume state written by compress (a symbolic link or another "
+                        "kind of file); run without --resume to start over")
     try:
         state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the weights-only unpickler runs no code

@@ -10,7 +10,8 @@ import numpy as np
 from torch import nn
 
 from . import bench, exporting as export, linalg, outdir
-from .checkpoint import current_umask, load_model
+from .checkpoint import load_model
+from .outdir import current_umask
 from .errors import UserError, first_line
 from .layers import layer_matrix
 from .methods.base import LAYER_TYPES
@@ -65,7 +66,7 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
     """Export, check parity with torch, and with `quantize_mode` write the int8 model instead (the
     recipe's quantize section when it has one, held to its fidelity limits against the float model
     on the parity batch); static quantization calibrates on the recipe's data."""
-    outdir.check_file_out(out, force)
+    outdir.check_file_out(out, force, [model_path, recipe_path])
     model, names, sample, recipe, data = _load(model_path, recipe_path, trust, factories)
     opset, atol, rtol, declared, dynamic_batch = 17, 1e-4, 1e-3, {}, True
     if recipe is not None:
@@ -87,7 +88,7 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
         if quantize_mode:
             result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data)
         os.chmod(partial, 0o666 & ~current_umask())
-        outdir.check_file_out(out, True)  # still not something else than a file we may overwrite
+        outdir.check_file_out(out, True, [model_path, recipe_path])  # still a file we may overwrite
         partial.replace(out)
     except OSError as exc:
         raise UserError(f"{out}: cannot write ({exc.strerror or exc}); nothing was written") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from torch import nn
 
 from . import bench, budget as budgeting, distributed, exporting as export, metrics, opcost, outdir, quantize
 from . import report as reporting
-from .checkpoint import (LoadedModel, current_umask, load_model, save_artifact, save_checkpoint,
+from .checkpoint import (LoadedModel, load_model, save_artifact, save_checkpoint,
                          save_pickled_module)
 from .data import Dataset, load_source, split_batch, synthetic_sample
 from .errors import GateFailed, RecipeError, UserError, first_line
@@ -427,14 +426,9 @@ def write(ctx: Context, compress: Callable[[], Compressed] | Compressed, out: Pa
     except OSError as exc:
         raise UserError(f"{out}: cannot create its parent folder ({exc.strerror or exc}); nothing was written") from None
     with outdir.locked(out):
-        for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run into the same --out
-            shutil.rmtree(stale, ignore_errors=True)
+        work = outdir.make_work_dir(out)  # removes what a killed run into this same --out left
         try:
-            work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        except OSError as exc:
-            raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from None
-        try:
-            os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
+            os.chmod(work, 0o777 & ~outdir.current_umask())  # mkdtemp makes it private; the output is an ordinary folder
             done = compress() if callable(compress) else compress
             try:  # only the writing step's OSErrors are "cannot write": input errors keep their own message
                 result = publish(ctx, done, work, options)
@@ -443,9 +437,9 @@ def write(ctx: Context, compress: Callable[[], Compressed] | Compressed, out: Pa
                 outdir.replace_dir(work, out)
             except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
                 raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
-            shutil.rmtree(resume_folder(out), ignore_errors=True)  # finished: nothing left to resume
+            outdir.remove_own_dir(resume_folder(out))  # finished: nothing left to resume
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            outdir.remove_own_dir(work)
             raise
     failed = [g for g in result.gates["checked"] if not g["passed"]]
     if failed:

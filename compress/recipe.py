@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError, UserError
+from .errors import RecipeError
 from .methods import METHODS
 from .methods.base import Strict
 from .budget import BudgetSection

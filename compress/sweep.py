@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
+import os
 from pathlib import Path
 
 from . import outdir
+from .outdir import current_umask
 from .errors import GateFailed, UserError
 from .recipe import LoadedRecipe
 
@@ -67,13 +68,20 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
         except Exception as exc:  # noqa: BLE001 - pydantic's message, one line
             raise UserError(f"--budgets {value:g}: not a valid budget.{target} ({str(exc).splitlines()[-1].strip()})") \
                 from None
+    names = [folder_name(v) for v in values]
+    clash = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if clash:
+        same = [f"{v!r}" for v, n in zip(values, names) if n == clash]
+        raise UserError(f"--budgets: {' and '.join(same)} would share the folder {clash}; give budgets that differ "
+                        "in their first 6 significant digits")
     out = Path(out)
     check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     device = resolve_device(options.device)
     points, missed, reports = [], [], []
     with outdir.locked(out):
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.sweep-", dir=out.parent))
+        work = outdir.make_work_dir(out, "sweep")  # removes what a killed sweep into this same --out left
         try:
+            os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
             for value in values:
                 budget = recipe.budget.model_copy(update={target: value})
                 loaded = LoadedRecipe(recipe.model_copy(update={"budget": budget}), ctx.recipe.path,
@@ -97,9 +105,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
             outdir.write_marker(work)
             outdir.replace_dir(work, out)
         except BaseException:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+            outdir.remove_own_dir(work)
             raise
     if missed:  # everything is written; the exit code says a run missed a gate
         error = GateFailed(f"sweep: {len(missed)} of {len(values)} runs missed a gate: {', '.join(missed)} "

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import yaml
@@ -22,6 +24,10 @@ def test_sweep_writes_one_run_per_budget_and_the_pareto_front(digits_model, writ
     result = run_cli("sweep", "--recipe", path, digits_model, "--budgets", "3,1.5", "--out", out, "-q")
     assert result.exit_code == 0, result.output
     assert len(calls) == 1  # the calibration statistics are taken once for the whole sweep
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "sweep"]  # no work, lock or old folder
     summary = json.loads((out / "pareto.json").read_text())
     assert summary["target"] == "macs" and summary["batch"] == 4
     assert [p["budget"] for p in summary["points"]] == [1.5, 3.0]

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RecipeError
+from .errors import RecipeError, UserError
 from .pipeline import Compressed, Context, Options, compress_model, load_context, plan as plan_layers, resolve_device, write
-from .recipe import LoadedRecipe, Recipe, format_errors, load_recipe, parse_recipe
+from .recipe import SEED_MAX, LoadedRecipe, Recipe, format_errors, load_recipe, parse_recipe
 from .trust import check_trust_flag, trusted_prefixes
 
 
@@ -83,6 +83,8 @@ def apply(model, recipe, *, data: dict | None = None, seed: int | None = None, d
           progress: bool = False, trust_checkpoint: bool = False, trust_factories=()) -> Result:
     """Compress the model by the recipe, in memory: plan, prepare, fine-tune, finalize. Writes nothing;
     the original model is left unchanged."""
+    if seed is not None and (type(seed) is not int or not 0 <= seed <= SEED_MAX):
+        raise UserError(f"seed: expected an integer from 0 to {SEED_MAX}, not {seed!r:.40}")
     if isinstance(model, nn.Module):
         model = copy.deepcopy(model)  # the caller's model stays as it was
     ctx, opts = _context(model, recipe, data, trust_checkpoint, trust_factories, seed=seed, device=device,

@@ -76,7 +76,7 @@ class BudgetSection(Strict):
     macs: float | None = Field(None, gt=1, description="MAC ratio original/compressed per sample")
     onnx_bytes: float | None = Field(None, gt=1, description="file size ratio of the original's ONNX to the shipped "
                                      "model.onnx (int8 when the recipe quantizes)")
-    batch: int | None = Field(None, gt=0, description="batch size of the latency targets (default: the largest "
+    batch: int | None = Field(None, gt=0, le=1 << 20, description="batch size of the latency targets (default: the largest "
                               "bench.batch_sizes)")
     rounds: int = Field(3, ge=1, le=10, description="latency targets: allocations at most, each checked by "
                         "measuring the whole model before fine-tuning")
@@ -241,7 +241,7 @@ def weight_error_curve(layer: nn.Module, scheme: str, moments: linalg.OutputMome
         per = per / matrix.shape[0] if table else per
         tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
         return {r: float(tail[r]) if r < len(tail) else 0.0 for r in ranks}
-    second = moments.outer / max(1, moments.count)  # E[x x^T]
+    second = moments.second_moment()  # E[x x^T]
     if scheme == "channel" or not isinstance(layer, nn.Conv2d):
         if gradient is None:
             per = s.pow(2) * torch.einsum("ij,jk,ik->i", vh, second, vh)

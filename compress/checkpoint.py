@@ -30,6 +30,7 @@ from torch import nn
 
 from .data import sample_size_error
 from .errors import UserError, first_line
+from .files import FileRefused, loads_json, read_regular
 from .methods.base import short
 from . import outdir
 from .trust import build_model, check_trust_flag, trusted_prefixes
@@ -218,13 +219,15 @@ def load_artifact(path: Path, trusted: tuple[str, ...] | None = None) -> LoadedM
         if path.stat().st_size > MAX_DESCRIPTION_BYTES:  # MAX_EDITS edits of a few hundred bytes fit easily
             raise UserError(f"{source}: {path.stat().st_size:,} bytes is not a compression.json (at most "
                             f"{MAX_DESCRIPTION_BYTES:,}); refusing to read it")
-        description = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        description = loads_json(read_regular(path, MAX_DESCRIPTION_BYTES))
+    except FileRefused as exc:
+        raise UserError(f"{source}: not a compression.json to read: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{source}: not a readable compression.json ({first_line(exc)})") from None
     if not isinstance(description, dict) or description.get("format") != ARTIFACT_FORMAT:
         raise UserError(f"{source}: not a compress artifact description (no \"format\": \"{ARTIFACT_FORMAT}\")")
     version = description.get("version")
-    if version != ARTIFACT_VERSION:
+    if type(version) is not int or version != ARTIFACT_VERSION:  # true and 1.0 equal 1, and are not versions
         raise UserError(f"{source}: artifact format version {version!r} is not supported "
                         f"(this compress reads version {ARTIFACT_VERSION}); upgrade compress")
     for key in ("factory", "edits"):
@@ -253,7 +256,7 @@ def load(path: str | Path, trust_checkpoint: bool = False, trust_factories: list
 
 def _from_safe_checkpoint(obj: dict, source: str, trusted: tuple[str, ...]) -> LoadedModel:
     version = obj.get("version")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise UserError(f"{source}: checkpoint format version {short(version)} is not supported "
                         f"(this compress reads version {VERSION}); upgrade compress")
     state = obj.get("state_dict")

@@ -28,6 +28,14 @@ class Dataset:
     def __init__(self, tensors: dict[str, torch.Tensor], source: str):
         if not tensors:
             raise UserError(f"{source}: holds no tensors")
+        odd = next((k for k in tensors if not isinstance(k, str)), None)
+        if odd is not None:
+            raise UserError(f"{source}: key {odd!r} is a {type(odd).__name__}; keys name the model's inputs and the "
+                            "target, so they must be strings")
+        for key, tensor in tensors.items():
+            if tensor.layout != torch.strided or tensor.device.type == "meta":
+                what = "a meta tensor (no data)" if tensor.device.type == "meta" else f"a {tensor.layout} tensor"
+                raise UserError(f"{source}: {key!r} is {what}; store it as a dense tensor")
         lengths = {k: v.shape[0] if v.dim() else None for k, v in tensors.items()}
         if None in lengths.values() or len(set(lengths.values())) != 1:
             raise UserError(f"{source}: tensors must share their first (sample) dimension, got {lengths}")
@@ -74,7 +82,13 @@ def load_source(source: str) -> Dataset:
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                tensors = {k: torch.from_numpy(np.ascontiguousarray(archive[k])) for k in archive.files}
+                tensors = {}
+                for k in archive.files:
+                    array = archive[k]
+                    if array.dtype.kind not in "biuf":
+                        raise UserError(f"{source}: {k!r} holds {array.dtype} values (text or objects); data must "
+                                        "be numbers: tokenize text, and store class labels as integers")
+                    tensors[k] = torch.from_numpy(np.ascontiguousarray(array))
         elif suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.torch import load_file

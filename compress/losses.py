@@ -23,14 +23,18 @@ KINDS = ("logits", "probabilities", "log_probabilities")
 EPS = 1e-7
 
 
-def detect_output_kind(model: nn.Module, outputs: torch.Tensor) -> tuple[str, str]:
-    """(kind, why) from the model's last module and a sample of its outputs (auto mode)."""
+def detect_output_kind(model: nn.Module, outputs: torch.Tensor, affine_output: bool = False) -> tuple[str, str]:
+    """(kind, why) from the model's last module and a sample of its outputs (auto mode).
+    `affine_output`: the outputs are an affine layer's own (a Linear head, nothing after it), which
+    are logits even when the sample happens to lie in [0, 1]."""
     last = [m for m in model.modules() if not list(m.children())]
     final = type(last[-1]).__name__ if last else ""
     if final in ("Sigmoid", "Softmax"):
         return "probabilities", f"the model ends in {final}"
     if final == "LogSoftmax":
         return "log_probabilities", "the model ends in LogSoftmax"
+    if affine_output:
+        return "logits", f"the output is the last layer's own ({final}, unbounded)"
     out = outputs.detach().double()
     if out.numel() == 0 or not torch.isfinite(out).all():
         return "logits", "outputs are not all finite"
@@ -81,6 +85,8 @@ def task_loss(loss: str, output: torch.Tensor, target: torch.Tensor, kind: str =
     if loss == "auto":
         loss = "bce" if is_binary(target) else ("mse" if target.is_floating_point() else "cross_entropy")
     if loss == "cross_entropy":
+        if output.dim() > 2:  # one class score vector per position (B, L, V) with labels (B, L): classes last
+            output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
         if kind == "logits":
             return F.cross_entropy(output, target)
         logp = torch.log(output.clamp_min(EPS)) if kind == "probabilities" else output

@@ -85,7 +85,7 @@ def score(name: str, outputs: torch.Tensor, target: torch.Tensor | None, referen
     if name == "accuracy":
         if target is None:
             raise ValueError("accuracy needs labels")
-        return float((outputs.argmax(dim=1) == target).float().mean())
+        return float((outputs.argmax(dim=-1) == target.reshape(outputs.shape[:-1])).float().mean())  # classes last
     if name == "mse":
         other = target if target is not None else reference
         return float(((outputs - other.float().reshape(outputs.shape)) ** 2).mean())

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import layers
+from .files import loads_json, read_regular
 
 CACHE_NAME = "op-latency-v1.json"
 MAX_ENTRIES = 200_000  # a bigger cache file is someone else's: start afresh
@@ -63,7 +64,9 @@ def quantization_key(cfg) -> str:
     if cfg is None:
         return "float"
     ops = ",".join(sorted(cfg.op_types or [])) or "default"
-    return f"{cfg.mode}-{cfg.weight_type}-pc{int(cfg.per_channel)}-{ops}"
+    from .quantize import resolve_reduce_range
+
+    return f"{cfg.mode}-{cfg.weight_type}-pc{int(cfg.per_channel)}-rr{int(resolve_reduce_range(cfg))}-{ops}"
 
 
 class OpCosts:
@@ -82,10 +85,8 @@ class OpCosts:
 
     def _read(self) -> dict[str, float]:
         try:
-            if self.path.stat().st_size > 64 * MAX_ENTRIES:
-                return {}
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = loads_json(read_regular(self.path, 64 * MAX_ENTRIES))
+        except (OSError, ValueError, UnicodeDecodeError):  # unreadable, a FIFO, /dev/zero, too deep: ignored
             return {}
         if not isinstance(data, dict) or len(data) > MAX_ENTRIES:
             return {}

@@ -111,6 +111,10 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
         else:
             loaded = load_model(model, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
                                 trusted=trusted_prefixes(options.trust_factories))
+        _check_weights(loaded.model, loaded.path)
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"data: expected a mapping of roles (train, calibration, eval) to data sets, not "
+                            f"{type(data).__name__}")
         given = {role: _in_memory(d, role) for role, d in (data or {}).items()}
         sources = {"train": r.data.train, "calibration": r.data.calibration or r.data.train}
         sources["eval"] = r.data.eval or sources["calibration"]
@@ -134,12 +138,25 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
         metrics.OUTPUT_KEY.set(r.model.output_key)
         input_names, sample = _inputs(r, loaded, data, r.data.target)
         _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
+        evaluated = data["eval"]
+        if r.data.metric in ("accuracy", "auc") and evaluated is not None and r.data.target not in evaluated.keys():
+            raise UserError(f"data.metric {r.data.metric} needs labels, and {evaluated.source} has no key "
+                            f"{r.data.target!r} (data.target); add them, or use metric: agreement, cosine or neighbors")
         output = _output_kind(loaded.model, input_names, sample, data, r)
         bench.check_fits(r.bench.batch_sizes, bench.activation_bytes_per_sample(loaded.model, sample), "bench.batch_sizes")
         if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
             quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
                                    data["calibration"] is not None)
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings, output)
+
+
+def _check_weights(model: nn.Module, source) -> None:
+    """Weights must be finite: NaN or Inf make every decomposition fail and every metric meaningless."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{source}: weight {name!r} holds {bad:,} non-finite values (NaN or Inf); the model "
+                            "cannot be compressed or measured: fix or retrain it")
 
 
 def _in_memory(source, role: str) -> Dataset:
@@ -154,6 +171,9 @@ def _in_memory(source, role: str) -> Dataset:
     raise UserError(f"data {role}: expected a Dataset, a dict of tensors or a file path, not {type(source).__name__}")
 
 
+AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear, nn.Embedding)
+
+
 def _output_kind(model: nn.Module, names: list[str], sample, data, r) -> dict:
     """What the model returns (logits, probabilities, log-probabilities), from the recipe or from the
     model's last module and its outputs on up to 256 samples of the data."""
@@ -161,9 +181,20 @@ def _output_kind(model: nn.Module, names: list[str], sample, data, r) -> dict:
         return {"kind": r.finetune.output, "reason": "set in the recipe (finetune.output)"}
     source = next((d for d in (data["calibration"], data["train"], data["eval"]) if d is not None), None)
     inputs = sample if source is None else tuple(source.head(min(256, len(source)))[n] for n in names)
-    with torch.no_grad():
-        outputs = primary_output(model.eval()(*inputs))
-    kind, reason = detect_output_kind(model, outputs)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    seen = []
+    handle = leaves[-1].register_forward_hook(lambda m, a, out: seen.append(out)) if leaves else None
+    try:
+        with torch.no_grad():
+            outputs = primary_output(model.eval()(*inputs))
+    finally:
+        if handle is not None:
+            handle.remove()
+    # the output is the last module's own (nothing applied after it): known to be unbounded when that
+    # module is affine, whatever values the sample happens to take
+    raw = bool(seen) and isinstance(seen[-1], torch.Tensor) and seen[-1].shape == outputs.shape and \
+        torch.equal(seen[-1].float(), outputs.float())
+    kind, reason = detect_output_kind(model, outputs, affine_output=raw and isinstance(leaves[-1], AFFINE))
     return {"kind": kind, "reason": f"auto: {reason}"}
 
 
@@ -173,6 +204,9 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
     some = next((d for d in data.values() if d is not None), None)
     if specs:
         names = [s["name"] for s in specs]
+        if target in names:
+            raise UserError(f"data.target {target!r} is also one of the model's inputs; name the labels' key "
+                            "(data.target) or the inputs differently")
     elif some is not None:
         names = [k for k in some.keys() if k != target]
     else:
@@ -204,25 +238,60 @@ def _check_fit(model: nn.Module, names: list[str], sample, data, target: str, r=
                                for n, t in zip(names, inputs))
             raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first_line(exc)}") from None
         if dataset is not None and target in dataset.keys():
-            _check_labels(output, dataset.tensors[target], source, target, r)
+            dataset.tensors[target] = _check_labels(output, dataset.tensors[target], source, target, r)
 
 
-def _check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: str, r) -> None:
-    classes = output.shape[1] if output.dim() == 2 and output.shape[1] > 1 else None
+def _check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: str, r) -> torch.Tensor:
+    """The labels as training and scoring will use them, checked against the model's output (one
+    sample of it) and the recipe's loss and metric: integer labels of any width become int64, 0/1
+    integers for a one-output model become float, [N, 1] class labels become [N]. Every
+    contradiction is a one-line error naming the key and what uses it."""
+    out = tuple(output.shape[1:])  # per sample
+    classes = out[-1] if len(out) >= 1 and out[-1] > 1 else None
     loss = r.finetune.loss if r is not None else "auto"
     metric = r.data.metric if r is not None else "auto"
-    class_labels = classes is not None and labels.dim() == 1 and loss in ("auto", "cross_entropy") and \
-        metric in ("auto", "accuracy")
-    if not class_labels:
-        return
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise UserError(f"{source}: labels {key!r} are {str(labels.dtype).removeprefix('torch.')} values but the "
-                        f"model outputs {classes} classes; store class indices as integers (int64)")
-    bad = (labels < 0) | (labels >= classes)
-    if bad.any():
-        first = int(bad.nonzero()[0, 0])
-        raise UserError(f"{source}: {int(bad.sum()):,} labels {key!r} lie outside the model's {classes} classes "
-                        f"[0, {classes}), the first at index {first} (value {int(labels[first])})")
+    integer = not labels.is_floating_point() and labels.dtype != torch.bool
+    if integer:
+        labels = labels.long()
+        if classes is None and int(torch.tensor(out).prod()) == 1 and bool(((labels == 0) | (labels == 1)).all()):
+            labels = labels.float()  # 0/1 labels of a one-output (binary) model
+            integer = False
+    if classes is not None and labels.dim() == 2 and labels.shape[1] == 1 and len(out) == 1:
+        labels = labels[:, 0]  # [N, 1] class labels, as numpy often writes them
+    per_label = tuple(labels.shape[1:])
+    users = [f"finetune.loss {loss}" for _ in [0] if loss == "cross_entropy" or (loss == "auto" and integer)]
+    users += [f"data.metric {metric}" for _ in [0] if metric == "accuracy" or (metric == "auto" and integer)]
+    if users:  # the labels are class indices
+        what = " and ".join(users)
+        if classes is None:
+            raise UserError(f"{source}: {what} takes labels {key!r} as class indices, but the model outputs "
+                            f"{list(out)} per sample, not one score per class; choose a loss and metric for this "
+                            "output (bce/auc for one 0/1 output as float labels, mse for values)")
+        if not integer:
+            raise UserError(f"{source}: labels {key!r} are {str(labels.dtype).removeprefix('torch.')} values but "
+                            f"{what} needs class indices for the model's {classes} classes; store them as integers")
+        if per_label != out[:-1]:
+            raise UserError(f"{source}: labels {key!r} have shape {list(per_label)} per sample, but the model's "
+                            f"output {list(out)} needs {list(out[:-1])} class indices per sample ({what})")
+        bad = (labels < 0) | (labels >= classes)
+        if bad.any():
+            first = int(bad.reshape(labels.shape[0], -1).any(dim=1).nonzero()[0, 0])
+            raise UserError(f"{source}: {int(bad.sum()):,} labels {key!r} lie outside the model's {classes} classes "
+                            f"[0, {classes}), the first at index {first} (value {int(labels[first].reshape(-1)[0])})")
+    values = [f"finetune.loss {loss}" for _ in [0] if loss in ("bce", "mse") or (loss == "auto" and not integer)]
+    values += [f"data.metric {metric}" for _ in [0] if metric in ("auc", "mse") or (metric == "auto" and not integer)]
+    if values:  # the labels are compared with the outputs value by value
+        what = " and ".join(values)
+        if classes is not None and per_label == out[:-1] and not integer:
+            raise UserError(f"{source}: labels {key!r} are {str(labels.dtype).removeprefix('torch.')} values but the "
+                            f"model outputs {classes} classes; store class indices as integers (int64)")
+        if int(torch.tensor(per_label).prod()) != int(torch.tensor(out).prod()):
+            raise UserError(f"{source}: {what} compares each output with a label, but the model outputs {list(out)} "
+                            f"per sample and labels {key!r} hold {list(per_label)}; for class labels use "
+                            "loss: cross_entropy and metric: accuracy")
+        if "bce" in what and bool(((labels < 0) | (labels > 1)).any()):
+            raise UserError(f"{source}: finetune.loss bce needs labels {key!r} between 0 and 1")
+    return labels
 
 
 def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Method]:

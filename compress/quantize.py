@@ -50,7 +50,7 @@ class QuantizeSection(Strict):
                                        "for dynamic, also Conv for static)")
     exclude: list[str] = Field(default_factory=list, description="module-name globs kept in float (a module's "
                                "children too), e.g. ['fc', 'layer1.*']")
-    calibration_batches: int = Field(16, gt=0, description="static: calibration batches of data.batch_size")
+    calibration_batches: int = Field(16, gt=0, le=100_000, description="static: calibration batches of data.batch_size")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     max_metric_drop: float = Field(0.02, ge=0, description="largest allowed drop of the metric from the float "
                                    "compressed model to the quantized one (exit 4 when missed)")

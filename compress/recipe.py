@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .files import FileRefused, read_regular
 from .methods import METHODS
 from .methods.base import Strict
 from .budget import BudgetSection
@@ -63,7 +64,7 @@ class DataSection(Strict):
     calibration: str | None = Field(None, description="data for statistics and decisions (default: train)")
     eval: str | None = Field(None, description="data the metric is measured on (default: calibration)")
     target: str = Field("target", description="key of the labels; absent labels mean distillation only")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, le=1 << 20)
     metric: Literal["auto", "accuracy", "auc", "mse", "agreement", "cosine", "neighbors"] = Field(
         "auto", description="auto: accuracy for class labels, auc for 0/1 labels, mse for other real-valued "
         "targets; without labels cosine (mean cosine of the outputs to the original's), never top-1 agreement "
@@ -104,8 +105,8 @@ class DistillSection(Strict):
 class FinetuneSection(Strict):
     """The single fine-tuning loop every method shares. Zero epochs and steps: no fine-tuning."""
 
-    epochs: int = Field(0, ge=0)
-    steps: int | None = Field(None, ge=0, description="total optimizer steps; overrides epochs when set")
+    epochs: int = Field(0, ge=0, le=100_000)
+    steps: int | None = Field(None, ge=0, le=10**9, description="total optimizer steps; overrides epochs when set")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -120,13 +121,13 @@ class FinetuneSection(Strict):
         "softmax or every sampled output is one, log_probabilities after a log-softmax, else logits")
     distill: DistillSection = Field(default_factory=DistillSection)
     clip_grad_norm: float | None = Field(None, gt=0)
-    checkpoint_every: int | None = Field(None, gt=0, description="write the resumable state every N steps "
+    checkpoint_every: int | None = Field(None, gt=0, le=10**9, description="write the resumable state every N steps "
                                          "(`compress apply --resume` continues a killed run from it)")
 
 
 class ParitySection(Strict):
-    atol: float = Field(1e-4, ge=0)
-    rtol: float = Field(1e-3, ge=0)
+    atol: float = Field(1e-4, ge=0, le=1.0)
+    rtol: float = Field(1e-3, ge=0, le=1.0)
 
 
 class ExportSection(Strict):
@@ -139,9 +140,9 @@ class BenchSection(Strict):
     """ONNX Runtime latency: same session options for both models, runs interleaved."""
 
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32], min_length=1)
-    threads: int = Field(1, gt=0, description="ONNX Runtime intra-op threads")
-    warmup: int = Field(10, ge=0)
-    runs: int = Field(50, gt=0, description="timed runs per model and batch size (more while the speedup's "
+    threads: int = Field(1, gt=0, le=1024, description="ONNX Runtime intra-op threads")
+    warmup: int = Field(10, ge=0, le=10_000)
+    runs: int = Field(50, gt=0, le=100_000, description="timed runs per model and batch size (more while the speedup's "
                       "interval is wide, up to 8x)")
     baselines: list[Literal["int8_original"]] = Field(
         default_factory=lambda: ["int8_original"], description="alternatives measured in the same run: "
@@ -154,7 +155,7 @@ class GatesSection(Strict):
 
     max_metric_drop: float | None = Field(None, ge=0, description="largest allowed drop of the metric (accuracy as a fraction)")
     min_speedup: float | None = Field(None, gt=0, description="p50 latency ratio original/compressed at speedup_batch")
-    speedup_batch: int | None = Field(None, gt=0, description="batch size min_speedup applies to (default: the largest benchmarked)")
+    speedup_batch: int | None = Field(None, gt=0, le=1 << 20, description="batch size min_speedup applies to (default: the largest benchmarked)")
     min_size_ratio: float | None = Field(None, gt=0, description="ONNX file size ratio original/compressed")
     budget: bool = Field(False, description="exit 3 when the recipe's `budget:` target is missed (latency "
                          "targets by more than 5 %)")
@@ -226,13 +227,9 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     """Read and validate a recipe file; every mistake is a RecipeError naming the key path."""
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe "
-                              f"(at most {MAX_RECIPE_BYTES:,})")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-        if len(raw) > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: too large for a recipe (at most {MAX_RECIPE_BYTES:,} bytes)")
+        raw = read_regular(path, MAX_RECIPE_BYTES)
+    except FileRefused as exc:
+        raise RecipeError(f"{path}: not a recipe to read: {exc}") from None
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as exc:
@@ -307,6 +304,9 @@ def parse_recipe(text: str | bytes, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: YAML error: {_excerpt(exc, 200)}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{origin}: not a text file") from None
+    except ValueError as exc:  # an integer past Python's 4,300-digit conversion limit
+        raise RecipeError(f"{origin}: holds a number too long to read ({_excerpt(str(exc).split(';')[0], 120)}); "
+                          "no setting takes a number that large") from None
     if not isinstance(document, dict):
         kind = "empty" if document is None else f"a {type(document).__name__}"
         raise RecipeError(f"{origin}: a recipe is a YAML mapping with at least `stages:`, this is {kind}")

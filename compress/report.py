@@ -214,27 +214,35 @@ def baseline_verdict(report: dict) -> str | None:
     if "error" in base:
         return f"Int8 quantization of the original could not be measured: {base['error']}."
     c = report["compressed"]
-    wins, parts = 0, []
-    smaller = c["onnx_bytes"] < base["onnx_bytes"]
-    wins += smaller
-    parts.append(f"{'smaller' if smaller else 'larger'} ({_num(c['onnx_bytes'])} vs {_num(base['onnx_bytes'])} bytes)")
+    outcomes, parts = [], []  # one of "win", "tie", "loss" per criterion
+    size = (c["onnx_bytes"] > base["onnx_bytes"]) - (c["onnx_bytes"] < base["onnx_bytes"])
+    outcomes.append(("win", "tie", "loss")[size + 1])
+    parts.append(f"{('smaller', 'the same size', 'larger')[size + 1]} ({_num(c['onnx_bytes'])} vs "
+                 f"{_num(base['onnx_bytes'])} bytes)")
     batch = max(base["compressed_speedup"], key=int)
     pair = base["compressed_speedup"][batch]
     lo, hi = pair["ci"]
-    speed = "faster" if lo > 1 else "slower" if hi < 1 else "neither faster nor slower"
-    wins += lo > 1
+    # an interval that holds 1.0 is a tie: the measurement cannot tell the two apart
+    speed = "faster" if lo > 1 else "slower" if hi < 1 else "no faster or slower (the interval holds 1.00)"
+    outcomes.append("win" if lo > 1 else "loss" if hi < 1 else "tie")
     parts.append(f"{speed} at batch {batch} ({pair['speedup']:.2f}x [{lo:.2f}, {hi:.2f}])")
     if c.get("metric") and base.get("metric"):
         from .metrics import drop
 
         worse = drop(c["metric"]["name"], base["metric"]["value"], c["metric"]["value"])
-        wins += worse <= 0
-        parts.append(f"{'as good or better' if worse <= 0 else 'worse'} on {c['metric']['name']} "
+        outcomes.append("win" if worse < 0 else "tie" if worse == 0 else "loss")
+        parts.append(f"{'better' if worse < 0 else 'as good' if worse == 0 else 'worse'} on {c['metric']['name']} "
                      f"({c['metric']['value']:.4f} vs {base['metric']['value']:.4f})")
-        total = 3
+    wins, losses, total = outcomes.count("win"), outcomes.count("loss"), len(outcomes)
+    if wins == losses == 0:
+        verdict = ("is the same model as far as can be measured: nothing is gained over the one-line alternative"
+                   if size == 0 else "ties it")
+    elif losses == 0:
+        verdict = "beats it" if wins == total else f"beats it on {wins} of {total} and ties the rest"
+    elif wins == 0:
+        verdict = "does not beat it" + (f" (it loses on {losses} of {total})" if losses < total else "")
     else:
-        total = 2
-    verdict = "beats it" if wins == total else "does not beat it" if wins == 0 else f"beats it on {wins} of {total}"
+        verdict = f"beats it on {wins} of {total} and loses on {losses}"
     return (f"Against int8 quantization of the original ({base['mode']}, the one-line alternative), the shipped "
             f"model is {', '.join(parts)}: it {verdict}.")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress import linalg, opcost
+from compress import linalg, opcost, quantize
 from compress.budget import BudgetSection, interpolate_coefficient, rank_grid, weight_error_curve
 from compress.errors import RecipeError
 from compress.recipe import parse_recipe
@@ -249,7 +249,8 @@ def test_quantized_op_costs_are_keyed_apart_and_an_op_the_settings_skip_runs_in_
     assert costs.latency_ms(conv, None, "channel", (2, 4, 8, 8), quantized=True) > 0  # dynamic: no Conv; float
     keys = sorted(costs.entries)
     assert costs.measured == 3 and sum(k.endswith("|float") for k in keys) == 1
-    assert sum("|dynamic-int8-pc1-default" in k for k in keys) == 2
+    rr = int(quantize.resolve_reduce_range(quantize.QuantizeSection()))  # 7-bit weights on a CPU without VNNI
+    assert sum(f"|dynamic-int8-pc1-rr{rr}-default" in k for k in keys) == 2
     assert quantizes_layer(cfg, "blocks.0.fc", linear) and not quantizes_layer(cfg, "head", linear)
     assert not quantizes_layer(cfg, "conv", conv) and quantizes_layer(QuantizeSection(mode="static"), "conv", conv)
     assert not quantizes_layer(None, "blocks.0.fc", linear)
@@ -297,7 +298,8 @@ def test_a_latency_budget_with_quantize_prices_and_measures_the_int8_model(trans
     assert report["quantization"]["mode"] == "dynamic" and b["dense_layers"] == b["allocated_layers"]
     assert all(h["predicted_ms"] > 0 and h["measured_ms"] > 0 for h in b["history"])
     keys = json.loads((tmp_path / "cache" / "op-latency-v1.json").read_text())
-    assert any(k.endswith("|dynamic-int8-pc1-default") for k in keys)  # the blocks' Linear layers, as int8
+    rr = int(quantize.resolve_reduce_range(quantize.QuantizeSection()))
+    assert any(k.endswith(f"|dynamic-int8-pc1-rr{rr}-default") for k in keys)  # the blocks' Linear layers, as int8
 
 
 @pytest.mark.parametrize("target", ["params", "macs"])

@@ -61,3 +61,44 @@ def test_output_kind_detection():
     assert detect_output_kind(linear, F.log_softmax(out, -1))[0] == "log_probabilities"
     kind, why = detect_output_kind(linear, torch.rand(32, 1))
     assert kind == "probabilities" and "[0, 1]" in why
+
+
+def test_cross_entropy_over_positions_takes_classes_from_the_last_axis():
+    import math
+
+    from compress.metrics import score
+
+    torch.manual_seed(0)
+    for length, vocab in ((5, 7), (6, 6)):  # L != V once raised; L == V was silently wrong
+        logits = torch.randn(3, length, vocab)
+        labels = torch.randint(0, vocab, (3, length))
+        by_hand = sum(-torch.log_softmax(logits[b, i], dim=-1)[labels[b, i]] for b in range(3)
+                      for i in range(length)) / (3 * length)
+        assert math.isclose(float(task_loss("cross_entropy", logits, labels)), float(by_hand), rel_tol=1e-5)
+        hits = sum(int(logits[b, i].argmax() == labels[b, i]) for b in range(3) for i in range(length))
+        assert math.isclose(score("accuracy", logits, labels, None), hits / (3 * length), rel_tol=1e-6)
+
+
+def test_a_linear_head_whose_outputs_happen_to_lie_in_0_1_is_logits():
+    from types import SimpleNamespace
+
+    from compress.pipeline import _output_kind
+
+    class Head(nn.Module):
+        def __init__(self, squash):
+            super().__init__()
+            self.fc, self.squash = nn.Linear(4, 1), squash
+
+        def forward(self, x):
+            out = self.fc(x)
+            return torch.sigmoid(out) if self.squash else out
+
+    x = torch.rand(64, 4)
+    recipe = SimpleNamespace(finetune=SimpleNamespace(output="auto"))
+    for squash, kind in ((False, "logits"), (True, "probabilities")):
+        model = Head(squash)
+        with torch.no_grad():  # a head whose raw outputs lie in (0, 1) on this sample
+            model.fc.weight.fill_(0.1)
+            model.fc.bias.fill_(0.2)
+        found = _output_kind(model, ["x"], (x,), {"calibration": None, "train": None, "eval": None}, recipe)
+        assert found["kind"] == kind, found

@@ -27,3 +27,27 @@ def test_markdown_and_summary_come_from_the_same_report():
     assert "1.000 (2x [1.80, 2.20])" in text and "**Warning:** batch 8: noisy." in text and "a \\| b" in text
     assert any("batch 8: 2.0x [1.8, 2.2]" in line for line in report.summary())
     assert layers_table(data["layers"])[2].startswith("| fc | Linear | keep | - |")
+
+
+def _verdict_report(bytes_, base_bytes, ci, metric, base_metric):
+    from compress.report import baseline_verdict
+
+    return baseline_verdict({
+        "compressed": {"onnx_bytes": bytes_, "metric": {"name": "accuracy", "value": metric}},
+        "baselines": {"int8_original": {"mode": "dynamic", "onnx_bytes": base_bytes,
+                                        "metric": {"name": "accuracy", "value": base_metric},
+                                        "compressed_speedup": {"8": {"speedup": sum(ci) / 2, "ci": list(ci)}}}}})
+
+
+def test_baseline_verdict_says_equal_is_equal_and_an_interval_holding_one_is_a_tie():
+    # the case a real budget produced: int8 of the original shipped as itself
+    same = _verdict_report(58_713_861, 58_713_861, (0.90, 1.00), 0.9, 0.9)
+    assert "the same size" in same and "no faster or slower" in same and "as good" in same
+    assert "is the same model as far as can be measured" in same and "larger" not in same and " slower at" not in same
+    assert _verdict_report(100, 101, (0.95, 1.05), 0.9, 0.9).endswith("it beats it on 1 of 3 and ties the rest.")
+    assert _verdict_report(90, 100, (1.1, 1.3), 0.91, 0.9).endswith("it beats it.")
+    assert "beats it on 1 of 3 and ties the rest" in _verdict_report(90, 100, (0.9, 1.1), 0.9, 0.9)
+    assert "does not beat it." in _verdict_report(110, 100, (0.7, 0.9), 0.8, 0.9)
+    assert "does not beat it (it loses on 1 of 3)" in _verdict_report(110, 100, (0.9, 1.1), 0.9, 0.9)
+    assert "beats it on 1 of 3 and loses on 2" in _verdict_report(90, 100, (0.7, 0.9), 0.8, 0.9)
+    assert "slower at batch 8 (0.85x [0.80, 0.90])" in _verdict_report(90, 100, (0.8, 0.9), 0.8, 0.9)

@@ -43,7 +43,7 @@ class Strict(BaseModel):
     """A recipe section: unknown keys are errors, not silently ignored, and every number is finite
     (`.inf` would silently turn a tolerance, a gate or a weight off)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class Targets(Strict):

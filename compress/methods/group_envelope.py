@@ -81,12 +81,12 @@ class GroupEnvelopeStage(Stage):
                                          "a budget with keep: auto")
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="strength of the envelope regularizer")
     weights: Literal["uniform", "size"] = Field("uniform", description="group weights w_j")
-    post_finetune: int = Field(0, ge=0, description="epochs of fine-tuning after the channels are removed")
-    round_to: int = Field(1, ge=1, description="round the kept count up to a multiple of this (runtimes "
+    post_finetune: int = Field(0, ge=0, le=10_000, description="epochs of fine-tuning after the channels are removed")
+    round_to: int = Field(1, ge=1, le=1 << 20, description="round the kept count up to a multiple of this (runtimes "
                           "run channel counts that are multiples of 8 faster)")
     lambda_growth: float = Field(1.0, ge=1, description="continuation: every `lambda_every` steps, each layer that "
                                  "still has more than k live channels multiplies its lambda by this (1: constant)")
-    lambda_every: int = Field(10, ge=1, description="steps between lambda increases")
+    lambda_every: int = Field(10, ge=1, le=10**9, description="steps between lambda increases")
 
     @field_validator("keeps")
     @classmethod

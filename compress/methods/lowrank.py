@@ -27,7 +27,7 @@ class RankRule(Stage):
     """How a rank is chosen: at most one of `rank`, `ratio`, `energy` (default: energy 0.9), and
     optionally fixed ranks for named layers."""
 
-    rank: int | None = Field(None, gt=0, description="fixed rank (capped at the layer's full rank)")
+    rank: int | None = Field(None, gt=0, le=1 << 24, description="fixed rank (capped at the layer's full rank)")
     ratio: float | None = Field(None, gt=0, le=1, description="fraction of the layer's parameters to keep")
     energy: float | None = Field(None, gt=0, le=1, description="fraction of sum(s^2) of singular values to keep")
     ranks: dict[str, Annotated[int, Field(gt=0)]] = Field(
@@ -291,19 +291,34 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
     moments: dict[str, linalg.OutputMoments] = {}
     inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
     owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares (decided on batch 1)
-    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's input tensors, by id, kept alive
+    # the first batch: every layer accumulates its own inputs and records the tensors it was called on
+    # (kept alive, so their ids stay unique); after it, a layer called on exactly the same tensors as an
+    # earlier one (the q, k, v projections of one input) shares that layer's accumulator from then on.
+    # A layer called twice per forward shares only with one called on the same two tensors.
+    calls: dict[str, list[torch.Tensor]] = {}
+    first_batch = [True]
     hooks = []
     modules = {name: model.get_submodule(name) for name in names}
+
+    def decide_sharing():
+        by_inputs: dict[tuple[int, ...], str] = {}
+        for name, tensors in calls.items():
+            key = tuple(id(t) for t in tensors)
+            owner[name] = by_inputs.setdefault(key, name)
+            if owner[name] != name:
+                del inputs[name]  # identical to the owner's: the same tensors, the same products
+        calls.clear()
+        first_batch[0] = False
+
     for name, module in modules.items():
         if derive and from_inputs(module):
             def pre_hook(mod, args, name=name):
                 x = args[0]
-                if name not in owner:  # the first batch decides who shares with whom
-                    match = seen.get(id(x))
-                    owner[name] = match[1] if match is not None and match[0] is x else name
-                    seen.setdefault(id(x), (x, name))
-                if owner[name] == name:
-                    inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, exact)
+                if first_batch[0]:
+                    calls.setdefault(name, []).append(x)
+                elif owner.setdefault(name, name) != name:
+                    return
+                inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, exact)
 
             hooks.append(module.register_forward_pre_hook(pre_hook))
         else:
@@ -333,16 +348,20 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
                 model(*(t.to(device) for t in batch))
             except _StopForward:
                 pass
-            seen.clear()
+            if first_batch[0]:
+                decide_sharing()
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     if split:
         for accumulator in [moments[n] for n in sorted(moments)] + [inputs[n] for n in sorted(inputs)]:
+            accumulator.to_raw()  # each process's sums are about its own shift
             accumulator.count, accumulator.total, accumulator.outer = distributed.sum_tensors(
                 [torch.tensor(float(accumulator.count), dtype=torch.float64), accumulator.total, accumulator.outer])
             accumulator.count = int(accumulator.count)
+    if first_batch[0]:  # no batch at all
+        decide_sharing()
     for name, source in owner.items():
         layer = modules[name]
         moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)

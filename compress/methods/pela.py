@@ -72,7 +72,7 @@ class PelaStage(RankRule):
     wp_form: Literal["squared", "hinge"] = Field(
         "squared", description="L_wp per layer: squared = (||B A - W||_max - eps)^2, the paper's formula; "
         "hinge = max(0, ||B A - W||_max - eps)^2, which leaves a student within eps of the original alone")
-    min_outputs: int = Field(10, ge=1, description="default targets skip layers with fewer outputs")
+    min_outputs: int = Field(10, ge=1, le=1 << 30, description="default targets skip layers with fewer outputs")
 
     def choose_rank(self, singular_values, rows: int, cols: int, name: str | None = None) -> int:
         if name in self.ranks or any(v is not None for v in (self.rank, self.ratio, self.energy)):

@@ -13,8 +13,10 @@ nothing:
   singular-value threshold), keeping stride, padding and dilation (the authors hard-code padding
   1; this does not); optional `post_finetune` epochs then train the factorized model.
 
-Default targets (when `targets` is not given) follow the authors: every Conv2d and Linear except
-the first conv, 1x1 convs and the classifier (the last Linear). Projections of layers whose
+Default targets (when `targets` is not given): every Conv2d and Linear except the first conv, 1x1
+convs and the classifier (the last Linear). The authors decompose convolutions only (their
+ResNets' 3x3 convs); the Linear layers are this project's extension, so that TRP also applies to
+MLPs and Transformers: `targets: {types: [Conv2d]}` gives the authors' set. Projections of layers whose
 matrices share a shape run as one batched SVD.
 """
 from __future__ import annotations
@@ -44,12 +46,12 @@ class TrpStage(Stage):
     scheme: Literal["channel", "spatial"] = Field(
         "channel", description="Conv2d as N x (C kh kw) (channel, 'TRP1') or (C kh) x (N kw) (spatial, 'TRP2')")
     energy: float = Field(0.9, gt=0, le=1, description="energy kept by each projection (authors: 0.9)")
-    period: int = Field(1, ge=1, description="project every `period` optimizer steps (authors: 1; their script 5)")
+    period: int = Field(1, ge=1, le=10**9, description="project every `period` optimizer steps (authors: 1; their script 5)")
     nuclear: NuclearSection | None = Field(default_factory=NuclearSection,
                                            description="nuclear-norm sub-gradient at projection steps; null turns it off")
     threshold: float | None = Field(None, gt=0, lt=1, description="final rank: singular values >= threshold * largest "
                                     "(default: the rank of the last projection)")
-    post_finetune: int = Field(0, ge=0, description="epochs of fine-tuning after the decomposition")
+    post_finetune: int = Field(0, ge=0, le=10_000, description="epochs of fine-tuning after the decomposition")
     solver: Literal["auto", "exact"] = Field(
         "auto", description="auto: full SVD until ranks fall below half, then a tracked subspace (same energy "
         "guarantee, far cheaper); exact: a full SVD at every projection")

@@ -326,3 +326,26 @@ def test_sequential_afm_compresses_each_group_on_the_compressed_groups_before_it
     inputs = tuple(t[:64] for t in next(iter(batches())))
     with torch.no_grad():
         assert torch.allclose(compressed(*inputs), reference(*inputs), atol=1e-5)
+
+
+def test_a_layer_called_twice_per_forward_does_not_share_its_accumulator():
+    from compress.methods.lowrank import collect_moments
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+
+        def forward(self, x):
+            y = x * 2 + 1
+            return self.a(x) + self.a(y) + self.b(x) + self.c(x)  # a sees x and y; b and c see x only
+
+    torch.manual_seed(0)
+    model = Twice()
+    data = [(torch.randn(50, 6),), (torch.randn(50, 6),)]
+    derived = collect_moments(model, ["a", "b", "c"], lambda: iter(data))
+    direct = collect_moments(model, ["a", "b", "c"], lambda: iter(data), derive=False, exact=True)
+    for name, count in (("a", 200), ("b", 100), ("c", 100)):  # b's count was 200: it shared a's inputs
+        assert direct[name].count == count
+        assert torch.allclose(derived[name].covariance(), direct[name].covariance(), rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(derived[name].mean(), direct[name].mean(), atol=1e-6), name

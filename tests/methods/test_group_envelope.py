@@ -346,3 +346,17 @@ def test_the_plan_counts_pruned_heads_and_ffn_channels_exactly(transformer_model
                     re.search(r"params -> ([\d,]+) .*MACs per sample -> ([\d,]+)", result.output).groups())
     pruned = compress.apply(transformer_model, recipe)
     assert (params, macs) == (bench.count_params(pruned.model), bench.count_macs(pruned.model, pruned.context.sample))
+
+
+def test_continuation_stops_for_a_layer_that_starts_with_k_or_fewer_live_channels():
+    model, method = planned(keep=0.5, **{"lambda": 0.01, "lambda_growth": 2.0, "lambda_every": 1})
+    method.prepare(model)
+    root, group = next(iter(method.groups.items()))
+    live = torch.zeros(group["channels"])
+    live[: group["k"] - 1] = 1.0  # fewer than k channels alive before any step
+    scale_channels(group["slices"], live)
+    for step in range(30):
+        method.after_step(model, step, 0.05)
+    # it was told it reached k at the first step, and its lambda never grew (it went 2 -> 77 in 30 steps)
+    assert group["reached_k_step"] == 1 and group["lambda"] == 0.01, root
+    assert int((channel_norms(group["slices"], group["channels"]) > 0).sum()) == group["k"] - 1

@@ -1,0 +1,77 @@
+"""Reading files that other people made: regular files only, size-capped before reading, and JSON
+with bounded nesting and integer size.
+
+A recipe, a `compression.json` or the op-latency cache may be a FIFO (reading it hangs), a link to
+`/dev/zero` (reading it never ends) or a document nested 200,000 deep (the parser overflows the
+stack). Each is refused here, before it is read, with the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 30
+_STRUCTURE = re.compile(r'\\.|["\[\]{}]')  # an escape pair, a quote, or a bracket
+
+
+class FileRefused(ValueError):
+    """The file is not one to read (not a regular file, too large, too deep); the message says why."""
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO never
+    hangs the reader) and checked with fstat on what was opened, so the file cannot be swapped."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused("not a regular file (a FIFO, a device or a folder)")
+        if info.st_size > limit:
+            raise FileRefused(f"{info.st_size:,} bytes, more than the {limit:,} bytes such a file may have")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise FileRefused(f"more than the {limit:,} bytes such a file may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise FileRefused(f"holds an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _reject_constant(name: str):
+    raise FileRefused(f"holds {name}, which is not JSON")
+
+
+def loads_json(raw: bytes | str) -> Any:
+    """JSON as data: nesting at most MAX_JSON_DEPTH, integers of at most MAX_INT_DIGITS digits, no
+    NaN or Infinity. Raises FileRefused (or ValueError for malformed text)."""
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    depth, in_string = 0, False
+    for match in _STRUCTURE.finditer(text):  # the depth before parsing: the parser itself recurses
+        token = match.group()
+        if token == '"':
+            in_string = not in_string
+        elif in_string:
+            continue  # an escape or a bracket inside a string
+        elif token in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise FileRefused(f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        elif token in "]}":
+            depth -= 1
+    return json.loads(text, parse_int=_bounded_int, parse_constant=_reject_constant)

@@ -1,0 +1,194 @@
+"""Every user mistake in data, labels, recipe numbers and files a stranger made is one line, exit 2,
+nothing written; what a user means (int32 labels, [N, 1] labels) is taken as meant."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import compress
+from compress.errors import UserError
+from compress.examples import bundled_data
+
+STAGES = "stages: [{method: svd, ratio: 0.5, targets: {types: [Conv2d], include: ['layer*']}}]"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = bundled_data("digits/train")
+    return d["image"][:128], d["target"][:128]
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, (result.exit_code, result.stderr, result.output)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "internal error" not in result.stderr
+    return result.stderr
+
+
+def recipe_for(tmp_path, data="data.pt", data_extra="", extra=""):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"data: {{train: {data}, batch_size: 32{data_extra}}}\n{STAGES}\nfinetune: {{steps: 1}}\n"
+                    f"bench: {{batch_sizes: [1], runs: 3, warmup: 1, baselines: []}}\n{extra}\n")
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.int64])
+@pytest.mark.parametrize("shape", ["flat", "column"])
+def test_integer_labels_of_any_width_and_column_labels_are_taken_as_meant(dtype, shape, digits, tmp_path, run_cli,
+                                                                         digits_model):
+    x, y = digits
+    labels = y.to(dtype)
+    torch.save({"image": x, "target": labels.reshape(-1, 1) if shape == "column" else labels}, tmp_path / "data.pt")
+    result = run_cli("plan", "-r", recipe_for(tmp_path), digits_model)
+    assert result.exit_code == 0, result.stderr
+    from compress.pipeline import _check_labels
+
+    used = _check_labels(torch.zeros(1, 10), labels.reshape(-1, 1) if shape == "column" else labels, "d", "target", None)
+    assert used.dtype == torch.int64 and used.shape == (len(y),) and torch.equal(used, y)
+
+
+def test_zero_one_integer_labels_of_a_one_output_model_are_binary():
+    from compress.pipeline import _check_labels
+
+    used = _check_labels(torch.zeros(1, 1), torch.tensor([0, 1, 1], dtype=torch.int32), "d", "y", None)
+    assert used.dtype == torch.float32 and used.tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(UserError, match="not one score per class"):  # cross_entropy on one output: a loss of 399
+        _check_labels(torch.zeros(1, 1), torch.tensor([0, 3, 7]), "d", "y", None)
+
+
+DATA_CASES = {
+    "labels out of range, metric agreement": ({"target": "y + 20"}, ", metric: agreement", "", "lie outside"),
+    "labels out of range, loss mse": ({"target": "y + 20"}, "", "finetune: {steps: 1, loss: mse}", "lie outside"),
+    "metric auc with class labels": ({}, ", metric: auc", "", "data.metric auc compares each output"),
+    "metric mse with class labels": ({}, ", metric: mse", "", "data.metric mse compares each output"),
+    "loss bce on 10 classes": ({}, "", "finetune: {steps: 1, loss: bce}", "finetune.loss bce compares each output"),
+    "loss mse on 10 classes": ({}, "", "finetune: {steps: 1, loss: mse}", "finetune.loss mse compares each output"),
+    "accuracy without labels": ({"target": None}, ", metric: accuracy", "", "needs labels"),
+    "auc without labels": ({"target": None}, ", metric: auc", "", "needs labels"),
+    "target names an input": ({}, ", target: image", "inputs: [{name: image, shape: [1, 8, 8]}]", "also one of"),
+    "float labels for accuracy": ({"target": "y.float() + 0.5"}, ", metric: accuracy", "", "needs class indices"),
+    "labels of the wrong shape": ({"target": "y.reshape(-1, 1).repeat(1, 3)"}, "", "", "per sample"),
+    "integer key": ({0: "x"}, "", "", "must be strings"),
+    "sparse input": ({"image": "x.to_sparse()"}, "", "", "dense tensor"),
+    "bool labels": ({"target": "y > 4"}, ", metric: accuracy", "", "needs class indices"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data_mistakes_are_one_line(case, digits, tmp_path, run_cli, digits_model):
+    x, y = digits
+    changes, data_extra, extra, words = DATA_CASES[case]
+    tensors = {"image": x, "target": y}
+    for key, expression in changes.items():
+        if expression is None:
+            tensors.pop(key)
+        else:
+            tensors[key] = eval(expression, {"x": x, "y": y})  # noqa: S307 - the test's own expressions
+    if 0 in changes:
+        tensors.pop("image")
+    torch.save(tensors, tmp_path / "data.pt")
+    if "steps: 1" in extra:
+        path = recipe_for(tmp_path, data_extra=data_extra)
+        path.write_text(path.read_text().replace("finetune: {steps: 1}\n", extra + "\n"))
+    else:
+        path = recipe_for(tmp_path, data_extra=data_extra, extra=extra)
+    for verb in (["plan", "-r", path, digits_model], ["apply", "-r", path, digits_model, "--out", tmp_path / "o", "-q"]):
+        assert words in one_line_error(run_cli(*verb)), case
+    assert not (tmp_path / "o").exists()
+
+
+def test_text_arrays_in_npz_are_refused(digits, tmp_path, run_cli, digits_model):
+    x, _ = digits
+    np.savez(tmp_path / "data.npz", image=x.numpy(), target=np.array(["cat"] * len(x)))
+    assert "text or objects" in one_line_error(run_cli("plan", "-r", recipe_for(tmp_path, data="data.npz"), digits_model))
+
+
+def test_a_meta_tensor_is_refused(tmp_path):
+    from compress.data import Dataset
+
+    with pytest.raises(UserError, match="meta tensor"):
+        Dataset({"image": torch.zeros(4, 1, 8, 8, device="meta")}, "<memory>")
+
+
+def test_nan_weights_are_refused_before_any_work(digits_model, tmp_path, run_cli, digits):
+    raw = torch.load(digits_model, weights_only=True)
+    raw["state_dict"]["stem.0.weight"] = raw["state_dict"]["stem.0.weight"].clone().fill_(float("inf"))
+    torch.save(raw, tmp_path / "bad.pt")
+    x, y = digits
+    torch.save({"image": x, "target": y}, tmp_path / "data.pt")
+    message = one_line_error(run_cli("apply", "-r", recipe_for(tmp_path), tmp_path / "bad.pt", "--out",
+                                     tmp_path / "o", "-q"))
+    assert "'stem.0.weight' holds 144 non-finite values" in message and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,words", [
+    ("seed: " + "9" * 5000, "number too long"),
+    ("bench: {threads: 100000}", "bench.threads: Input should be less than or equal to 1024"),
+    ("bench: {runs: 100000000}", "bench.runs"),
+    ("finetune: {steps: 99999999999}", "finetune.steps"),
+    ("export: {parity: {atol: 1.0e+300}}", "export.parity.atol: Input should be less than or equal to 1"),
+    ("stages: [{method: svd, rank: true}]", "stages[0].rank: Input should be a valid integer (got True)"),
+    ("stages: [{method: svd, rank: 1.0e+30}]", "stages[0].rank: Input should be a valid integer"),
+    ("quantize: {calibration_batches: 10000000}", "quantize.calibration_batches"),
+    ("seed: true", "seed: Input should be a valid integer"),
+])
+def test_recipe_numbers_are_bounded_and_typed(text, words, tmp_path, run_cli):
+    path = tmp_path / "recipe.yaml"
+    body = text if text.startswith("stages") else f"{STAGES}\n{text}"
+    path.write_text(body + "\n")
+    assert words in one_line_error(run_cli("recipe", "check", path))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero"])
+def test_a_recipe_that_is_not_a_regular_file_never_hangs(kind, tmp_path, run_cli):
+    path = tmp_path / "recipe.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    assert "not a regular file" in one_line_error(run_cli("recipe", "check", path))
+
+
+@pytest.mark.parametrize("content,words", [
+    ("[" * 200_000 + "]" * 200_000, "nested deeper than 64 levels"),
+    ('{"format": "compress.artifact", "version": ' + "9" * 400 + "}", "integer of 400 digits"),
+    ('{"format": "compress.artifact", "version": true, "factory": null, "edits": []}', "version True"),
+    ('{"format": "compress.artifact", "version": 1.0, "factory": null, "edits": []}', "version 1.0"),
+    ('{"format": "compress.artifact", "version": NaN}', "NaN"),
+])
+def test_a_hostile_compression_json_is_one_line(content, words, tmp_path, run_cli):
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "compression.json").write_text(content)
+    assert words in one_line_error(run_cli("inspect", folder))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "deep", "bigint"])
+def test_a_hostile_latency_cache_is_ignored(kind, tmp_path):
+    from compress.opcost import OpCosts
+
+    path = tmp_path / "cache.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "devzero":
+        path.symlink_to("/dev/zero")
+    elif kind == "deep":
+        path.write_text("[" * 200_000 + "]" * 200_000)
+    else:
+        path.write_text(json.dumps({"a": 1}).replace("1", "9" * 400))
+    assert OpCosts(path=path).entries == {}
+
+
+@pytest.mark.parametrize("seed", [2**70, "0", True, -1, 1.5])
+def test_api_seed_is_typed_and_bounded(seed, digits_model):
+    with pytest.raises(UserError, match="seed: expected an integer"):
+        compress.apply(str(digits_model), STAGES + "\n", seed=seed)
+
+
+@pytest.mark.parametrize("data", [[1, 2], "bundled:digits/train", 42])
+def test_api_data_must_be_a_mapping_of_roles(data, digits_model):
+    with pytest.raises(UserError, match="data: expected a mapping"):
+        compress.plan(str(digits_model), STAGES + "\n", data=data)

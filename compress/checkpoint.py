@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import sample_size_error
 from .errors import UserError, first_line
-from .files import FileRefused, loads_json, read_regular
+from .files import FileRefused, check_zip, loads_json, read_regular
 from .methods.base import short
 from . import outdir
 from .trust import build_model, check_trust_flag, trusted_prefixes
@@ -141,6 +141,10 @@ def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None
         return load_artifact(path, trusted)
     if path.suffix.lower() == ".safetensors":
         return _from_state_dict(_read_safetensors(path), source, factory, kwargs or {}, trusted)
+    try:
+        check_zip(path)
+    except FileRefused as exc:
+        raise UserError(f"{source}: not a usable checkpoint: {exc}") from None
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # the weights-only unpickler runs no code; any failure means a bad or untrusted file

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, first_line
+from .files import FileRefused, check_zip
 
 BUNDLED_PREFIX = "bundled:"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -98,6 +99,10 @@ def load_source(source: str) -> Dataset:
             except SafetensorError as exc:
                 raise ValueError(str(exc)) from None
         elif suffix in (".pt", ".pth"):
+            try:
+                check_zip(path)
+            except FileRefused as exc:
+                raise UserError(f"{source}: not a usable data file: {exc}") from None
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise UserError(f"{source}: unknown data format {suffix!r}; use .pt, .npz or .safetensors")

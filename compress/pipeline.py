@@ -171,6 +171,7 @@ def _in_memory(source, role: str) -> Dataset:
     raise UserError(f"data {role}: expected a Dataset, a dict of tensors or a file path, not {type(source).__name__}")
 
 
+LABEL_NAMES = {"label", "labels", "y", "targets", "target", "class", "classes", "class_label", "class_labels"}
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear, nn.Embedding)
 
 
@@ -202,6 +203,14 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
     """Input names in call order and one sample: from the recipe, else the checkpoint, else the data."""
     specs = [s.model_dump() for s in r.inputs] if r.inputs else loaded.inputs
     some = next((d for d in data.values() if d is not None), None)
+    declared = {s["name"] for s in specs or []}
+    for d in data.values():  # labels under another name would be silently dropped (distillation instead)
+        if d is None or target in d.keys():
+            continue
+        lookalike = next((k for k in d.keys() if k not in declared and k.lower() in LABEL_NAMES), None)
+        if lookalike is not None:
+            raise UserError(f"{d.source}: has no key {target!r} (data.target) but holds {lookalike!r}; if those are "
+                            f"the labels, set data.target: {lookalike}")
     if specs:
         names = [s["name"] for s in specs]
         if target in names:
@@ -219,6 +228,13 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
             if missing:
                 raise UserError(f"{d.source}: has no key {missing[0]!r} for model input (keys: {', '.join(d.keys())}); "
                                 f"rename it or set `inputs:` in the recipe")
+            for spec in specs if r.inputs else []:  # the data must be what the recipe declares
+                shape, dynamic = spec.get("shape"), {int(a) for a in (spec.get("dynamic_axes") or {})}
+                have = list(d.tensors[spec["name"]].shape[1:])
+                if shape is not None and (len(have) != len(shape) or any(
+                        h != w for axis, (h, w) in enumerate(zip(have, shape), start=1) if axis not in dynamic)):
+                    raise UserError(f"{d.source}: {spec['name']!r} has samples of shape {have}, but the inputs "
+                                    f"declare {list(shape)}; fix the data or the declared shape")
         first = some.head(1)
         return names, tuple(first[n] for n in names)
     return names, synthetic_sample(specs)

@@ -240,7 +240,11 @@ def select_targets(model: nn.Module, targets: Targets, path: str,
     matches = pattern_matches(model, targets, path, default_types)
     included = {n for k, v in matches.items() if k.startswith("include") for n in v}
     excluded = {n for k, v in matches.items() if k.startswith("exclude") for n in v}
-    return [(n, m) for n, m in model.named_modules() if n in included and n not in excluded]
+    chosen = [(n, m) for n, m in model.named_modules() if n in included and n not in excluded]
+    if included and not chosen:  # a stage that can change nothing is a mistake, not a silent success
+        raise RecipeError(f"{path}.exclude: leaves none of the {len(included)} included layers "
+                          f"({_preview(sorted(included))}); the stage would change nothing")
+    return chosen
 
 
 def _preview(names: list[str], limit: int = 6) -> str:

@@ -192,3 +192,47 @@ def test_api_seed_is_typed_and_bounded(seed, digits_model):
 def test_api_data_must_be_a_mapping_of_roles(data, digits_model):
     with pytest.raises(UserError, match="data: expected a mapping"):
         compress.plan(str(digits_model), STAGES + "\n", data=data)
+
+
+@pytest.mark.parametrize("what", ["model", "data"])
+def test_a_corrupted_checkpoint_or_data_file_is_refused_by_its_crc(what, digits_model, digits, tmp_path, run_cli):
+    x, y = digits
+    source = digits_model if what == "model" else tmp_path / "clean.pt"
+    if what == "data":
+        torch.save({"image": x, "target": y}, source)
+    raw = bytearray(source.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = bytes(b ^ 0x5A for b in raw[middle:middle + 4096])  # 4 KB flipped
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    if what == "model":
+        message = one_line_error(run_cli("inspect", bad))
+    else:
+        message = one_line_error(run_cli("plan", "-r", recipe_for(tmp_path, data="bad.pt"), digits_model))
+    assert "CRC" in message or "damaged" in message, message
+
+
+def test_a_stage_whose_exclusions_leave_nothing_is_refused(digits, tmp_path, run_cli, digits_model):
+    x, y = digits
+    torch.save({"image": x, "target": y}, tmp_path / "data.pt")
+    path = recipe_for(tmp_path)
+    path.write_text(path.read_text().replace("include: ['layer*']}", "include: ['layer*'], exclude: ['*']}"))
+    assert "leaves none of the" in one_line_error(run_cli("plan", "-r", path, digits_model))
+
+
+@pytest.mark.parametrize("key", ["labels", "label", "y"])
+def test_labels_under_another_key_are_not_silently_dropped(key, digits, tmp_path, run_cli, digits_model):
+    x, y = digits
+    torch.save({"image": x, key: y}, tmp_path / "data.pt")
+    path = recipe_for(tmp_path, extra="inputs: [{name: image, shape: [1, 8, 8]}]")
+    assert f"set data.target: {key}" in one_line_error(run_cli("plan", "-r", path, digits_model))
+    path = recipe_for(tmp_path, data_extra=f", target: {key}")
+    assert run_cli("plan", "-r", path, digits_model).exit_code == 0
+
+
+def test_data_that_contradicts_the_declared_inputs_is_refused(digits, tmp_path, run_cli, digits_model):
+    x, y = digits
+    torch.save({"image": x[:, :, :4, :], "target": y}, tmp_path / "data.pt")  # [1, 4, 8] against [1, 8, 8]
+    path = recipe_for(tmp_path, extra="inputs: [{name: image, shape: [1, 8, 8]}]")
+    message = one_line_error(run_cli("plan", "-r", path, digits_model))
+    assert "samples of shape [1, 4, 8], but the inputs declare [1, 8, 8]" in message

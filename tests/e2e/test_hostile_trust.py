@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import compress
 from compress.checkpoint import save_checkpoint
@@ -192,3 +194,49 @@ def test_a_checkpoint_cannot_reach_the_tool_itself(tmp_path, run_cli):
         torch.save(raw, path)
         message = one_line_error(run_cli("inspect", path))
         assert "never trusted" in message, message
+
+
+FACTORY_PARTS = st.sampled_from(["yaml", "numpy", "click", "os", "compress", "compress.examples", "compress.examples.digits",
+                                 "torch", "joblib", "subprocess", "builtins", "pickle", "shutil", "importlib"])
+ATTRS = st.sampled_from(["unsafe_load", "load", "edit", "system", "digits_resnet", "training.train_digits_resnet",
+                         "torch.load", "hub.load", "rmtree", "exec", "import_module", "loads", "Popen", "nn.Module"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(module=FACTORY_PARTS, attr=ATTRS, trust=st.lists(FACTORY_PARTS, max_size=2),
+       key=st.sampled_from(["stream", "command", "editor", "path", "file", "Trust_Remote_Code", "allow_pickle"]),
+       where=st.sampled_from(["checkpoint", "recipe", "artifact"]))
+def test_mutated_factories_never_run_code(module, attr, trust, key, where, tmp_path_factory, run_cli):
+    """Any factory a file names, with any trust it claims and any flag: exit 0 or 2, and no marker."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    marker = tmp / "marker"
+    kwargs = {key: f"!!python/object/apply:os.system ['touch {marker}']" if key == "stream" else f"touch {marker}"}
+    factory = f"{module}:{attr}"
+    torch.manual_seed(0)
+    model = digits_resnet(width=8).eval()
+    path = tmp / "model.pt"
+    save_checkpoint(path, model, FACTORY, {"width": 8}, inputs=INPUTS)
+    raw = torch.load(path, weights_only=True)
+    if where == "checkpoint":
+        raw.update(factory=factory, kwargs=kwargs, trust=trust)
+        torch.save(raw, path)
+    recipe = tmp / "recipe.yaml"
+    model_section = (f"model: {{factory: {json.dumps(factory)}, kwargs: {json.dumps(kwargs)}, trust: {json.dumps(trust)}}}\n"
+                     if where == "recipe" else "")
+    recipe.write_text(model_section + "inputs: [{name: image, shape: [1, 8, 8]}]\nstages: [{method: svd}]\n")
+    target = path
+    if where == "artifact":
+        from compress.checkpoint import save_artifact
+
+        target = tmp / "artifact"
+        target.mkdir()
+        save_artifact(target, model, FACTORY, {"width": 8}, [], INPUTS)
+        description = json.loads((target / "compression.json").read_text())
+        description.update(factory=factory, kwargs=kwargs, trust=trust)
+        (target / "compression.json").write_text(json.dumps(description))
+    flags = [a for p in trust for a in ("--trust-factory", p)]
+    for args in (["inspect", target, "-r", recipe, *flags], ["recipe", "check", recipe, target, *flags]):
+        result = run_cli(*args)
+        assert result.exit_code in (0, 2), (args, result.stderr)
+        assert result.exit_code == 0 or result.stderr.count("\n") == 1, result.stderr
+    assert not marker.exists()

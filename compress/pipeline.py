@@ -205,7 +205,7 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
     some = next((d for d in data.values() if d is not None), None)
     declared = {s["name"] for s in specs or []}
     for d in data.values():  # labels under another name would be silently dropped (distillation instead)
-        if d is None or target in d.keys():
+        if d is None or target in d.keys() or "target" in r.data.model_fields_set:  # a key the user chose
             continue
         lookalike = next((k for k in d.keys() if k not in declared and k.lower() in LABEL_NAMES), None)
         if lookalike is not None:

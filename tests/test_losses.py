@@ -102,3 +102,16 @@ def test_a_linear_head_whose_outputs_happen_to_lie_in_0_1_is_logits():
             model.fc.bias.fill_(0.2)
         found = _output_kind(model, ["x"], (x,), {"calibration": None, "train": None, "eval": None}, recipe)
         assert found["kind"] == kind, found
+
+
+def test_the_zero_distillation_guard_allows_a_kl_that_is_truly_zero():
+    from compress.errors import UserError
+    from compress.finetune import _check_distillation_sees
+
+    teacher = torch.randn(8, 5)
+    student = teacher + 3.0  # the same distributions: a KL of 0 is the right answer
+    kl = distill_loss("kl", student, teacher)
+    assert float(kl) < 1e-6
+    _check_distillation_sees(torch.zeros(()), student, teacher, "kl", "logits")  # no error: nothing to see
+    with pytest.raises(UserError, match="exactly 0 while the student's outputs differ"):
+        _check_distillation_sees(torch.zeros(()), student * 2, teacher, "kl", "logits")  # a loss that is blind

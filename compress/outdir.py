@@ -82,12 +82,16 @@ def _regular(path: Path) -> bool:
 def check_not_holding(out: Path, inputs: Iterable[str | Path | None]) -> None:
     """Refuse an output folder that is, or holds, one of the run's inputs (replacing it would delete it)."""
     resolved = out.resolve()
-    for path in inputs:
-        if path is None:
-            continue
-        source = Path(path).resolve()
+    for path, source in _resolved(inputs):
         if source == resolved or resolved in source.parents:
             raise UserError(f"{out}: holds the input {path}; write the output to another folder")
+
+
+def _resolved(paths: Iterable[str | Path | None]) -> Iterator[tuple[str | Path, Path]]:
+    """(as given, resolved) for each path given (None skipped)."""
+    for path in paths:
+        if path is not None:
+            yield path, Path(path).resolve()
 
 
 def check_file_out(path: Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> None:
@@ -96,10 +100,7 @@ def check_file_out(path: Path, force: bool, inputs: Iterable[str | Path | None] 
     its model.onnx or model.safetensors would break what compression.json and report.json describe)."""
     check_name(path)
     resolved = path.resolve()
-    for source in inputs:
-        if source is None:
-            continue
-        source = Path(source).resolve()
+    for _, source in _resolved(inputs):
         if source == resolved or source in resolved.parents:
             raise UserError(f"{path}: is the input {source}; write the output to another path")
     for folder in resolved.parents:

@@ -56,7 +56,7 @@ def _only_ours(folder: Path) -> bool:
 
 def run(ctx, values: list[float], out: Path, options, force: bool = False) -> dict:
     """Every budget in `values`, written under `out`; the Pareto summary (also in pareto.json)."""
-    from .pipeline import compress_model, resolve_device, resume_point, write
+    from .pipeline import compress_model, resolve_device, write
 
     recipe = ctx.recipe.recipe
     if recipe.budget is None:
@@ -90,9 +90,8 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                 seed = recipe.seed if options.seed is None else options.seed
                 folder = work / folder_name(value)
                 try:
-                    report = write(run_ctx, lambda: compress_model(run_ctx, options, seed, device,
-                                                                   resume_point(run_ctx, folder, seed, options)),
-                                   folder, options)
+                    # no resume point: a sweep has no --resume, and its work folder goes when it is stopped
+                    report = write(run_ctx, lambda: compress_model(run_ctx, options, seed, device), folder, options)
                 except GateFailed as exc:  # the run's report is written; the sweep goes on
                     report = exc.result
                     missed.append(folder_name(value))

@@ -52,7 +52,7 @@ def test_killed_run_resumes_to_the_same_result(digits_model, write_recipe, run_c
     reports = [json.loads((d / "report.json").read_text()) for d in (straight, killed)]
     assert reports[0]["compressed"]["metric"] == reports[1]["compressed"]["metric"]
     assert not state.parent.exists()  # finished: the saved state is gone
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]  # no work folder of any naming
 
 
 @pytest.mark.parametrize("name,code,words", [("INT", 130, "interrupted at step 5 of 60"),
@@ -120,3 +120,20 @@ def test_every_epoch_draws_a_new_data_order():
     epochs = [sum(recorder.seen[i:i + 2], []) for i in (0, 2, 4)]
     assert all(sorted(e) == list(range(16)) for e in epochs)  # each epoch sees every sample once
     assert epochs[0] != epochs[1] != epochs[2]  # in a new order each time
+
+
+def test_a_stopped_sweep_leaves_nothing_and_does_not_offer_a_resume(digits_model, write_recipe, tmp_path):
+    recipe = write_recipe("""\
+data: {train: bundled:digits/train, calibration: bundled:digits/calibration, eval: bundled:digits/test, batch_size: 32}
+stages: [{method: svd, scheme: spatial, targets: {types: [Conv2d], include: ["layer*"], exclude: ["*.shortcut.*"]}}]
+finetune: {steps: 60, optimizer: sgd, lr: 0.02, checkpoint_every: 4}
+bench: {batch_sizes: [1], warmup: 1, runs: 2, baselines: []}
+budget: {macs: 1.5, probes: 1}
+""")
+    env = {**os.environ, "COMPRESS_TEST_SIGNAL_AT_STEP": "3:TERM"}
+    proc = subprocess.run([sys.executable, "-m", "compress", "sweep", "-r", str(recipe), str(digits_model),
+                           "--budgets", "1.5", "--out", str(tmp_path / "sweep"), "-q"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated (SIGTERM) at step 3" in proc.stderr and "--resume" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # no sweep, work, lock or resume folder

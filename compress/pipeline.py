@@ -136,17 +136,21 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
         if "eval" not in given and r.data.eval is None and ("calibration" in given or "train" in given):
             data["eval"] = data["calibration"]
         metrics.OUTPUT_KEY.set(r.model.output_key)
-        input_names, sample = _inputs(r, loaded, data, r.data.target)
-        _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
-        evaluated = data["eval"]
-        if r.data.metric in ("accuracy", "auc") and evaluated is not None and r.data.target not in evaluated.keys():
-            raise UserError(f"data.metric {r.data.metric} needs labels, and {evaluated.source} has no key "
-                            f"{r.data.target!r} (data.target); add them, or use metric: agreement, cosine or neighbors")
-        output = _output_kind(loaded.model, input_names, sample, data, r)
-        bench.check_fits(r.bench.batch_sizes, bench.activation_bytes_per_sample(loaded.model, sample), "bench.batch_sizes")
-        if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
-            quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
-                                   data["calibration"] is not None)
+        try:  # a context that fails to load leaves no output key behind for the next one
+            input_names, sample = _inputs(r, loaded, data, r.data.target)
+            _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
+            evaluated = data["eval"]
+            if r.data.metric in ("accuracy", "auc") and evaluated is not None and r.data.target not in evaluated.keys():
+                raise UserError(f"data.metric {r.data.metric} needs labels, and {evaluated.source} has no key "
+                                f"{r.data.target!r} (data.target); add them, or use metric: agreement, cosine or neighbors")
+            output = _output_kind(loaded.model, input_names, sample, data, r)
+            bench.check_fits(r.bench.batch_sizes, bench.activation_bytes_per_sample(loaded.model, sample), "bench.batch_sizes")
+            if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
+                quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
+                                       data["calibration"] is not None)
+        except BaseException:
+            metrics.OUTPUT_KEY.set(None)
+            raise
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings, output)
 
 
@@ -248,11 +252,15 @@ def _check_fit(model: nn.Module, names: list[str], sample, data, target: str, r=
     for source, (dataset, inputs) in (checks or {"recipe inputs": (None, sample)}).items():
         try:
             with torch.no_grad():
-                output = primary_output(model.eval()(*inputs))
+                raw = model.eval()(*inputs)
+                output = primary_output(raw)
         except Exception as exc:  # any error inside the user's forward means the data does not fit
             shapes = ", ".join(f"{n} {list(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}"
                                for n, t in zip(names, inputs))
             raise UserError(f"{source}: inputs ({shapes}) do not fit the model: {first_line(exc)}") from None
+        if r is not None and r.model.output_key is not None and isinstance(raw, torch.Tensor):
+            raise UserError(f"model.output_key {r.model.output_key!r} is set, but the model returns a single tensor, "
+                            "which has no keys; remove model.output_key")
         if dataset is not None and target in dataset.keys():
             dataset.tensors[target] = _check_labels(output, dataset.tensors[target], source, target, r)
 

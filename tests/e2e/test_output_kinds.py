@@ -89,3 +89,10 @@ def test_single_output_distillation_is_not_silently_zero(kind, write_recipe, run
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["output"]["kind"] == kind and report["finetune"]["loss_terms"]["distill"] > 0
+
+
+def test_an_output_key_for_a_tensor_output_is_an_error_not_ignored(write_recipe, run_cli, digits_model, tmp_path):
+    recipe = write_recipe(extra="model: {output_key: logits}")
+    result = run_cli("plan", "-r", recipe, digits_model)
+    assert result.exit_code == 2 and "returns a single tensor, which has no keys" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,6 @@ def check_zip(path: str | Path) -> None:
     """A zip archive (what torch.save writes) whose members all pass their CRC check: torch reads
     the members it needs without checking, so a file with 4 KB flipped in the middle loaded and
     scored 0.086. Files that are not zip archives (legacy torch.save) pass through."""
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return
     try:

@@ -183,20 +183,22 @@ class OutputMoments:
         self.total += centred.sum(0, dtype=torch.float64).cpu()
         self.outer += (centred.T @ centred).to(torch.float64).cpu()
 
-    def to_raw(self) -> None:
-        """Re-express the sums about zero (float64), e.g. before adding them up across processes,
-        whose shifts differ."""
+    def raw_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of x, sum of x x^T) about zero, in float64."""
         n, c, s = self.count, self.shift, self.total
-        self.outer = self.outer + torch.outer(c, s) + torch.outer(s, c) + n * torch.outer(c, c)
-        self.total = s + n * c
-        self.shift = torch.zeros_like(c)
+        return s + n * c, self.outer + torch.outer(c, s) + torch.outer(s, c) + n * torch.outer(c, c)
+
+    def to_raw(self) -> None:
+        """Re-express the sums about zero, e.g. before adding them up across processes, whose shifts differ."""
+        self.total, self.outer = self.raw_sums()
+        self.shift = torch.zeros_like(self.shift)
 
     def merge(self, other: "OutputMoments") -> None:
         self.to_raw()
-        other.to_raw()
+        total, outer = other.raw_sums()
         self.count += other.count
-        self.total += other.total
-        self.outer += other.outer
+        self.total += total
+        self.outer += outer
 
     def mean(self) -> torch.Tensor:
         return self.shift + self.total / max(self.count, 1)

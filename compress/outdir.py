@@ -196,15 +196,14 @@ def make_work_dir(out: Path, kind: str = "partial") -> Path:
     return work
 
 
-def remove_stale(out: Path, kind: str) -> list[Path]:
+def remove_stale(out: Path, kind: str) -> None:
     """Remove `.<out>.<kind>-<pid>-<token>` folders whose run is dead; exact names only, real folders
-    owned by this user only; what was removed."""
+    owned by this user only."""
     pattern = re.compile(re.escape(f".{out.name}.{kind}-") + r"(\d+)-[A-Za-z0-9_]+")
-    removed = []
     try:
         names = os.listdir(out.parent)
     except OSError:
-        return removed
+        return
     for name in names:
         match = pattern.fullmatch(name)
         if not match or _alive(int(match.group(1))):
@@ -216,8 +215,6 @@ def remove_stale(out: Path, kind: str) -> list[Path]:
             continue
         if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def _alive(pid: int) -> bool:

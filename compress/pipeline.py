@@ -283,8 +283,11 @@ def _check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: 
     if classes is not None and labels.dim() == 2 and labels.shape[1] == 1 and len(out) == 1:
         labels = labels[:, 0]  # [N, 1] class labels, as numpy often writes them
     per_label = tuple(labels.shape[1:])
-    users = [f"finetune.loss {loss}" for _ in [0] if loss == "cross_entropy" or (loss == "auto" and integer)]
-    users += [f"data.metric {metric}" for _ in [0] if metric == "accuracy" or (metric == "auto" and integer)]
+    users = []  # what takes the labels as class indices
+    if loss == "cross_entropy" or (loss == "auto" and integer):
+        users.append(f"finetune.loss {loss}")
+    if metric == "accuracy" or (metric == "auto" and integer):
+        users.append(f"data.metric {metric}")
     if users:  # the labels are class indices
         what = " and ".join(users)
         if classes is None:
@@ -302,9 +305,12 @@ def _check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: 
             first = int(bad.reshape(labels.shape[0], -1).any(dim=1).nonzero()[0, 0])
             raise UserError(f"{source}: {int(bad.sum()):,} labels {key!r} lie outside the model's {classes} classes "
                             f"[0, {classes}), the first at index {first} (value {int(labels[first].reshape(-1)[0])})")
-    values = [f"finetune.loss {loss}" for _ in [0] if loss in ("bce", "mse") or (loss == "auto" and not integer)]
-    values += [f"data.metric {metric}" for _ in [0] if metric in ("auc", "mse") or (metric == "auto" and not integer)]
-    if values:  # the labels are compared with the outputs value by value
+    values = []  # what compares the labels with the outputs value by value
+    if loss in ("bce", "mse") or (loss == "auto" and not integer):
+        values.append(f"finetune.loss {loss}")
+    if metric in ("auc", "mse") or (metric == "auto" and not integer):
+        values.append(f"data.metric {metric}")
+    if values:
         what = " and ".join(values)
         if classes is not None and per_label == out[:-1] and not integer:
             raise UserError(f"{source}: labels {key!r} are {str(labels.dtype).removeprefix('torch.')} values but the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import tempfile
@@ -64,6 +65,7 @@ class QuantizationError(CompressError):
     exit_code = 4
 
 
+@functools.lru_cache(maxsize=1)  # the CPU does not change; op-cost keys ask once per candidate
 def cpu_has_vnni() -> bool | None:
     """Whether this x86 CPU has VNNI (AVX512_VNNI or AVX_VNNI); None when that cannot be read
     (not Linux, not x86), where ONNX Runtime's int8 kernels do not saturate."""

@@ -43,12 +43,12 @@ class ModelSection(Strict):
     @classmethod
     def _recipes_trust_nothing(cls, value: list[str]) -> list[str]:
         if value:
-            from .trust import _never_trusted
+            from .trust import never_trusted
 
             first = value[0] if isinstance(value[0], str) and len(value[0]) < 100 else "PREFIX"
-            if _never_trusted(first):
-                raise ValueError(f"a recipe cannot trust code, and {first!r} can never be trusted: "
-                                 f"{_never_trusted(first)}")
+            refusal = never_trusted(first)
+            if refusal:
+                raise ValueError(f"a recipe cannot trust code, and {first!r} can never be trusted: {refusal}")
             raise ValueError("a recipe cannot trust code (a recipe may come from anyone, e.g. a pull request); "
                              f"pass --trust-factory {first} on the command line (trust_factories= in Python) "
                              "if you trust it yourself")

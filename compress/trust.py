@@ -70,13 +70,13 @@ def check_prefix(prefix: Any, where: str = "--trust-factory") -> str:
     and outside the packages that load code from files."""
     if not isinstance(prefix, str) or not _MODULE.fullmatch(prefix):
         raise UserError(f"{where} {_short(prefix)}: expected a module name such as 'mypackage' or 'mypackage.models'")
-    refusal = _never_trusted(prefix)
+    refusal = never_trusted(prefix)
     if refusal:
         raise UserError(f"{where} {prefix!r}: {refusal}; name the package that defines your model")
     return prefix
 
 
-def _never_trusted(module_name: str) -> str | None:
+def never_trusted(module_name: str) -> str | None:
     """Why no flag can trust this module, or None."""
     top = module_name.split(".")[0]
     if top in _NEVER:
@@ -128,8 +128,7 @@ def registered_factories() -> frozenset[str]:
         return frozenset()
 
 
-def _untrusted_hint(module_name: str) -> str:
-    refusal = _never_trusted(module_name)
+def _untrusted_hint(module_name: str, refusal: str | None) -> str:
     if refusal:
         return f"{refusal}, so nothing was imported"
     return (f"not trusted, so nothing was imported: if you trust the package, pass --trust-factory "
@@ -149,8 +148,9 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
     from .examples import FACTORIES
 
     exact = reference in FACTORIES or reference in registered_factories()
-    if not exact and (_never_trusted(module_name) or not under(module_name, prefixes)):
-        raise UserError(f"factory {reference!r}: {_untrusted_hint(module_name)}")
+    refusal = None if exact else never_trusted(module_name)
+    if not exact and (refusal or not under(module_name, prefixes)):
+        raise UserError(f"factory {reference!r}: {_untrusted_hint(module_name, refusal)}")
     try:
         target = importlib.import_module(module_name)
     except ImportError as exc:
@@ -171,7 +171,7 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
                         "of one, nor a function")
     owner = target.__self__ if is_module_constructor else target
     defined_in = getattr(owner, "__module__", None) or ""
-    if not (defined_in == module_name if exact else (under(defined_in, prefixes) and not _never_trusted(defined_in))):
+    if not (defined_in == module_name if exact else (under(defined_in, prefixes) and not never_trusted(defined_in))):
         raise UserError(f"factory {reference!r}: {attr!r} is defined in {defined_in!r}, which is not trusted "
                         f"(trusted: {', '.join(prefixes) or 'only the bundled and registered factories'})")
     return target

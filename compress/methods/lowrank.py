@@ -360,8 +360,6 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
             accumulator.count, accumulator.total, accumulator.outer = distributed.sum_tensors(
                 [torch.tensor(float(accumulator.count), dtype=torch.float64), accumulator.total, accumulator.outer])
             accumulator.count = int(accumulator.count)
-    if first_batch[0]:  # no batch at all
-        decide_sharing()
     for name, source in owner.items():
         layer = modules[name]
         moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)

@@ -68,10 +68,14 @@ def profile_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
 
 
 @torch.no_grad()
-def activation_bytes_per_sample(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+def activation_bytes_per_sample(model: nn.Module, inputs: tuple[torch.Tensor, ...], meta_only: bool = False
+                                ) -> int | None:
     """Bytes of the inputs plus every leaf module's output for one sample: an upper bound on what
-    a runtime keeps alive per sample (it reuses most of it), for refusing batches that cannot fit."""
-    total = [sum(t.numel() * t.element_size() for t in inputs)]
+    a runtime keeps alive per sample (it reuses most of it), for refusing batches that cannot fit.
+    Traced on the meta device (shapes only, nothing allocated, no arithmetic), so a huge declared
+    input is measured in milliseconds. A model whose forward cannot run on meta tensors (it reads
+    values, e.g. `.item()`) is run for real, or with `meta_only` gives None."""
+    total = [0]
 
     def hook(module, args, output):
         for t in output if isinstance(output, (tuple, list)) else (output,):
@@ -80,11 +84,31 @@ def activation_bytes_per_sample(model: nn.Module, inputs: tuple[torch.Tensor, ..
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        model.eval()(*inputs)
+        model.eval()
+        try:
+            _meta_forward(model, inputs)
+        except Exception:  # noqa: BLE001 - the model needs real values
+            if meta_only:
+                return None
+            total[0] = 0
+            with torch.no_grad():
+                model(*inputs)
     finally:
         for h in hooks:
             h.remove()
-    return total[0] // max(1, _batch(inputs))
+    return (total[0] + sum(t.numel() * t.element_size() for t in inputs)) // max(1, _batch(inputs))
+
+
+def _meta_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    """The model's forward with its weights and the inputs swapped for meta tensors of the same
+    shapes (the model itself is untouched)."""
+    from torch.func import functional_call
+
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in (*model.named_parameters(), *model.named_buffers())}
+    meta_inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)
+    with torch.no_grad():
+        return functional_call(model, state, meta_inputs, strict=False)
 
 
 ONNX_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
@@ -122,7 +146,11 @@ def check_fits(batch_sizes: Sequence[int], per_sample_bytes: int, what: str, cop
     for bs in batch_sizes:
         need = bs * per_sample_bytes * copies
         if need > budget:
-            fits = max(1, budget // max(1, per_sample_bytes * copies))
+            fits = budget // max(1, per_sample_bytes * copies)
+            if fits < 1:
+                raise UserError(f"{what}: one sample needs about {per_sample_bytes * copies / 2**30:.1f} GiB for its "
+                                f"tensors, more than half the {budget * 2 / 2**30:.1f} GiB available; refusing to "
+                                "run the model on it")
             raise UserError(f"{what}: batch size {bs:,} needs about {need / 2**30:.1f} GiB for its tensors, more than "
                             f"half the {budget * 2 / 2**30:.1f} GiB available; use at most about {fits:,}")
 
@@ -136,7 +164,7 @@ def make_session(path: str, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, with their message
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -190,6 +218,26 @@ def latency(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     return measure(models, feeds, threads, warmup, runs, progress)["latency_ms"]
 
 
+def _first_run(session, feed: dict[str, np.ndarray], path: str, batch_size: int) -> None:
+    """Run once; a model that ONNX Runtime cannot run on these inputs (a dynamic axis it declares
+    but cannot take, say) is a one-line error naming the file and the input shapes."""
+    import re
+
+    from .errors import UserError
+
+    try:
+        session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes, all of them are this
+        text = " ".join(str(exc).split())
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+        reason = re.split(r"Status Message: (?:\S+:\d+ .*? was false\. )?", text)[-1]
+        shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
+        where = f" at its {node.group(1)} node {node.group(2)!r}" if node else ""
+        raise UserError(f"{path}: ONNX Runtime cannot run it on {shapes}{where}: {reason[:300]} (does the model "
+                        "take every size its dynamic axes declare? e.g. a sequence longer than it was exported "
+                        "at)") from None
+
+
 def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
             warmup: int = 10, runs: int = 50, progress: bool = False, budget_s: float = BUDGET_S,
             pairs: Sequence[tuple[str, str]] = ()) -> dict:
@@ -221,6 +269,8 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     bar = progress_bar(len(feeds) * (warmup + runs) * len(labels), "benchmark", "run", enabled=progress)
     for batch_size, feed in feeds.items():
         key = str(batch_size)
+        for label, session in sessions.items():
+            _first_run(session, feed, models[label], batch_size)
         for _ in range(warmup):
             for session in sessions.values():
                 session.run(None, feed)

@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import sample_size_error
 from .errors import UserError, first_line
-from .files import FileRefused, check_zip, loads_json, read_regular
+from .files import FileRefused, check_zip, loads_json, read_regular, zip_names
 from .methods.base import short
 from . import outdir
 from .trust import build_model, check_trust_flag, trusted_prefixes
@@ -141,6 +141,10 @@ def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None
         return load_artifact(path, trusted)
     if path.suffix.lower() == ".safetensors":
         return _from_state_dict(_read_safetensors(path), source, factory, kwargs or {}, trusted)
+    if any(m.endswith("/constants.pkl") or "/code/__torch__/" in m for m in zip_names(path)):
+        raise UserError(f"{source}: is a TorchScript archive (torch.jit.save); compress rewrites a model's modules, "
+                        "which a scripted model cannot have done to it: save the eager model's state_dict, or "
+                        "the module itself with torch.save, instead")
     try:
         check_zip(path)
     except FileRefused as exc:

@@ -82,6 +82,10 @@ def load_source(source: str) -> Dataset:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
+            try:
+                check_zip(path, compressed_ok=True)  # np.savez_compressed deflates; its size is still bounded
+            except FileRefused as exc:
+                raise UserError(f"{source}: not a usable data file: {exc}") from None
             with np.load(path, allow_pickle=False) as archive:
                 tensors = {}
                 for k in archive.files:

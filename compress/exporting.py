@@ -7,6 +7,9 @@ of a tuple, or `logits`), which is what the metric and the parity check look at.
 """
 from __future__ import annotations
 
+import errno
+import os
+
 import warnings
 from pathlib import Path
 
@@ -64,6 +67,10 @@ def export_onnx(model: nn.Module, sample_inputs: tuple[torch.Tensor, ...], input
                               dynamic_axes=dynamic_axes or {}, opset_version=opset, dynamo=False,
                               do_constant_folding=True)
         except Exception as exc:  # the exporter raises many types; the user needs the first line
+            from .outdir import disk_full
+
+            if disk_full(Path(path)):  # how a full disk looks from inside the exporter: an OSError to the caller
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
             raise UserError(f"ONNX export failed: {first_line(exc, 200)}") from exc
     onnx.checker.check_model(str(path), full_check=True)
 

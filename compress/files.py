@@ -78,17 +78,49 @@ def loads_json(raw: bytes | str) -> Any:
     return json.loads(text, parse_int=_bounded_int, parse_constant=_reject_constant)
 
 
-def check_zip(path: str | Path) -> None:
-    """A zip archive (what torch.save writes) whose members all pass their CRC check: torch reads
-    the members it needs without checking, so a file with 4 KB flipped in the middle loaded and
-    scored 0.086. Files that are not zip archives (legacy torch.save) pass through."""
-    if not zipfile.is_zipfile(path):
-        return
+MAX_ZIP_MEMBERS = 1 << 16
+
+
+def zip_names(path: str | Path, limit: int = MAX_ZIP_MEMBERS) -> list[str]:
+    """The first `limit` member names of a zip archive, read from its directory only ([] for a
+    file that is not a readable archive)."""
     try:
         with zipfile.ZipFile(path) as archive:
+            return [m.filename for m in archive.infolist()[:limit]]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError):
+        return []
+
+
+def check_zip(path: str | Path, compressed_ok: bool = False) -> list[str]:
+    """The member names of a zip archive (what torch.save and numpy.savez write), refused unless it
+    is safe to read: at most MAX_ZIP_MEMBERS members, no compressed member unless `compressed_ok`
+    (torch.save never compresses, so one that does is a zip bomb until proven otherwise), a declared
+    inflated size within half the memory available, and every member passing its CRC check: torch
+    reads the members it needs without checking, so a file with 4 KB flipped in the middle loaded
+    and scored 0.086. Files that are not zip archives (legacy torch.save) pass through, as []."""
+    from .trust import available_memory
+
+    if not zipfile.is_zipfile(path):
+        return []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise FileRefused(f"is an archive of {len(members):,} members, more than {MAX_ZIP_MEMBERS:,}")
+            packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+            if packed and not compressed_ok:
+                raise FileRefused(f"holds compressed members (e.g. {packed[0]!r}); torch.save never compresses, "
+                                  "and inflating them is not bounded")
+            inflated = sum(m.file_size for m in members)
+            if inflated > available_memory() // 2:
+                raise FileRefused(f"declares {inflated / 2**30:.1f} GiB of contents, more than half the memory "
+                                  "available")
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        if isinstance(exc, FileRefused):
+            raise
         raise FileRefused(f"is a damaged archive ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__})") \
             from None
     if bad is not None:
         raise FileRefused(f"is damaged: its member {bad!r} fails its CRC check (a truncated or corrupted copy)")
+    return [m.filename for m in members]

@@ -21,7 +21,7 @@ from .trust import trusted_prefixes
 def _load(model_path, recipe_path, trust, factories=()):
     """(model, input names, one sample, recipe section or None, eval data or None)."""
     from .data import synthetic_sample
-    from .pipeline import Options, load_context
+    from .pipeline import Options, check_inputs, load_context
     from .recipe import load_recipe
 
     if recipe_path is not None:
@@ -32,7 +32,10 @@ def _load(model_path, recipe_path, trust, factories=()):
     if not loaded.inputs:
         raise UserError(f"{model_path}: the checkpoint does not describe the model's inputs; "
                         "pass --recipe with `inputs:` or `data:`")
-    return loaded.model, [s["name"] for s in loaded.inputs], synthetic_sample(loaded.inputs), None, None
+    sample = synthetic_sample(loaded.inputs)
+    names = [s["name"] for s in loaded.inputs]
+    check_inputs(loaded.model, names, sample, what="the checkpoint's declared inputs")
+    return loaded.model, names, sample, None, None
 
 
 def inspect_model(model_path, recipe_path=None, trust=False, factories=(), scheme: str | None = None
@@ -83,15 +86,14 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
         raise UserError(f"{out}: cannot write ({exc.strerror or exc}); nothing was written") from None
     partial = Path(name)
     try:
-        export.export_onnx(model, sample, names, partial, opset, axes)
-        result = export.verify(model, partial, names, batch, atol, rtol, what=str(out))
-        if quantize_mode:
-            result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data)
-        os.chmod(partial, 0o666 & ~current_umask())
-        outdir.check_file_out(out, True, [model_path, recipe_path])  # still a file we may overwrite
-        partial.replace(out)
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write ({exc.strerror or exc}); nothing was written") from None
+        with outdir.writing(out, what="the file"):  # disk full, permissions: one line, no partial file left
+            export.export_onnx(model, sample, names, partial, opset, axes)
+            result = export.verify(model, partial, names, batch, atol, rtol, what=str(out))
+            if quantize_mode:
+                result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data)
+            os.chmod(partial, 0o666 & ~current_umask())
+            outdir.check_file_out(out, True, [model_path, recipe_path])  # still a file we may overwrite
+            partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
     result["onnx_bytes"] = out.stat().st_size

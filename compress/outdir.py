@@ -292,8 +292,43 @@ def write_atomic(path: Path, write, public: bool = False) -> None:
             pass
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, UserError):
             reason = getattr(exc, "strerror", None) or _disk_reason(path) or str(exc).splitlines()[0][:120]
-            raise UserError(f"{path}: cannot write ({reason}); nothing was left half-written") from None
+            raise WriteFailed(f"{path}: cannot write ({reason}); nothing was left half-written", reason) from None
         raise
+
+
+class WriteFailed(UserError):
+    """A file could not be written (the reason as the OS gives it); nothing half-written remains."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@contextmanager
+def writing(out: Path, where: Path | None = None, what: str = "the outputs") -> Iterator[None]:
+    """Turn a failure to write into one line: any OSError (disk full, permissions), and any other
+    error raised while the disk under `where` (default `out`) is full, which is how torch.save
+    (RuntimeError), safetensors and the ONNX exporter report a full disk. `where` defaults to
+    the folder `out` is written into. The caller removes what
+    it had written; the message says so."""
+    try:
+        yield
+    except WriteFailed as exc:  # a file inside the work folder: the user knows the output's name only
+        raise UserError(f"{out}: cannot write {what} ({exc.reason}); nothing was written") from exc
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write {what} ({exc.strerror or exc}); nothing was written") from exc
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the disk is full
+        reason = _disk_reason(Path(where or Path(out).parent) / "x")
+        if reason is None:
+            raise
+        raise UserError(f"{out}: cannot write {what} ({reason}); nothing was written") from exc
+
+
+def disk_full(path: Path) -> bool:
+    """Whether the disk that `path` is (to be) written on has under 1 MiB free."""
+    return _disk_reason(path) is not None
 
 
 def _disk_reason(path: Path) -> str | None:

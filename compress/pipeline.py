@@ -111,6 +111,10 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
         else:
             loaded = load_model(model, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
                                 trusted=trusted_prefixes(options.trust_factories))
+        if isinstance(loaded.model, torch.jit.ScriptModule) or any(
+                isinstance(m, torch.jit.ScriptModule) for m in loaded.model.modules()):
+            raise UserError(f"{loaded.path}: is (or holds) a TorchScript module; compress rewrites a model's modules, "
+                            "which a scripted model cannot have done to it: pass the eager model instead")
         _check_weights(loaded.model, loaded.path)
         if data is not None and not isinstance(data, dict):
             raise UserError(f"data: expected a mapping of roles (train, calibration, eval) to data sets, not "
@@ -138,13 +142,15 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
         metrics.OUTPUT_KEY.set(r.model.output_key)
         try:  # a context that fails to load leaves no output key behind for the next one
             input_names, sample = _inputs(r, loaded, data, r.data.target)
-            _check_fit(loaded.model, input_names, sample, data, r.data.target, r)
+            per_sample = check_inputs(loaded.model, input_names, sample, data, r.data.target, r)
             evaluated = data["eval"]
             if r.data.metric in ("accuracy", "auc") and evaluated is not None and r.data.target not in evaluated.keys():
                 raise UserError(f"data.metric {r.data.metric} needs labels, and {evaluated.source} has no key "
                                 f"{r.data.target!r} (data.target); add them, or use metric: agreement, cosine or neighbors")
             output = _output_kind(loaded.model, input_names, sample, data, r)
-            bench.check_fits(r.bench.batch_sizes, bench.activation_bytes_per_sample(loaded.model, sample), "bench.batch_sizes")
+            bench.check_fits(r.bench.batch_sizes, per_sample, "bench.batch_sizes")
+            if any(d is not None for d in data.values()):
+                bench.check_fits([r.data.batch_size], per_sample, "data.batch_size")
             if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
                 quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
                                        data["calibration"] is not None)
@@ -244,12 +250,25 @@ def _inputs(r, loaded: LoadedModel, data: dict[str, Dataset | None], target: str
     return names, synthetic_sample(specs)
 
 
-def _check_fit(model: nn.Module, names: list[str], sample, data, target: str, r=None) -> None:
+def check_inputs(model: nn.Module, names: list[str], sample, data=None, target: str = "target", r=None,
+                 what: str = "recipe inputs") -> int:
+    """Bytes one sample's forward pass keeps alive, after refusing inputs whose forward would not fit
+    in memory (traced on the meta device first, before the model runs on anything real) and data
+    that does not fit the model (`_check_fit`)."""
+    per_sample = bench.activation_bytes_per_sample(model, sample, meta_only=True)
+    if per_sample is not None:
+        bench.check_fits([1], per_sample, what)
+    _check_fit(model, names, sample, data or {}, target, r, what)
+    return per_sample if per_sample is not None else bench.activation_bytes_per_sample(model, sample)
+
+
+def _check_fit(model: nn.Module, names: list[str], sample, data, target: str, r=None,
+               what: str = "recipe inputs") -> None:
     """Run one sample of every data source through the model, so that misfitting data fails now,
     with the source's name; then check the labels against the model's output (class indices in
     range, no real-valued labels for a class output)."""
     checks = {d.source: (d, tuple(d.head(1)[n] for n in names)) for d in data.values() if d is not None}
-    for source, (dataset, inputs) in (checks or {"recipe inputs": (None, sample)}).items():
+    for source, (dataset, inputs) in (checks or {what: (None, sample)}).items():
         try:
             with torch.no_grad():
                 raw = model.eval()(*inputs)
@@ -529,13 +548,11 @@ def write(ctx: Context, compress: Callable[[], Compressed] | Compressed, out: Pa
         try:
             os.chmod(work, 0o777 & ~outdir.current_umask())  # mkdtemp makes it private; the output is an ordinary folder
             done = compress() if callable(compress) else compress
-            try:  # only the writing step's OSErrors are "cannot write": input errors keep their own message
+            with outdir.writing(out, work):  # disk full, permissions, ...: nothing half-written stays behind
                 result = publish(ctx, done, work, options)
                 outdir.write_marker(work)
                 outdir.check_out(out, force)  # nothing of the user's appeared in it while we ran
                 outdir.replace_dir(work, out)
-            except OSError as exc:  # disk full, permissions, ...: nothing half-written stays behind
-                raise UserError(f"{out}: cannot write the outputs ({exc.strerror or exc}); nothing was written") from exc
             outdir.remove_own_dir(resume_folder(out))  # finished: nothing left to resume
         except BaseException:
             outdir.remove_own_dir(work)

@@ -98,11 +98,12 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                 reports.append(report.to_json())
                 points.append(_point(f"budget {target} {value:g}", value, reports[-1], recipe.budget.batch))
             summary = _summary(target, recipe.budget.batch, reports[0], points)
-            (work / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
-            png = _plot(summary, work / "pareto.png")
-            (work / "pareto.md").write_text(_markdown(summary, png))
-            outdir.write_marker(work)
-            outdir.replace_dir(work, out)
+            with outdir.writing(out, work):
+                (work / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
+                png = _plot(summary, work / "pareto.png")
+                (work / "pareto.md").write_text(_markdown(summary, png))
+                outdir.write_marker(work)
+                outdir.replace_dir(work, out)
         except BaseException:
             outdir.remove_own_dir(work)
             raise

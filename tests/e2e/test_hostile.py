@@ -423,13 +423,44 @@ def test_apply_refuses_a_bench_batch_that_cannot_fit(digits_model, write_recipe,
     assert "bench.batch_sizes: batch size 100,000,000 needs about" in message
 
 
-def test_the_same_model_twice_is_no_speedup(digits_model, run_cli, tmp_path):
+def test_the_same_model_twice_is_two_labels_run_in_alternating_pairs(digits_model, run_cli, tmp_path, monkeypatch):
+    """Behaviour, not timing (the noise side is test_speedup_interval_...): the same file given twice
+    gets its own label and session, and within each batch size the two run back to back in pairs
+    whose order alternates, so that machine noise falls on both alike."""
+    import compress.bench
+
     onnx_path = tmp_path / "m.onnx"
     assert run_cli("export", digits_model, "--out", onnx_path).exit_code == 0
-    result = run_cli("bench", onnx_path, onnx_path, "--batch-sizes", "8,16", "--json", "-q")
+    order, real = [], compress.bench.make_session
+
+    class Logged:
+        def __init__(self, session, index):
+            self.session, self.index = session, index
+
+        def run(self, *args):
+            order.append(self.index)
+            return self.session.run(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    made = []
+
+    def make_session(path, threads):
+        made.append(path)
+        return Logged(real(path, threads), len(made) - 1)
+
+    monkeypatch.setattr(compress.bench, "make_session", make_session)
+    result = run_cli("bench", onnx_path, onnx_path, "--batch-sizes", "8", "--runs", "6", "--warmup", "1", "--json", "-q")
+    assert result.exit_code == 0, result.output
     measured = json.loads(result.stdout)
-    for bs, (lo, hi) in measured["speedup_ci"][f"{onnx_path}#1"].items():
-        assert lo <= 1.0 <= hi, (bs, lo, hi)
+    assert set(measured["latency_ms"]) == {str(onnx_path), f"{onnx_path}#1"} and len(set(order)) == 2
+    first = order[0]
+    timed = [int(i != first) for i in order[4:]]  # after one first run each and one warmup round each
+    pairs = [tuple(timed[i:i + 2]) for i in range(0, len(timed), 2)]
+    assert len(pairs) >= 6 and all(p == ((0, 1) if i % 2 == 0 else (1, 0)) for i, p in enumerate(pairs))
+    lo, hi = measured["speedup_ci"][f"{onnx_path}#1"]["8"]
+    assert lo <= measured["speedup"][f"{onnx_path}#1"]["8"] <= hi
 
 
 def test_speedup_interval_is_paired_and_covers_exchangeable_noise():

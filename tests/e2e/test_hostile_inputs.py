@@ -236,3 +236,101 @@ def test_data_that_contradicts_the_declared_inputs_is_refused(digits, tmp_path, 
     path = recipe_for(tmp_path, extra="inputs: [{name: image, shape: [1, 8, 8]}]")
     message = one_line_error(run_cli("plan", "-r", path, digits_model))
     assert "samples of shape [1, 4, 8], but the inputs declare [1, 8, 8]" in message
+
+
+@pytest.mark.parametrize("verb", ["inspect", "plan"])
+def test_declared_inputs_too_large_for_memory_are_refused_before_any_forward(verb, digits_model, tmp_path, run_cli,
+                                                                               monkeypatch):
+    """The size of one forward pass is traced on the meta device and held against the memory
+    available before the model runs on anything (a [1, 8192, 8192] input used to run for minutes)."""
+    import compress.bench
+    import compress.trust
+
+    raw = torch.load(digits_model, weights_only=True)
+    raw["inputs"] = [{"name": "image", "shape": [1, 1024, 1024], "dtype": "float32"}]
+    torch.save(raw, tmp_path / "big.pt")
+    monkeypatch.setattr(compress.trust, "available_memory", lambda: 1 << 30)
+    ran = []
+    monkeypatch.setattr(compress.bench, "count_macs", lambda *a: ran.append(a) or 0)
+    args = ("inspect", tmp_path / "big.pt")
+    if verb == "plan":
+        (tmp_path / "r.yaml").write_text("inputs: [{name: image, shape: [1, 1024, 1024]}]\n"
+                                         "stages: [{method: svd, ratio: 0.5}]\n")
+        args = ("plan", "-r", tmp_path / "r.yaml", tmp_path / "big.pt")
+    message = one_line_error(run_cli(*args))
+    assert "one sample needs about" in message and "refusing to run the model" in message and not ran
+
+
+def test_activation_bytes_are_traced_without_allocating():
+    from compress import bench
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU())
+    x = torch.zeros(1, 1, 32, 32)
+    assert bench.activation_bytes_per_sample(model, (x,)) == 4 * 32 * 32 * (1 + 16 + 16)
+    devices = []
+    model.register_forward_pre_hook(lambda m, args: devices.append(args[0].device.type))
+    huge = torch.zeros(1, 1, 1 << 12, 1 << 12)  # for real, 2 GiB of activations
+    assert bench.activation_bytes_per_sample(model, (huge,)) == 4 * (1 << 24) * 33
+    assert devices == ["meta"]  # traced on meta only, never run for real
+
+
+def test_bench_at_a_size_the_model_cannot_take_is_one_line(transformer_model, tmp_path, run_cli):
+    """The exported Transformer declares a dynamic sequence axis; its position table stops at 64."""
+    onnx_path = tmp_path / "tf.onnx"
+    assert run_cli("export", transformer_model, "--out", onnx_path).exit_code == 0
+    message = one_line_error(run_cli("bench", onnx_path, "--dim", "sequence=128", "--runs", "3", "--warmup", "1"))
+    assert "ONNX Runtime cannot run it on tokens [1, 128]" in message and "64 by 128" in message
+    assert run_cli("bench", onnx_path, "--dim", "sequence=32", "--runs", "3", "--warmup", "1").exit_code == 0
+
+
+def test_export_of_a_checkpoint_whose_declared_inputs_do_not_fit_is_one_line(transformer_model, tmp_path, run_cli):
+    raw = torch.load(transformer_model, weights_only=True)
+    raw["inputs"] = raw["inputs"][:1]  # tokens without the mask the forward needs
+    torch.save(raw, tmp_path / "one.pt")
+    message = one_line_error(run_cli("export", tmp_path / "one.pt", "--out", tmp_path / "one.onnx"))
+    assert "the checkpoint's declared inputs" in message and "'mask'" in message
+    assert not (tmp_path / "one.onnx").exists()
+
+
+def test_a_torchscript_model_is_refused_by_file_and_in_memory(tmp_path, run_cli):
+    from compress.examples.digits import digits_resnet
+
+    scripted = torch.jit.script(digits_resnet().eval())
+    torch.jit.save(scripted, tmp_path / "scripted.pt")
+    for extra in ([], ["--trust-checkpoint"]):
+        assert "TorchScript archive" in one_line_error(run_cli("inspect", tmp_path / "scripted.pt", *extra))
+    recipe = {"inputs": [{"name": "image", "shape": [1, 8, 8]}], "stages": [{"method": "svd", "ratio": 0.5}]}
+    with pytest.raises(UserError, match="TorchScript module"):
+        compress.plan(scripted, recipe)
+
+
+def _deflated(path, payload_bytes):
+    """A zip archive shaped like a torch.save file, with one member deflated: 64 MB of zeros in a
+    few tens of KB."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("model/data/0", b"\0" * payload_bytes, compress_type=zipfile.ZIP_DEFLATED)
+
+
+@pytest.mark.parametrize("role", ["model", "data"])
+def test_compressed_members_in_a_torch_file_are_refused_before_inflating(role, tmp_path, run_cli, digits_model):
+    _deflated(tmp_path / "bomb.pt", 64 << 20)
+    assert (tmp_path / "bomb.pt").stat().st_size < 1 << 20
+    if role == "model":
+        message = one_line_error(run_cli("inspect", tmp_path / "bomb.pt"))
+    else:
+        message = one_line_error(run_cli("plan", "-r", recipe_for(tmp_path, data="bomb.pt"), digits_model))
+    assert "holds compressed members" in message
+
+
+def test_a_compressed_npz_declaring_more_than_memory_is_refused(tmp_path, run_cli, digits_model, monkeypatch):
+    import compress.trust
+
+    x, y = bundled_data("digits/train")["image"][:64], bundled_data("digits/train")["target"][:64]
+    np.savez_compressed(tmp_path / "data.npz", image=x.numpy(), target=y.numpy())
+    assert run_cli("plan", "-r", recipe_for(tmp_path, data="data.npz"), digits_model).exit_code == 0
+    monkeypatch.setattr(compress.trust, "available_memory", lambda: 1 << 10)
+    assert "more than half the memory" in one_line_error(run_cli("plan", "-r", recipe_for(tmp_path, data="data.npz"),
+                                                                  digits_model))

@@ -226,3 +226,66 @@ def test_duplicate_budget_folders_are_refused_before_any_run(tmp_path, digits_mo
     assert "would share the folder budget-1.5" in message
     assert not (tmp_path / "sweep").exists()
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == '["recipe.yaml"]'
+
+
+def _fill_the_disk(monkeypatch, writer: str):
+    """The disk is full from the moment `writer` runs: it fails as it does on a full disk
+    (torch.save and the ONNX exporter raise RuntimeError, safetensors its own error), and the
+    file system reports no free space."""
+    import shutil
+    from collections import namedtuple
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    import compress.exporting
+    import compress.quantize
+    import compress.report
+
+    usage = namedtuple("usage", "total used free")
+    real_usage = shutil.disk_usage
+    full = []
+
+    def disk_usage(path):
+        return usage(1 << 40, 1 << 40, 0) if full else real_usage(path)
+
+    def failing(error, real):
+        def fail(*args, **kwargs):
+            if writer == "torch.save" and args[0].get("format") != "compress.checkpoint":  # resume state
+                return real(*args, **kwargs)
+            full.append(True)
+            raise error
+        return fail
+
+    monkeypatch.setattr(outdir.shutil, "disk_usage", disk_usage)
+    target, error = {
+        "onnx": ((compress.exporting.torch.onnx, "export"), RuntimeError("failed to write the model")),
+        "torch.save": ((torch, "save"), RuntimeError("[enforce fail at inline_container.cc:858] . "
+                                                     "PytorchStreamWriter failed writing file data/0")),
+        "safetensors": ((safetensors.torch, "save_file"), SafetensorError("Error while serializing: "
+                                                                          "IoError(No space left)")),
+        "report": ((compress.report, "to_markdown"), OSError(28, "No space left on device")),
+    }[writer]
+    monkeypatch.setattr(*target, failing(error, getattr(*target)))
+
+
+@pytest.mark.parametrize("writer", ["onnx", "torch.save", "safetensors", "report"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(writer, setup, tmp_path, digits_model, run_cli, monkeypatch):
+    recipe, user = setup
+    before = snapshot(tmp_path)
+    _fill_the_disk(monkeypatch, writer)
+    message = one_line_error(run_cli("apply", "-r", recipe, digits_model, "--out", tmp_path / "o", "-q"))
+    assert "cannot write the outputs (No space left on device); nothing was written" in message
+    after = snapshot(tmp_path)
+    assert {p: v for p, v in after.items() if p in before} == before
+    resume = {str(tmp_path / ".o.resume"), str(tmp_path / ".o.resume" / "state.pt")}  # kept for --resume
+    assert set(after) - set(before) <= resume, sorted(set(after) - set(before))
+
+
+@pytest.mark.parametrize("writer", ["onnx"])
+def test_a_full_disk_in_export_is_one_line_and_leaves_nothing(writer, tmp_path, digits_model, run_cli, monkeypatch):
+    _fill_the_disk(monkeypatch, writer)
+    message = one_line_error(run_cli("export", digits_model, "--out", tmp_path / "m.onnx"))
+    assert "cannot write the file (No space left on device); nothing was written" in message
+    assert list(tmp_path.iterdir()) == []

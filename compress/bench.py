@@ -140,7 +140,7 @@ def check_fits(batch_sizes: Sequence[int], per_sample_bytes: int, what: str, cop
     """Refuse, before allocating, a batch size whose tensors (`copies` models' worth) would need more
     than half the memory available now."""
     from .errors import UserError
-    from .trust import available_memory
+    from .system import available_memory
 
     budget = available_memory() // 2
     for bs in batch_sizes:

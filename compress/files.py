@@ -98,7 +98,7 @@ def check_zip(path: str | Path, compressed_ok: bool = False) -> list[str]:
     inflated size within half the memory available, and every member passing its CRC check: torch
     reads the members it needs without checking, so a file with 4 KB flipped in the middle loaded
     and scored 0.086. Files that are not zip archives (legacy torch.save) pass through, as []."""
-    from .trust import available_memory
+    from .system import available_memory
 
     if not zipfile.is_zipfile(path):
         return []

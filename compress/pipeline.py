@@ -613,8 +613,8 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
     with timed(timings, "prepare"):
         for method in methods:
             method.prepare(compressed)
-    if ctx.allocation is not None and r.budget.verified and not any(m.name == "group_envelope" for m in methods):
-        # (group_envelope removes channels after fine-tuning: nothing to measure yet; its costs are counted exactly)
+    if ctx.allocation is not None and r.budget.verified and all(m.measurable_before_finetune for m in methods):
+        # (a method that removes structure after fine-tuning leaves nothing to measure yet; its costs are exact)
         compressed = _verify_allocation(ctx, original, compressed, methods)
     train = ctx.data["train"]
     steps_wanted = r.finetune.steps or r.finetune.epochs

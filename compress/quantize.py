@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from .errors import CompressError, UserError, first_line
-from .methods.base import Strict
+from .schema import Strict
 
 DEFAULT_OP_TYPES = {"dynamic": ["MatMul", "Gemm"], "static": ["Conv", "MatMul", "Gemm"]}
 QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",

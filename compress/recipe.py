@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .errors import RecipeError
 from .files import FileRefused, read_regular
 from .methods import METHODS
-from .methods.base import Strict
+from .schema import Strict
 from .budget import BudgetSection
 from .quantize import QuantizeSection
 
@@ -179,8 +179,9 @@ class Recipe(Strict):
     quantize: QuantizeSection | None = Field(None, description="int8 model.onnx by ONNX Runtime's quantization "
                                              "(absent: the float model ships)")
     bench: BenchSection = Field(default_factory=BenchSection)
-    budget: BudgetSection | None = Field(None, description="what the compressed model may cost; svd, afm and pela "
-                                         "stages without a rank rule get their ranks allocated to meet it")
+    budget: BudgetSection | None = Field(None, description="what the compressed model may cost; stages that leave their "
+                                         "sizes open (a factorizing stage without a rank rule, keep: auto) get them "
+                                         "allocated to meet it")
     gates: GatesSection = Field(default_factory=GatesSection)
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, first_line
+from .system import available_memory
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PUBLIC = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -230,23 +231,6 @@ def check_kwargs(kwargs: Any, reference: str) -> dict[str, Any]:
         check_key(key, value, key)
         walk(value, 1, key)
     return kwargs
-
-
-def available_memory() -> int:
-    """Bytes of memory available to allocate now (MemAvailable on Linux, else physical memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def build_model(reference: Any, kwargs: Any, prefixes: tuple[str, ...]) -> nn.Module:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from compress import linalg, opcost, quantize
-from compress.budget import BudgetSection, interpolate_coefficient, rank_grid, weight_error_curve
+from compress.budget import BudgetSection, interpolate_coefficient
+from compress.methods.rank_allocation import rank_grid, weight_error_curve
 from compress.errors import RecipeError
 from compress.recipe import parse_recipe
 
@@ -187,7 +188,8 @@ def test_a_latency_budget_is_refused_with_several_processes(digits_model, write_
 
 def test_gradient_weighted_error_is_the_output_error_when_what_follows_is_linear():
     from compress import layers
-    from compress.budget import afm_error_curve, output_gradient_moments
+    from compress.budget import output_gradient_moments
+    from compress.methods.rank_allocation import afm_error_curve
     from compress.methods.lowrank import collect_moments, mimic
 
     torch.manual_seed(0)

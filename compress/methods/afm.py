@@ -35,6 +35,7 @@ from pydantic import Field
 from .base import Method, replace_module, select_targets
 from .lowrank import (RankRule, collect_moments, factorize_edits, from_inputs, mimic, output_features,
                       plan_mimicking, sequential_groups)
+from .rank_allocation import RankAllocation
 
 # the feature-mimicking core lives in lowrank.py (pela's `init: afm` uses it too); re-exported here
 __all__ = ["Afm", "AfmStage", "collect_moments", "from_inputs", "mimic", "output_features"]
@@ -48,11 +49,12 @@ class AfmStage(RankRule):
         "false: every layer on the original's outputs, one pass")
 
 
-class Afm(Method):
+class Afm(RankAllocation, Method):
     name = "afm"
     schema = AfmStage
     needs_calibration = True
     layer_types = ("Linear", "Conv2d", "Embedding")
+    mimics = True  # a budget predicts its error from the output covariance
 
     def __init__(self, stage: AfmStage, stage_index: int):
         super().__init__(stage, stage_index)

@@ -27,23 +27,17 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ..errors import RecipeError, UserError
+from ..schema import Strict
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
     "Conv2d": nn.Conv2d,
     "Embedding": nn.Embedding,
 }
-
-
-class Strict(BaseModel):
-    """A recipe section: unknown keys are errors, not silently ignored, and every number is finite
-    (`.inf` would silently turn a tolerance, a gate or a weight off)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class Targets(Strict):
@@ -112,6 +106,11 @@ class Method:
     # methods whose factorized layers this one may continue training from (a chain, e.g. afm -> pela):
     # its decision for such a layer is `refine`, at the earlier stage's rank, and the factors are kept
     refines: ClassVar[tuple[str, ...]] = ()
+    # what a budget may assume of the stage (the allocation capability itself: methods/allocation.py):
+    # that per-op latencies price what it does, and that the model it builds can be measured before
+    # fine-tuning (not so when it removes structure only after)
+    latency_priced: ClassVar[bool] = False
+    measurable_before_finetune: ClassVar[bool] = True
 
     def __init__(self, stage: Stage, stage_index: int):
         self.stage = stage
@@ -122,7 +121,7 @@ class Method:
         # a budget's allocation (budget.assign): layers it leaves dense, and what it predicted per layer
         self.budget_dense: dict[str, str] = {}
         self.budget_rows: dict[str, dict] = {}
-        self.budget_inputs: dict | None = None  # svd/pela: the layers' input moments for the budget's errors
+        self.budget_inputs: dict | None = None  # statistics a method gathered for a budget, kept for a sweep
         self.output_kind = "logits"  # what the model returns (losses.KINDS); the pipeline sets it
 
     needs_calibration: ClassVar[bool] = False

@@ -51,6 +51,7 @@ from ..metrics import primary_output
 from .base import Method, block_modules as default_feature_modules, chain_refinements, replace_module
 from .lowrank import (RankRule, collect_moments, factorize_edits, factorize_planned, head_exclusion, mimic,
                       plan_factorization, plan_mimicking, rank_rule_targets)
+from .rank_allocation import RankAllocation
 
 
 class PelaStage(RankRule):
@@ -80,7 +81,7 @@ class PelaStage(RankRule):
         return min(linalg.rank_for_rho(rows, cols, self.rho), rows, cols)
 
 
-class Pela(Method):
+class Pela(RankAllocation, Method):
     name = "pela"
     schema = PelaStage
     uses_teacher = True

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from .base import Method
 from .lowrank import RankRule, factorize_edits, factorize_planned, plan_factorization
+from .rank_allocation import RankAllocation
 
 
 class SvdStage(RankRule):
@@ -23,7 +24,7 @@ class SvdStage(RankRule):
     )
 
 
-class Svd(Method):
+class Svd(RankAllocation, Method):
     name = "svd"
     schema = SvdStage
 

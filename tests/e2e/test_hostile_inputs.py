@@ -244,12 +244,12 @@ def test_declared_inputs_too_large_for_memory_are_refused_before_any_forward(ver
     """The size of one forward pass is traced on the meta device and held against the memory
     available before the model runs on anything (a [1, 8192, 8192] input used to run for minutes)."""
     import compress.bench
-    import compress.trust
+    import compress.system
 
     raw = torch.load(digits_model, weights_only=True)
     raw["inputs"] = [{"name": "image", "shape": [1, 1024, 1024], "dtype": "float32"}]
     torch.save(raw, tmp_path / "big.pt")
-    monkeypatch.setattr(compress.trust, "available_memory", lambda: 1 << 30)
+    monkeypatch.setattr(compress.system, "available_memory", lambda: 1 << 30)
     ran = []
     monkeypatch.setattr(compress.bench, "count_macs", lambda *a: ran.append(a) or 0)
     args = ("inspect", tmp_path / "big.pt")
@@ -326,11 +326,11 @@ def test_compressed_members_in_a_torch_file_are_refused_before_inflating(role, t
 
 
 def test_a_compressed_npz_declaring_more_than_memory_is_refused(tmp_path, run_cli, digits_model, monkeypatch):
-    import compress.trust
+    import compress.system
 
     x, y = bundled_data("digits/train")["image"][:64], bundled_data("digits/train")["target"][:64]
     np.savez_compressed(tmp_path / "data.npz", image=x.numpy(), target=y.numpy())
     assert run_cli("plan", "-r", recipe_for(tmp_path, data="data.npz"), digits_model).exit_code == 0
-    monkeypatch.setattr(compress.trust, "available_memory", lambda: 1 << 10)
+    monkeypatch.setattr(compress.system, "available_memory", lambda: 1 << 10)
     assert "more than half the memory" in one_line_error(run_cli("plan", "-r", recipe_for(tmp_path, data="data.npz"),
                                                                   digits_model))

@@ -14,7 +14,7 @@ RECIPE = {"data": {"calibration": "bundled:digits/calibration", "eval": "bundled
 
 def test_sweep_writes_one_run_per_budget_and_the_pareto_front(digits_model, write_recipe, run_cli, tmp_path,
                                                                monkeypatch):
-    from compress import budget
+    from compress.methods import rank_allocation as budget
 
     calls = []
     original = budget.input_moments

@@ -195,9 +195,8 @@ def layers_table(rows: list[dict]) -> list[str]:
     def note(r):
         if r.get("reason") or r.get("note") or r.get("chain"):
             return r.get("reason") or r.get("note") or r.get("chain")
-        if r.get("scheme"):
-            return f"{r['scheme']} scheme, energy {r['energy']:.3f}"
-        return f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""
+        energy = f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""
+        return ", ".join(p for p in (f"{r['scheme']} scheme" if r.get("scheme") else "", energy) if p)
 
     return table(["layer", "type", "action", "rank", "params before -> after", "MACs before -> after", "note"],
                  [[r["name"], r["layer_type"], r["action"], f"{r['rank']}/{r['full_rank']}" if r.get("rank") else "-",

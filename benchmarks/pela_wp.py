@@ -1,6 +1,6 @@
 """PELA's weight-perturbation regularizer in its two forms, side by side on the digits Transformer.
 
-`recipes/pela.yaml` (rho 2, gamma 1, eps 1e-3, 10 epochs) with `wp_form: squared` (METHODS.md's
+`recipes/pela.yaml` (rho 2, gamma 1, eps 1e-3, 10 epochs) with `wp_form: squared` (docs/methods.md's
 (||B A - W||_max - eps)^2) and `wp_form: hinge` (max(0, ...)^2), same model, data and seeds:
 test accuracy of each student and the final L_wp term.
 

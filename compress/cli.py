@@ -308,7 +308,7 @@ Example:
 def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, quiet):
     """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
     from .bench import count_macs, count_params
-    from .pipeline import plan as make_plan
+    from .pipeline import plan as make_plan, planned_cost
     from .report import budget_line, layers_table
 
     ctx, _ = _context(recipe_path, model, trust_checkpoint, trust_factory, quiet=quiet)
@@ -318,12 +318,9 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
         return
     click.echo("\n".join(layers_table(rows)))
     params, macs = count_params(ctx.loaded.model), count_macs(ctx.loaded.model, ctx.sample)
-    own = [r for r in rows if r["action"] != "refine"]  # a refine row repeats the earlier stage's change
-    twice = [m.counted_twice() for m in methods]  # rows that shrink one layer together
-    saved_p = sum(r["params_before"] - r["params_after"] for r in own) - sum(t[0] for t in twice)
-    saved_m = sum(r["macs_before"] - r["macs_after"] for r in own) - sum(t[1] for t in twice)
-    click.echo(f"\nmodel: {params:,} params -> {params - saved_p:,} ({params / max(1, params - saved_p):.2f}x); "
-               f"{macs:,} MACs per sample -> {macs - saved_m:,} ({macs / max(1, macs - saved_m):.2f}x); "
+    params_after, macs_after = planned_cost(methods, rows, params, macs)
+    click.echo(f"\nmodel: {params:,} params -> {params_after:,} ({params / max(1, params_after):.2f}x); "
+               f"{macs:,} MACs per sample -> {macs_after:,} ({macs / max(1, macs_after):.2f}x); "
                f"{_changed(rows)} of {len({r['name'] for r in rows})} targeted layers changed")
     click.echo(f"output: {ctx.output['kind']} ({ctx.output['reason']})")
     if ctx.allocation is not None:

@@ -1,4 +1,4 @@
-"""Factorized layers (METHODS.md section 0) and the matrix views they are cut from.
+"""Factorized layers (docs/methods.md section 0) and the matrix views they are cut from.
 
 A factorized layer is a plain `nn.Module` with two children, `first` and `second`, so it exports
 to ONNX as two ordinary ops and its state_dict keys are predictable (`<name>.first.weight`, ...),
@@ -65,7 +65,7 @@ class LowRankConv2d(nn.Module):
 
 class LowRankEmbedding(nn.Module):
     """An embedding table of width r followed by a Linear r -> d: e = U z + mu for a table of
-    codes z, which is how feature-mimicking compression realizes a table (METHODS.md 4.4)."""
+    codes z, which is how feature-mimicking compression realizes a table (docs/methods.md section 4)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None):
         super().__init__()
@@ -225,13 +225,16 @@ def dense_cost(layer: nn.Module, out_shape: tuple[int, ...]) -> LayerCost:
 
 
 def factorized_cost(layer: nn.Module, rank: int, scheme: str, in_shape: tuple[int, ...],
-                    out_shape: tuple[int, ...]) -> LayerCost:
-    """Cost of `layer` factorized at `rank`, given its input and output shapes for one sample."""
+                    out_shape: tuple[int, ...], bias: bool | None = None) -> LayerCost:
+    """Cost of `layer` factorized at `rank`, given its input and output shapes for one sample.
+    `bias` as in empty_factorized: the second factor has a bias when the layer has one, or when
+    `bias` says so (afm's factors carry the output mean)."""
     if isinstance(layer, nn.Embedding):
         num, dim = layer.weight.shape
         positions = _numel(out_shape) // dim
         return LayerCost(num * rank + rank * dim + dim, positions * rank * dim)
-    bias = 0 if layer.bias is None else layer.bias.numel()
+    has_bias = layer.bias is not None if bias is None else bias
+    bias = layer.weight.shape[0] if has_bias else 0
     if isinstance(layer, nn.Linear):
         m, n = layer.out_features, layer.in_features
         positions = _numel(out_shape) // m

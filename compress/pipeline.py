@@ -366,18 +366,21 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
 
     keys = {id(m): _stage_key(m) for m in methods}  # before a budget sets any ranks
     for method in methods:
-        saved = ctx.calibrated.get(keys[id(method)])
-        if saved is not None:  # the same stage, calibrated on the same data before (a sweep)
-            method.__dict__.update(saved)
+        saved = ctx.calibrated.get(keys[id(method)], {})
+        if saved.get("budget_inputs") is not None:
+            method.budget_inputs = saved["budget_inputs"]
+        if "state" in saved:  # the same stage, calibrated on the same data before (a sweep)
+            for name, value in saved["state"].items():
+                setattr(method, name, value)
         elif method.needs_calibration:
             if calibration is None:
                 raise UserError(f"stages[{method.stage_index}] ({method.name}) needs calibration data: "
                                 "set data.calibration (or data.train) in the recipe")
-            before = dict(method.__dict__)
             with timed(ctx.timings, "calibrate"):
                 method.calibrate(model, batches, progress)
-            ctx.calibrated[keys[id(method)]] = {k: v for k, v in method.__dict__.items()
-                                                if k not in before or before[k] is not v}
+            if method.calibration_state:  # what calibrate set, as the method declares it: kept for the next run
+                ctx.calibrated.setdefault(keys[id(method)], {})["state"] = {
+                    name: getattr(method, name) for name in method.calibration_state}
     with timed(ctx.timings, "plan"):
         profile = bench.profile_layers(model, ctx.sample)
     if ctx.recipe.recipe.budget is not None:
@@ -413,6 +416,17 @@ def plan_methods(methods: list[Method], model: nn.Module, profile: dict) -> list
                 changed[decision.name] = (method.stage_index, decision)
             rows.append(decision.as_dict())
     return rows
+
+
+def planned_cost(methods: list[Method], rows: list[dict], params: int, macs: int) -> tuple[int, int]:
+    """(params, MACs per sample) of the model the plan would build from one with `params` and `macs`:
+    every row's saving, a refine row not again (it repeats the earlier stage's change), less what
+    two rows count twice where they shrink one layer together (Method.counted_twice)."""
+    own = [r for r in rows if r["action"] != "refine"]
+    twice = [m.counted_twice() for m in methods]
+    saved_p = sum(r["params_before"] - r["params_after"] for r in own) - sum(t[0] for t in twice)
+    saved_m = sum(r["macs_before"] - r["macs_after"] for r in own) - sum(t[1] for t in twice)
+    return params - saved_p, macs - saved_m
 
 
 def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: dict, batches,

@@ -167,3 +167,16 @@ def test_the_structure_rules_can_fail(tmp_path, monkeypatch):
     found = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in METHOD_NAMES
              and id(n) not in _docstrings(tree)]
     assert len(found) == 1
+
+
+def test_every_reference_to_the_method_notes_points_into_the_repository():
+    import re
+
+    notes = PACKAGE.parent / "docs" / "methods.md"
+    sections = set(re.findall(r"^## (\d+)\.", notes.read_text(), re.M))
+    cited = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "METHODS.md" not in text, f"{path.name} cites notes outside the repository"
+        cited += [(path.name, n) for n in re.findall(r"docs/methods\.md section (\d+)", text)]
+    assert cited and all(n in sections for _, n in cited), [c for c in cited if c[1] not in sections]

@@ -1,4 +1,5 @@
-"""`method: afm` -- feature-mimicking low-rank compression (Yu et al., KDD 2024), METHODS.md 4.
+"""`method: afm` -- feature-mimicking low-rank compression (Yu et al., KDD 2024),
+docs/methods.md section 4.
 
 Approximates each target layer's *outputs* rather than its weight: on calibration data the
 outputs y of a layer live near a low-dimensional subspace, so y ~ U_k U_k^T (y - mu) + mu with
@@ -53,6 +54,7 @@ class Afm(RankAllocation, Method):
     name = "afm"
     schema = AfmStage
     needs_calibration = True
+    calibration_state = ("moments", "batches", "progress")  # what calibrate sets
     layer_types = ("Linear", "Conv2d", "Embedding")
     mimics = True  # a budget predicts its error from the output covariance
 

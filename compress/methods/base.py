@@ -125,6 +125,9 @@ class Method:
         self.output_kind = "logits"  # what the model returns (losses.KINDS); the pipeline sets it
 
     needs_calibration: ClassVar[bool] = False
+    # the attributes `calibrate` sets: a sweep's later runs of the same stage on the same data get
+    # them back instead of calibrating again (empty: calibrate every run)
+    calibration_state: ClassVar[tuple[str, ...]] = ()
 
     def calibrate(self, model: nn.Module, batches: Callable[[], Iterable[tuple]], progress: bool = False) -> None:
         """Collect statistics on calibration data before planning (only if `needs_calibration`).
@@ -180,14 +183,15 @@ class Method:
 
 def chain_refinements(method: Method, decisions: list[Decision]) -> list[Decision]:
     """`decisions` with each layer an earlier stage factorized, by a method `method` refines, turned
-    into a `refine` decision: the earlier stage's rank and costs, its factors kept as the start."""
+    into a `refine` decision: the earlier stage's rank and costs, its factors kept as the start. The
+    row says so for people (`chain`) and as data (`refines`: the earlier stage's index and method)."""
     out = []
     for d in decisions:
         index, prior = method.earlier.get(d.name, (None, None))
         if prior is not None and prior.method in method.refines and prior.action == "factorize":
             chain = f"stages[{index}] {prior.method} -> stages[{method.stage_index}] {method.name}"
             d = replace(prior, method=method.name, action="refine", reason=None,
-                        extra={**prior.extra, "chain": chain})
+                        extra={**prior.extra, "chain": chain, "refines": {"stage": index, "method": prior.method}})
         out.append(d)
     return out
 

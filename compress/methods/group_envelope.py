@@ -1,5 +1,5 @@
 """`method: group_envelope` -- group sparse envelope regularization (WGSEF; Refael, Arbel,
-Huleihel), METHODS.md section 2.
+Huleihel), docs/methods.md section 2.
 
 Proximal training that leaves exactly k groups alive per layer, then removes the dead ones.
 
@@ -233,6 +233,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
     name = "group_envelope"
     schema = GroupEnvelopeStage
     needs_calibration = True  # the dependency graph is traced on one calibration sample
+    calibration_state = ("sample",)  # what calibrate sets
 
     def __init__(self, stage: GroupEnvelopeStage, stage_index: int):
         super().__init__(stage, stage_index)

@@ -140,7 +140,7 @@ def decide_factorization(method: str, name: str, layer: nn.Module, shapes: Layer
     s = linalg.singular_values(layers.layer_matrix(layer, scheme or "channel")) if spectrum is None else spectrum
     full = min(rows, cols, s.numel())
     rank = min(choose_rank(s, rows, cols), full)
-    after = layers.factorized_cost(layer, rank, scheme or "channel", shapes.in_shape, shapes.out_shape)
+    after = layers.factorized_cost(layer, rank, scheme or "channel", shapes.in_shape, shapes.out_shape, bias)
     info = dict(rank=rank, full_rank=full, scheme=scheme, energy=round(linalg.energy_kept(s, rank), 6))
     if isinstance(layer, nn.Embedding):  # a lookup costs no MACs: a table pays off in parameters
         if after.params >= dense.params:
@@ -212,7 +212,7 @@ register_edit("factorize", _check_factorize, _apply_factorize)
 
 
 
-# ---- feature mimicking (METHODS.md section 4): factors from the outputs' principal subspace ----
+# ---- feature mimicking (docs/methods.md section 4): factors from the outputs' principal subspace ----
 
 def output_features(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """A layer's outputs with the feature axis last: Conv2d (B, N, H, W) -> (B, H, W, N)."""

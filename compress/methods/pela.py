@@ -1,4 +1,4 @@
-"""`method: pela` -- PELA (Guo, Wang, Kankanhalli, CVPR 2024), METHODS.md section 3.
+"""`method: pela` -- PELA (Guo, Wang, Kankanhalli, CVPR 2024), docs/methods.md section 3.
 
 SVD-compress a pre-trained model once, then recover it in a training stage where the low-rank
 student mimics the frozen original:
@@ -13,7 +13,7 @@ student mimics the frozen original:
   the teacher runs in eval mode without gradients, and the captured features are dropped every step;
 - L_out: MSE, or KL with a temperature, between student and teacher outputs (beta = 0 by default,
   as in the authors' scripts);
-- L_wp: mean over factorized layers of (||B A - W_orig||_max - eps)^2, METHODS.md's formula
+- L_wp: mean over factorized layers of (||B A - W_orig||_max - eps)^2, docs/methods.md's formula
   (`wp_form: squared`, the default). Read literally it also pushes a student that is *within* eps
   of the original back out to eps; `wp_form: hinge` uses max(0, ||.||_max - eps)^2 instead, which
   is 0 there. Measured on the digits Transformer (`python benchmarks/pela_wp.py`, `recipes/pela.yaml`,
@@ -68,8 +68,8 @@ class PelaStage(RankRule):
     eps: float = Field(1e-3, ge=0, description="L_wp tolerance on the largest absolute weight change")
     init: Literal["svd", "afm"] = Field(
         "svd", description="where the factors start: svd = the weight's truncated SVD (the paper); afm = the "
-        "feature-mimicking factors of the outputs on data.calibration (METHODS.md 4), which the distillation "
-        "then repairs; the rank rule is the same")
+        "feature-mimicking factors of the outputs on data.calibration (docs/methods.md section 4), which the "
+        "distillation then repairs; the rank rule is the same")
     wp_form: Literal["squared", "hinge"] = Field(
         "squared", description="L_wp per layer: squared = (||B A - W||_max - eps)^2, the paper's formula; "
         "hinge = max(0, ||B A - W||_max - eps)^2, which leaves a student within eps of the original alone")
@@ -101,6 +101,8 @@ class Pela(RankAllocation, Method):
     def needs_calibration(self) -> bool:  # noqa: D401 - the lifecycle's flag, per stage
         return self.stage.init == "afm"
 
+    calibration_state = ("moments",)
+
     def calibrate(self, model, batches, progress=False):
         names = [n for n, _ in rank_rule_targets(model, self.stage, self)]
         self.moments = collect_moments(model, names, batches, progress)
@@ -115,7 +117,7 @@ class Pela(RankAllocation, Method):
         self.decisions = chain_refinements(self, self.decisions)
         for d in self.decisions:
             if d.action == "refine":
-                d.extra["init"] = d.extra["chain"].split(" -> ")[0]
+                d.extra["init"] = "stages[{stage}] {method}".format(**d.extra["refines"])
                 if stage.gamma > 0:  # L_wp measures against the original weight, which prepare no longer sees
                     self.originals[d.name] = layers.layer_matrix(model.get_submodule(d.name)).detach().clone()
             else:
@@ -194,7 +196,7 @@ class Pela(RankAllocation, Method):
 
     def weight_perturbation(self, model: nn.Module) -> torch.Tensor:
         """L_wp = mean over factorized layers of (||B A - W_orig||_max - eps)^2 (`wp_form: squared`,
-        METHODS.md) or of max(0, ||B A - W_orig||_max - eps)^2 (`hinge`)."""
+        docs/methods.md) or of max(0, ||B A - W_orig||_max - eps)^2 (`hinge`)."""
         total = 0.0
         for name, original in self.originals.items():
             left, right = layers.factor_matrices(model.get_submodule(name))

@@ -36,6 +36,10 @@ class RankAllocation(Allocatable):
     def mimics_outputs(self) -> bool:
         return self.mimics or getattr(self.stage, "init", None) == "afm"
 
+    def factor_bias(self) -> bool | None:
+        """Whether the factors carry a bias of their own (a mimicking method's output mean)."""
+        return True if self.mimics_outputs() else None
+
     def allocates(self) -> bool:
         return not (set(RULE_KEYS) & self.stage.model_fields_set)
 
@@ -47,15 +51,19 @@ class RankAllocation(Allocatable):
         if not self.mimics_outputs() and self.budget_inputs is None:  # a sweep's later runs have them
             self.budget_inputs = input_moments(model, [n for n, _ in names], request.batches)
         choices = []
+        bias = self.factor_bias()
         for name, layer in names:
             shapes = profile[name]
             s = scheme if isinstance(layer, nn.Conv2d) else "channel"
             dense = layers.dense_cost(layer, shapes.out_shape)
-            kind = "params" if request.target == "params" or isinstance(layer, nn.Embedding) else "macs"
+            # a candidate saves what the budget counts, and is one the plan builds (decide_factorization
+            # keeps a layer whose MACs, for a table its parameters, would not fall)
+            kinds = {"params" if request.target == "params" or isinstance(layer, nn.Embedding) else "macs",
+                     "params" if isinstance(layer, nn.Embedding) else "macs"}
 
-            def saves(rank, layer=layer, s=s, shapes=shapes, dense=dense, kind=kind):
-                after = layers.factorized_cost(layer, rank, s, shapes.in_shape, shapes.out_shape)
-                return getattr(after, kind) < getattr(dense, kind)
+            def saves(rank, layer=layer, s=s, shapes=shapes, dense=dense, kinds=kinds):
+                after = layers.factorized_cost(layer, rank, s, shapes.in_shape, shapes.out_shape, bias)
+                return all(getattr(after, kind) < getattr(dense, kind) for kind in kinds)
 
             ranks = rank_grid(min(layers.matrix_shape(layer, s)), saves)
             if not ranks:
@@ -91,7 +99,8 @@ class RankAllocation(Allocatable):
             for c in choice.candidates:
                 if target in ("params", "macs", "onnx_bytes"):
                     cost = (layers.dense_cost(layer, shapes.out_shape) if c.size is None else
-                            layers.factorized_cost(layer, c.size, choice.scheme, shapes.in_shape, shapes.out_shape))
+                            layers.factorized_cost(layer, c.size, choice.scheme, shapes.in_shape, shapes.out_shape,
+                                                   self.factor_bias()))
                     c.cost = (layer_bytes(layer, cost.params, request.quantized(choice.name, layer))
                               if target == "onnx_bytes" else float(getattr(cost, target)))
                 else:

@@ -1,7 +1,7 @@
 """`method: svd` -- plain truncated-SVD factorization, no training of its own.
 
 The floor every other method must beat at the same budget. Each targeted Linear or Conv2d is
-replaced by two thinner layers (METHODS.md section 0) at a rank chosen by a fixed value, a
+replaced by two thinner layers (docs/methods.md section 0) at a rank chosen by a fixed value, a
 parameter ratio or a singular-value energy. A layer whose factorization would not reduce MACs
 is left dense, and the plan says why. Embedding tables (when `targets.types` lists Embedding)
 become a narrow table and a Linear, when that reduces parameters.

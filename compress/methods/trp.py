@@ -1,4 +1,4 @@
-"""`method: trp` -- Trained Rank Pruning (Xu et al., IJCAI 2020), METHODS.md section 1.
+"""`method: trp` -- Trained Rank Pruning (Xu et al., IJCAI 2020), docs/methods.md section 1.
 
 Keeps target layers low-rank *during* fine-tuning, so that the final decomposition loses almost
 nothing:

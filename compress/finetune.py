@@ -77,6 +77,63 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TEST_SIGNAL_ENV = "COMPRESS_TEST_SIGNAL_AT_STEP"
 
 
+def _start(model: nn.Module, teacher: nn.Module | None, methods, device: torch.device) -> None:
+    """Student in training mode, the teacher frozen in eval mode, both on `device`; methods' hooks."""
+    model.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    for method in methods:
+        method.start_finetune(model, teacher)
+
+
+def _loss_terms(model, forward, teacher, batch, inputs, target, cfg, has_labels: bool, distill_weight: float,
+                methods, output_kind: str) -> dict[str, torch.Tensor]:
+    """The step's loss by term: the task loss on labels, the distillation from the teacher's outputs
+    (when `teacher` runs), and each method's own terms (named `method.term`)."""
+    ref = None
+    if teacher is not None:
+        with torch.no_grad():
+            ref = primary_output(teacher(*inputs))
+    outputs = forward(*inputs)
+    out = primary_output(outputs)
+    terms: dict[str, torch.Tensor] = {}
+    if has_labels:
+        terms["task"] = task_loss(cfg.loss, out, target, output_kind)
+    if distill_weight > 0:
+        distill = distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature, output_kind)
+        _check_distillation_sees(distill, out, ref, cfg.distill.loss, output_kind)
+        terms["distill"] = distill_weight * distill
+    for method in methods:
+        terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
+    return terms
+
+
+def _check_finite(loss: torch.Tensor, terms: dict, step: int, checkpoint) -> None:
+    """A loss that is not finite on any process stops the run, naming the term and the last good state."""
+    if not distributed.all_true(bool(torch.isfinite(loss))):
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["(on another process)"]
+        kept = f"; the last good state is in {checkpoint.path}" if checkpoint and checkpoint.path.exists() else ""
+        raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
+                        f"{float(loss.detach())}; lower finetune.lr or set finetune.clip_grad_norm{kept}")
+
+
+def _optimizer_step(model, optimizer, scheduler, loss, cfg, methods, step: int) -> None:
+    """Backward, clip, step, schedule, then each method's after-step hook (projections, prox) at the
+    learning rate the step used."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    for method in methods:
+        method.after_step(model, step, lr, optimizer)
+
+
 def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key: str, cfg, batch_size: int, *,
              teacher: nn.Module | None = None, methods=(), device: torch.device = torch.device("cpu"),
              seed: int = 0, progress: bool = True, desc: str = "fine-tune",
@@ -93,16 +150,10 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     run_teacher = distill_weight > 0 or method_distills
     if run_teacher and teacher is None:
         raise UserError("distillation needs the original model as teacher")
-    model.to(device).train()
-    if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    for method in methods:
-        method.start_finetune(model, teacher)
     rank, processes = distributed.world()
     if batch_size % processes:
         raise UserError(f"data.batch_size {batch_size} must be divisible by the {processes} processes")
+    _start(model, teacher, methods, device)
     # every process trains on its slice of each global batch; DDP averages the gradients
     forward = nn.parallel.DistributedDataParallel(model) if processes > 1 else model
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -129,36 +180,11 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                     batch = {k: v[rank::processes] for k, v in batch.items()}
                 batch = to_device(batch, device)
                 inputs, target = split_batch(batch, input_names, target_key)
-                if run_teacher:
-                    with torch.no_grad():
-                        ref = primary_output(teacher(*inputs))
-                outputs = forward(*inputs)
-                out = primary_output(outputs)
-                terms: dict[str, torch.Tensor] = {}
-                if has_labels:
-                    terms["task"] = task_loss(cfg.loss, out, target, output_kind)
-                if distill_weight > 0:
-                    distill = distill_loss(cfg.distill.loss, out, ref, cfg.distill.temperature, output_kind)
-                    _check_distillation_sees(distill, out, ref, cfg.distill.loss, output_kind)
-                    terms["distill"] = distill_weight * distill
-                for method in methods:
-                    terms.update({f"{method.name}.{k}": v for k, v in method.loss(model, batch, outputs).items()})
+                terms = _loss_terms(model, forward, teacher if run_teacher else None, batch, inputs, target, cfg,
+                                    has_labels, distill_weight, methods, output_kind)
                 loss = sum(terms.values())
-                if not distributed.all_true(bool(torch.isfinite(loss))):
-                    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["(on another process)"]
-                    kept = f"; the last good state is in {checkpoint.path}" if checkpoint and checkpoint.path.exists() else ""
-                    raise UserError(f"fine-tuning diverged at step {step}: loss term {', '.join(bad)} is "
-                                    f"{float(loss.detach())}; lower finetune.lr or set finetune.clip_grad_norm{kept}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad_norm:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                for method in methods:
-                    method.after_step(model, step, lr, optimizer)
+                _check_finite(loss, terms, step, checkpoint)
+                _optimizer_step(model, optimizer, scheduler, loss, cfg, methods, step)
                 step += 1
                 loop.update(step=step, batch=index + 1)
                 samples += inputs[0].shape[0] * processes

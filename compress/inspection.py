@@ -21,7 +21,7 @@ from .trust import trusted_prefixes
 def _load(model_path, recipe_path, trust, factories=()):
     """(model, input names, one sample, recipe section or None, eval data or None)."""
     from .data import synthetic_sample
-    from .pipeline import Options, check_inputs, load_context
+    from .context import Options, check_inputs, load_context
     from .recipe import load_recipe
 
     if recipe_path is not None:

@@ -286,12 +286,12 @@ def test_unwritable_parent_is_a_user_error(digits_model, write_recipe, run_cli, 
     parent.write_text("")
     assert "cannot use as output folder" in one_line_error(run_cli("apply", "-r", recipe, digits_model, "--out",
                                                                     parent / "out", "-q"))
-    from compress import pipeline
+    from compress import outdir
 
     def read_only(*args, **kwargs):  # what a read-only parent folder does to the temporary folder (root ignores modes)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(pipeline.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(outdir.tempfile, "mkdtemp", read_only)
     message = one_line_error(run_cli("apply", "-r", recipe, digits_model, "--out", tmp_path / "out", "-q"))
     assert "cannot write the outputs (Permission denied); nothing was written" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file-not-folder", "recipe.yaml"]

@@ -1,0 +1,219 @@
+"""Planning, the pipeline's second step: the stages as methods, calibrated once, a budget's
+allocation (priced, measured, solved, handed to the methods), and every stage's decisions; after
+the model is built, the allocation's check against a measurement of it."""
+from __future__ import annotations
+
+import copy
+import functools
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from . import bench, budget as budgeting, distributed, exporting as export, opcost, quantize
+from .data import split_batch
+from .errors import RecipeError, UserError
+from .methods import METHODS, Decision, Method
+from .recipe import LoadedRecipe
+from .context import Context, _calibration_feeds, _file_size, _real_batch, timed
+
+def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Method]:
+    methods = [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
+    for method in methods:
+        method.output_kind = output_kind
+    return methods
+
+
+def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -> tuple[list[Method], list[dict]]:
+    """Per-layer decisions of every stage, without changing any weight."""
+    model = model if model is not None else ctx.loaded.model
+    methods = make_methods(ctx.recipe, ctx.output["kind"])
+    calibration = ctx.data["calibration"]
+
+    def batches():
+        """The calibration data as tuples of model inputs (methods may iterate it more than once)."""
+        for batch in calibration.batches(ctx.recipe.recipe.data.batch_size):
+            yield split_batch(batch, ctx.input_names, ctx.target)[0]
+
+    if calibration is not None:
+        batches.total = -(-len(calibration) // ctx.recipe.recipe.data.batch_size)  # for progress
+
+    keys = {id(m): _stage_key(m) for m in methods}  # before a budget sets any ranks
+    for method in methods:
+        saved = ctx.calibrated.get(keys[id(method)], {})
+        if saved.get("budget_inputs") is not None:
+            method.budget_inputs = saved["budget_inputs"]
+        if "state" in saved:  # the same stage, calibrated on the same data before (a sweep)
+            for name, value in saved["state"].items():
+                setattr(method, name, value)
+        elif method.needs_calibration:
+            if calibration is None:
+                raise UserError(f"stages[{method.stage_index}] ({method.name}) needs calibration data: "
+                                "set data.calibration (or data.train) in the recipe")
+            with timed(ctx.timings, "calibrate"):
+                method.calibrate(model, batches, progress)
+            if method.calibration_state:  # what calibrate set, as the method declares it: kept for the next run
+                ctx.calibrated.setdefault(keys[id(method)], {})["state"] = {
+                    name: getattr(method, name) for name in method.calibration_state}
+    with timed(ctx.timings, "plan"):
+        profile = bench.profile_layers(model, ctx.sample)
+    if ctx.recipe.recipe.budget is not None:
+        if calibration is None:
+            raise UserError("budget: needs calibration data to measure what each candidate loses: set "
+                            "data.calibration (or data.train) in the recipe")
+        with timed(ctx.timings, "budget"):
+            ctx.allocation = _allocate(ctx, methods, model, profile, batches, progress)
+        for method in methods:  # the budget's input statistics, for a sweep's next run
+            if method.budget_inputs is not None:
+                ctx.calibrated.setdefault(keys[id(method)], {})["budget_inputs"] = method.budget_inputs
+    with timed(ctx.timings, "plan"):
+        rows = plan_methods(methods, model, profile)
+    return methods, rows
+
+
+def _stage_key(method: Method) -> str:
+    return f"{method.stage_index}:{method.stage.model_dump_json()}"
+
+
+def plan_methods(methods: list[Method], model: nn.Module, profile: dict) -> list[dict]:
+    """Every stage's decisions in order, each stage seeing what the earlier ones change (chains)."""
+    rows = []
+    changed: dict[str, tuple[int, Decision]] = {}
+    for method in methods:
+        method.earlier = dict(changed)
+        decisions = method.plan(model, profile)
+        budgeting.annotate(decisions, method)
+        for decision in decisions:
+            if decision.action != "keep":
+                if decision.name in changed and decision.action != "refine":
+                    raise RecipeError(_overlap_error(method, decision.name, *changed[decision.name]))
+                changed[decision.name] = (method.stage_index, decision)
+            rows.append(decision.as_dict())
+    return rows
+
+
+def planned_cost(methods: list[Method], rows: list[dict], params: int, macs: int) -> tuple[int, int]:
+    """(params, MACs per sample) of the model the plan would build from one with `params` and `macs`:
+    every row's saving, a refine row not again (it repeats the earlier stage's change), less what
+    two rows count twice where they shrink one layer together (Method.counted_twice)."""
+    own = [r for r in rows if r["action"] != "refine"]
+    twice = [m.counted_twice() for m in methods]
+    saved_p = sum(r["params_before"] - r["params_after"] for r in own) - sum(t[0] for t in twice)
+    saved_m = sum(r["macs_before"] - r["macs_after"] for r in own) - sum(t[1] for t in twice)
+    return params - saved_p, macs - saved_m
+
+
+def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: dict, batches,
+              progress: bool) -> budgeting.Allocation:
+    """The budget's allocation: candidates priced (latency measured per op, cached), errors measured
+    on the calibration data, one candidate per layer by the knapsack; handed to the methods."""
+    r = ctx.recipe.recipe
+    b = r.budget
+    budgeting.check(b, methods)
+    costs, table, base = None, None, None
+    if b.in_latency and distributed.world()[1] > 1:  # each process would time, and allocate, differently
+        raise UserError(f"budget.{b.target}: latency is measured, and measurements differ from process to process; "
+                        "run without --nproc, or use a params, macs or onnx_bytes budget")
+    quantized = functools.partial(quantize.quantizes_layer, r.quantize)
+    if b.verified:  # measured on the original as exported, and as it would ship when the recipe quantizes
+        shipped = {"original": (model, False), **({"original_int8": (model, True)} if r.quantize else {})}
+        measured = _measure_models(ctx, shipped, b)
+        reference, base = measured["original"], measured.get("original_int8")
+    if b.in_latency:
+        table = opcost.OpCosts(r.bench.threads, r.quantize)
+
+        def latency(name, layer, rank, scheme, shape):
+            return table.latency_ms(layer, rank, scheme, shape, quantized(name, layer))
+
+        costs = latency
+    elif b.target == "params":
+        reference = float(bench.count_params(model))
+    elif b.target == "macs":
+        reference = float(bench.count_macs(model, ctx.sample))
+    savings, fixed_layers = 0.0, set()
+    for method in [m for m in methods if not budgeting.allocated(m)]:  # explicit rules count toward the budget
+        method.earlier = {}
+        for d in method.plan(model, profile):
+            if d.action == "keep":
+                continue
+            fixed_layers.add(d.name)
+            layer = model.get_submodule(d.name)
+            if b.target == "onnx_bytes":
+                savings += budgeting.layer_bytes(layer, d.params_before - d.params_after, quantized(d.name, layer))
+            elif costs is None:
+                savings += getattr(d, f"{b.target}_before") - getattr(d, f"{b.target}_after")
+            else:
+                shape = (b.batch,) + tuple(profile[d.name].in_shape)
+                savings += (costs(d.name, layer, None, "channel", shape)
+                            - costs(d.name, layer, d.rank, d.scheme or "channel", shape))
+    allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
+                                           skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized)
+    if table is not None:
+        table.save()
+        allocation.newly_measured = table.measured
+    budgeting.assign(allocation)
+    return allocation
+
+
+def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict:
+    """What the budget counts of each (model, quantized) as exported: its ONNX file's bytes, or its
+    p50 latency in ms at budget.batch in ONNX Runtime (measured together, bench.measure); quantized
+    by the recipe's `quantize:` settings where asked. For latency also "<label>/interval": each later
+    model's latency over the first's, the 95 % interval of the paired runs."""
+    r = ctx.recipe.recipe
+    with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
+        paths = {}
+        declared = {s.name: s.dynamic_axes for s in r.inputs or []}
+        axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, True)
+        for label, (model, int8) in models.items():
+            paths[label] = str(Path(folder) / f"{label}.onnx")
+            export.export_onnx(model.cpu().eval(), ctx.sample, ctx.input_names, paths[label], r.export.opset, axes)
+            if int8:
+                paths[label] = str(Path(folder) / f"{label}.int8.onnx")
+                quantize.quantize(Path(folder) / f"{label}.onnx", Path(paths[label]), r.quantize,
+                                  _calibration_feeds(ctx, r.quantize))
+        if budget.target == "onnx_bytes":
+            return {label: float(_file_size(path)) for label, path in paths.items()}
+        feeds = {budget.batch: export.to_feed(ctx.input_names, _real_batch(ctx, budget.batch))}
+        measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
+    key = str(budget.batch)
+    out = {label: measured["latency_ms"][label][key]["p50"] for label in models}
+    out.update({f"{label}/interval": [1 / hi, 1 / lo] for label, ci in measured["speedup_ci"].items()
+                for lo, hi in [ci[key]]})
+    return out
+
+
+def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:
+    """Why a stage may not change a layer an earlier stage changed, and which chains exist instead."""
+    here = f"stages[{method.stage_index}].targets: layer {layer!r} is already changed by stages[{index}] ({prior.method})"
+    chains = ", ".join(f"{earlier} -> {name}" for name, cls in METHODS.items() for earlier in cls.refines)
+    if prior.method in method.refines:
+        why = f"{method.name} continues only layers that {prior.method} factorized (it {prior.action}s this one)"
+    else:
+        why = f"{method.name} cannot continue from {prior.method} (allowed chains: {chains or 'none'})"
+    return f"{here}; {why}; exclude it from one of them"
+
+
+def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, methods: list[Method]) -> nn.Module:
+    """Latency and file size budgets: measure the built model (as it will ship: int8 when the recipe
+    quantizes) beside the original before any fine-tuning; while the additive prediction misses by
+    more than the target's tolerance, correct the costs, allocate again and rebuild."""
+    r = ctx.recipe.recipe
+    b = r.budget
+    allocation = ctx.allocation
+    with timed(ctx.timings, "budget"):
+        while True:
+            measured = _measure_models(ctx, {"original": (original, False),
+                                             "compressed": (compressed, r.quantize is not None)}, b)
+            # in the units of the first measurement of the original, which the costs were fitted to
+            value = allocation.reference * measured["compressed"] / measured["original"]
+            ratio = measured.get("compressed/interval")  # latency only: compressed / original, 95 %
+            interval = [allocation.reference * x for x in ratio] if ratio else None
+            if budgeting.record(allocation, value, interval) or allocation.rounds >= b.rounds:
+                return compressed
+            budgeting.correct(allocation, value)
+            budgeting.assign(allocation)
+            plan_methods(methods, original, bench.profile_layers(original, ctx.sample))
+            compressed = copy.deepcopy(original)
+            for method in methods:
+                method.prepare(compressed)

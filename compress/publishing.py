@@ -1,0 +1,254 @@
+"""Publishing, the pipeline's last step: export to ONNX, parity with torch, int8, the baselines,
+latency, the report, the checkpoint and the artifact, and the gates, all into the run's work
+folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import bench, budget as budgeting, exporting as export, quantize
+from . import report as reporting
+from .checkpoint import save_artifact, save_checkpoint, save_pickled_module
+from .errors import UserError
+from .methods import Method
+from .metrics import drop, score
+from .context import (METRIC_TOLERANCE, Compressed, Context, Options, _calibration_feeds, _evaluate, _file_size,
+                      _real_batch, timed)
+
+@dataclass
+class _Published:
+    """What publishing has made so far: the ONNX files, the metrics and outputs measured on them."""
+
+    original_onnx: Path
+    float_onnx: Path
+    metric_after: dict | None
+    torch_outputs: torch.Tensor | None
+    float_metric: dict | None = None
+    float_outputs: torch.Tensor | None = None
+    parity: dict | None = None
+    shipped: Path | None = None
+    shipped_metric: dict | None = None
+    quantization: dict | None = None
+    models: dict = field(default_factory=dict)  # label -> ONNX file, for the benchmark
+    baselines: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> reporting.Report:
+    """Evaluate, export, verify, quantize, benchmark and save `done` into the folder `work`; the report."""
+    r = ctx.recipe.recipe
+    out = _export_and_verify(ctx, done, work)
+    _ship(ctx, done, out, work)
+    if "int8_original" in r.bench.baselines:
+        _int8_baseline(ctx, done, out, work)
+    measured = _bench(ctx, out, options)
+    with timed(ctx.timings, "save"):
+        _save_model(ctx, done.model, done.methods, work / "model.pt", out.metric_after,
+                    r.quantize.model_dump() if r.quantize else None)
+    original_onnx_bytes = out.original_onnx.stat().st_size
+    for path in (out.original_onnx, work / "original.int8.onnx"):  # measured; the output keeps the compressed model
+        path.unlink(missing_ok=True)
+    report = _report(ctx, done, out, measured, original_onnx_bytes, (work / "model.pt").stat().st_size)
+    if ctx.allocation is not None:
+        report.budget = budgeting.outcome(ctx.allocation, report)
+    report.gates = check_gates(report, r.gates, options)
+    report.files = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
+    report.write(work)
+    return report
+
+
+def _export_and_verify(ctx: Context, done: Compressed, work: Path) -> _Published:
+    """The torch metric, both models in ONNX, parity on the eval set, and the float ONNX model's metric."""
+    r = ctx.recipe.recipe
+    with timed(ctx.timings, "evaluate"):
+        metric_after, torch_outputs = _evaluate(done.model, ctx, torch.device("cpu"), done.reference)
+    out = _Published(work / "original.onnx", work / ("model.float.onnx" if r.quantize else "model.onnx"),
+                     metric_after, torch_outputs)
+    with timed(ctx.timings, "export"):
+        declared = {s.name: s.dynamic_axes for s in r.inputs or []}
+        axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, r.export.dynamic_batch)
+        export.export_onnx(done.original, ctx.sample, ctx.input_names, out.original_onnx, r.export.opset, axes)
+        export.export_onnx(done.model, ctx.sample, ctx.input_names, out.float_onnx, r.export.opset, axes)
+    with timed(ctx.timings, "parity"):
+        tolerance = (r.export.parity.atol, r.export.parity.rtol)
+        out.parity = export.verify(done.model, out.float_onnx, ctx.input_names,
+                                   _real_batch(ctx, min(64, max(r.bench.batch_sizes))), *tolerance, r.bench.threads)
+        out.float_metric, out.float_outputs = _onnx_metric(ctx, out.float_onnx, metric_after, done.reference)
+        if out.float_outputs is not None:  # the whole eval set, not one batch: the outputs are computed anyway
+            out.parity = export.check_parity(export.parity(torch_outputs, out.float_outputs, *tolerance))
+    if metric_after and out.float_metric and abs(metric_after["value"] - out.float_metric["value"]) > METRIC_TOLERANCE:
+        out.warnings.append(f"the torch model scores {metric_after['name']} {metric_after['value']:.4f} but model.onnx "
+                            f"{out.float_metric['value']:.4f} although parity passed (ties or saturated outputs?); "
+                            "gates use the worse")
+    return out
+
+
+def _ship(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
+    """The model that ships: the float ONNX model, or its int8 version when the recipe quantizes."""
+    r = ctx.recipe.recipe
+    out.shipped, out.shipped_metric = out.float_onnx, out.float_metric
+    if r.quantize:
+        with timed(ctx.timings, "quantize"):
+            out.shipped = work / "model.onnx"
+            out.quantization = _quantize(ctx, r.quantize, out.float_onnx, out.shipped, out.float_metric,
+                                         out.float_outputs, done.reference)
+            out.shipped_metric = out.quantization["fidelity"].pop("metric")
+    out.models = {"original": str(out.original_onnx), "compressed": str(out.shipped)}
+    if r.quantize:
+        out.models["compressed_float"] = str(out.float_onnx)
+
+
+def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
+    """ONNX Runtime's int8 of the original, measured beside the shipped model; an error is reported, not fatal."""
+    r = ctx.recipe.recipe
+    with timed(ctx.timings, "baselines"):
+        baseline_onnx = work / "original.int8.onnx"
+        try:
+            info = quantize.quantize(out.original_onnx, baseline_onnx, r.quantize or quantize.QuantizeSection(),
+                                     _calibration_feeds(ctx, r.quantize))
+            metric, _ = _onnx_metric(ctx, baseline_onnx, done.metric_before, done.reference)
+            out.baselines["int8_original"] = {"mode": info["mode"], "onnx_bytes": baseline_onnx.stat().st_size,
+                                              "metric": metric}
+            out.models["int8_original"] = str(baseline_onnx)
+        except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
+            out.baselines["int8_original"] = {"error": str(exc)}
+            out.warnings.append(f"baseline int8_original not measured: {exc}")
+
+
+def _bench(ctx: Context, out: _Published, options: Options) -> dict:
+    """Latency of every model in `out.models`, interleaved, at the recipe's batch sizes."""
+    r = ctx.recipe.recipe
+    with timed(ctx.timings, "bench"):
+        feeds = {bs: export.to_feed(ctx.input_names, _real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
+        pairs = [("int8_original", "compressed")] if "int8_original" in out.models else []
+        measured = bench.measure(out.models, feeds, r.bench.threads, r.bench.warmup, r.bench.runs,
+                                 progress=options.progress, pairs=pairs)
+    if "int8_original" in out.models:
+        out.baselines["int8_original"].update(
+            latency_ms=measured["latency_ms"]["int8_original"], speedup=measured["speedup"]["int8_original"],
+            speedup_ci=measured["speedup_ci"]["int8_original"],
+            compressed_speedup=measured["pairs"]["int8_original/compressed"])
+    return measured
+
+
+def _report(ctx: Context, done: Compressed, out: _Published, measured: dict, original_onnx_bytes: int,
+            model_pt: int) -> reporting.Report:
+    """The typed report of the run (gates, budget and files are added by the caller)."""
+    r = ctx.recipe.recipe
+    lat = measured["latency_ms"]
+    macs = bench.count_macs(done.model, ctx.sample)
+    orig = reporting.Side(params=bench.count_params(done.original), macs=done.original_macs,
+                          onnx_bytes=original_onnx_bytes, metric=done.metric_before, latency_ms=lat["original"],
+                          checkpoint_bytes=_file_size(ctx.loaded.path))
+    comp = reporting.Side(params=bench.count_params(done.model), macs=macs, onnx_bytes=out.shipped.stat().st_size,
+                          metric=out.shipped_metric if r.quantize else out.metric_after, onnx_metric=out.shipped_metric,
+                          latency_ms=lat["compressed"], checkpoint_bytes=model_pt)
+    comp_float = None
+    if r.quantize:
+        comp_float = reporting.Side(params=comp.params, macs=macs, onnx_bytes=out.float_onnx.stat().st_size,
+                                    metric=out.metric_after, onnx_metric=out.float_metric,
+                                    latency_ms=lat["compressed_float"], checkpoint_bytes=model_pt)
+    return reporting.Report(
+        recipe=str(ctx.recipe.path), recipe_name=r.name, recipe_sha256=ctx.recipe.sha256, model=ctx.loaded.path,
+        seed=done.seed, device=str(done.device), inputs=ctx.input_names, output=ctx.output, original=orig,
+        compressed=comp, compressed_float=comp_float, quantization=out.quantization, baselines=out.baselines,
+        ratios=reporting.Ratios(params=reporting.ratio(orig.params, comp.params),
+                                macs=reporting.ratio(orig.macs, comp.macs),
+                                onnx_bytes=reporting.ratio(orig.onnx_bytes, comp.onnx_bytes),
+                                speedup=measured["speedup"]["compressed"],
+                                speedup_ci=measured["speedup_ci"]["compressed"]),
+        warnings=out.warnings + measured["warnings"], parity=out.parity, layers=done.decisions,
+        finetune=done.finetune, post_finetune=done.post_finetune, bench=r.bench.model_dump(),
+        versions=reporting.versions(), timings_s=dict(ctx.timings))
+
+
+def _onnx_metric(ctx: Context, path: Path, torch_metric: dict | None, reference):
+    """(metric dict, outputs) of an ONNX model on the eval data, scored like the torch model; (None,
+    None) without eval data."""
+    data = ctx.data["eval"]
+    if data is None or torch_metric is None:
+        return None, None
+    r = ctx.recipe.recipe
+    outputs = export.onnx_predict(path, data, ctx.input_names, r.data.batch_size * 4, r.bench.threads)
+    value = score(torch_metric["name"], outputs, data.tensors.get(ctx.target), reference)
+    return {"name": torch_metric["name"], "value": round(value, 6)}, outputs
+
+
+def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict | None, float_outputs,
+              reference) -> dict:
+    """Quantize the float model.onnx, then hold the result to the recipe's fidelity limits against the
+    float model (on the eval data, else on a batch of the inputs): QuantizationError (exit 4) when missed."""
+    info = quantize.quantize(float_onnx, out, cfg, _calibration_feeds(ctx, cfg))
+    metric, outputs = _onnx_metric(ctx, out, float_metric, reference)
+    if outputs is None:  # no eval data: compare the two ONNX models on the batch parity used
+        r = ctx.recipe.recipe
+        batch = export.to_feed(ctx.input_names, _real_batch(ctx, min(64, max(r.bench.batch_sizes))))
+        float_outputs, outputs = (export.run(p, batch, r.bench.threads) for p in (float_onnx, out))
+    fid = quantize.fidelity(float_outputs, outputs, classes=bool(metric) and metric["name"] == "accuracy")
+    fid["metric_drop"] = (round(drop(metric["name"], float_metric["value"], metric["value"]), 6)
+                          if metric and float_metric else None)
+    fid = quantize.check_fidelity(fid, cfg, metric["name"] if metric else None)
+    fid["metric"] = metric
+    return {**info, "fidelity": fid}
+
+
+def _train_summary(trained) -> dict | None:
+    if trained is None:
+        return None
+    return {"steps": trained.steps, "epochs": round(trained.epochs, 3), "seconds": round(trained.seconds, 3),
+            "samples_per_s": round(trained.samples_per_s, 1), "final_loss": trained.final_loss,
+            "loss_terms": trained.loss_terms}
+
+
+def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Path, metric: dict | None,
+                quantization: dict | None = None) -> None:
+    loaded = ctx.loaded
+    if loaded.pickled:
+        save_pickled_module(path, model)
+        return
+    # a layer a later stage refined (afm -> pela) is replayed by the earlier stage's edit, which names the chain
+    chains = {d.name: d.extra["chain"] for m in methods for d in m.decisions if d.action == "refine"}
+    edits = list(loaded.edits) + [{**e, "chain": chains[e["name"]]} if e["op"] == "factorize" and e["name"] in chains
+                                  else e for m in methods for e in m.edits()]
+    inputs = [{"name": n, "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+              for n, t in zip(ctx.input_names, ctx.sample)]
+    metadata = {"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path}
+    if quantization:  # model.onnx is int8 by these settings; the weights saved here stay float
+        metadata["quantization"] = quantization
+    save_checkpoint(path, model, loaded.factory, loaded.kwargs, inputs=inputs, edits=edits, metadata=metadata)
+    save_artifact(path.parent, model, loaded.factory, loaded.kwargs, edits, inputs, metadata)
+
+
+def check_gates(report: reporting.Report, gates, options: Options) -> dict:
+    """Each gate set in the recipe or on the command line (the command line wins), with its value."""
+    max_drop = options.max_metric_drop if options.max_metric_drop is not None else gates.max_metric_drop
+    min_speedup = options.min_speedup if options.min_speedup is not None else gates.min_speedup
+    min_size = options.min_size_ratio if options.min_size_ratio is not None else gates.min_size_ratio
+    checked = []
+    if max_drop is not None:  # the shipped model's metric: the worse of torch's and model.onnx's
+        before, after = report.original.metric, report.compressed.metric
+        if before is None or after is None:
+            raise UserError("gate max_metric_drop needs eval data (data.eval) to measure a metric")
+        onnx_metric = getattr(report.compressed, "onnx_metric", None)
+        candidates = [("torch", after)] + ([("model.onnx", onnx_metric)] if onnx_metric else [])
+        measured_on, worst = max(candidates, key=lambda c: drop(before["name"], before["value"], c[1]["value"]))
+        value = round(drop(before["name"], before["value"], worst["value"]), 6)
+        checked.append({"gate": "max_metric_drop", "limit": max_drop, "value": value, "measured_on": measured_on,
+                        "passed": value <= max_drop})
+    if min_speedup is not None:  # held to the lower end of the speedup's 95 % interval, not to one noisy figure
+        batch = str(gates.speedup_batch or max(int(b) for b in report.ratios.speedup))
+        value = report.ratios.speedup_ci[batch][0]
+        checked.append({"gate": f"min_speedup@batch{batch}", "limit": min_speedup, "value": value,
+                        "estimate": report.ratios.speedup[batch], "passed": value >= min_speedup})
+    if min_size is not None:
+        value = report.ratios.onnx_bytes
+        checked.append({"gate": "min_size_ratio", "limit": min_size, "value": value,
+                        "passed": value is not None and value >= min_size})
+    if gates.budget and report.budget is not None:
+        target, = (k for k in report.budget["target"] if k != "batch")
+        checked.append({"gate": f"budget.{target}", "limit": report.budget["target"][target],
+                        "value": report.budget["measured"], "passed": report.budget["met"]})
+    return {"checked": checked, "passed": all(g["passed"] for g in checked)}

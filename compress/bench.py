@@ -91,8 +91,7 @@ def activation_bytes_per_sample(model: nn.Module, inputs: tuple[torch.Tensor, ..
             if meta_only:
                 return None
             total[0] = 0
-            with torch.no_grad():
-                model(*inputs)
+            model(*inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -107,8 +106,7 @@ def _meta_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
     state = {k: torch.empty_like(v, device="meta")
              for k, v in (*model.named_parameters(), *model.named_buffers())}
     meta_inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)
-    with torch.no_grad():
-        return functional_call(model, state, meta_inputs, strict=False)
+    return functional_call(model, state, meta_inputs, strict=False)
 
 
 ONNX_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
@@ -218,7 +216,7 @@ def latency(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     return measure(models, feeds, threads, warmup, runs, progress)["latency_ms"]
 
 
-def _first_run(session, feed: dict[str, np.ndarray], path: str, batch_size: int) -> None:
+def _first_run(session, feed: dict[str, np.ndarray], path: str) -> None:
     """Run once; a model that ONNX Runtime cannot run on these inputs (a dynamic axis it declares
     but cannot take, say) is a one-line error naming the file and the input shapes."""
     import re
@@ -270,7 +268,7 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
     for batch_size, feed in feeds.items():
         key = str(batch_size)
         for label, session in sessions.items():
-            _first_run(session, feed, models[label], batch_size)
+            _first_run(session, feed, models[label])
         for _ in range(warmup):
             for session in sessions.values():
                 session.run(None, feed)

@@ -46,12 +46,11 @@ from torch import nn
 from .errors import RecipeError
 from .knapsack import smallest_cost, solve
 from .methods import METHODS
-from .methods.allocation import (MAX_CANDIDATES, AllocationRequest, Candidate, LayerChoice, allocatable, layer_bytes,
-                                 take)
+from .methods.allocation import MAX_CANDIDATES, AllocationRequest, LayerChoice, allocatable, layer_bytes, take
 from .methods.base import Decision, Method
 from .schema import Strict
 
-__all__ = ["Allocation", "BudgetSection", "Candidate", "LayerChoice", "MAX_CANDIDATES", "allocated", "layer_bytes"]
+__all__ = ["Allocation", "BudgetSection", "allocated", "layer_bytes"]  # layer_bytes: for the pipeline's fixed savings
 
 TARGETS = ("speedup", "latency_ms", "params", "macs", "onnx_bytes")
 TOLERANCE = {"speedup": 0.05, "latency_ms": 0.05,  # a latency within 5 % of the prediction needs no other round
@@ -287,17 +286,13 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     base = reference_cost if base_cost is None else base_cost
     fixed = base - fixed_savings - dense_total  # everything the allocation does not touch
     allocation = Allocation(target=budget.target, value=budget.value,
-                            batch=budget_batch(budget) if budget.in_latency else None, layers=choices, fixed=fixed,
+                            batch=request.batch if budget.in_latency else None, layers=choices, fixed=fixed,
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced)
     allocation.solve()
     for method, mine in offered:
         if mine:
             method.refine_allocation(allocation)
     return allocation
-
-
-def budget_batch(budget: BudgetSection) -> int:
-    return budget.batch or 1
 
 
 def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: bool) -> None:

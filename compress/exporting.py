@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-
 import warnings
 from pathlib import Path
 

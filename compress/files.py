@@ -91,17 +91,16 @@ def zip_names(path: str | Path, limit: int = MAX_ZIP_MEMBERS) -> list[str]:
         return []
 
 
-def check_zip(path: str | Path, compressed_ok: bool = False) -> list[str]:
-    """The member names of a zip archive (what torch.save and numpy.savez write), refused unless it
-    is safe to read: at most MAX_ZIP_MEMBERS members, no compressed member unless `compressed_ok`
+def check_zip(path: str | Path, compressed_ok: bool = False) -> None:
+    """Refuse a zip archive (what torch.save and numpy.savez write) unless it is safe to read: at most MAX_ZIP_MEMBERS members, no compressed member unless `compressed_ok`
     (torch.save never compresses, so one that does is a zip bomb until proven otherwise), a declared
     inflated size within half the memory available, and every member passing its CRC check: torch
     reads the members it needs without checking, so a file with 4 KB flipped in the middle loaded
-    and scored 0.086. Files that are not zip archives (legacy torch.save) pass through, as []."""
+    and scored 0.086. Files that are not zip archives (legacy torch.save) pass through."""
     from .system import available_memory
 
     if not zipfile.is_zipfile(path):
-        return []
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
@@ -116,11 +115,10 @@ def check_zip(path: str | Path, compressed_ok: bool = False) -> list[str]:
                 raise FileRefused(f"declares {inflated / 2**30:.1f} GiB of contents, more than half the memory "
                                   "available")
             bad = archive.testzip()
+    except FileRefused:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
-        if isinstance(exc, FileRefused):
-            raise
         raise FileRefused(f"is a damaged archive ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__})") \
             from None
     if bad is not None:
         raise FileRefused(f"is damaged: its member {bad!r} fails its CRC check (a truncated or corrupted copy)")
-    return [m.filename for m in members]

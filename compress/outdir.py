@@ -306,11 +306,11 @@ class WriteFailed(UserError):
 
 @contextmanager
 def writing(out: Path, where: Path | None = None, what: str = "the outputs") -> Iterator[None]:
-    """Turn a failure to write into one line: any OSError (disk full, permissions), and any other
-    error raised while the disk under `where` (default `out`) is full, which is how torch.save
-    (RuntimeError), safetensors and the ONNX exporter report a full disk. `where` defaults to
-    the folder `out` is written into. The caller removes what
-    it had written; the message says so."""
+    """Turn a failure to write into one line naming `out`: any OSError (disk full, permissions), a
+    file write_atomic could not finish, and any other error raised while the disk under the folder
+    `where` (default: the folder `out` is written into) is full, which is how torch.save
+    (RuntimeError), safetensors and the ONNX exporter report a full disk. The caller removes what it
+    had written; the message says so."""
     try:
         yield
     except WriteFailed as exc:  # a file inside the work folder: the user knows the output's name only
@@ -320,7 +320,7 @@ def writing(out: Path, where: Path | None = None, what: str = "the outputs") -> 
     except OSError as exc:
         raise UserError(f"{out}: cannot write {what} ({exc.strerror or exc}); nothing was written") from exc
     except Exception as exc:  # noqa: BLE001 - re-raised unless the disk is full
-        reason = _disk_reason(Path(where or Path(out).parent) / "x")
+        reason = _disk_reason(Path(where) / "x" if where else Path(out))  # _disk_reason looks at a path's folder
         if reason is None:
             raise
         raise UserError(f"{out}: cannot write {what} ({reason}); nothing was written") from exc

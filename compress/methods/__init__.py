@@ -47,7 +47,8 @@ def discover_plugins() -> dict[str, type[Method]]:
     found: dict[str, type[Method]] = {}
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
-            problem = plugin_problem(ep.name, ep.load())
+            cls = ep.load()
+            problem = plugin_problem(ep.name, cls)
         except Exception as exc:  # noqa: BLE001 - someone else's package: say so and go on
             problem = f"cannot be loaded ({first_line(exc, 120)})"
         if problem is None and ep.name in found:
@@ -55,7 +56,7 @@ def discover_plugins() -> dict[str, type[Method]]:
         if problem:
             sys.stderr.write(f"warning: method plug-in {ep.name!r} ({ep.value}) left out: {problem}\n")
             continue
-        found[ep.name] = ep.load()
+        found[ep.name] = cls
     return found
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .allocation import MAX_CANDIDATES, Allocatable, AllocationRequest, Candidate, LayerChoice
+from .group_envelope_channels import channel_norms, overcounted, scale_channels, slice_costs, unit_costs
 
 
 class EnvelopeAllocation(Allocatable):
@@ -29,8 +30,7 @@ class EnvelopeAllocation(Allocatable):
         return getattr(self.stage, "keep", None) == "auto"
 
     def allocation_choices(self, model: nn.Module, profile: dict, request: AllocationRequest) -> list[LayerChoice]:
-        from .group_envelope_channels import channel_norms
-
+        self.units = unit_costs(model, profile, request.target, request.quantized)  # what one element costs
         out = []
         for root, info in self.channel_groups(model).items():
             n = info["channels"]
@@ -54,10 +54,6 @@ class EnvelopeAllocation(Allocatable):
 
     def price_choices(self, choices: list[LayerChoice], model: nn.Module, profile: dict,
                       request: AllocationRequest) -> None:
-        from .group_envelope_channels import unit_costs
-
-        if getattr(self, "_units_for", None) is not request:  # once per allocation: it walks the whole model
-            self.units, self._units_for = unit_costs(model, profile, request.target, request.quantized), request
         for choice in choices:
             for c in choice.candidates:
                 c.cost = envelope_cost(choice, c.size, self.units)
@@ -65,8 +61,6 @@ class EnvelopeAllocation(Allocatable):
     @contextlib.contextmanager
     def applied(self, model: nn.Module, choice: LayerChoice, size: int):
         """All but the group's `size` largest channels zeroed, restored afterwards."""
-        from .group_envelope_channels import channel_norms, scale_channels
-
         slices, n = choice.unit["slices"], choice.unit["channels"]
         saved = {id(s.param): (s.param, s.param.detach().clone()) for s in slices}
         keep = torch.zeros(n, dtype=torch.float64)
@@ -90,8 +84,6 @@ class EnvelopeAllocation(Allocatable):
 def envelope_cost(choice: LayerChoice, kept: int | None, units: dict[int, float]) -> float:
     """The group's parameters' cost with `kept` of its n channels (None: all), as if no other group
     shrank (additive; exact_envelope corrects where two groups shrink the same parameter)."""
-    from .group_envelope_channels import slice_costs
-
     fraction = 1.0 if kept is None else kept / choice.unit["channels"]
     return sum(cost * share * fraction for _, cost, share in slice_costs(choice.unit["slices"], units))
 
@@ -99,8 +91,6 @@ def envelope_cost(choice: LayerChoice, kept: int | None, units: dict[int, float]
 def envelope_interaction(groups: list[LayerChoice], units: dict[int, float]) -> float:
     """What the additive prediction misses: a parameter two groups shrink (a conv between two pruned
     groups loses rows and columns) saves 1 - (1 - a)(1 - b), not a + b, of its cost."""
-    from .group_envelope_channels import overcounted, slice_costs
-
     removed: dict[int, tuple[float, list[float]]] = {}
     for choice in groups:
         kept = choice.candidate.size

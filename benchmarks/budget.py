@@ -201,7 +201,7 @@ def measured(resnet, transformer) -> list[dict]:
             value = (auc(outputs.reshape(-1), test.tensors["target"]) if metric == "auc" else
                      float((outputs.argmax(1) == test.tensors["target"]).float().mean()))
             row = {"model": label, "run": name + (" + int8" if extra and name != "int8 of the original" else ""),
-                   "speedup": timing["speedup"][name]["32"], "speedup_ci": timing["speedup_ci"][name]["32"],
+                   "speedup": timing.speedup[name]["32"], "speedup_ci": timing.speedup_ci[name]["32"],
                    metric: round(value, 4), "agreement": round(agreement(outputs, reference, metric), 4),
                    **(models[name][2] if name in models else {})}
             rows.append(row)

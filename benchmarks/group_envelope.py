@@ -169,8 +169,7 @@ def main() -> None:
                                   {n: {0: "batch"} for n in [*names, "output"]})
         feeds = {32: exporting.to_feed(names, tuple(test.head(32)[n] for n in names))}
         measured = bench.measure({k: str(v) for k, v in paths.items()}, feeds, threads=1)
-        speedup = {k: {"estimate": measured["speedup"][k]["32"], "low": measured["speedup_ci"][k]["32"][0],
-                       "high": measured["speedup_ci"][k]["32"][1]} for k in models}
+        speedup = {k: vars(measured.over_reference(k)["32"]) for k in models}
         o_acc = score("accuracy", predict(original, test, names, 512), test.tensors["target"], None)
         o_macs = bench.count_macs(original, sample)
         table = []

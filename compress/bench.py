@@ -3,6 +3,7 @@ ONNX Runtime latency with the same session options for every model and runs inte
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -213,7 +214,52 @@ def half_width(interval: tuple[float, float], estimate: float) -> float:
 def latency(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
             warmup: int = 10, runs: int = 50, progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """p50/p90/p99 latency in ms of each ONNX model per batch size (see `measure`)."""
-    return measure(models, feeds, threads, warmup, runs, progress)["latency_ms"]
+    return measure(models, feeds, threads, warmup, runs, progress).latency_ms
+
+
+@dataclass
+class Speedup:
+    """How many times faster a model is than another at one batch size: the ratio of p50s from
+    paired runs, and its 95 % interval as reported (see `_reported`)."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+@dataclass
+class Measurement:
+    """What `measure` timed. Batch sizes are strings (they are JSON keys in the report)."""
+
+    labels: list[str]
+    latency_ms: dict[str, dict[str, dict[str, float]]]  # label -> batch -> {p50, p90, p99, mean, runs}
+    speedups: dict[tuple[str, str], dict[str, Speedup]]  # (A, B) -> batch -> B's speedup over A
+    paired: list[tuple[str, str]] = field(default_factory=list)  # the pairs asked for beside the first model
+    warnings: list[str] = field(default_factory=list)
+
+    def over_reference(self, label: str) -> dict[str, Speedup]:
+        """`label`'s speedup over the first model, per batch size."""
+        return self.speedups[(self.labels[0], label)]
+
+    @property
+    def speedup(self) -> dict[str, dict[str, float]]:
+        """label -> batch -> the point estimate over the first model (the report's `speedup`)."""
+        return {o: {b: s.estimate for b, s in self.over_reference(o).items()} for o in self.labels[1:]}
+
+    @property
+    def speedup_ci(self) -> dict[str, dict[str, list[float]]]:
+        """label -> batch -> [low, high] over the first model (the report's `speedup_ci`)."""
+        return {o: {b: [s.low, s.high] for b, s in self.over_reference(o).items()} for o in self.labels[1:]}
+
+    def pair(self, a: str, b: str) -> dict[str, dict]:
+        """batch -> {"speedup", "ci"}: B over A, as the report's baselines write it."""
+        return {bs: {"speedup": s.estimate, "ci": [s.low, s.high]} for bs, s in self.speedups[(a, b)].items()}
+
+    def to_json(self) -> dict:
+        """What `compress bench --json` prints (its keys are an interface)."""
+        return {"latency_ms": self.latency_ms, "speedup": self.speedup, "speedup_ci": self.speedup_ci,
+                "pairs": {f"{a}/{b}": self.pair(a, b) for a, b in self.paired},
+                "warnings": self.warnings}
 
 
 def _first_run(session, feed: dict[str, np.ndarray], path: str) -> None:
@@ -238,75 +284,81 @@ def _first_run(session, feed: dict[str, np.ndarray], path: str) -> None:
 
 def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
             warmup: int = 10, runs: int = 50, progress: bool = False, budget_s: float = BUDGET_S,
-            pairs: Sequence[tuple[str, str]] = ()) -> dict:
+            pairs: Sequence[tuple[str, str]] = ()) -> Measurement:
     """Latency of each ONNX model per batch size, and the speedup of every model over the first
-    with a bootstrap 95 % interval.
+    (and of B over A for each (A, B) in `pairs`, from the same runs) with a bootstrap 95 % interval.
 
     Every model gets an identically configured session. Within each batch size the models run
     back to back in pairs whose order alternates (A B, B A, ...), so that machine noise falls on all
     of them alike and neither always runs second. After `runs` pairs, more pairs are taken (in
     chunks of `runs`, up to 8x, within `budget_s`) while any speedup's interval is wider than
-    +-5 %. A batch size still wider than +-10 % at the end, or whose p90 is over 3x its p50, gets a
-    warning.
-    The reported interval is the bootstrap's, widened to at least +-RESOLUTION (see above).
-
-    Returns {"latency_ms": {label: {str(bs): {p50, p90, p99, mean, runs}}},
-             "speedup": {label: {str(bs): p50 ratio}}, "speedup_ci": {label: {str(bs): [lo, hi]}},
-             "pairs": {"A/B": {str(bs): {"speedup", "ci"}}}, "warnings": [one line each]}
-    (speedups over the first model for the others; "pairs" for each (A, B) in `pairs`: B over A,
-    from the same interleaved runs).
+    +-5 %. A speedup still wider than +-10 % at the end, or a model whose p90 is over 3x its p50,
+    gets a warning. The reported interval is the bootstrap's, widened to at least +-RESOLUTION.
     """
     from .progress import bar as progress_bar
 
     sessions = {label: make_session(path, threads) for label, path in models.items()}
     labels = list(sessions)
-    reference, others = labels[0], labels[1:]
-    result: dict = {"latency_ms": {label: {} for label in labels}, "speedup": {label: {} for label in others},
-                    "speedup_ci": {label: {} for label in others}, "pairs": {f"{a}/{b}": {} for a, b in pairs},
-                    "warnings": []}
+    paired = [(a, b) for a, b in pairs]
+    result = Measurement(labels, {label: {} for label in labels},
+                         {p: {} for p in [(labels[0], o) for o in labels[1:]] + paired}, paired)
     bar = progress_bar(len(feeds) * (warmup + runs) * len(labels), "benchmark", "run", enabled=progress)
     for batch_size, feed in feeds.items():
-        key = str(batch_size)
         for label, session in sessions.items():
             _first_run(session, feed, models[label])
         for _ in range(warmup):
             for session in sessions.values():
                 session.run(None, feed)
                 bar.update(1)
-        samples: dict[str, list[float]] = {label: [] for label in labels}
-        started, taken = time.perf_counter(), 0
-        while True:
-            for _ in range(runs):
-                for label in (labels if taken % 2 == 0 else labels[::-1]):
-                    start = time.perf_counter()
-                    sessions[label].run(None, feed)
-                    samples[label].append((time.perf_counter() - start) * 1e3)
-                    bar.update(1)
-                taken += 1
-            intervals = {o: speedup_interval(samples[reference], samples[o]) for o in others}
-            estimates = {o: float(np.median(samples[reference]) / np.median(samples[o])) for o in others}
-            wide = [o for o in others if half_width(intervals[o], estimates[o]) > TARGET_HALF_WIDTH]
-            if not wide or taken >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
-                break
-            if hasattr(bar, "total"):
-                bar.total += runs * len(labels)
-        for label in labels:
-            result["latency_ms"][label][key] = {**percentiles(samples[label]), "runs": taken}
-        for o in others:
-            result["speedup"][o][key] = round(estimates[o], 4)
-            result["speedup_ci"][o][key] = _reported(intervals[o], estimates[o])
-        for a, b in pairs:
-            estimate = float(np.median(samples[a]) / np.median(samples[b]))
-            result["pairs"][f"{a}/{b}"][key] = {"speedup": round(estimate, 4), "ci": _reported(
-                speedup_interval(samples[a], samples[b]), estimate)}
-            if half_width(intervals[o], estimates[o]) > WARN_HALF_WIDTH:
-                result["warnings"].append(
-                    f"batch {key}: {o} speedup {estimates[o]:.3f}x has a wide 95% interval "
-                    f"[{intervals[o][0]:.3f}, {intervals[o][1]:.3f}] after {taken} paired runs: the machine was noisy")
-        tails = [label for label in labels if samples[label] and
-                 np.percentile(samples[label], 90) > TAIL_RATIO * np.percentile(samples[label], 50)]
-        if tails:
-            result["warnings"].append(f"batch {key}: p90 latency over {TAIL_RATIO:g}x p50 for {', '.join(tails)}: "
-                                      "runs were interrupted (a busy machine); percentiles above p50 are unreliable")
+        samples, taken = _paired_runs(sessions, feed, runs, budget_s, bar)
+        _summarize(result, str(batch_size), samples, taken)
     bar.close()
     return result
+
+
+def _paired_runs(sessions: dict, feed: dict[str, np.ndarray], runs: int, budget_s: float, bar
+                 ) -> tuple[dict[str, list[float]], int]:
+    """Milliseconds per run of every session, in alternating order, until every speedup over the
+    first is known to +-TARGET_HALF_WIDTH (or MAX_RUNS_FACTOR x runs, or budget_s); and how many
+    rounds were taken."""
+    labels = list(sessions)
+    reference, others = labels[0], labels[1:]
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    started, taken = time.perf_counter(), 0
+    while True:
+        for _ in range(runs):
+            for label in (labels if taken % 2 == 0 else labels[::-1]):
+                start = time.perf_counter()
+                sessions[label].run(None, feed)
+                samples[label].append((time.perf_counter() - start) * 1e3)
+                bar.update(1)
+            taken += 1
+        wide = [o for o in others if half_width(speedup_interval(samples[reference], samples[o]),
+                                                _p50_ratio(samples[reference], samples[o])) > TARGET_HALF_WIDTH]
+        if not wide or taken >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
+            return samples, taken
+        if hasattr(bar, "total"):
+            bar.total += runs * len(labels)
+
+
+def _p50_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(np.median(a) / np.median(b))
+
+
+def _summarize(result: Measurement, key: str, samples: dict[str, list[float]], taken: int) -> None:
+    """One batch size's percentiles and speedups into `result`, with a warning for each speedup
+    too noisy to trust and for runs the machine interrupted."""
+    for label in result.labels:
+        result.latency_ms[label][key] = {**percentiles(samples[label]), "runs": taken}
+    for a, b in result.speedups:
+        estimate, interval = _p50_ratio(samples[a], samples[b]), speedup_interval(samples[a], samples[b])
+        result.speedups[(a, b)][key] = Speedup(round(estimate, 4), *_reported(interval, estimate))
+        if half_width(interval, estimate) > WARN_HALF_WIDTH:
+            result.warnings.append(
+                f"batch {key}: {b} speedup over {a} {estimate:.3f}x has a wide 95% interval "
+                f"[{interval[0]:.3f}, {interval[1]:.3f}] after {taken} paired runs: the machine was noisy")
+    tails = [label for label in result.labels if samples[label] and
+             np.percentile(samples[label], 90) > TAIL_RATIO * np.percentile(samples[label], 50)]
+    if tails:
+        result.warnings.append(f"batch {key}: p90 latency over {TAIL_RATIO:g}x p50 for {', '.join(tails)}: "
+                               "runs were interrupted (a busy machine); percentiles above p50 are unreliable")

@@ -438,20 +438,19 @@ def bench(models, batch_sizes, threads, warmup, runs, dims, quantize_mode, as_js
                 quantize(Path(path), int8, cfg, list(feeds.values()) if quantize_mode == "static" else None)
                 labels[f"{label} (int8 {quantize_mode})"] = str(int8)
         result = measure(labels, feeds, threads, warmup, runs, progress=not quiet)
-    for warning in result["warnings"]:
+    for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_json(), indent=2))
         return
     from .report import table
 
     reference = next(iter(labels))
     rows = []
-    for label, per_batch in result["latency_ms"].items():
+    for label, per_batch in result.latency_ms.items():
         for bs, s in per_batch.items():
-            speedup = "reference" if label == reference else (
-                f"{result['speedup'][label][bs]:.3f}x [{result['speedup_ci'][label][bs][0]:.3f}, "
-                f"{result['speedup_ci'][label][bs][1]:.3f}]")
+            over = None if label == reference else result.over_reference(label)[bs]
+            speedup = "reference" if over is None else f"{over.estimate:.3f}x [{over.low:.3f}, {over.high:.3f}]"
             rows.append([label, bs, f"{s['p50']:.3f}", f"{s['p90']:.3f}", f"{s['p99']:.3f}", s["runs"], speedup])
     click.echo("\n".join(table(["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "speedup (95% interval)"], rows)))
 

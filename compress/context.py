@@ -120,7 +120,7 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
             if r.data.metric in ("accuracy", "auc") and evaluated is not None and r.data.target not in evaluated.keys():
                 raise UserError(f"data.metric {r.data.metric} needs labels, and {evaluated.source} has no key "
                                 f"{r.data.target!r} (data.target); add them, or use metric: agreement, cosine or neighbors")
-            output = _output_kind(loaded.model, input_names, sample, data, r)
+            output = find_output_kind(loaded.model, input_names, sample, data, r)
             bench.check_fits(r.bench.batch_sizes, per_sample, "bench.batch_sizes")
             if any(d is not None for d in data.values()):
                 bench.check_fits([r.data.batch_size], per_sample, "data.batch_size")
@@ -185,7 +185,7 @@ LABEL_NAMES = {"label", "labels", "y", "targets", "target", "class", "classes", 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear, nn.Embedding)
 
 
-def _output_kind(model: nn.Module, names: list[str], sample, data, r) -> dict:
+def find_output_kind(model: nn.Module, names: list[str], sample, data, r) -> dict:
     """What the model returns (logits, probabilities, log-probabilities), from the recipe or from the
     model's last module and its outputs on up to 256 samples of the data."""
     if r.finetune.output != "auto":
@@ -281,10 +281,10 @@ def _check_fit(model: nn.Module, names: list[str], sample, data, target: str, r=
             raise UserError(f"model.output_key {r.model.output_key!r} is set, but the model returns a single tensor, "
                             "which has no keys; remove model.output_key")
         if dataset is not None and target in dataset.keys():
-            dataset.tensors[target] = _check_labels(output, dataset.tensors[target], source, target, r)
+            dataset.tensors[target] = check_labels(output, dataset.tensors[target], source, target, r)
 
 
-def _check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: str, r) -> torch.Tensor:
+def check_labels(output: torch.Tensor, labels: torch.Tensor, source: str, key: str, r) -> torch.Tensor:
     """The labels as training and scoring will use them, checked against the model's output (one
     sample of it) and the recipe's loss and metric: integer labels of any width become int64, 0/1
     integers for a one-output model become float, [N, 1] class labels become [N]. Every
@@ -364,7 +364,7 @@ class Compressed:
         return [d.as_dict() for m in self.methods for d in m.decisions]
 
 
-def _evaluate(model: nn.Module, ctx: Context, device, reference: torch.Tensor | None):
+def evaluate(model: nn.Module, ctx: Context, device, reference: torch.Tensor | None):
     """(metric dict, outputs) on the eval data, or (None, None) without eval data."""
     data = ctx.data["eval"]
     if data is None:
@@ -377,7 +377,7 @@ def _evaluate(model: nn.Module, ctx: Context, device, reference: torch.Tensor | 
     return {"name": name, "value": round(score(name, outputs, target, reference), 6)}, outputs
 
 
-def _real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
+def real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
     """`size` real samples from the eval data (cycled if fewer), or the synthetic sample repeated."""
     data = ctx.data["eval"]
     if data is None:
@@ -386,7 +386,7 @@ def _real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
     return split_batch(batch, ctx.input_names, ctx.target)[0]
 
 
-def _file_size(path) -> int | None:
+def file_size(path) -> int | None:
     """The input checkpoint's size (None for a model given in memory)."""
     try:
         return Path(path).stat().st_size
@@ -394,7 +394,7 @@ def _file_size(path) -> int | None:
         return None
 
 
-def _calibration_feeds(ctx: Context, cfg) -> list[dict] | None:
+def calibration_feeds(ctx: Context, cfg) -> list[dict] | None:
     """Static quantization's calibration batches (ONNX feeds) from data.calibration."""
     data = ctx.data["calibration"]
     if cfg is None or cfg.mode != "static" or data is None:

@@ -144,12 +144,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     if steps == 0:
         return TrainResult(0, 0.0, 0.0, 0.0, None)
     has_labels = target_key in data.keys()
-    method_distills = any(m.uses_teacher for m in methods)
-    # without labels the loop distills the outputs, unless a method brings its own distillation
-    distill_weight = cfg.distill.weight if has_labels or method_distills else (cfg.distill.weight or 1.0)
-    run_teacher = distill_weight > 0 or method_distills
-    if run_teacher and teacher is None:
-        raise UserError("distillation needs the original model as teacher")
+    distill_weight, run_teacher = _distillation(cfg, has_labels, methods, teacher)
     rank, processes = distributed.world()
     if batch_size % processes:
         raise UserError(f"data.batch_size {batch_size} must be divisible by the {processes} processes")
@@ -163,14 +158,13 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     loop = {"step": 0, "epoch_generator": generator.get_state(), "batch": 0}
     if checkpoint is not None and checkpoint.resume:
         loop = _restore(checkpoint, model, optimizer, scheduler, generator, methods)
-    step, samples, loss_value, last_terms = loop["step"], 0, None, None
+    state = _Progress(loop["step"], steps)
     interrupted: list[int] = []
     previous_handlers = _catch_signals(interrupted)
-    start = time.perf_counter()
-    bar = progress_bar(steps, desc, "step", enabled=progress and rank == 0, initial=step)
+    bar = progress_bar(steps, desc, "step", enabled=progress and rank == 0, initial=state.step)
     try:
         skip = loop["batch"]  # batches of the current epoch trained before a resume
-        while step < steps:
+        while state.step < steps:
             # the generator's state before this epoch's shuffle fixes its data order, for a resume
             loop["epoch_generator"], loop["batch"] = generator.get_state(), skip
             for index, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator, drop_last=True)):
@@ -183,35 +177,63 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
                 terms = _loss_terms(model, forward, teacher if run_teacher else None, batch, inputs, target, cfg,
                                     has_labels, distill_weight, methods, output_kind)
                 loss = sum(terms.values())
-                _check_finite(loss, terms, step, checkpoint)
-                _optimizer_step(model, optimizer, scheduler, loss, cfg, methods, step)
-                step += 1
-                loop.update(step=step, batch=index + 1)
-                samples += inputs[0].shape[0] * processes
-                # every process saw a slice of the batch: report the batch's loss, averaged over them
-                loss_value, *term_values = distributed.mean([float(loss.detach())] +
-                                                            [float(v.detach()) for v in terms.values()])
-                last_terms = {k: round(v, 6) for k, v in zip(terms, term_values)}
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.0f}", refresh=False)
-                bar.update(1)
-                _test_signal(step)
-                if checkpoint is not None and rank == 0 and (interrupted or (checkpoint.every and step % checkpoint.every == 0)):
+                _check_finite(loss, terms, state.step, checkpoint)
+                _optimizer_step(model, optimizer, scheduler, loss, cfg, methods, state.step)
+                state.record(loss, terms, inputs[0].shape[0] * processes, bar)
+                loop.update(step=state.step, batch=index + 1)
+                _test_signal(state.step)
+                if checkpoint is not None and rank == 0 and (interrupted or (checkpoint.every and state.step % checkpoint.every == 0)):
                     _save_state(checkpoint, loop, model, optimizer, scheduler, methods)
                 if interrupted:
-                    where = f"; its state is in {checkpoint.path}: rerun with --resume" if checkpoint else ""
-                    what = "terminated (SIGTERM)" if interrupted[0] == signal.SIGTERM else "interrupted"
-                    raise Interrupted(f"{what} at step {step} of {steps}{where}", interrupted[0])
-                if step >= steps:
+                    raise _interruption(interrupted[0], state, checkpoint)
+                if state.step >= steps:
                     break
             skip = 0
     finally:
         bar.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - state.start
     model.eval()
-    return TrainResult(steps, samples / len(data), seconds, samples / max(seconds, 1e-9), loss_value, last_terms)
+    return TrainResult(steps, state.samples / len(data), seconds, state.samples / max(seconds, 1e-9), state.loss,
+                       state.terms)
+
+
+def _distillation(cfg, has_labels: bool, methods, teacher: nn.Module | None) -> tuple[float, bool]:
+    """(the output distillation's weight, whether the teacher runs): without labels the loop
+    distills the outputs, unless a method brings its own distillation."""
+    method_distills = any(m.uses_teacher for m in methods)
+    distill_weight = cfg.distill.weight if has_labels or method_distills else (cfg.distill.weight or 1.0)
+    run_teacher = distill_weight > 0 or method_distills
+    if run_teacher and teacher is None:
+        raise UserError("distillation needs the original model as teacher")
+    return distill_weight, run_teacher
+
+
+def _interruption(signum: int, state: "_Progress", checkpoint: ResumePoint | None) -> Interrupted:
+    where = f"; its state is in {checkpoint.path}: rerun with --resume" if checkpoint else ""
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    return Interrupted(f"{what} at step {state.step} of {state.steps}{where}", signum)
+
+
+class _Progress:
+    """Where the loop is: the step, the samples seen, the last loss (averaged over the processes,
+    each of which saw a slice of the batch) and its terms, and the progress bar's figures."""
+
+    def __init__(self, step: int, steps: int):
+        self.step, self.steps, self.samples = step, steps, 0
+        self.loss: float | None = None
+        self.terms: dict[str, float] | None = None
+        self.start = time.perf_counter()
+
+    def record(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], samples: int, bar) -> None:
+        self.step += 1
+        self.samples += samples
+        self.loss, *values = distributed.mean([float(loss.detach())] + [float(v.detach()) for v in terms.values()])
+        self.terms = {k: round(v, 6) for k, v in zip(terms, values)}
+        elapsed = time.perf_counter() - self.start
+        bar.set_postfix(loss=f"{self.loss:.4f}", samples_s=f"{self.samples / max(elapsed, 1e-9):.0f}", refresh=False)
+        bar.update(1)
 
 
 def _check_distillation_sees(distill: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, loss: str,

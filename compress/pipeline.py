@@ -20,14 +20,12 @@ from . import bench, distributed, outdir
 from . import report as reporting
 from .errors import GateFailed, UserError
 from .finetune import ResumePoint, finetune
-from .context import (Compressed, Context, Options, _check_labels, _evaluate, _output_kind, check_inputs,
-                      load_context, resolve_device, timed)
-from .planning import _verify_allocation, make_methods, plan, plan_methods, planned_cost
-from .publishing import _train_summary, check_gates, publish
+from .context import Compressed, Context, Options, check_inputs, evaluate, load_context, resolve_device, timed
+from .planning import make_methods, plan, plan_methods, planned_cost, verify_allocation
+from .publishing import check_gates, publish, train_summary
 
-__all__ = ["Compressed", "Context", "Options", "_check_labels", "_output_kind", "apply", "check_gates", "check_inputs",
-           "compress_model", "load_context", "make_methods", "plan", "plan_methods", "planned_cost", "publish",
-           "resolve_device", "write"]
+__all__ = ["Compressed", "Context", "Options", "apply", "check_gates", "check_inputs", "compress_model", "load_context",
+           "make_methods", "plan", "plan_methods", "planned_cost", "publish", "resolve_device", "write"]
 
 
 def apply(ctx: Context, out: Path, options: Options, force: bool = False) -> reporting.Report | None:
@@ -95,7 +93,7 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
     timings = ctx.timings
     original = ctx.loaded.model.cpu().eval()
     with timed(timings, "evaluate"):
-        metric_before, reference = _evaluate(original, ctx, device, None)
+        metric_before, reference = evaluate(original, ctx, device, None)
     original.cpu()  # evaluation may have moved it to the device; counting and planning run on the CPU
     original_macs = bench.count_macs(original, ctx.sample)
     methods, _ = plan(ctx, original, options.progress)
@@ -105,7 +103,7 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
             method.prepare(compressed)
     if ctx.allocation is not None and r.budget.verified and all(m.measurable_before_finetune for m in methods):
         # (a method that removes structure after fine-tuning leaves nothing to measure yet; its costs are exact)
-        compressed = _verify_allocation(ctx, original, compressed, methods)
+        compressed = verify_allocation(ctx, original, compressed, methods)
     train = ctx.data["train"]
     steps_wanted = r.finetune.steps or r.finetune.epochs
     if steps_wanted and train is None:
@@ -128,4 +126,4 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
                             teacher=copy.deepcopy(original), device=device, seed=seed + 1,
                             progress=options.progress, desc="post-finetune", output_kind=ctx.output["kind"])
     return Compressed(compressed.cpu().eval(), original, methods, seed, device, metric_before, reference,
-                      original_macs, _train_summary(trained), _train_summary(post))
+                      original_macs, train_summary(trained), train_summary(post))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -15,7 +16,7 @@ from .data import split_batch
 from .errors import RecipeError, UserError
 from .methods import METHODS, Decision, Method
 from .recipe import LoadedRecipe
-from .context import Context, _calibration_feeds, _file_size, _real_batch, timed
+from .context import Context, calibration_feeds, file_size, real_batch, timed
 
 def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Method]:
     methods = [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
@@ -118,7 +119,8 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     if b.verified:  # measured on the original as exported, and as it would ship when the recipe quantizes
         shipped = {"original": (model, False), **({"original_int8": (model, True)} if r.quantize else {})}
         measured = _measure_models(ctx, shipped, b)
-        reference, base = measured["original"], measured.get("original_int8")
+        reference = measured["original"].value
+        base = measured["original_int8"].value if "original_int8" in measured else None
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads, r.quantize)
 
@@ -155,11 +157,19 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     return allocation
 
 
-def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict:
-    """What the budget counts of each (model, quantized) as exported: its ONNX file's bytes, or its
-    p50 latency in ms at budget.batch in ONNX Runtime (measured together, bench.measure); quantized
-    by the recipe's `quantize:` settings where asked. For latency also "<label>/interval": each later
-    model's latency over the first's, the 95 % interval of the paired runs."""
+@dataclass(frozen=True)
+class Counted:
+    """What a budget counts of one exported model: its ONNX file's bytes or its p50 latency in ms;
+    for latency after the first model, the 95 % interval of its latency over the first's."""
+
+    value: float
+    over_first: tuple[float, float] | None = None
+
+
+def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict[str, Counted]:
+    """What the budget counts of each (model, quantized) as exported, measured together
+    (bench.measure) at budget.batch for latency; quantized by the recipe's `quantize:` settings
+    where asked."""
     r = ctx.recipe.recipe
     with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
         paths = {}
@@ -171,16 +181,14 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], bud
             if int8:
                 paths[label] = str(Path(folder) / f"{label}.int8.onnx")
                 quantize.quantize(Path(folder) / f"{label}.onnx", Path(paths[label]), r.quantize,
-                                  _calibration_feeds(ctx, r.quantize))
+                                  calibration_feeds(ctx, r.quantize))
         if budget.target == "onnx_bytes":
-            return {label: float(_file_size(path)) for label, path in paths.items()}
-        feeds = {budget.batch: export.to_feed(ctx.input_names, _real_batch(ctx, budget.batch))}
+            return {label: Counted(float(file_size(path))) for label, path in paths.items()}
+        feeds = {budget.batch: export.to_feed(ctx.input_names, real_batch(ctx, budget.batch))}
         measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
-    key = str(budget.batch)
-    out = {label: measured["latency_ms"][label][key]["p50"] for label in models}
-    out.update({f"{label}/interval": [1 / hi, 1 / lo] for label, ci in measured["speedup_ci"].items()
-                for lo, hi in [ci[key]]})
-    return out
+    key, first = str(budget.batch), next(iter(models))
+    return {label: Counted(measured.latency_ms[label][key]["p50"], None if label == first else (
+        1 / measured.over_reference(label)[key].high, 1 / measured.over_reference(label)[key].low)) for label in models}
 
 
 def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:
@@ -194,7 +202,7 @@ def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> s
     return f"{here}; {why}; exclude it from one of them"
 
 
-def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, methods: list[Method]) -> nn.Module:
+def verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, methods: list[Method]) -> nn.Module:
     """Latency and file size budgets: measure the built model (as it will ship: int8 when the recipe
     quantizes) beside the original before any fine-tuning; while the additive prediction misses by
     more than the target's tolerance, correct the costs, allocate again and rebuild."""
@@ -206,8 +214,8 @@ def _verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module,
             measured = _measure_models(ctx, {"original": (original, False),
                                              "compressed": (compressed, r.quantize is not None)}, b)
             # in the units of the first measurement of the original, which the costs were fitted to
-            value = allocation.reference * measured["compressed"] / measured["original"]
-            ratio = measured.get("compressed/interval")  # latency only: compressed / original, 95 %
+            value = allocation.reference * measured["compressed"].value / measured["original"].value
+            ratio = measured["compressed"].over_first  # latency only: compressed / original, 95 %
             interval = [allocation.reference * x for x in ratio] if ratio else None
             if budgeting.record(allocation, value, interval) or allocation.rounds >= b.rounds:
                 return compressed

@@ -15,8 +15,8 @@ from .checkpoint import save_artifact, save_checkpoint, save_pickled_module
 from .errors import UserError
 from .methods import Method
 from .metrics import drop, score
-from .context import (METRIC_TOLERANCE, Compressed, Context, Options, _calibration_feeds, _evaluate, _file_size,
-                      _real_batch, timed)
+from .context import (METRIC_TOLERANCE, Compressed, Context, Options, calibration_feeds, evaluate, file_size,
+                      real_batch, timed)
 
 @dataclass
 class _Published:
@@ -64,7 +64,7 @@ def _export_and_verify(ctx: Context, done: Compressed, work: Path) -> _Published
     """The torch metric, both models in ONNX, parity on the eval set, and the float ONNX model's metric."""
     r = ctx.recipe.recipe
     with timed(ctx.timings, "evaluate"):
-        metric_after, torch_outputs = _evaluate(done.model, ctx, torch.device("cpu"), done.reference)
+        metric_after, torch_outputs = evaluate(done.model, ctx, torch.device("cpu"), done.reference)
     out = _Published(work / "original.onnx", work / ("model.float.onnx" if r.quantize else "model.onnx"),
                      metric_after, torch_outputs)
     with timed(ctx.timings, "export"):
@@ -75,7 +75,7 @@ def _export_and_verify(ctx: Context, done: Compressed, work: Path) -> _Published
     with timed(ctx.timings, "parity"):
         tolerance = (r.export.parity.atol, r.export.parity.rtol)
         out.parity = export.verify(done.model, out.float_onnx, ctx.input_names,
-                                   _real_batch(ctx, min(64, max(r.bench.batch_sizes))), *tolerance, r.bench.threads)
+                                   real_batch(ctx, min(64, max(r.bench.batch_sizes))), *tolerance, r.bench.threads)
         out.float_metric, out.float_outputs = _onnx_metric(ctx, out.float_onnx, metric_after, done.reference)
         if out.float_outputs is not None:  # the whole eval set, not one batch: the outputs are computed anyway
             out.parity = export.check_parity(export.parity(torch_outputs, out.float_outputs, *tolerance))
@@ -108,7 +108,7 @@ def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) 
         baseline_onnx = work / "original.int8.onnx"
         try:
             info = quantize.quantize(out.original_onnx, baseline_onnx, r.quantize or quantize.QuantizeSection(),
-                                     _calibration_feeds(ctx, r.quantize))
+                                     calibration_feeds(ctx, r.quantize))
             metric, _ = _onnx_metric(ctx, baseline_onnx, done.metric_before, done.reference)
             out.baselines["int8_original"] = {"mode": info["mode"], "onnx_bytes": baseline_onnx.stat().st_size,
                                               "metric": metric}
@@ -118,31 +118,31 @@ def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) 
             out.warnings.append(f"baseline int8_original not measured: {exc}")
 
 
-def _bench(ctx: Context, out: _Published, options: Options) -> dict:
+def _bench(ctx: Context, out: _Published, options: Options) -> bench.Measurement:
     """Latency of every model in `out.models`, interleaved, at the recipe's batch sizes."""
     r = ctx.recipe.recipe
     with timed(ctx.timings, "bench"):
-        feeds = {bs: export.to_feed(ctx.input_names, _real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
+        feeds = {bs: export.to_feed(ctx.input_names, real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
         pairs = [("int8_original", "compressed")] if "int8_original" in out.models else []
         measured = bench.measure(out.models, feeds, r.bench.threads, r.bench.warmup, r.bench.runs,
                                  progress=options.progress, pairs=pairs)
     if "int8_original" in out.models:
         out.baselines["int8_original"].update(
-            latency_ms=measured["latency_ms"]["int8_original"], speedup=measured["speedup"]["int8_original"],
-            speedup_ci=measured["speedup_ci"]["int8_original"],
-            compressed_speedup=measured["pairs"]["int8_original/compressed"])
+            latency_ms=measured.latency_ms["int8_original"], speedup=measured.speedup["int8_original"],
+            speedup_ci=measured.speedup_ci["int8_original"],
+            compressed_speedup=measured.pair("int8_original", "compressed"))
     return measured
 
 
-def _report(ctx: Context, done: Compressed, out: _Published, measured: dict, original_onnx_bytes: int,
+def _report(ctx: Context, done: Compressed, out: _Published, measured: bench.Measurement, original_onnx_bytes: int,
             model_pt: int) -> reporting.Report:
     """The typed report of the run (gates, budget and files are added by the caller)."""
     r = ctx.recipe.recipe
-    lat = measured["latency_ms"]
+    lat = measured.latency_ms
     macs = bench.count_macs(done.model, ctx.sample)
     orig = reporting.Side(params=bench.count_params(done.original), macs=done.original_macs,
                           onnx_bytes=original_onnx_bytes, metric=done.metric_before, latency_ms=lat["original"],
-                          checkpoint_bytes=_file_size(ctx.loaded.path))
+                          checkpoint_bytes=file_size(ctx.loaded.path))
     comp = reporting.Side(params=bench.count_params(done.model), macs=macs, onnx_bytes=out.shipped.stat().st_size,
                           metric=out.shipped_metric if r.quantize else out.metric_after, onnx_metric=out.shipped_metric,
                           latency_ms=lat["compressed"], checkpoint_bytes=model_pt)
@@ -158,9 +158,9 @@ def _report(ctx: Context, done: Compressed, out: _Published, measured: dict, ori
         ratios=reporting.Ratios(params=reporting.ratio(orig.params, comp.params),
                                 macs=reporting.ratio(orig.macs, comp.macs),
                                 onnx_bytes=reporting.ratio(orig.onnx_bytes, comp.onnx_bytes),
-                                speedup=measured["speedup"]["compressed"],
-                                speedup_ci=measured["speedup_ci"]["compressed"]),
-        warnings=out.warnings + measured["warnings"], parity=out.parity, layers=done.decisions,
+                                speedup=measured.speedup["compressed"],
+                                speedup_ci=measured.speedup_ci["compressed"]),
+        warnings=out.warnings + measured.warnings, parity=out.parity, layers=done.decisions,
         finetune=done.finetune, post_finetune=done.post_finetune, bench=r.bench.model_dump(),
         versions=reporting.versions(), timings_s=dict(ctx.timings))
 
@@ -181,11 +181,11 @@ def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict
               reference) -> dict:
     """Quantize the float model.onnx, then hold the result to the recipe's fidelity limits against the
     float model (on the eval data, else on a batch of the inputs): QuantizationError (exit 4) when missed."""
-    info = quantize.quantize(float_onnx, out, cfg, _calibration_feeds(ctx, cfg))
+    info = quantize.quantize(float_onnx, out, cfg, calibration_feeds(ctx, cfg))
     metric, outputs = _onnx_metric(ctx, out, float_metric, reference)
     if outputs is None:  # no eval data: compare the two ONNX models on the batch parity used
         r = ctx.recipe.recipe
-        batch = export.to_feed(ctx.input_names, _real_batch(ctx, min(64, max(r.bench.batch_sizes))))
+        batch = export.to_feed(ctx.input_names, real_batch(ctx, min(64, max(r.bench.batch_sizes))))
         float_outputs, outputs = (export.run(p, batch, r.bench.threads) for p in (float_onnx, out))
     fid = quantize.fidelity(float_outputs, outputs, classes=bool(metric) and metric["name"] == "accuracy")
     fid["metric_drop"] = (round(drop(metric["name"], float_metric["value"], metric["value"]), 6)
@@ -195,7 +195,7 @@ def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict
     return {**info, "fidelity": fid}
 
 
-def _train_summary(trained) -> dict | None:
+def train_summary(trained) -> dict | None:
     if trained is None:
         return None
     return {"steps": trained.steps, "epochs": round(trained.epochs, 3), "seconds": round(trained.seconds, 3),

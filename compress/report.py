@@ -263,6 +263,34 @@ def budget_line(budget: dict) -> str:
 
 
 def to_markdown(report: dict) -> str:
+    """report.md: the figures side by side, the verdicts, then the details."""
+    r = report["ratios"]
+    lines = [f"# Compression report: {report.get('recipe_name') or report['recipe']}", "",
+             f"Model `{report['model']}`, recipe `{report['recipe']}` (sha256 `{report['recipe_sha256'][:12]}`), "
+             f"seed {report['seed']}, device {report['device']}.", ""]
+    lines += _figures(report)
+    lines += ["", f"Compressed: {_num(r['params'])}x fewer parameters, {_num(r['macs'])}x fewer MACs, "
+              f"{_num(r['onnx_bytes'])}x smaller ONNX file than the original."]
+    verdict = baseline_verdict(report)
+    if verdict:
+        lines += ["", verdict]
+    if report.get("budget"):
+        lines += ["", budget_line(report["budget"])]
+    if report.get("quantization"):
+        lines += ["", _quantization_line(report["quantization"])]
+    lines += _measurement_notes(report)
+    if report.get("gates", {}).get("checked"):
+        lines += ["", "## Gates", ""]
+        for g in report["gates"]["checked"]:
+            lines.append(f"- {'pass' if g['passed'] else 'FAIL'}: {g['gate']} {g['limit']} (measured {_num(g['value'])})")
+    lines += ["", "## Layers", ""] + layers_table(report["layers"])
+    lines += ["", "## Time per stage (s)", ""] + [f"- {k}: {v:.2f}" for k, v in report["timings_s"].items()]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _figures(report: dict) -> list[str]:
+    """The table of every model's figures: the original, int8 of it, and the compressed model(s)."""
     o, c, r = report["original"], report["compressed"], report["ratios"]
     base = (report.get("baselines") or {}).get("int8_original")
     columns = [("original", o)]
@@ -289,28 +317,24 @@ def to_markdown(report: dict) -> str:
             else:
                 row.append(f"{p50:.3f}")
         rows.append(row)
-    lines = [f"# Compression report: {report.get('recipe_name') or report['recipe']}", "",
-             f"Model `{report['model']}`, recipe `{report['recipe']}` (sha256 `{report['recipe_sha256'][:12]}`), "
-             f"seed {report['seed']}, device {report['device']}.", ""]
-    lines += table([""] + [name for name, _ in columns], rows)
-    lines += ["", f"Compressed: {_num(r['params'])}x fewer parameters, {_num(r['macs'])}x fewer MACs, "
-              f"{_num(r['onnx_bytes'])}x smaller ONNX file than the original."]
-    verdict = baseline_verdict(report)
-    if verdict:
-        lines += ["", verdict]
-    if report.get("budget"):
-        lines += ["", budget_line(report["budget"])]
-    q = report.get("quantization")
-    if q:
-        f = q["fidelity"]
-        lines += ["", f"Quantization: {q['mode']}, {q['weight_type']} weights"
-                  f"{', per channel' if q['per_channel'] else ''}, {', '.join(q['op_types'])}; operators "
-                  + ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())
-                  + (f"; kept in float: {', '.join(q['excluded'])}" if q["excluded"] else "")
-                  + f". Fidelity to the float model: {f['agreement_kind']} agreement {f['agreement']:.4f} "
-                  f"(at least {f['min_agreement']}), max abs deviation {f['max_abs_deviation']:.3g}"
-                  + (f", metric drop {f['metric_drop']:.4f} (at most {f['max_metric_drop']})"
-                     if f.get("metric_drop") is not None else "") + "."]
+    return table([""] + [name for name, _ in columns], rows)
+
+
+def _quantization_line(q: dict) -> str:
+    f = q["fidelity"]
+    return (f"Quantization: {q['mode']}, {q['weight_type']} weights"
+            f"{', per channel' if q['per_channel'] else ''}, {', '.join(q['op_types'])}; operators "
+            + ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())
+            + (f"; kept in float: {', '.join(q['excluded'])}" if q["excluded"] else "")
+            + f". Fidelity to the float model: {f['agreement_kind']} agreement {f['agreement']:.4f} "
+            f"(at least {f['min_agreement']}), max abs deviation {f['max_abs_deviation']:.3g}"
+            + (f", metric drop {f['metric_drop']:.4f} (at most {f['max_metric_drop']})"
+               if f.get("metric_drop") is not None else "") + ".")
+
+
+def _measurement_notes(report: dict) -> list[str]:
+    """How parity, latency and fine-tuning were measured, and the warnings."""
+    lines = []
     p = report["parity"]
     lines += ["", f"ONNX parity of the float model ({'passed' if p['passed'] else 'FAILED'}): max abs diff {p['max_abs_diff']:.3g}, "
               f"max rel diff {p['max_rel_diff']:.3g} (atol {p['atol']}, rtol {p['rtol']}).", ""]
@@ -324,11 +348,4 @@ def to_markdown(report: dict) -> str:
     if ft.get("steps"):
         lines.append(f"Fine-tuning: {ft['steps']} steps ({ft['epochs']:.2f} epochs) in {ft['seconds']:.1f} s, "
                      f"{ft['samples_per_s']:.0f} samples/s, final loss {ft['final_loss']:.4g}.")
-    if report.get("gates", {}).get("checked"):
-        lines += ["", "## Gates", ""]
-        for g in report["gates"]["checked"]:
-            lines.append(f"- {'pass' if g['passed'] else 'FAIL'}: {g['gate']} {g['limit']} (measured {_num(g['value'])})")
-    lines += ["", "## Layers", ""] + layers_table(report["layers"])
-    lines += ["", "## Time per stage (s)", ""] + [f"- {k}: {v:.2f}" for k, v in report["timings_s"].items()]
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
-    return "\n".join(lines)
+    return lines

@@ -46,3 +46,27 @@ def test_sizes_per_sample_and_the_memory_check(tmp_path):
     bench.check_fits([1, 64], 4 * 2110, "bench.batch_sizes")
     with pytest.raises(UserError, match="batch size 10,000,000,000 needs about"):
         bench.check_fits([10**10], 4 * 2110, "bench.batch_sizes")
+
+
+def test_measure_types_its_result_and_warns_of_every_noisy_speedup(tmp_path, monkeypatch):
+    """The measurement is typed (speedups with their intervals, pairs by label) and `--json` keeps
+    its keys; a speedup whose interval stays wide is named whether or not pairs were asked for
+    (the warning was once only given inside the pairs loop)."""
+    import torch
+    from compress import exporting
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    path = tmp_path / "m.onnx"
+    exporting.export_onnx(model.eval(), (torch.randn(1, 8),), ["x"], path, 17, {"x": {0: "batch"}})
+    feeds = {4: {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}}
+    monkeypatch.setattr(bench, "WARN_HALF_WIDTH", -1.0)  # every interval counts as wide
+    result = bench.measure({"a": str(path), "b": str(path), "c": str(path)}, feeds, runs=4, warmup=1,
+                           pairs=[("b", "c")])
+    over = result.over_reference("b")["4"]
+    assert isinstance(over, bench.Speedup) and over.low <= over.estimate <= over.high
+    as_json = result.to_json()
+    assert set(as_json) == {"latency_ms", "speedup", "speedup_ci", "pairs", "warnings"}
+    assert set(as_json["speedup"]) == {"b", "c"} and set(as_json["pairs"]) == {"b/c"}
+    assert as_json["pairs"]["b/c"]["4"]["ci"][0] <= as_json["pairs"]["b/c"]["4"]["speedup"]
+    named = [w for w in result.warnings if "wide 95% interval" in w]
+    assert any(" b speedup over a " in w for w in named) and any(" c speedup over b " in w for w in named)

@@ -82,7 +82,7 @@ def test_cross_entropy_over_positions_takes_classes_from_the_last_axis():
 def test_a_linear_head_whose_outputs_happen_to_lie_in_0_1_is_logits():
     from types import SimpleNamespace
 
-    from compress.pipeline import _output_kind
+    from compress.context import find_output_kind
 
     class Head(nn.Module):
         def __init__(self, squash):
@@ -100,7 +100,7 @@ def test_a_linear_head_whose_outputs_happen_to_lie_in_0_1_is_logits():
         with torch.no_grad():  # a head whose raw outputs lie in (0, 1) on this sample
             model.fc.weight.fill_(0.1)
             model.fc.bias.fill_(0.2)
-        found = _output_kind(model, ["x"], (x,), {"calibration": None, "train": None, "eval": None}, recipe)
+        found = find_output_kind(model, ["x"], (x,), {"calibration": None, "train": None, "eval": None}, recipe)
         assert found["kind"] == kind, found
 
 

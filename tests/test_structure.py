@@ -180,3 +180,28 @@ def test_every_reference_to_the_method_notes_points_into_the_repository():
         assert "METHODS.md" not in text, f"{path.name} cites notes outside the repository"
         cited += [(path.name, n) for n in re.findall(r"docs/methods\.md section (\d+)", text)]
     assert cited and all(n in sections for _, n in cited), [c for c in cited if c[1] not in sections]
+
+
+LONGEST_FUNCTION = 65  # lines, signature and docstring included: a step that reads at once
+
+
+def test_no_function_is_too_long_to_read_at_once():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What crosses a module is public: a name with a leading underscore stays in its module."""
+    private = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("compress")):
+                private += [f"{module} imports {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, private

@@ -288,50 +288,13 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
     is the slow reference path (every layer's outputs, float64 products), kept for measuring against
     (benchmarks/scale.py). With `stop_after`, each forward pass ends once that layer has run (the
     last of `names` to run): what comes after it is not needed."""
-    moments: dict[str, linalg.OutputMoments] = {}
-    inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
-    owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares (decided on batch 1)
-    # the first batch: every layer accumulates its own inputs and records the tensors it was called on
-    # (kept alive, so their ids stay unique); after it, a layer called on exactly the same tensors as an
-    # earlier one (the q, k, v projections of one input) shares that layer's accumulator from then on.
-    # A layer called twice per forward shares only with one called on the same two tensors.
-    calls: dict[str, list[torch.Tensor]] = {}
-    first_batch = [True]
-    hooks = []
     modules = {name: model.get_submodule(name) for name in names}
-
-    def decide_sharing():
-        by_inputs: dict[tuple[int, ...], str] = {}
-        for name, tensors in calls.items():
-            key = tuple(id(t) for t in tensors)
-            owner[name] = by_inputs.setdefault(key, name)
-            if owner[name] != name:
-                del inputs[name]  # identical to the owner's: the same tensors, the same products
-        calls.clear()
-        first_batch[0] = False
-
-    for name, module in modules.items():
-        if derive and from_inputs(module):
-            def pre_hook(mod, args, name=name):
-                x = args[0]
-                if first_batch[0]:
-                    calls.setdefault(name, []).append(x)
-                elif owner.setdefault(name, name) != name:
-                    return
-                inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, exact)
-
-            hooks.append(module.register_forward_pre_hook(pre_hook))
-        else:
-            def hook(mod, args, output, name=name):
-                features = output_features(mod, output)
-                moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features, exact)
-
-            hooks.append(module.register_forward_hook(hook))
+    hooks = _MomentHooks(modules, derive, exact)
     if stop_after is not None:  # registered last, so the layer's own statistics are taken first
         def stop(mod, args, output):
             raise _StopForward
 
-        hooks.append(model.get_submodule(stop_after).register_forward_hook(stop))
+        hooks.handles.append(model.get_submodule(stop_after).register_forward_hook(stop))
     was_training = model.training
     model.eval()
     rank, processes = distributed.world()
@@ -348,22 +311,79 @@ def collect_moments(model: nn.Module, names: list[str], batches, progress: bool 
                 model(*(t.to(device) for t in batch))
             except _StopForward:
                 pass
-            if first_batch[0]:
-                decide_sharing()
+            if hooks.first_batch:
+                hooks.decide_sharing()
     finally:
-        for h in hooks:
-            h.remove()
+        hooks.remove()
         model.train(was_training)
     if split:
-        for accumulator in [moments[n] for n in sorted(moments)] + [inputs[n] for n in sorted(inputs)]:
-            accumulator.to_raw()  # each process's sums are about its own shift
-            accumulator.count, accumulator.total, accumulator.outer = distributed.sum_tensors(
-                [torch.tensor(float(accumulator.count), dtype=torch.float64), accumulator.total, accumulator.outer])
-            accumulator.count = int(accumulator.count)
-    for name, source in owner.items():
+        _sum_over_processes([hooks.moments[n] for n in sorted(hooks.moments)]
+                            + [hooks.inputs[n] for n in sorted(hooks.inputs)])
+    moments = hooks.moments
+    for name, source in hooks.owner.items():
         layer = modules[name]
-        moments[name] = linalg.LinearOutputMoments(inputs[source], layer.weight, layer.bias)
+        moments[name] = linalg.LinearOutputMoments(hooks.inputs[source], layer.weight, layer.bias)
     return moments
+
+
+class _MomentHooks:
+    """The forward hooks collect_moments accumulates with: a Linear that derives its output moments
+    from its inputs (`from_inputs`) accumulates its input, every other layer its output.
+
+    On the first batch every such Linear accumulates its own inputs and records the tensors it was
+    called on (kept alive, so their ids stay unique); after it, a layer called on exactly the same
+    tensors as an earlier one (the q, k, v projections of one input) shares that layer's
+    accumulator from then on. A layer called twice per forward shares only with one called on the
+    same two tensors."""
+
+    def __init__(self, modules: dict[str, nn.Module], derive: bool, exact: bool):
+        self.moments: dict[str, linalg.OutputMoments] = {}
+        self.inputs: dict[str, linalg.OutputMoments] = {}  # accumulator owner -> input moments
+        self.owner: dict[str, str] = {}  # layer -> the layer whose input accumulator it shares
+        self.calls: dict[str, list[torch.Tensor]] = {}
+        self.first_batch = True
+        self.exact = exact
+        self.handles = []
+        for name, module in modules.items():
+            if derive and from_inputs(module):
+                self.handles.append(module.register_forward_pre_hook(functools.partial(self._input, name)))
+            else:
+                self.handles.append(module.register_forward_hook(functools.partial(self._output, name)))
+
+    def _input(self, name: str, module: nn.Module, args) -> None:
+        x = args[0]
+        if self.first_batch:
+            self.calls.setdefault(name, []).append(x)
+        elif self.owner.setdefault(name, name) != name:
+            return
+        self.inputs.setdefault(name, linalg.OutputMoments(x.shape[-1])).update(x, self.exact)
+
+    def _output(self, name: str, module: nn.Module, args, output) -> None:
+        features = output_features(module, output)
+        self.moments.setdefault(name, linalg.OutputMoments(features.shape[-1])).update(features, self.exact)
+
+    def decide_sharing(self) -> None:
+        by_inputs: dict[tuple[int, ...], str] = {}
+        for name, tensors in self.calls.items():
+            key = tuple(id(t) for t in tensors)
+            self.owner[name] = by_inputs.setdefault(key, name)
+            if self.owner[name] != name:
+                del self.inputs[name]  # identical to the owner's: the same tensors, the same products
+        self.calls.clear()
+        self.first_batch = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _sum_over_processes(accumulators: list[linalg.OutputMoments]) -> None:
+    """Every process's sums added up (all-reduce), in the same order on every process."""
+    for accumulator in accumulators:
+        accumulator.to_raw()  # each process's sums are about its own shift
+        accumulator.count, accumulator.total, accumulator.outer = distributed.sum_tensors(
+            [torch.tensor(float(accumulator.count), dtype=torch.float64), accumulator.total, accumulator.outer])
+        accumulator.count = int(accumulator.count)
 
 
 def plan_mimicking(method: Method, model: nn.Module, profile: dict[str, LayerProfile], rule: RankRule,

@@ -43,19 +43,19 @@ def test_integer_labels_of_any_width_and_column_labels_are_taken_as_meant(dtype,
     torch.save({"image": x, "target": labels.reshape(-1, 1) if shape == "column" else labels}, tmp_path / "data.pt")
     result = run_cli("plan", "-r", recipe_for(tmp_path), digits_model)
     assert result.exit_code == 0, result.stderr
-    from compress.pipeline import _check_labels
+    from compress.context import check_labels
 
-    used = _check_labels(torch.zeros(1, 10), labels.reshape(-1, 1) if shape == "column" else labels, "d", "target", None)
+    used = check_labels(torch.zeros(1, 10), labels.reshape(-1, 1) if shape == "column" else labels, "d", "target", None)
     assert used.dtype == torch.int64 and used.shape == (len(y),) and torch.equal(used, y)
 
 
 def test_zero_one_integer_labels_of_a_one_output_model_are_binary():
-    from compress.pipeline import _check_labels
+    from compress.context import check_labels
 
-    used = _check_labels(torch.zeros(1, 1), torch.tensor([0, 1, 1], dtype=torch.int32), "d", "y", None)
+    used = check_labels(torch.zeros(1, 1), torch.tensor([0, 1, 1], dtype=torch.int32), "d", "y", None)
     assert used.dtype == torch.float32 and used.tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(UserError, match="not one score per class"):  # cross_entropy on one output: a loss of 399
-        _check_labels(torch.zeros(1, 1), torch.tensor([0, 3, 7]), "d", "y", None)
+        check_labels(torch.zeros(1, 1), torch.tensor([0, 3, 7]), "d", "y", None)
 
 
 DATA_CASES = {

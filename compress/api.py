@@ -76,7 +76,7 @@ def plan(model, recipe, *, data: dict | None = None, trust_checkpoint: bool = Fa
          trust_factories=()) -> list[dict]:
     """The per-layer decisions the recipe would make on the model (calibration included, no training)."""
     ctx, _ = _context(model, recipe, data, trust_checkpoint, trust_factories, progress=False)
-    return plan_layers(ctx)[1]
+    return plan_layers(ctx).rows
 
 
 def apply(model, recipe, *, data: dict | None = None, seed: int | None = None, device: str = "cpu",

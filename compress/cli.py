@@ -308,23 +308,23 @@ Example:
 def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, quiet):
     """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
     from .bench import count_macs, count_params
-    from .pipeline import plan as make_plan, planned_cost
+    from .pipeline import plan as make_plan
     from .report import budget_line, layers_table
 
     ctx, _ = _context(recipe_path, model, trust_checkpoint, trust_factory, quiet=quiet)
-    methods, rows = make_plan(ctx)
+    planned = make_plan(ctx)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(planned.rows, indent=2))
         return
-    click.echo("\n".join(layers_table(rows)))
+    click.echo("\n".join(layers_table(planned.rows)))
     params, macs = count_params(ctx.loaded.model), count_macs(ctx.loaded.model, ctx.sample)
-    params_after, macs_after = planned_cost(methods, rows, params, macs)
+    params_after, macs_after = planned.cost(params, macs)
     click.echo(f"\nmodel: {params:,} params -> {params_after:,} ({params / max(1, params_after):.2f}x); "
                f"{macs:,} MACs per sample -> {macs_after:,} ({macs / max(1, macs_after):.2f}x); "
-               f"{_changed(rows)} of {len({r['name'] for r in rows})} targeted layers changed")
+               f"{planned.changed()} of {planned.targeted()} targeted layers changed")
     click.echo(f"output: {ctx.output['kind']} ({ctx.output['reason']})")
-    if ctx.allocation is not None:
-        click.echo(budget_line(ctx.allocation.summary()))
+    if planned.allocation is not None:
+        click.echo(budget_line(planned.allocation.summary()))
 
 
 @cli.command(epilog="""\b
@@ -529,14 +529,8 @@ def check(recipe_path, model, trust_checkpoint, trust_factory, debug, quiet):
             click.echo(f"  {key} {pattern!r} matches {len(names)}: {', '.join(names)}")
         chosen = [n for n, _ in select_targets(ctx.loaded.model, stage.targets, path, types)]
         click.echo(f"  targets {len(chosen)} layer(s): {', '.join(chosen) or 'none'}")
-    _, rows = make_plan(ctx)
-    click.echo(f"plan: {_changed(rows)} of {len({r['name'] for r in rows})} targeted layers would change "
-               "(see `compress plan`)")
-
-
-def _changed(rows: list[dict]) -> int:
-    """How many layers the plan changes (a layer two chained stages change counts once)."""
-    return len({r["name"] for r in rows if r["action"] != "keep"})
+    planned = make_plan(ctx)
+    click.echo(f"plan: {planned.changed()} of {planned.targeted()} targeted layers would change (see `compress plan`)")
 
 
 def main() -> None:

@@ -52,7 +52,6 @@ class Context:
     target: str
     timings: dict[str, float] = field(default_factory=dict)
     output: dict = field(default_factory=lambda: {"kind": "logits", "reason": "default"})  # losses.detect_output_kind
-    allocation: budgeting.Allocation | None = None  # the budget's choice per layer (recipes with `budget:`)
     # what calibration (and a budget's input statistics) left on each stage, by stage: a sweep's runs share it
     calibrated: dict = field(default_factory=dict)
 
@@ -357,6 +356,7 @@ class Compressed:
     original_macs: int
     finetune: dict | None = None
     post_finetune: dict | None = None
+    allocation: budgeting.Allocation | None = None  # the budget's choice per layer (recipes with `budget:`)
 
     @property
     def decisions(self) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def export_onnx(model: nn.Module, sample_inputs: tuple[torch.Tensor, ...], input
 
 
 def verify(model: nn.Module, path: str | Path, input_names: list[str], batch: tuple[torch.Tensor, ...],
-           atol: float, rtol: float, threads: int = 1, what: str = "model.onnx") -> dict:
+           atol: float, rtol: float, threads: int = 1, what: str = "model.onnx") -> Parity:
     """Run the exported `path` in ONNX Runtime on a real `batch` and compare with the torch model
     (the check both `apply` and `export` make); ParityError when they disagree beyond tolerance."""
     with torch.no_grad():
@@ -90,14 +91,14 @@ def run(path: str | Path, feed: dict[str, np.ndarray], threads: int = 1) -> torc
     return torch.from_numpy(make_session(str(path), threads).run([OUTPUT_NAME], feed)[0])
 
 
-def check_parity(result: dict, what: str = "model.onnx") -> dict:
+def check_parity(result: Parity, what: str = "model.onnx") -> Parity:
     """`result` of `parity` if it passed, else ParityError (exit 4) saying by how much it failed."""
     from .errors import ParityError
 
-    if not result["passed"]:
-        raise ParityError(f"{what} disagrees with the torch model: max abs diff {result['max_abs_diff']:.3g}, "
-                          f"max rel diff {result['max_rel_diff']:.3g} over export.parity (atol {result['atol']}, "
-                          f"rtol {result['rtol']}); no ONNX model kept")
+    if not result.passed:
+        raise ParityError(f"{what} disagrees with the torch model: max abs diff {result.max_abs_diff:.3g}, "
+                          f"max rel diff {result.max_rel_diff:.3g} over export.parity (atol {result.atol}, "
+                          f"rtol {result.rtol}); no ONNX model kept")
     return result
 
 
@@ -115,17 +116,25 @@ def onnx_predict(path: str | Path, data: Dataset, input_names: list[str], batch_
     return torch.from_numpy(np.concatenate(outs))
 
 
-def parity(reference: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: float) -> dict:
+@dataclass
+class Parity:
+    """An ONNX model's outputs against the torch model's on the same real inputs."""
+
+    samples: int
+    max_abs_diff: float
+    max_rel_diff: float  # relative to max(|torch|, 1e-6)
+    atol: float
+    rtol: float
+    passed: bool  # |torch - onnx| <= atol + rtol |torch| everywhere
+
+
+def parity(reference: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: float) -> Parity:
     """Max absolute and relative difference; passed when |a - b| <= atol + rtol |a| everywhere."""
     ref = reference.double()
     cand = candidate.double().reshape(ref.shape)
     diff = (ref - cand).abs()
     rel = diff / ref.abs().clamp_min(1e-6)  # relative to |ref|, floored so exact zeros do not divide by 0
-    return {
-        "samples": int(ref.shape[0]) if ref.dim() else 1,
-        "max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
-        "max_rel_diff": float(rel.max()) if rel.numel() else 0.0,
-        "atol": atol,
-        "rtol": rtol,
-        "passed": bool((diff <= atol + rtol * ref.abs()).all()),
-    }
+    return Parity(samples=int(ref.shape[0]) if ref.dim() else 1,
+                  max_abs_diff=float(diff.max()) if diff.numel() else 0.0,
+                  max_rel_diff=float(rel.max()) if rel.numel() else 0.0,
+                  atol=atol, rtol=rtol, passed=bool((diff <= atol + rtol * ref.abs()).all()))

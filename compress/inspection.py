@@ -2,6 +2,8 @@
 and input feeds for `bench`, all working from a checkpoint alone or with a recipe."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import tempfile
 from pathlib import Path
@@ -88,7 +90,7 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
     try:
         with outdir.writing(out, what="the file"):  # disk full, permissions: one line, no partial file left
             export.export_onnx(model, sample, names, partial, opset, axes)
-            result = export.verify(model, partial, names, batch, atol, rtol, what=str(out))
+            result = dataclasses.asdict(export.verify(model, partial, names, batch, atol, rtol, what=str(out)))
             if quantize_mode:
                 result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data)
             os.chmod(partial, 0o666 & ~current_umask())

@@ -21,10 +21,10 @@ from . import report as reporting
 from .errors import GateFailed, UserError
 from .finetune import ResumePoint, finetune
 from .context import Compressed, Context, Options, check_inputs, evaluate, load_context, resolve_device, timed
-from .planning import make_methods, plan, plan_methods, planned_cost, verify_allocation
+from .planning import Plan, make_methods, plan, plan_methods, planned_cost, verify_allocation
 from .publishing import check_gates, publish, train_summary
 
-__all__ = ["Compressed", "Context", "Options", "apply", "check_gates", "check_inputs", "compress_model", "load_context",
+__all__ = ["Compressed", "Context", "Options", "Plan", "apply", "check_gates", "check_inputs", "compress_model", "load_context",
            "make_methods", "plan", "plan_methods", "planned_cost", "publish", "resolve_device", "write"]
 
 
@@ -66,9 +66,9 @@ def write(ctx: Context, compress: Callable[[], Compressed] | Compressed, out: Pa
         except BaseException:
             outdir.remove_own_dir(work)
             raise
-    failed = [g for g in result.gates["checked"] if not g["passed"]]
+    failed = result.gates.failed()
     if failed:
-        error = GateFailed("gate missed: " + "; ".join(f"{g['gate']} {g['limit']} (measured {g['value']})" for g in failed)
+        error = GateFailed("gate missed: " + "; ".join(f"{g.gate} {g.limit} (measured {g.value})" for g in failed)
                            + f"; report in {out}")
         error.result = result
         raise error
@@ -96,14 +96,15 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
         metric_before, reference = evaluate(original, ctx, device, None)
     original.cpu()  # evaluation may have moved it to the device; counting and planning run on the CPU
     original_macs = bench.count_macs(original, ctx.sample)
-    methods, _ = plan(ctx, original, options.progress)
+    planned = plan(ctx, original, options.progress)
+    methods = list(planned.methods)
     compressed = copy.deepcopy(original)
     with timed(timings, "prepare"):
         for method in methods:
             method.prepare(compressed)
-    if ctx.allocation is not None and r.budget.verified and all(m.measurable_before_finetune for m in methods):
+    if planned.allocation is not None and r.budget.verified and all(m.measurable_before_finetune for m in methods):
         # (a method that removes structure after fine-tuning leaves nothing to measure yet; its costs are exact)
-        compressed = verify_allocation(ctx, original, compressed, methods)
+        compressed, planned = verify_allocation(ctx, original, compressed, planned)
     train = ctx.data["train"]
     steps_wanted = r.finetune.steps or r.finetune.epochs
     if steps_wanted and train is None:
@@ -126,4 +127,4 @@ def compress_model(ctx: Context, options: Options, seed: int, device: torch.devi
                             teacher=copy.deepcopy(original), device=device, seed=seed + 1,
                             progress=options.progress, desc="post-finetune", output_kind=ctx.output["kind"])
     return Compressed(compressed.cpu().eval(), original, methods, seed, device, metric_before, reference,
-                      original_macs, train_summary(trained), train_summary(post))
+                      original_macs, train_summary(trained), train_summary(post), planned.allocation)

@@ -1,6 +1,7 @@
 """Planning, the pipeline's second step: the stages as methods, calibrated once, a budget's
-allocation (priced, measured, solved, handed to the methods), and every stage's decisions; after
-the model is built, the allocation's check against a measurement of it."""
+allocation (priced, measured, solved, handed to the methods), and every stage's decisions, as one
+`Plan` that every later step reads; after the model is built, the allocation's check against a
+measurement of it (which may plan again: a new Plan)."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,7 @@ from torch import nn
 from . import bench, budget as budgeting, distributed, exporting as export, opcost, quantize
 from .data import split_batch
 from .errors import RecipeError, UserError
-from .methods import METHODS, Decision, Method
+from .methods import ACTIONS, METHODS, Decision, Method
 from .recipe import LoadedRecipe
 from .context import Context, calibration_feeds, file_size, real_batch, timed
 
@@ -25,7 +26,33 @@ def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Meth
     return methods
 
 
-def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -> tuple[list[Method], list[dict]]:
+@dataclass(frozen=True)
+class Plan:
+    """What planning decided: the stages as methods (calibrated; under a budget, sized by the
+    allocation), every stage's per-layer decisions in stage order, and the budget's allocation."""
+
+    methods: tuple[Method, ...]
+    decisions: tuple[Decision, ...]
+    allocation: budgeting.Allocation | None = None
+
+    @property
+    def rows(self) -> list[dict]:
+        """The decisions as `compress plan --json` and report.json write them."""
+        return [d.as_dict() for d in self.decisions]
+
+    def changed(self) -> int:
+        """How many layers the plan changes (a layer two chained stages change counts once)."""
+        return len({d.name for d in self.decisions if d.action != "keep"})
+
+    def targeted(self) -> int:
+        return len({d.name for d in self.decisions})
+
+    def cost(self, params: int, macs: int) -> tuple[int, int]:
+        """(params, MACs per sample) of the model this plan builds from one with `params` and `macs`."""
+        return planned_cost(list(self.methods), self.rows, params, macs)
+
+
+def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -> Plan:
     """Per-layer decisions of every stage, without changing any weight."""
     model = model if model is not None else ctx.loaded.model
     methods = make_methods(ctx.recipe, ctx.output["kind"])
@@ -40,6 +67,7 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
         batches.total = -(-len(calibration) // ctx.recipe.recipe.data.batch_size)  # for progress
 
     keys = {id(m): _stage_key(m) for m in methods}  # before a budget sets any ranks
+    allocation = None
     for method in methods:
         saved = ctx.calibrated.get(keys[id(method)], {})
         if saved.get("budget_inputs") is not None:
@@ -63,34 +91,37 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
             raise UserError("budget: needs calibration data to measure what each candidate loses: set "
                             "data.calibration (or data.train) in the recipe")
         with timed(ctx.timings, "budget"):
-            ctx.allocation = _allocate(ctx, methods, model, profile, batches, progress)
+            allocation = _allocate(ctx, methods, model, profile, batches, progress)
         for method in methods:  # the budget's input statistics, for a sweep's next run
             if method.budget_inputs is not None:
                 ctx.calibrated.setdefault(keys[id(method)], {})["budget_inputs"] = method.budget_inputs
     with timed(ctx.timings, "plan"):
-        rows = plan_methods(methods, model, profile)
-    return methods, rows
+        decisions = plan_methods(methods, model, profile)
+    return Plan(tuple(methods), tuple(decisions), allocation)
 
 
 def _stage_key(method: Method) -> str:
     return f"{method.stage_index}:{method.stage.model_dump_json()}"
 
 
-def plan_methods(methods: list[Method], model: nn.Module, profile: dict) -> list[dict]:
+def plan_methods(methods: list[Method], model: nn.Module, profile: dict) -> list[Decision]:
     """Every stage's decisions in order, each stage seeing what the earlier ones change (chains)."""
-    rows = []
+    out = []
     changed: dict[str, tuple[int, Decision]] = {}
     for method in methods:
         method.earlier = dict(changed)
         decisions = method.plan(model, profile)
         budgeting.annotate(decisions, method)
         for decision in decisions:
+            if decision.action not in ACTIONS:  # a plug-in's mistake: the report's readers know these only
+                raise TypeError(f"method {method.name!r} decided {decision.action!r} for {decision.name}; "
+                                f"a decision's action is one of {', '.join(ACTIONS)}")
             if decision.action != "keep":
                 if decision.name in changed and decision.action != "refine":
                     raise RecipeError(_overlap_error(method, decision.name, *changed[decision.name]))
                 changed[decision.name] = (method.stage_index, decision)
-            rows.append(decision.as_dict())
-    return rows
+            out.append(decision)
+    return out
 
 
 def planned_cost(methods: list[Method], rows: list[dict], params: int, macs: int) -> tuple[int, int]:
@@ -202,13 +233,13 @@ def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> s
     return f"{here}; {why}; exclude it from one of them"
 
 
-def verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, methods: list[Method]) -> nn.Module:
+def verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, planned: Plan) -> tuple[nn.Module, Plan]:
     """Latency and file size budgets: measure the built model (as it will ship: int8 when the recipe
     quantizes) beside the original before any fine-tuning; while the additive prediction misses by
-    more than the target's tolerance, correct the costs, allocate again and rebuild."""
+    more than the target's tolerance, correct the costs, allocate again and rebuild (a new Plan)."""
     r = ctx.recipe.recipe
     b = r.budget
-    allocation = ctx.allocation
+    allocation, methods = planned.allocation, list(planned.methods)
     with timed(ctx.timings, "budget"):
         while True:
             measured = _measure_models(ctx, {"original": (original, False),
@@ -218,10 +249,11 @@ def verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, 
             ratio = measured["compressed"].over_first  # latency only: compressed / original, 95 %
             interval = [allocation.reference * x for x in ratio] if ratio else None
             if budgeting.record(allocation, value, interval) or allocation.rounds >= b.rounds:
-                return compressed
+                return compressed, planned
             budgeting.correct(allocation, value)
             budgeting.assign(allocation)
-            plan_methods(methods, original, bench.profile_layers(original, ctx.sample))
+            planned = Plan(planned.methods, tuple(plan_methods(methods, original, bench.profile_layers(original, ctx.sample))),
+                           allocation)
             compressed = copy.deepcopy(original)
             for method in methods:
                 method.prepare(compressed)

@@ -28,7 +28,7 @@ class _Published:
     torch_outputs: torch.Tensor | None
     float_metric: dict | None = None
     float_outputs: torch.Tensor | None = None
-    parity: dict | None = None
+    parity: export.Parity | None = None
     shipped: Path | None = None
     shipped_metric: dict | None = None
     quantization: dict | None = None
@@ -52,8 +52,8 @@ def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> rep
     for path in (out.original_onnx, work / "original.int8.onnx"):  # measured; the output keeps the compressed model
         path.unlink(missing_ok=True)
     report = _report(ctx, done, out, measured, original_onnx_bytes, (work / "model.pt").stat().st_size)
-    if ctx.allocation is not None:
-        report.budget = budgeting.outcome(ctx.allocation, report)
+    if done.allocation is not None:
+        report.budget = budgeting.outcome(done.allocation, report)
     report.gates = check_gates(report, r.gates, options)
     report.files = sorted([p.name for p in work.iterdir()] + ["report.json", "report.md"])
     report.write(work)
@@ -222,7 +222,7 @@ def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Pat
     save_artifact(path.parent, model, loaded.factory, loaded.kwargs, edits, inputs, metadata)
 
 
-def check_gates(report: reporting.Report, gates, options: Options) -> dict:
+def check_gates(report: reporting.Report, gates, options: Options) -> reporting.Gates:
     """Each gate set in the recipe or on the command line (the command line wins), with its value."""
     max_drop = options.max_metric_drop if options.max_metric_drop is not None else gates.max_metric_drop
     min_speedup = options.min_speedup if options.min_speedup is not None else gates.min_speedup
@@ -236,19 +236,17 @@ def check_gates(report: reporting.Report, gates, options: Options) -> dict:
         candidates = [("torch", after)] + ([("model.onnx", onnx_metric)] if onnx_metric else [])
         measured_on, worst = max(candidates, key=lambda c: drop(before["name"], before["value"], c[1]["value"]))
         value = round(drop(before["name"], before["value"], worst["value"]), 6)
-        checked.append({"gate": "max_metric_drop", "limit": max_drop, "value": value, "measured_on": measured_on,
-                        "passed": value <= max_drop})
+        checked.append(reporting.GateCheck("max_metric_drop", max_drop, value, value <= max_drop, measured_on=measured_on))
     if min_speedup is not None:  # held to the lower end of the speedup's 95 % interval, not to one noisy figure
         batch = str(gates.speedup_batch or max(int(b) for b in report.ratios.speedup))
         value = report.ratios.speedup_ci[batch][0]
-        checked.append({"gate": f"min_speedup@batch{batch}", "limit": min_speedup, "value": value,
-                        "estimate": report.ratios.speedup[batch], "passed": value >= min_speedup})
+        checked.append(reporting.GateCheck(f"min_speedup@batch{batch}", min_speedup, value, value >= min_speedup,
+                                           estimate=report.ratios.speedup[batch]))
     if min_size is not None:
         value = report.ratios.onnx_bytes
-        checked.append({"gate": "min_size_ratio", "limit": min_size, "value": value,
-                        "passed": value is not None and value >= min_size})
+        checked.append(reporting.GateCheck("min_size_ratio", min_size, value, value is not None and value >= min_size))
     if gates.budget and report.budget is not None:
         target, = (k for k in report.budget["target"] if k != "batch")
-        checked.append({"gate": f"budget.{target}", "limit": report.budget["target"][target],
-                        "value": report.budget["measured"], "passed": report.budget["met"]})
-    return {"checked": checked, "passed": all(g["passed"] for g in checked)}
+        checked.append(reporting.GateCheck(f"budget.{target}", report.budget["target"][target],
+                                           report.budget["measured"], report.budget["met"]))
+    return reporting.Gates(checked, all(g.passed for g in checked))

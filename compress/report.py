@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .exporting import Parity
+
 
 def versions() -> dict[str, str]:
     import numpy
@@ -57,6 +59,27 @@ class Ratios:
                            "than +-5%)")
 
 
+@dataclass
+class GateCheck:
+    """One gate: its limit, the value measured, and whether it passed."""
+
+    gate: str
+    limit: float
+    value: float | None
+    passed: bool
+    measured_on: str | None = None  # max_metric_drop: "torch" or "model.onnx", whichever dropped more
+    estimate: float | None = None  # min_speedup: the point estimate beside the interval's lower end held to the limit
+
+
+@dataclass
+class Gates:
+    checked: list[GateCheck]
+    passed: bool
+
+    def failed(self) -> list[GateCheck]:
+        return [g for g in self.checked if not g.passed]
+
+
 @dataclass(kw_only=True)
 class Report:
     """What `compress apply` measured: report.json is `to_json()`, report.md is `to_markdown()`.
@@ -88,7 +111,7 @@ class Report:
                           "baseline); `error` when it could not be made", default_factory=dict)
     ratios: Ratios = doc("original / compressed figures (below)")
     warnings: list = doc("one line each when a measurement was too noisy to trust (also printed on stderr)")
-    parity: dict = doc("`samples` (the whole eval set, else one batch), `max_abs_diff`, `max_rel_diff` (relative "
+    parity: Parity = doc("`samples` (the whole eval set, else one batch), `max_abs_diff`, `max_rel_diff` (relative "
                        "to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, `passed`: the float ONNX model against the torch "
                        "model")
     layers: list = doc("one decision per targeted layer: `name`, `method`, `layer_type`, `action` (`factorize`, "
@@ -111,10 +134,10 @@ class Report:
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
     timings_s: dict = doc("seconds per stage (load, calibrate, plan, prepare, finetune, export, parity, bench, ...)")
-    gates: dict = doc("`checked` (each `gate`, `limit`, `value`, `passed`; `max_metric_drop` is held to the worse "
+    gates: Gates = doc("`checked` (each `gate`, `limit`, `value`, `passed`; `max_metric_drop` is held to the worse "
                       "of the torch and ONNX metrics, `measured_on` says which; `min_speedup` to the lower end of "
                       "the speedup's interval, with the point `estimate` beside it) and `passed`",
-                      default_factory=lambda: {"checked": [], "passed": True})
+                      default_factory=lambda: Gates([], True))
     files: list = doc("the files in the output folder", default_factory=list)
 
     def to_json(self) -> dict:
@@ -138,7 +161,7 @@ class Report:
             f"metric {fmt(o.metric)} -> {fmt(c.metric)} (model.onnx: {fmt(c.onnx_metric)})",
             "speedup (p50, 95% interval) " + ", ".join(
                 f"batch {b}: {s}x [{ci[b][0]}, {ci[b][1]}]" if b in ci else f"batch {b}: {s}x"
-                for b, s in r.speedup.items()) + f"  parity max abs diff {self.parity['max_abs_diff']:.2e}",
+                for b, s in r.speedup.items()) + f"  parity max abs diff {self.parity.max_abs_diff:.2e}",
         ] + [line for line in [baseline_verdict(self.to_json())] if line]
 
 

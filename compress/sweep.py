@@ -86,7 +86,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                 budget = recipe.budget.model_copy(update={target: value})
                 loaded = LoadedRecipe(recipe.model_copy(update={"budget": budget}), ctx.recipe.path,
                                       ctx.recipe.sha256)
-                run_ctx = dataclasses.replace(ctx, recipe=loaded, timings={}, allocation=None)
+                run_ctx = dataclasses.replace(ctx, recipe=loaded, timings={})
                 seed = recipe.seed if options.seed is None else options.seed
                 folder = work / folder_name(value)
                 try:

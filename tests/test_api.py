@@ -27,7 +27,7 @@ def test_compress_a_model_built_in_python_without_files_then_export(tmp_path):
         assert result.model(test["image"][:2]).shape == (2, 10)
     assert not list(tmp_path.iterdir())  # nothing written until export
     report = compress.export(result, tmp_path / "out")
-    assert report.parity["passed"] and (tmp_path / "out" / "model.onnx").is_file()
+    assert report.parity.passed and (tmp_path / "out" / "model.onnx").is_file()
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert data["compressed"]["metric"]["name"] == "accuracy" and data["original"]["checkpoint_bytes"] is None
     with pytest.raises(UserError, match="output folder exists"):

@@ -17,9 +17,9 @@ def test_dynamic_axes_batch_and_token_sequences():
 
 def test_parity_is_atol_plus_rtol_elementwise():
     ref = torch.tensor([0.0, 1.0, 100.0])
-    assert export.parity(ref, ref + torch.tensor([1e-5, 1e-5, 0.05]), atol=1e-4, rtol=1e-3)["passed"]
+    assert export.parity(ref, ref + torch.tensor([1e-5, 1e-5, 0.05]), atol=1e-4, rtol=1e-3).passed
     result = export.parity(ref, ref + torch.tensor([2e-4, 0, 0]), atol=1e-4, rtol=1e-3)
-    assert not result["passed"] and result["max_abs_diff"] == pytest.approx(2e-4)
+    assert not result.passed and result.max_abs_diff == pytest.approx(2e-4)
 
 
 def test_verify_exports_that_agree_and_refuses_those_that_do_not(tmp_path):
@@ -28,7 +28,7 @@ def test_verify_exports_that_agree_and_refuses_those_that_do_not(tmp_path):
     batch = (torch.randn(5, 4),)
     path = tmp_path / "m.onnx"
     export.export_onnx(model, batch, ["x"], path, 17, export.dynamic_axes_for(["x"], batch, {}, True))
-    assert export.verify(model, path, ["x"], batch, 1e-5, 1e-4)["passed"]
+    assert export.verify(model, path, ["x"], batch, 1e-5, 1e-4).passed
     with torch.no_grad():
         model[0].bias += 1.0  # the torch model moved on: the file no longer matches it
     with pytest.raises(ParityError, match="disagrees with the torch model"):

@@ -1,4 +1,5 @@
 """The report (compress/report.py): tables, ratios, markdown from one object."""
+from compress.exporting import Parity
 from compress.report import Ratios, Report, Side, layers_table, ratio, table, to_markdown
 
 
@@ -15,8 +16,8 @@ def test_markdown_and_summary_come_from_the_same_report():
     report = Report(recipe="r.yaml", recipe_name="r", recipe_sha256="0" * 64, model="m.pt", seed=0, device="cpu",
                     inputs=["x"], original=side(2.0), compressed=side(1.0),
                     ratios=Ratios(params=1.0, macs=1.0, onnx_bytes=1.0, speedup={"8": 2.0}, speedup_ci={"8": [1.8, 2.2]}),
-                    warnings=["batch 8: noisy"], parity={"max_abs_diff": 1e-6, "max_rel_diff": 1e-6, "atol": 1e-4,
-                                                         "rtol": 1e-3, "passed": True},
+                    warnings=["batch 8: noisy"], parity=Parity(samples=8, max_abs_diff=1e-6, max_rel_diff=1e-6, atol=1e-4,
+                                                          rtol=1e-3, passed=True),
                     layers=[{"name": "fc", "layer_type": "Linear", "action": "keep", "params_before": 1,
                              "params_after": 1, "macs_before": 1, "macs_after": 1, "reason": "a | b"}],
                     finetune=None, post_finetune=None, bench={"threads": 1, "warmup": 1, "runs": 50},

@@ -11,7 +11,7 @@ import sys
 import typing
 
 from ..errors import first_line
-from .base import EDITS, Decision, LayerProfile, Method, Stage, Targets
+from .base import ACTIONS, EDITS, Decision, LayerProfile, Method, Stage, Targets
 from .afm import Afm
 from .group_envelope import GroupEnvelope
 from .pela import Pela
@@ -62,4 +62,4 @@ def discover_plugins() -> dict[str, type[Method]]:
 
 METHODS: dict[str, type[Method]] = {**BUILT_IN, **discover_plugins()}
 
-__all__ = ["BUILT_IN", "EDITS", "METHODS", "Decision", "LayerProfile", "Method", "Stage", "Targets"]
+__all__ = ["ACTIONS", "BUILT_IN", "EDITS", "METHODS", "Decision", "LayerProfile", "Method", "Stage", "Targets"]

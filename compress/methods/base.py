@@ -62,6 +62,11 @@ class Stage(Strict):
     targets: Targets = Field(default_factory=Targets)
 
 
+# What a decision may do to a layer (the report's readers know these): factorize into two factors,
+# project onto a rank in place, prune channels or heads, refine an earlier stage's factors, keep it.
+ACTIONS = ("factorize", "project", "prune", "refine", "keep")
+
+
 @dataclass
 class Decision:
     """What a method does to one layer, and what it costs before and after (per sample)."""
@@ -69,7 +74,7 @@ class Decision:
     name: str
     method: str
     layer_type: str
-    action: str  # "factorize", "prune", "keep" (left dense) ...
+    action: str  # one of ACTIONS
     weight_shape: list[int]
     params_before: int
     macs_before: int

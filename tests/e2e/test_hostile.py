@@ -484,8 +484,8 @@ def test_min_speedup_gate_uses_the_lower_bound():
     from compress.recipe import GatesSection
 
     report = SimpleNamespace(ratios=SimpleNamespace(speedup={"8": 1.3}, speedup_ci={"8": [0.9, 1.7]}))
-    gate = check_gates(report, GatesSection(min_speedup=1.2), Options())["checked"][0]
-    assert gate["value"] == 0.9 and gate["estimate"] == 1.3 and not gate["passed"]
+    gate = check_gates(report, GatesSection(min_speedup=1.2), Options()).checked[0]
+    assert gate.value == 0.9 and gate.estimate == 1.3 and not gate.passed
 
 
 # ---- the property: whatever a stranger puts in the file, exit 0 or 2, never a bug, never a marker ----

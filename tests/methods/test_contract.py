@@ -26,9 +26,9 @@ def recipe(stage: dict, **extra) -> dict:
 
 def planned(model_path, document):
     ctx = load_context(as_recipe(document), model_path, Options())
-    methods, rows = plan(ctx)
+    planned = plan(ctx)
     model = ctx.loaded.model
-    return planned_cost(methods, rows, bench.count_params(model), bench.count_macs(model, ctx.sample)), ctx, rows
+    return planned.cost(bench.count_params(model), bench.count_macs(model, ctx.sample)), ctx, planned.rows
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -93,3 +93,24 @@ def test_a_method_declares_everything_its_calibration_sets(name, digits_model):
     method.calibrate(ctx.loaded.model, batches)
     changed = {k for k, v in method.__dict__.items() if k not in before or before[k] is not v}
     assert changed and changed <= set(method.calibration_state), (name, changed, method.calibration_state)
+
+
+def test_a_decision_outside_the_closed_set_of_actions_is_refused(digits_model):
+    """The report's readers know five actions; a method (a plug-in, say) that decides anything else
+    is stopped at planning, naming itself."""
+    from compress.methods import ACTIONS, Decision
+    from compress.planning import plan_methods
+
+    ctx = load_context(as_recipe(recipe({"method": "svd"})), digits_model, Options())
+    method = make_methods_for(ctx)[0]
+    odd = Decision("fc", method.name, "Linear", "shrink", [10, 64], 650, 640, 300, 300)
+    method.plan = lambda model, profile: [odd]
+    with pytest.raises(TypeError, match="'shrink'.*one of factorize"):
+        plan_methods([method], ctx.loaded.model, {})
+    assert "shrink" not in ACTIONS
+
+
+def make_methods_for(ctx):
+    from compress.pipeline import make_methods
+
+    return make_methods(ctx.recipe, ctx.output["kind"])

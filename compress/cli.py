@@ -524,9 +524,8 @@ def check(recipe_path, model, trust_checkpoint, trust_factory, debug, quiet):
         path = f"stages[{i}].targets"
         types = tuple(stage.targets.types or METHODS[stage.method].layer_types)
         click.echo(f"stages[{i}] ({stage.method}), types {', '.join(types)}:")
-        for key, names in pattern_matches(ctx.loaded.model, stage.targets, path, types).items():
-            pattern = getattr(stage.targets, key.split("[")[0])[int(key.split("[")[1][:-1])]
-            click.echo(f"  {key} {pattern!r} matches {len(names)}: {', '.join(names)}")
+        for match in pattern_matches(ctx.loaded.model, stage.targets, path, types):
+            click.echo(f"  {match.label} {match.pattern!r} matches {len(match.layers)}: {', '.join(match.layers)}")
         chosen = [n for n, _ in select_targets(ctx.loaded.model, stage.targets, path, types)]
         click.echo(f"  targets {len(chosen)} layer(s): {', '.join(chosen) or 'none'}")
     planned = make_plan(ctx)

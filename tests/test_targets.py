@@ -31,4 +31,5 @@ def test_patterns_that_match_nothing_or_do_not_compile():
     with pytest.raises(RecipeError, match=r"exclude\[0\]: invalid regular expression"):
         names({"exclude": ["re:("]})
     matches = pattern_matches(model(), Targets.model_validate({"include": ["enc.*"], "exclude": ["*.1"]}), "t")
-    assert matches == {"include[0]": ["enc.0", "enc.1"], "exclude[0]": ["enc.1"]}
+    assert {m.label: m.layers for m in matches} == {"include[0]": ["enc.0", "enc.1"], "exclude[0]": ["enc.1"]}
+    assert [m.pattern for m in matches] == ["enc.*", "*.1"]

@@ -217,15 +217,29 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+@dataclass(frozen=True)
+class PatternMatch:
+    """The layers one pattern of a stage's `targets` matches."""
+
+    key: str  # "include" or "exclude"
+    index: int
+    pattern: str
+    layers: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.key}[{self.index}]"
+
+
 def pattern_matches(model: nn.Module, targets: Targets, path: str,
-                    default_types: tuple[str, ...] = ("Linear", "Conv2d")) -> dict[str, list[str]]:
-    """{"include[0]": [layer names], ...}: what each pattern of `targets` matches among the layers
-    of the listed types (or `default_types`). A pattern that matches nothing, or an invalid regex,
-    is a recipe error naming its key path (`path` is where `targets` sits, e.g. `stages[0].targets`)."""
+                    default_types: tuple[str, ...] = ("Linear", "Conv2d")) -> list[PatternMatch]:
+    """What each pattern of `targets` matches among the layers of the listed types (or
+    `default_types`), includes first. A pattern that matches nothing, or an invalid regex, is a
+    recipe error naming its key path (`path` is where `targets` sits, e.g. `stages[0].targets`)."""
     type_names = targets.types or list(default_types)
     types = tuple(LAYER_TYPES[t] for t in type_names)
     names = [n for n, m in model.named_modules() if n and isinstance(m, types)]
-    matches = {}
+    matches = []
     for key in ("include", "exclude"):
         for i, pattern in enumerate(getattr(targets, key)):
             if pattern.startswith("re:"):
@@ -238,7 +252,7 @@ def pattern_matches(model: nn.Module, targets: Targets, path: str,
                 close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
                 hint = f"; close layer names: {', '.join(close)}" if close else f"; layers of types {type_names}: {_preview(names)}"
                 raise RecipeError(f"{path}.{key}[{i}]: pattern {pattern!r} matches no layer{hint}")
-            matches[f"{key}[{i}]"] = found
+            matches.append(PatternMatch(key, i, pattern, found))
     return matches
 
 
@@ -246,8 +260,8 @@ def select_targets(model: nn.Module, targets: Targets, path: str,
                    default_types: tuple[str, ...] = ("Linear", "Conv2d")) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs a stage's `targets` picks, in model order (see pattern_matches)."""
     matches = pattern_matches(model, targets, path, default_types)
-    included = {n for k, v in matches.items() if k.startswith("include") for n in v}
-    excluded = {n for k, v in matches.items() if k.startswith("exclude") for n in v}
+    included = {n for m in matches if m.key == "include" for n in m.layers}
+    excluded = {n for m in matches if m.key == "exclude" for n in m.layers}
     chosen = [(n, m) for n, m in model.named_modules() if n in included and n not in excluded]
     if included and not chosen:  # a stage that can change nothing is a mistake, not a silent success
         raise RecipeError(f"{path}.exclude: leaves none of the {len(included)} included layers "

@@ -60,7 +60,7 @@ from ..metrics import primary_output
 from ..errors import RecipeError, UserError
 from .base import Decision, Method, Stage, edit_module, register_edit, select_targets, short
 from .group_envelope_allocation import EnvelopeAllocation
-from .group_envelope_channels import (ChannelSlice, channel_norms, channel_sizes, overcounted, scale_channels,
+from .group_envelope_channels import (ChannelGroup, ChannelSlice, channel_norms, channel_sizes, overcounted, scale_channels,
                                       slice_costs, unit_costs)
 
 # (module type, handler name) -> the parameters a channel owns there, as (name, dim)
@@ -257,9 +257,8 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen]
         return chosen, ignored
 
-    def channel_groups(self, model: nn.Module) -> dict[str, dict]:
-        """{root: {"channels", "slices", "reason", "members", "layout"}}: the layers this stage prunes,
-        each one coupled group of channels (or an attention module's heads); for a budget."""
+    def channel_groups(self, model: nn.Module) -> dict[str, ChannelGroup]:
+        """The groups this stage prunes by the layer (or attention module) that roots them; for a budget."""
         if self.sample is None:
             raise RecipeError(f"stages[{self.stage_index}] (group_envelope) needs calibration data")
         return self._collect(model)[1]
@@ -274,17 +273,17 @@ class GroupEnvelope(EnvelopeAllocation, Method):
             layout = attention_layout(module)
             members = [f"{name}.{part}" if name else part for part in (*layout.qkv, layout.output)] if layout else []
             if layout and any(m in targets for m in members):
-                found[name] = {"group": None, "layout": layout, "slices": head_slices(module, layout), "reason": None,
-                               "channels": getattr(module, layout.heads), "members": members}
+                found[name] = ChannelGroup(getattr(module, layout.heads), head_slices(module, layout), members,
+                                           layout=layout)
                 in_heads.update(members)
         for group in groups:
             root = names[group[0].dep.target.module]
             if root not in targets or root in in_heads:
                 continue
             slices, reason = group_slices(group, names)
-            found[root] = {"group": group, "slices": slices, "reason": reason, "channels": len(group[0].idxs),
-                           "members": sorted({names[item.dep.target.module] for item in group
-                                              if item.dep.target.module in names})}
+            found[root] = ChannelGroup(len(group[0].idxs), slices, sorted({names[item.dep.target.module] for item in group
+                                                                           if item.dep.target.module in names}),
+                                       reason, group=group)
         return graph, found
 
     def plan(self, model, profile):
@@ -294,21 +293,21 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         units = unit_costs(model, profile, "params"), unit_costs(model, profile, "macs")
         self.decisions = []
         for root, info in found.items():
-            n = info["channels"]
-            heads = info.get("layout") is not None
-            if info["slices"]:  # the group's share of every parameter its channels own, producers and consumers
-                params, macs = (round(sum(cost * share for _, cost, share in slice_costs(info["slices"], u)))
+            n = info.channels
+            heads = info.heads
+            if info.slices:  # the group's share of every parameter its channels own, producers and consumers
+                params, macs = (round(sum(cost * share for _, cost, share in slice_costs(info.slices, u)))
                                 for u in units)
             else:  # unsupported: the layers that produce these channels, for the row
-                producers = [m for m in info["members"] if self._produces(model, m, info)]
+                producers = [m for m in info.members if self._produces(model, m, info)]
                 params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
                 macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
                            for m in producers if m in profile)
             kind, unit = ("heads", "heads") if heads else ("channels", "channels")
-            extra = {"channels": n, "members": info["members"]}
-            if info["reason"]:
+            extra = {"channels": n, "members": info.members}
+            if info.reason:
                 self.decisions.append(Decision(root, self.name, kind, "keep", [n], params, macs, params, macs,
-                                               reason=info["reason"], extra=extra))
+                                               reason=info.reason, extra=extra))
                 continue
             if self.stage.keep == "auto":  # a budget's allocation; none for a layer it leaves whole
                 k = (self.stage.keeps or {}).get(root)
@@ -319,7 +318,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                     continue
             else:
                 k = self.stage.kept(n, round_to=1 if heads else None)  # a head count is not rounded to 8
-            extra.update({"keep": k, "note": f"keep {k} of {n} {unit} (members: {', '.join(info['members'])})"})
+            extra.update({"keep": k, "note": f"keep {k} of {n} {unit} (members: {', '.join(info.members)})"})
             self.decisions.append(Decision(root, self.name, kind, "prune", [n], params, macs,
                                            params * k // n, macs * k // n, extra=extra))
         self.twice = self._counted_twice(found, units)
@@ -336,7 +335,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                 continue
             dropped = 1 - d.extra["keep"] / d.extra["channels"]
             for parts, u in zip(removed, units):
-                for param, cost, share in slice_costs(found[d.name]["slices"], u):
+                for param, cost, share in slice_costs(found[d.name].slices, u):
                     parts.setdefault(id(param), (cost, []))[1].append(share * dropped)
         return round(overcounted(removed[0])), round(overcounted(removed[1]))
 
@@ -346,7 +345,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         entries, are in the group)."""
         module = model.get_submodule(member)
         return any(item.dep.target.module is module and getattr(item.dep.handler, "__name__", "") == "prune_out_channels"
-                   for item in info["group"])
+                   for item in info.group)
 
     def prepare(self, model):
         _, found = self._collect(model)  # the same groups, on the model being trained
@@ -354,7 +353,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         for d in self.decisions:
             if d.action != "prune":
                 continue
-            slices = found[d.name]["slices"]
+            slices = found[d.name].slices
             n = d.extra["channels"]
             weights = None
             if self.stage.weights == "size":
@@ -423,11 +422,11 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                 continue
             dead, cut = dead_by_root[d.name]
             n = d.extra["channels"]
-            layout = found[d.name].get("layout")
+            layout = found[d.name].layout
             if dead and layout is not None:
                 heads_to_remove.append((d.name, layout, dead))
             elif dead:
-                group = found[d.name]["group"]
+                group = found[d.name].group
                 root = group[0].dep.target.module
                 pruning = graph.get_pruning_group(root, group[0].dep.handler, idxs=dead)
                 pruning.prune()

@@ -33,12 +33,12 @@ class EnvelopeAllocation(Allocatable):
         self.units = unit_costs(model, profile, request.target, request.quantized)  # what one element costs
         out = []
         for root, info in self.channel_groups(model).items():
-            n = info["channels"]
-            if root in request.skip or info["reason"] or n < 2:
-                if not info["reason"] and root not in request.skip:
+            n = info.channels
+            if root in request.skip or info.reason or n < 2:
+                if not info.reason and root not in request.skip:
                     request.unpriced.append((self, root))
                 continue
-            step = 1 if info.get("layout") is not None else self.stage.round_to
+            step = 1 if info.heads else self.stage.round_to
             counts = list(range(step, n, step))
             if not counts:
                 request.unpriced.append((self, root))
@@ -46,7 +46,7 @@ class EnvelopeAllocation(Allocatable):
             if len(counts) > MAX_CANDIDATES:
                 stride = -(-len(counts) // MAX_CANDIDATES)
                 counts = counts[::-1][::stride][::-1]
-            squares = torch.sort(channel_norms(info["slices"], n).pow(2)).values  # ascending
+            squares = torch.sort(channel_norms(info.slices, n).pow(2)).values  # ascending
             dropped = torch.cumsum(squares, 0)  # dropped[i]: the i + 1 smallest
             candidates = [Candidate(None, 0.0, 0.0)] + [Candidate(k, 0.0, float(dropped[n - k - 1])) for k in counts]
             out.append(LayerChoice(self, root, "channels", candidates, energy=float(dropped[-1]), unit=info))
@@ -61,7 +61,7 @@ class EnvelopeAllocation(Allocatable):
     @contextlib.contextmanager
     def applied(self, model: nn.Module, choice: LayerChoice, size: int):
         """All but the group's `size` largest channels zeroed, restored afterwards."""
-        slices, n = choice.unit["slices"], choice.unit["channels"]
+        slices, n = choice.unit.slices, choice.unit.channels
         saved = {id(s.param): (s.param, s.param.detach().clone()) for s in slices}
         keep = torch.zeros(n, dtype=torch.float64)
         keep[torch.argsort(channel_norms(slices, n), descending=True)[:size]] = 1.0
@@ -84,8 +84,8 @@ class EnvelopeAllocation(Allocatable):
 def envelope_cost(choice: LayerChoice, kept: int | None, units: dict[int, float]) -> float:
     """The group's parameters' cost with `kept` of its n channels (None: all), as if no other group
     shrank (additive; exact_envelope corrects where two groups shrink the same parameter)."""
-    fraction = 1.0 if kept is None else kept / choice.unit["channels"]
-    return sum(cost * share * fraction for _, cost, share in slice_costs(choice.unit["slices"], units))
+    fraction = 1.0 if kept is None else kept / choice.unit.channels
+    return sum(cost * share * fraction for _, cost, share in slice_costs(choice.unit.slices, units))
 
 
 def envelope_interaction(groups: list[LayerChoice], units: dict[int, float]) -> float:
@@ -94,8 +94,8 @@ def envelope_interaction(groups: list[LayerChoice], units: dict[int, float]) -> 
     removed: dict[int, tuple[float, list[float]]] = {}
     for choice in groups:
         kept = choice.candidate.size
-        dropped = 0.0 if kept is None else 1 - kept / choice.unit["channels"]
-        for param, cost, share in slice_costs(choice.unit["slices"], units):
+        dropped = 0.0 if kept is None else 1 - kept / choice.unit.channels
+        for param, cost, share in slice_costs(choice.unit.slices, units):
             removed.setdefault(id(param), (cost, []))[1].append(share * dropped)
     return overcounted(removed)
 

@@ -11,6 +11,23 @@ from .. import layers
 
 
 @dataclass
+class ChannelGroup:
+    """One coupled group of channels that a stage prunes together (a Conv2d's or Linear's output
+    channels with every layer that reads them), or an attention module's heads."""
+
+    channels: int  # how many channels (or heads) the group has
+    slices: list["ChannelSlice"]  # every parameter part that belongs to the channels, producers and consumers
+    members: list[str]  # the layers the group spans
+    reason: str | None = None  # why the group cannot be pruned; None when it can
+    group: object | None = None  # channels: Torch-Pruning's dependency group, which prunes them
+    layout: object | None = None  # heads: the attention module's AttentionLayout
+
+    @property
+    def heads(self) -> bool:
+        return self.layout is not None
+
+
+@dataclass
 class ChannelSlice:
     """The part of one parameter that belongs to the group's channels."""
 

@@ -59,7 +59,7 @@ def test_training_ends_with_at_most_k_channels_and_pruned_equals_masked():
     for d in method.decisions:
         kept = set(d.extra["kept_channels"])
         assert len(kept) <= d.extra["keep"]
-        slices = found[d.name]["slices"]
+        slices = found[d.name].slices
         factors = torch.tensor([1.0 if i in kept else 0.0 for i in range(d.extra["channels"])], dtype=torch.float64)
         scale_channels(slices, factors)
         assert int((channel_norms(slices, d.extra["channels"]) > 0).sum()) <= d.extra["keep"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from .data import sample_size_error
 from .errors import UserError, first_line
+from . import hf
 from .files import FileRefused, check_zip, loads_json, read_regular, zip_names
 from .methods.base import short
 from . import outdir
@@ -52,6 +53,7 @@ class LoadedModel:
     inputs: list[dict] | None = None
     edits: list[dict] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # a folder holding the model's tokenizer files (a Hugging Face model)
 
     @property
     def pickled(self) -> bool:
@@ -124,15 +126,30 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
 
 
 def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None = None,
-               trust: bool = False, trusted: tuple[str, ...] | None = None) -> LoadedModel:
-    """Load a model from a safe checkpoint, a safetensors/state-dict file plus `factory`, or
-    (with `trust`) a whole pickled module. Factories are resolved only under the `trusted` module
-    prefixes (default: the tool's own examples; see compress.trust)."""
+               trust: bool = False, trusted: tuple[str, ...] | None = None, task: str | None = None,
+               output: str | None = None) -> LoadedModel:
+    """Load a model from a safe checkpoint, a safetensors/state-dict file plus `factory`, a Hugging
+    Face model folder (built for `task`, measured at `output`, see compress.hf), or (with `trust`)
+    a whole pickled module. Factories are resolved only under the `trusted` module prefixes
+    (default: the tool's own examples; see compress.trust)."""
     trusted = trusted_prefixes() if trusted is None else trusted
     path = Path(path)
     source = str(path)
+    folder = path.is_dir() and hf.is_model_folder(path) and not (path / ARTIFACT_NAME).is_file()
+    if (task or output) and not folder:
+        raise UserError(f"{source}: model.task and model.output are for a Hugging Face model folder (config.json and "
+                        "safetensors weights); this is not one")
     if path.is_dir() and (path / ARTIFACT_NAME).is_file():
-        return load_artifact(path / ARTIFACT_NAME, trusted)
+        loaded = load_artifact(path / ARTIFACT_NAME, trusted)
+        loaded.tokenizer = str(path) if hf.has_tokenizer(path) else None
+        return loaded
+    if folder:
+        model, hf_kwargs, metadata = hf.load_folder(path, task, output)
+        return LoadedModel(model, source, hf.FACTORY, hf_kwargs, hf.input_specs(hf.tokenizer_input_names(path)),
+                           metadata=metadata, tokenizer=str(path) if hf.has_tokenizer(path) else None)
+    if path.is_dir():
+        raise UserError(f"{source}: a folder, but neither a compress output (compression.json) nor a Hugging Face "
+                        "model folder (config.json)")
     if not path.is_file():
         raise UserError(f"{source}: model file not found")
     if path.stat().st_size == 0:

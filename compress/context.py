@@ -16,6 +16,8 @@ from torch import nn
 from . import bench, budget as budgeting, metrics, quantize
 from .checkpoint import LoadedModel, load_model
 from .data import Dataset, load_source, split_batch, synthetic_sample
+from .hf import TextModel, load_tokenizer
+from .text import is_text, load_text
 from .errors import UserError, first_line
 from .finetune import predict
 from .losses import detect_output_kind
@@ -101,7 +103,8 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
             loaded = LoadedModel(model.eval(), "<in memory>")
         else:
             loaded = load_model(model, r.model.factory, r.model.kwargs, trust=options.trust_checkpoint,
-                                trusted=trusted_prefixes(options.trust_factories))
+                                trusted=trusted_prefixes(options.trust_factories), task=r.model.task,
+                                output=r.model.output)
         if isinstance(loaded.model, torch.jit.ScriptModule) or any(
                 isinstance(m, torch.jit.ScriptModule) for m in loaded.model.modules()):
             raise UserError(f"{loaded.path}: is (or holds) a TorchScript module; compress rewrites a model's modules, "
@@ -110,7 +113,7 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
         if data is not None and not isinstance(data, dict):
             raise UserError(f"data: expected a mapping of roles (train, calibration, eval) to data sets, not "
                             f"{type(data).__name__}")
-        data = _load_data(recipe, {role: _in_memory(d, role) for role, d in (data or {}).items()})
+        data = _load_data(recipe, {role: _in_memory(d, role) for role, d in (data or {}).items()}, loaded.tokenizer)
         metrics.OUTPUT_KEY.set(r.model.output_key)
         try:  # a context that fails to load leaves no output key behind for the next one
             input_names, sample = _inputs(r, loaded, data, r.data.target)
@@ -132,13 +135,16 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
     return Context(recipe, loaded, input_names, sample, data, r.data.target, timings, output)
 
 
-def _load_data(recipe: LoadedRecipe, given: dict[str, Dataset]) -> dict[str, Dataset | None]:
-    """The data set of each role: given in memory, or the recipe's source (each file read once);
-    calibration defaults to train, eval to calibration, in memory as in the recipe."""
+def _load_data(recipe: LoadedRecipe, given: dict[str, Dataset], tokenizer_folder: str | None = None
+               ) -> dict[str, Dataset | None]:
+    """The data set of each role: given in memory, or the recipe's source (each file read once;
+    text tokenized by data.tokenizer, by default the model folder's); calibration defaults to
+    train, eval to calibration, in memory as in the recipe."""
     r = recipe.recipe
     sources = {"train": r.data.train, "calibration": r.data.calibration or r.data.train}
     sources["eval"] = r.data.eval or sources["calibration"]
     cache: dict[str, Dataset] = {}
+    tokenizers: dict = {}
     data: dict[str, Dataset | None] = {}
     for role, source in sources.items():
         if role in given:
@@ -148,13 +154,27 @@ def _load_data(recipe: LoadedRecipe, given: dict[str, Dataset]) -> dict[str, Dat
         else:
             resolved = recipe.resolve(source)
             if resolved not in cache:
-                cache[resolved] = load_source(resolved)
+                cache[resolved] = (_load_text(recipe, resolved, tokenizer_folder, tokenizers) if is_text(resolved)
+                                   else load_source(resolved))
             data[role] = cache[resolved]
     if "train" in given and "calibration" not in given and r.data.calibration is None:
         data["calibration"] = given["train"]
     if "eval" not in given and r.data.eval is None and ("calibration" in given or "train" in given):
         data["eval"] = data["calibration"]
     return data
+
+
+def _load_text(recipe: LoadedRecipe, source: str, tokenizer_folder: str | None, tokenizers: dict) -> Dataset:
+    d = recipe.recipe.data
+    if d.tokenizer != "auto":
+        tokenizer_folder = recipe.resolve(d.tokenizer)
+    elif tokenizer_folder is None:
+        raise UserError(f"{source}: text data needs a tokenizer, and the model brings none; set data.tokenizer to "
+                        "the folder of the model's tokenizer")
+    if tokenizer_folder not in tokenizers:  # loaded once for every text file of the recipe
+        tokenizers[tokenizer_folder] = load_tokenizer(tokenizer_folder)
+    return load_text(source, tokenizers[tokenizer_folder], d.text_keys, d.label_key, d.target, d.max_length,
+                     d.max_examples)
 
 
 def _check_weights(model: nn.Module, source) -> None:
@@ -189,6 +209,8 @@ def find_output_kind(model: nn.Module, names: list[str], sample, data, r) -> dic
     model's last module and its outputs on up to 256 samples of the data."""
     if r.finetune.output != "auto":
         return {"kind": r.finetune.output, "reason": "set in the recipe (finetune.output)"}
+    if isinstance(model, TextModel) and model.output != "logits":
+        return {"kind": "embeddings", "reason": f"auto: the encoder's pooled output (model.output {model.output})"}
     source = next((d for d in (data["calibration"], data["train"], data["eval"]) if d is not None), None)
     inputs = sample if source is None else tuple(source.head(min(256, len(source)))[n] for n in names)
     leaves = [m for m in model.modules() if not list(m.children())]

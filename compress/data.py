@@ -109,7 +109,8 @@ def load_source(source: str) -> Dataset:
                 raise UserError(f"{source}: not a usable data file: {exc}") from None
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise UserError(f"{source}: unknown data format {suffix!r}; use .pt, .npz or .safetensors")
+            raise UserError(f"{source}: unknown data format {suffix!r}; use .pt, .npz or .safetensors (or text: .txt, "
+                            ".jsonl, .csv, with a model that brings a tokenizer)")
     except UserError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, EOFError) as exc:

@@ -126,6 +126,31 @@ class Parity:
     atol: float
     rtol: float
     passed: bool  # |torch - onnx| <= atol + rtol |torch| everywhere
+    sequence_lengths: list[int] | None = None  # the lengths checked, where the inputs have a dynamic sequence axis
+
+
+def worse(a: Parity, b: Parity, lengths: list[int]) -> Parity:
+    """One parity over two checks: the larger differences, passed only if both passed."""
+    return Parity(a.samples, max(a.max_abs_diff, b.max_abs_diff), max(a.max_rel_diff, b.max_rel_diff), a.atol, a.rtol,
+                  a.passed and b.passed, sorted(set(lengths)))
+
+
+def shortest(batch: tuple[torch.Tensor, ...], input_names: list[str], axes: dict[str, dict[int, str]]
+             ) -> tuple[torch.Tensor, ...] | None:
+    """`batch` cut to its shortest example (the fewest tokens its `attention_mask` keeps) along the
+    dynamic sequence axis of tokenized text, or None when the inputs are not tokenized text (an
+    integer input of another model may have a fixed meaning along axis 1) or the batch is that
+    short already."""
+    if "attention_mask" not in input_names or batch[input_names.index("attention_mask")].dim() != 2:
+        return None
+    dynamic = [i for i, n in enumerate(input_names) if 1 in axes.get(n, {}) and batch[i].dim() == 2]
+    if input_names.index("attention_mask") not in dynamic:
+        return None
+    length = batch[dynamic[0]].shape[1]
+    short = max(1, int(batch[input_names.index("attention_mask")].sum(1).min()))
+    if short >= length:
+        return None
+    return tuple(t[:, :short] if i in dynamic else t for i, t in enumerate(batch))
 
 
 def parity(reference: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: float) -> Parity:

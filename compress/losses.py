@@ -102,7 +102,10 @@ def task_loss(loss: str, output: torch.Tensor, target: torch.Tensor, kind: str =
 
 def distill_loss(loss: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                  kind: str = "logits") -> torch.Tensor:
-    """Distillation of a student's outputs towards the frozen teacher's (both of `kind`)."""
+    """Distillation of a student's outputs towards the frozen teacher's (both of `kind`). Embeddings
+    are not distributions: kl (the default) distills them by cosine."""
+    if kind == "embeddings" and loss == "kl":
+        loss = "cosine"
     if loss == "mse":
         return F.mse_loss(student, teacher)
     if loss == "cosine":

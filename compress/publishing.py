@@ -12,6 +12,7 @@ from torch import nn
 from . import bench, budget as budgeting, exporting as export, quantize
 from . import report as reporting
 from .checkpoint import save_artifact, save_checkpoint, save_pickled_module
+from .hf import copy_tokenizer
 from .errors import UserError
 from .methods import Method
 from .metrics import drop, score
@@ -48,6 +49,8 @@ def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> rep
     with timed(ctx.timings, "save"):
         _save_model(ctx, done.model, done.methods, work / "model.pt", out.metric_after,
                     r.quantize.model_dump() if r.quantize else None)
+        if ctx.loaded.tokenizer:  # the output serves alone: model.onnx and the tokenizer that feeds it
+            copy_tokenizer(ctx.loaded.tokenizer, work)
     original_onnx_bytes = out.original_onnx.stat().st_size
     for path in (out.original_onnx, work / "original.int8.onnx"):  # measured; the output keeps the compressed model
         path.unlink(missing_ok=True)
@@ -74,11 +77,15 @@ def _export_and_verify(ctx: Context, done: Compressed, work: Path) -> _Published
         export.export_onnx(done.model, ctx.sample, ctx.input_names, out.float_onnx, r.export.opset, axes)
     with timed(ctx.timings, "parity"):
         tolerance = (r.export.parity.atol, r.export.parity.rtol)
-        out.parity = export.verify(done.model, out.float_onnx, ctx.input_names,
-                                   real_batch(ctx, min(64, max(r.bench.batch_sizes))), *tolerance, r.bench.threads)
+        batch = real_batch(ctx, min(64, max(r.bench.batch_sizes)))
+        out.parity = export.verify(done.model, out.float_onnx, ctx.input_names, batch, *tolerance, r.bench.threads)
         out.float_metric, out.float_outputs = _onnx_metric(ctx, out.float_onnx, metric_after, done.reference)
         if out.float_outputs is not None:  # the whole eval set, not one batch: the outputs are computed anyway
             out.parity = export.check_parity(export.parity(torch_outputs, out.float_outputs, *tolerance))
+        shorter = export.shortest(batch, ctx.input_names, axes)
+        if shorter is not None:  # a dynamic sequence axis: the model must take other lengths than it was traced at
+            at_short = export.verify(done.model, out.float_onnx, ctx.input_names, shorter, *tolerance, r.bench.threads)
+            out.parity = export.worse(out.parity, at_short, [batch[0].shape[1], shorter[0].shape[1]])
     if metric_after and out.float_metric and abs(metric_after["value"] - out.float_metric["value"]) > METRIC_TOLERANCE:
         out.warnings.append(f"the torch model scores {metric_after['name']} {metric_after['value']:.4f} but model.onnx "
                             f"{out.float_metric['value']:.4f} although parity passed (ties or saturated outputs?); "
@@ -216,6 +223,8 @@ def _save_model(ctx: Context, model: nn.Module, methods: list[Method], path: Pat
     inputs = [{"name": n, "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
               for n, t in zip(ctx.input_names, ctx.sample)]
     metadata = {"recipe_sha256": ctx.recipe.sha256, "metric": metric, "source": loaded.path}
+    if "base" in loaded.metadata:  # a Hugging Face folder: which one, and the hash of its weights
+        metadata["base"] = loaded.metadata["base"]
     if quantization:  # model.onnx is int8 by these settings; the weights saved here stay float
         metadata["quantization"] = quantization
     save_checkpoint(path, model, loaded.factory, loaded.kwargs, inputs=inputs, edits=edits, metadata=metadata)

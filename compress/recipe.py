@@ -32,6 +32,13 @@ class ModelSection(Strict):
 
     factory: str | None = Field(None, description="'package.module:callable' that returns the nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    task: Literal["feature-extraction", "sequence-classification", "token-classification"] | None = Field(
+        None, description="for a Hugging Face model folder: what transformers builds from it (default "
+        "feature-extraction, the bare encoder)")
+    output: Literal["mean_pool", "cls", "pooler", "logits"] | None = Field(
+        None, description="for a Hugging Face model folder: the tensor compress measures; mean_pool (the mean of the "
+        "last hidden states over the attention mask, the default for feature-extraction), cls (the first token's), "
+        "pooler, or logits (the default for the classification tasks)")
     output_key: str | None = Field(None, description="which output to compress for and measure when the model returns "
                                    "a dict, a transformers ModelOutput, an object or a tuple: a key, an attribute, or "
                                    "an index (default: `logits` if present, else the first)")
@@ -58,7 +65,9 @@ class ModelSection(Strict):
 class DataSection(Strict):
     """Where the data comes from. A source is a file (.pt, .npz, .safetensors; relative paths are
     taken from the recipe's folder) whose keys are the model's input names plus an optional
-    target, or a bundled set `bundled:NAME/SPLIT` (e.g. `bundled:digits/train`)."""
+    target, a bundled set `bundled:NAME/SPLIT` (e.g. `bundled:digits/train`), or text (.txt a line
+    per example, .jsonl or .csv with `text_keys` and an optional `label_key`) that the model's
+    tokenizer turns into its inputs."""
 
     train: str | None = Field(None, description="fine-tuning data")
     calibration: str | None = Field(None, description="data for statistics and decisions (default: train)")
@@ -71,6 +80,17 @@ class DataSection(Strict):
         "(meaningless for embeddings: ask for `agreement` for a classifier); neighbors: top-1 nearest-neighbour "
         "agreement within the eval set, as embedding retrieval sees it"
     )
+    tokenizer: str = Field("auto", max_length=4096, description="text data: the folder of the tokenizer (relative to "
+                           "the recipe's folder); auto: the model folder's own")
+    max_length: int = Field(128, ge=1, le=8192, description="text data: tokens per example at most (longer ones are "
+                            "truncated); a set is padded to its longest example")
+    text_keys: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["text"], min_length=1, max_length=2,
+        description=".jsonl / .csv text data: the key of the text, or two keys for pairs")
+    label_key: str = Field("label", min_length=1, max_length=200, description=".jsonl / .csv text data: the key of "
+                           "the labels (stored under `target`); examples without it are distilled")
+    max_examples: int = Field(100_000, ge=1, le=10_000_000, description="text data: examples read from each file "
+                              "at most (the file is read no further)")
 
 
 class InputSpec(Strict):
@@ -116,9 +136,10 @@ class FinetuneSection(Strict):
         "auto", description="task loss when labels exist; auto: cross_entropy for integer labels, bce for 0/1 "
         "labels, else mse"
     )
-    output: Literal["auto", "logits", "probabilities", "log_probabilities"] = Field(
-        "auto", description="what the model returns, for the losses; auto: probabilities when it ends in a sigmoid or "
-        "softmax or every sampled output is one, log_probabilities after a log-softmax, else logits")
+    output: Literal["auto", "logits", "probabilities", "log_probabilities", "embeddings"] = Field(
+        "auto", description="what the model returns, for the losses; auto: embeddings for a Hugging Face encoder's "
+        "pooled output (distilled by cosine), probabilities when it ends in a sigmoid or softmax or every sampled "
+        "output is one, log_probabilities after a log-softmax, else logits")
     distill: DistillSection = Field(default_factory=DistillSection)
     clip_grad_norm: float | None = Field(None, gt=0)
     checkpoint_every: int | None = Field(None, gt=0, le=10**9, description="write the resumable state every N steps "

@@ -92,7 +92,8 @@ class Report:
     seed: int = doc("the seed used")
     device: str = doc("where fine-tuning ran")
     inputs: list = doc("the model's input names, in call order")
-    output: dict = doc("what the model returns, for the losses: `kind` (logits, probabilities, log_probabilities) "
+    output: dict = doc("what the model returns, for the losses: `kind` (logits, probabilities, log_probabilities, "
+                       "embeddings) "
                        "and the `reason` (the recipe's finetune.output, or what auto saw)",
                        default_factory=lambda: {"kind": "logits", "reason": "default"})
     original: Side = doc("the original model's figures (below)")
@@ -113,7 +114,8 @@ class Report:
     warnings: list = doc("one line each when a measurement was too noisy to trust (also printed on stderr)")
     parity: Parity = doc("`samples` (the whole eval set, else one batch), `max_abs_diff`, `max_rel_diff` (relative "
                        "to max(\\|torch\\|, 1e-6)), `atol`, `rtol`, `passed`: the float ONNX model against the torch "
-                       "model")
+                       "model; `sequence_lengths`: for tokenized text, the lengths checked (the batch as padded and its shortest "
+                       "example), else null")
     layers: list = doc("one decision per targeted layer: `name`, `method`, `layer_type`, `action` (`factorize`, "
                        "`project`, `prune`, `refine` (a later stage trains an earlier stage's factors; `chain` names "
                        "both, e.g. `stages[0] afm -> stages[1] pela`) or `keep`), `weight_shape`, `rank`, `full_rank`, `scheme`, `energy` (share "

@@ -113,6 +113,11 @@ def check_trust_flag(value: Any, name: str = "trust_checkpoint") -> bool:
     return value
 
 
+# compress's own factories, allowed by exact name like the bundled examples': the Hugging Face
+# architectures transformers ships, built from a config (compress.hf), which runs no code of a file's
+BUILT_IN_FACTORIES = frozenset({"compress.hf:from_config"})
+
+
 def under(module_name: str, prefixes: Iterable[str]) -> bool:
     return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
 
@@ -148,7 +153,7 @@ def resolve_factory(reference: Any, prefixes: tuple[str, ...]):
         raise UserError(f"factory {reference!r}: the callable must be a public name (no leading underscores)")
     from .examples import FACTORIES
 
-    exact = reference in FACTORIES or reference in registered_factories()
+    exact = reference in FACTORIES or reference in BUILT_IN_FACTORIES or reference in registered_factories()
     refusal = None if exact else never_trusted(module_name)
     if not exact and (refusal or not under(module_name, prefixes)):
         raise UserError(f"factory {reference!r}: {_untrusted_hint(module_name, refusal)}")

@@ -1,0 +1,178 @@
+"""Hugging Face model folders and text data, end to end: a tiny BERT built from a config inside the
+test (no weights fetched), its tokenizer made from a word list, sentences as a .txt file; and the
+refusals a stranger's folder or text file meets."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed (pip install 'compress[hf]')")
+
+WORDS = ("the a cat dog sat on mat runs fast slow red blue green house tree car sky sun moon big small "
+         "good bad old new").split()
+
+
+def make_folder(folder, classes=None):
+    """A tiny BERT (2 layers, width 32) with its tokenizer, saved as transformers saves one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                     **({"num_labels": classes} if classes else {}))
+    model = (transformers.BertForSequenceClassification if classes else transformers.BertModel)(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+def sentences(count, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("hf") / "bert")
+
+
+RECIPE = """\
+data: {{train: {train}, batch_size: 16, max_length: 32}}
+stages:
+  - method: svd
+    targets: {{types: [Linear]}}
+    ratio: 0.5
+finetune: {{steps: 3}}
+bench: {{batch_sizes: [1, 4], warmup: 1, runs: 3}}
+"""
+
+
+def test_a_model_folder_and_a_text_file_go_through_apply_and_reload(bert, tmp_path, write_recipe, run_cli):
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(120)) + "\n\n")
+    recipe = write_recipe(RECIPE.format(train="sentences.txt"))
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", recipe, bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert report["output"]["kind"] == "embeddings" and report["compressed"]["metric"]["name"] == "cosine"
+    parity = report["parity"]
+    assert parity["passed"] and len(parity["sequence_lengths"]) == 2  # the longest and the shortest eval example
+    assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(report["files"])
+    # the pooler's output is not the one measured: it is neither compressed nor shipped
+    assert not any(".pooler." in row["name"] for row in report["layers"])
+    base = json.loads((out / "compression.json").read_text())["metadata"]["base"]
+    assert base["model_type"] == "bert" and len(base["weights_sha256"]) == 64
+
+    import compress
+    import onnxruntime as ort
+
+    reloaded = compress.load(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (sentences(3, seed=1), [s + " the cat sat on the mat" * 2 for s in sentences(5, seed=2)]):
+        feed = tokenizer(batch, padding="longest", return_tensors="np")
+        onnx_out = session.run(None, {k: feed[k].astype(np.int64) for k in report["inputs"]})[0]
+        with torch.no_grad():
+            torch_out = reloaded(*(torch.from_numpy(feed[k]).long() for k in report["inputs"]))
+        assert np.allclose(onnx_out, torch_out.numpy(), atol=1e-4), (feed["input_ids"].shape, batch)
+
+
+def test_pairs_with_labels_train_a_classifier_folder(tmp_path, write_recipe, run_cli):
+    folder = make_folder(tmp_path / "clf", classes=3)
+    rows = [{"premise": a, "hypothesis": b, "label": i % 3}
+            for i, (a, b) in enumerate(zip(sentences(90, 3), sentences(90, 4)))]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with open(tmp_path / "pairs.csv", "w") as f:
+        f.write("premise,hypothesis,label\n" + "".join(f"{r['premise']},{r['hypothesis']},{r['label']}\n" for r in rows))
+    for source in ("pairs.jsonl", "pairs.csv"):
+        recipe = write_recipe(RECIPE.format(train=source) + "model: {task: sequence-classification}\n"
+                              + "", name=f"{source}.yaml")
+        text = recipe.read_text().replace("max_length: 32}", "max_length: 32, text_keys: [premise, hypothesis]}")
+        recipe.write_text(text)
+        out = tmp_path / f"out-{source}"
+        result = run_cli("apply", "-r", recipe, folder, "--out", out, "-q", "--max-metric-drop", "1")
+        assert result.exit_code == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["compressed"]["metric"]["name"] == "accuracy" and report["output"]["kind"] == "logits"
+        assert "task" in report["finetune"]["loss_terms"]  # the labels train it
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.joinpath("config.json").write_text(json.dumps({**json.loads(f.joinpath("config.json").read_text()),
+                                                                "auto_map": {"AutoModel": "x.Y"}})),
+     "compress never runs a model folder's code"),
+    (lambda f: f.joinpath("config.json").write_text(json.dumps({**json.loads(f.joinpath("config.json").read_text()),
+                                                                "model_type": "no-such-model"})),
+     "is not one transformers"),
+    (lambda f: f.joinpath("config.json").write_text(json.dumps({**json.loads(f.joinpath("config.json").read_text()),
+                                                                "num_hidden_layers": 10**6})),
+     "num_hidden_layers 1000000 is out of range"),
+    (lambda f: f.joinpath("config.json").write_text(json.dumps({**json.loads(f.joinpath("config.json").read_text()),
+                                                                "vocab_size": 10**12})),
+     "more than half the"),
+    (lambda f: f.joinpath("config.json").write_text("[" * 100_000),
+     "not a config to read"),
+    (lambda f: (f.joinpath("model.safetensors").rename(f / "pytorch_model.bin")),
+     "reads model folders' weights from safetensors only"),
+])
+def test_a_strangers_folder_is_refused_in_one_line(bert, tmp_path, change, message, run_cli, write_recipe):
+    import shutil
+
+    folder = tmp_path / "stranger"
+    shutil.copytree(bert, folder)
+    change(folder)
+    (tmp_path / "s.txt").write_text("\n".join(sentences(20)))
+    recipe = write_recipe(RECIPE.format(train="s.txt"))
+    result = run_cli("plan", "-r", recipe, folder)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, content, extra, message", [
+    ("long.txt", "a " * (1 << 20), "", "a line of more than"),
+    ("bad.jsonl", '{"text": "a cat"}\n[1, 2]\n', "", "expected a JSON object"),
+    ("nokey.jsonl", '{"sentence": "a cat"}\n', "", "no text under 'text'"),
+    ("half.jsonl", '{"text": "a cat", "label": 1}\n{"text": "a dog"}\n', "", "1 of 2 examples have a 'label'"),
+    ("word.jsonl", '{"text": "a cat", "label": "cat"}\n', "", "is not a number"),
+    ("pairs.txt", "a cat\n", "text_keys: [a, b]", "pairs need .jsonl or .csv"),
+    ("empty.txt", "\n\n", "", "holds no examples"),
+])
+def test_text_mistakes_are_one_line(bert, tmp_path, name, content, extra, message, run_cli, write_recipe):
+    (tmp_path / name).write_text(content)
+    recipe = write_recipe(RECIPE.format(train=name).replace("max_length: 32", f"max_length: 32, {extra}" if extra
+                                                            else "max_length: 32"))
+    result = run_cli("plan", "-r", recipe, bert)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_text_needs_a_tokenizer_and_hf_keys_need_a_folder(digits_model, bert, tmp_path, run_cli, write_recipe):
+    (tmp_path / "s.txt").write_text("\n".join(sentences(20)))
+    result = run_cli("plan", "-r", write_recipe(RECIPE.format(train="s.txt")), digits_model)
+    assert result.exit_code == 2 and "text data needs a tokenizer" in result.stderr
+    recipe = write_recipe(extra="model: {task: feature-extraction}")
+    result = run_cli("plan", "-r", recipe, digits_model)
+    assert result.exit_code == 2 and "are for a Hugging Face model folder" in result.stderr
+    recipe = write_recipe(RECIPE.format(train="s.txt") + "model: {output: logits}\n", name="bad-output.yaml")
+    result = run_cli("plan", "-r", recipe, bert)
+    assert result.exit_code == 2 and "does not go with model.task feature-extraction" in result.stderr
+
+
+def test_text_is_read_no_further_than_max_examples(bert, tmp_path, run_cli, write_recipe):
+    (tmp_path / "s.txt").write_bytes(("\n".join(sentences(50)) + "\n").encode() + b"\xff\xfe not utf-8 after the limit")
+    recipe = write_recipe(RECIPE.format(train="s.txt").replace("max_length: 32", "max_length: 32, max_examples: 50"))
+    result = run_cli("plan", "-r", recipe, bert, "--json")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_without_transformers_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    from compress import hf
+    from compress.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'compress\[hf\]'"):
+        hf.transformers()

@@ -5,6 +5,7 @@ letter, at least six words, no code punctuation), deduplicated, shuffled with a 
 cut into disjoint train / calibration / eval files of one sentence a line.
 
     python benchmarks/corpus.py --out /tmp/corpus            # train.txt, calibration.txt, eval.txt
+    python benchmarks/corpus.py --one-file sentences.txt      # all of them in one file (data.split cuts it)
 
 The sentences are technical English (documentation prose), not web text: the realistic
 benchmark says so wherever it quotes a figure measured on them.
@@ -68,11 +69,18 @@ def sentences() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="a folder for train.txt, calibration.txt and eval.txt")
+    where.add_argument("--one-file", type=Path, help="one file of every sentence")
     parser.add_argument("--calibration", type=int, default=1024)
     parser.add_argument("--eval", type=int, default=512)
     args = parser.parse_args()
     found = sentences()
+    if args.one_file:
+        args.one_file.parent.mkdir(parents=True, exist_ok=True)
+        args.one_file.write_text("\n".join(found) + "\n")
+        print(f"{len(found)} sentences in {args.one_file}")
+        return
     if len(found) < args.calibration + args.eval + 1000:
         raise SystemExit(f"only {len(found)} sentences found")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,8 @@ def _context(recipe_path, model, trust, factories=(), seed=None, device="cpu", q
 @cli.command(epilog="""\b
 Example:
   compress apply --recipe recipes/svd.yaml model.pt --out out/svd
-  compress apply -r recipes/svd.yaml model.pt --out out/svd --force --max-metric-drop 0.01""")
+  compress apply -r recipes/svd.yaml model.pt --out out/svd --force --max-metric-drop 0.01
+  compress apply -r examples/sentence-encoder/recipe.yaml ./all-MiniLM-L6-v2 --out out/minilm""")
 @recipe_option
 @click.argument("model", type=click.Path())
 @click.option("--out", "-o", type=click.Path(), default=None,
@@ -170,8 +171,10 @@ def apply(recipe_path, model, out, force, resume, nproc, seed, device, trust_che
           min_speedup, min_size_ratio, debug, quiet):
     """Compress MODEL by RECIPE: plan, fine-tune, export ONNX, check parity, benchmark, report.
 
-    MODEL is a compress checkpoint (e.g. from `compress example`), a .safetensors or state-dict
-    file with model.factory in the recipe, or a pickled module with --trust-checkpoint.
+    MODEL is a compress checkpoint (e.g. from `compress example`), a compress output folder, a
+    Hugging Face model folder (config.json and safetensors weights; pip install 'compress[hf]'),
+    a .safetensors or state-dict file with model.factory in the recipe, or a pickled module with
+    --trust-checkpoint.
     """
     from . import distributed
     from .pipeline import apply as run_apply

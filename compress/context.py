@@ -157,6 +157,10 @@ def _load_data(recipe: LoadedRecipe, given: dict[str, Dataset], tokenizer_folder
                 cache[resolved] = (_load_text(recipe, resolved, tokenizer_folder, tokenizers) if is_text(resolved)
                                    else load_source(resolved))
             data[role] = cache[resolved]
+    split = r.data.split
+    if split is not None and data["train"] is not None and "train" not in given:
+        parts = data["train"].split(split.calibration, split.eval, split.seed)
+        data.update({role: given.get(role, part) for role, part in parts.items()})
     if "train" in given and "calibration" not in given and r.data.calibration is None:
         data["calibration"] = given["train"]
     if "eval" not in given and r.data.eval is None and ("calibration" in given or "train" in given):

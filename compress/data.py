@@ -62,6 +62,21 @@ class Dataset:
             idx = order[start:start + batch_size]
             yield {k: v[idx] for k, v in self.tensors.items()}
 
+    def subset(self, index: torch.Tensor, what: str) -> "Dataset":
+        """The samples at `index`, as a data set of their own named `what` of this one."""
+        return Dataset({k: v[index] for k, v in self.tensors.items()}, f"{self.source} ({what})")
+
+    def split(self, calibration: int, evaluation: int, seed: int) -> dict[str, "Dataset"]:
+        """Disjoint train, calibration and eval sets, shuffled by `seed` (the same on every run)."""
+        n = len(self)
+        if calibration + evaluation >= n:
+            raise UserError(f"{self.source}: {n:,} examples, too few for data.split (calibration {calibration:,} + eval "
+                            f"{evaluation:,}, and at least one left to train)")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return {"calibration": self.subset(order[:calibration], "split: calibration"),
+                "eval": self.subset(order[calibration:calibration + evaluation], "split: eval"),
+                "train": self.subset(order[calibration + evaluation:], "split: train")}
+
     def head(self, count: int) -> dict[str, torch.Tensor]:
         """The first `count` samples (repeated cyclically when the set is smaller)."""
         idx = torch.arange(count) % len(self)

@@ -62,6 +62,15 @@ class ModelSection(Strict):
         return value
 
 
+class SplitSection(Strict):
+    """Calibration and eval sets cut from data.train, for a user with one file: disjoint, and the
+    same on every run with the same seed."""
+
+    calibration: int = Field(ge=1, le=10_000_000, description="examples for calibration")
+    eval: int = Field(ge=1, le=10_000_000, description="examples for the metric")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="the shuffle's seed")
+
+
 class DataSection(Strict):
     """Where the data comes from. A source is a file (.pt, .npz, .safetensors; relative paths are
     taken from the recipe's folder) whose keys are the model's input names plus an optional
@@ -88,9 +97,21 @@ class DataSection(Strict):
         default_factory=lambda: ["text"], min_length=1, max_length=2,
         description=".jsonl / .csv text data: the key of the text, or two keys for pairs")
     label_key: str = Field("label", min_length=1, max_length=200, description=".jsonl / .csv text data: the key of "
-                           "the labels (stored under `target`); examples without it are distilled")
+                           "the labels (stored under `target`): label every example or none (without labels, fine-tuning distills)")
     max_examples: int = Field(100_000, ge=1, le=10_000_000, description="text data: examples read from each file "
                               "at most (the file is read no further)")
+    split: SplitSection | None = Field(None, description="cut calibration and eval sets from data.train (the rest "
+                                       "trains); data.calibration and data.eval are then left unset")
+
+    @model_validator(mode="after")
+    def _split_needs_one_source(self):
+        if self.split is not None:
+            if self.train is None:
+                raise ValueError("split: needs data.train, the file it divides")
+            if self.calibration is not None or self.eval is not None:
+                raise ValueError("split: divides data.train into calibration and eval; leave data.calibration and "
+                                 "data.eval unset")
+        return self
 
 
 class InputSpec(Strict):

@@ -46,3 +46,37 @@ def test_bad_sets_are_named():
 def test_synthetic_sample_follows_the_specs():
     a, b = synthetic_sample([{"name": "x", "shape": [3, 4]}, {"name": "ids", "shape": [7], "dtype": "int64"}])
     assert a.shape == (1, 3, 4) and a.dtype == torch.float32 and b.dtype == torch.int64 and not b.any()
+
+
+def test_split_cuts_disjoint_sets_the_same_way_every_time():
+    from compress.data import Dataset
+
+    data = Dataset({"x": torch.arange(100).float().reshape(100, 1), "target": torch.arange(100)}, "d.pt")
+    parts = data.split(20, 10, seed=3)
+    ids = {role: set(part.tensors["target"].tolist()) for role, part in parts.items()}
+    assert [len(ids[r]) for r in ("calibration", "eval", "train")] == [20, 10, 70]
+    assert not (ids["calibration"] & ids["eval"]) and not (ids["train"] & (ids["calibration"] | ids["eval"]))
+    again = data.split(20, 10, seed=3)
+    assert torch.equal(again["eval"].tensors["x"], parts["eval"].tensors["x"])
+    assert not torch.equal(data.split(20, 10, seed=4)["eval"].tensors["x"], parts["eval"].tensors["x"])
+    assert parts["eval"].source == "d.pt (split: eval)"
+    with pytest.raises(UserError, match="too few for data.split"):
+        data.split(60, 40, seed=0)
+
+
+def test_split_is_used_by_a_recipe_and_refused_beside_other_sources(tmp_path, digits_model):
+    from compress.api import as_recipe
+    from compress.errors import RecipeError
+    from compress.examples import bundled_data
+    from compress.pipeline import Options, load_context
+
+    torch.save(bundled_data("digits/train"), tmp_path / "all.pt")
+    document = {"data": {"train": str(tmp_path / "all.pt"), "split": {"calibration": 100, "eval": 200, "seed": 1}},
+                "stages": [{"method": "svd", "ratio": 0.5}]}
+    ctx = load_context(as_recipe(document), digits_model, Options())
+    sizes = {role: len(d) for role, d in ctx.data.items()}
+    assert sizes == {"calibration": 100, "eval": 200, "train": len(bundled_data("digits/train")["image"]) - 300}
+    assert ctx.data["eval"].source.endswith("(split: eval)")
+    document["data"]["eval"] = str(tmp_path / "all.pt")
+    with pytest.raises(RecipeError, match="leave data.calibration and data.eval unset"):
+        as_recipe(document)

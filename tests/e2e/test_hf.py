@@ -176,3 +176,25 @@ def test_without_transformers_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     with pytest.raises(UserError, match=r"pip install 'compress\[hf\]'"):
         hf.transformers()
+
+
+def test_the_sentence_encoder_example_runs_on_one_file(bert, tmp_path, run_cli):
+    """examples/sentence-encoder/recipe.yaml as shipped (fine-tuning cut short), on one text file
+    that data.split divides: the encoder's feed-forward layers change, int8 ships, the gate holds."""
+    import yaml
+
+    from ..conftest import REPO
+
+    document = yaml.safe_load((REPO / "examples" / "sentence-encoder" / "recipe.yaml").read_text())
+    document["finetune"]["steps"] = 3
+    document["bench"] = {"batch_sizes": [1, 4], "warmup": 1, "runs": 3}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(document))
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(900, seed=5)) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", tmp_path / "recipe.yaml", bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    changed = {row["name"] for row in report["layers"] if row["action"] == "factorize"}
+    assert changed == {f"model.encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("intermediate", "output")}
+    assert report["quantization"]["mode"] == "dynamic" and report["gates"]["passed"]
+    assert report["compressed"]["metric"]["name"] == "cosine"

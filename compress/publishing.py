@@ -34,7 +34,7 @@ class _Published:
     shipped_metric: dict | None = None
     quantization: dict | None = None
     models: dict = field(default_factory=dict)  # label -> ONNX file, for the benchmark
-    baselines: dict = field(default_factory=dict)
+    baselines: dict[str, reporting.Baseline] = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
 
@@ -117,11 +117,11 @@ def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) 
             info = quantize.quantize(out.original_onnx, baseline_onnx, r.quantize or quantize.QuantizeSection(),
                                      calibration_feeds(ctx, r.quantize))
             metric, _ = _onnx_metric(ctx, baseline_onnx, done.metric_before, done.reference)
-            out.baselines["int8_original"] = {"mode": info["mode"], "onnx_bytes": baseline_onnx.stat().st_size,
-                                              "metric": metric}
+            out.baselines["int8_original"] = reporting.Baseline(mode=info["mode"], metric=metric,
+                                                                onnx_bytes=baseline_onnx.stat().st_size)
             out.models["int8_original"] = str(baseline_onnx)
         except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
-            out.baselines["int8_original"] = {"error": str(exc)}
+            out.baselines["int8_original"] = reporting.Baseline(error=str(exc))
             out.warnings.append(f"baseline int8_original not measured: {exc}")
 
 
@@ -134,10 +134,10 @@ def _bench(ctx: Context, out: _Published, options: Options) -> bench.Measurement
         measured = bench.measure(out.models, feeds, r.bench.threads, r.bench.warmup, r.bench.runs,
                                  progress=options.progress, pairs=pairs)
     if "int8_original" in out.models:
-        out.baselines["int8_original"].update(
-            latency_ms=measured.latency_ms["int8_original"], speedup=measured.speedup["int8_original"],
-            speedup_ci=measured.speedup_ci["int8_original"],
-            compressed_speedup=measured.pair("int8_original", "compressed"))
+        base = out.baselines["int8_original"]
+        base.latency_ms, base.speedup = measured.latency_ms["int8_original"], measured.speedup["int8_original"]
+        base.speedup_ci = measured.speedup_ci["int8_original"]
+        base.compressed_speedup = measured.pair("int8_original", "compressed")
     return measured
 
 

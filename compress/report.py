@@ -60,6 +60,21 @@ class Ratios:
 
 
 @dataclass
+class Baseline:
+    """An alternative measured in the same run (int8 of the original): its figures, or why it could
+    not be made (`error`, the rest null)."""
+
+    mode: str | None = None
+    onnx_bytes: int | None = None
+    metric: dict | None = None
+    latency_ms: dict | None = None
+    speedup: dict | None = None  # batch -> its speedup over the original
+    speedup_ci: dict | None = None
+    compressed_speedup: dict | None = None  # batch -> {"speedup", "ci"}: the shipped model over it
+    error: str | None = None
+
+
+@dataclass
 class GateCheck:
     """One gate: its limit, the value measured, and whether it passed."""
 
@@ -106,10 +121,10 @@ class Report:
                                     "(`agreement_kind` top1 or cosine, `agreement`, `max_abs_deviation`, "
                                     "`metric_drop` from the float model, the limits, `passed`); null otherwise",
                                     default=None)
-    baselines: dict = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
+    baselines: dict[str, Baseline] = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
                           "`mode`, `onnx_bytes`, `metric`, `latency_ms`, `speedup`/`speedup_ci` over the original, "
                           "`compressed_speedup` (batch size -> `speedup`, `ci` of the shipped model over this "
-                          "baseline); `error` when it could not be made", default_factory=dict)
+                          "baseline); `error` when it could not be made (null otherwise)", default_factory=dict)
     ratios: Ratios = doc("original / compressed figures (below)")
     warnings: list = doc("one line each when a measurement was too noisy to trust (also printed on stderr)")
     parity: Parity = doc("`samples` (the whole eval set, else one batch), `max_abs_diff`, `max_rel_diff` (relative "
@@ -235,7 +250,7 @@ def baseline_verdict(report: dict) -> str | None:
     base = (report.get("baselines") or {}).get("int8_original")
     if not base:
         return None
-    if "error" in base:
+    if base.get("error"):
         return f"Int8 quantization of the original could not be measured: {base['error']}."
     c = report["compressed"]
     outcomes, parts = [], []  # one of "win", "tie", "loss" per criterion
@@ -319,7 +334,7 @@ def _figures(report: dict) -> list[str]:
     o, c, r = report["original"], report["compressed"], report["ratios"]
     base = (report.get("baselines") or {}).get("int8_original")
     columns = [("original", o)]
-    if base and "error" not in base:
+    if base and not base.get("error"):
         columns.append(("int8 of the original", {"params": o["params"], "macs": o["macs"], **base}))
     if report.get("compressed_float"):
         columns.append(("compressed, float", report["compressed_float"]))

@@ -135,7 +135,7 @@ def _summary(target: str, batch: int | None, first: dict, points: list[dict]) ->
     reference = [{"label": "original", "latency_ms": o["latency_ms"][b]["p50"], "params": o["params"],
                   "macs": o["macs"], "metric": o.get("metric")}]
     int8 = (first.get("baselines") or {}).get("int8_original")
-    if int8 and "error" not in int8:
+    if int8 and not int8.get("error"):
         reference.append({"label": "int8 of the original", "latency_ms": int8["latency_ms"][b]["p50"],
                           "metric": int8.get("metric")})
     return {"target": target, "batch": int(b), "reference": reference, "points": points,

@@ -52,3 +52,16 @@ def test_baseline_verdict_says_equal_is_equal_and_an_interval_holding_one_is_a_t
     assert "does not beat it (it loses on 1 of 3)" in _verdict_report(110, 100, (0.9, 1.1), 0.9, 0.9)
     assert "beats it on 1 of 3 and loses on 2" in _verdict_report(90, 100, (0.7, 0.9), 0.8, 0.9)
     assert "slower at batch 8 (0.85x [0.80, 0.90])" in _verdict_report(90, 100, (0.8, 0.9), 0.8, 0.9)
+
+
+def test_a_baseline_that_could_not_be_made_is_said_and_left_out_of_the_table():
+    from dataclasses import asdict
+
+    from compress.report import Baseline, baseline_verdict
+
+    failed = asdict(Baseline(error="nothing to quantize"))
+    assert failed["mode"] is None and failed["error"] == "nothing to quantize"
+    report = {"compressed": {"onnx_bytes": 1}, "baselines": {"int8_original": failed}}
+    assert baseline_verdict(report) == "Int8 quantization of the original could not be measured: nothing to quantize."
+    measured = asdict(Baseline(mode="dynamic", onnx_bytes=2, compressed_speedup={"8": {"speedup": 1.2, "ci": [1.1, 1.3]}}))
+    assert "it beats it" in baseline_verdict({"compressed": {"onnx_bytes": 1}, "baselines": {"int8_original": measured}})

@@ -48,6 +48,7 @@ from .knapsack import smallest_cost, solve
 from .methods import METHODS
 from .methods.allocation import MAX_CANDIDATES, AllocationRequest, LayerChoice, allocatable, layer_bytes, take
 from .methods.base import Decision, Method
+from .report import BudgetOutcome
 from .schema import Strict
 
 __all__ = ["Allocation", "BudgetSection", "allocated", "layer_bytes"]  # layer_bytes: for the pipeline's fixed savings
@@ -182,15 +183,13 @@ class Allocation:
             choice.chosen = index
         self.predicted = self.fixed + solution.cost
 
-    def summary(self) -> dict:
+    def summary(self) -> BudgetOutcome:
+        """What was planned (nothing measured on the built model yet)."""
         pred = self.predicted if self.target == "latency_ms" else self.ratio(self.predicted)
-        out = {"target": {self.target: self.value, **({"batch": self.batch} if self.batch else {})},
-               "predicted": round(pred, 4), "rounds": self.rounds,
-               "allocated_layers": len(self.layers),
-               "dense_layers": sum(1 for c in self.layers if c.candidate.size is None)}
-        if self.history:
-            out["history"] = self.history
-        return out
+        return BudgetOutcome(target={self.target: self.value, **({"batch": self.batch} if self.batch else {})},
+                             predicted=round(pred, 4), rounds=self.rounds, allocated_layers=len(self.layers),
+                             dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
+                             history=self.history or None)
 
 
 # ---------------------------------------------------------------- statistics and errors
@@ -395,7 +394,7 @@ def correct(allocation: Allocation, measured: float) -> None:
     allocation.solve()
 
 
-def outcome(allocation: Allocation, report) -> dict:
+def outcome(allocation: Allocation, report) -> BudgetOutcome:
     """report.json's `budget`: the target, what the allocation predicted, what was measured on the
     shipped model, whether it met the target (latency within TOLERANCE), and the rounds it took."""
     out = allocation.summary()
@@ -409,9 +408,8 @@ def outcome(allocation: Allocation, report) -> dict:
     else:
         measured = report.compressed.latency_ms.get(str(allocation.batch), {}).get("p50")
         met = measured is not None and measured <= value * (1 + TOLERANCE[target])
-    out.update(measured=measured, met=bool(met))
-    if allocation.newly_measured is not None:
-        out["ops_measured"] = allocation.newly_measured  # 0 when the latency cache had them all
+    out.measured, out.met = measured, bool(met)
+    out.ops_measured = allocation.newly_measured  # 0 when the latency cache had them all
     return out
 
 

@@ -255,7 +255,7 @@ def check_gates(report: reporting.Report, gates, options: Options) -> reporting.
         value = report.ratios.onnx_bytes
         checked.append(reporting.GateCheck("min_size_ratio", min_size, value, value is not None and value >= min_size))
     if gates.budget and report.budget is not None:
-        target, = (k for k in report.budget["target"] if k != "batch")
-        checked.append(reporting.GateCheck(f"budget.{target}", report.budget["target"][target],
-                                           report.budget["measured"], report.budget["met"]))
+        target, = (k for k in report.budget.target if k != "batch")
+        checked.append(reporting.GateCheck(f"budget.{target}", report.budget.target[target],
+                                           report.budget.measured, report.budget.met))
     return reporting.Gates(checked, all(g.passed for g in checked))

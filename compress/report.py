@@ -75,6 +75,21 @@ class Baseline:
 
 
 @dataclass
+class BudgetOutcome:
+    """What a budget planned and, once the model is built and measured, whether it met its target."""
+
+    target: dict  # {"speedup": 2.0, "batch": 8}: the target and, for latency, its batch size
+    predicted: float  # ratio, or ms for latency_ms
+    rounds: int
+    allocated_layers: int
+    dense_layers: int
+    history: list | None = None  # per verification round: predicted and measured (ms or bytes)
+    measured: float | None = None  # on the shipped model; null while only planned
+    met: bool | None = None  # null while only planned
+    ops_measured: int | None = None  # latency targets: op latencies not found in the cache
+
+
+@dataclass
 class GateCheck:
     """One gate: its limit, the value measured, and whether it passed."""
 
@@ -140,7 +155,7 @@ class Report:
                                 "last step's loss by term); null without fine-tuning")
     post_finetune: dict | None = doc("the same for the epochs a method asks for after its structural change "
                                      "(trp, group_envelope); null when none ran")
-    budget: dict | None = doc("with `budget:`: `target` (e.g. `{\"speedup\": 2, \"batch\": 32}`), `predicted` "
+    budget: BudgetOutcome | None = doc("with `budget:`: `target` (e.g. `{\"speedup\": 2, \"batch\": 32}`), `predicted` "
                               "(ratio, or ms for latency_ms), `measured` on the shipped model, `met` (latency "
                               "within 5 %, ONNX bytes within 1 %), `rounds` (allocations made; latency and "
                               "onnx_bytes targets are measured on the built model, int8 when the recipe quantizes, "
@@ -286,12 +301,15 @@ def baseline_verdict(report: dict) -> str | None:
             f"model is {', '.join(parts)}: it {verdict}.")
 
 
-def budget_line(budget: dict) -> str:
-    """One sentence on a budget: target, prediction, measurement, met or not."""
+def budget_line(budget: dict | BudgetOutcome) -> str:
+    """One sentence on a budget (report.json's `budget`, or the plan's): target, prediction,
+    measurement, met or not."""
+    if isinstance(budget, BudgetOutcome):
+        budget = asdict(budget)
     target, = (k for k in budget["target"] if k != "batch")
     unit = " ms" if target == "latency_ms" else "x"
     where = f" at batch {budget['target']['batch']}" if "batch" in budget["target"] else ""
-    if "met" in budget:
+    if budget.get("met") is not None:
         measured = budget.get("measured")
         said = (f", measured {_num(measured)}{unit}" if measured is not None else ", not measured") \
             + (": met" if budget["met"] else ": MISSED")

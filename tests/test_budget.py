@@ -362,7 +362,7 @@ def test_the_outcome_holds_each_target_to_the_shipped_models_measurement():
         allocation = Allocation(target, value, 8 if target in ("speedup", "latency_ms") else None, [],
                                 fixed=0.0, reference=10.0, predicted=5.0)
         out = outcome(allocation, report)
-        assert (out["measured"], out["met"]) == (measured, met), (target, value)
+        assert (out.measured, out.met) == (measured, met), (target, value)
 
 
 def test_a_noisy_latency_measurement_whose_interval_holds_the_prediction_moves_nothing():

@@ -125,7 +125,8 @@ def _quantize_file(path: Path, recipe, mode: str, names, batch, data) -> dict:
         quantized.replace(path)
     finally:
         quantized.unlink(missing_ok=True)
-    return {**info, "fidelity": fid}
+    info.fidelity = fid
+    return dataclasses.asdict(info)
 
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,

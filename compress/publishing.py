@@ -32,7 +32,7 @@ class _Published:
     parity: export.Parity | None = None
     shipped: Path | None = None
     shipped_metric: dict | None = None
-    quantization: dict | None = None
+    quantization: quantize.Quantized | None = None
     models: dict = field(default_factory=dict)  # label -> ONNX file, for the benchmark
     baselines: dict[str, reporting.Baseline] = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -100,9 +100,8 @@ def _ship(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
     if r.quantize:
         with timed(ctx.timings, "quantize"):
             out.shipped = work / "model.onnx"
-            out.quantization = _quantize(ctx, r.quantize, out.float_onnx, out.shipped, out.float_metric,
-                                         out.float_outputs, done.reference)
-            out.shipped_metric = out.quantization["fidelity"].pop("metric")
+            out.quantization, out.shipped_metric = _quantize(ctx, r.quantize, out.float_onnx, out.shipped,
+                                                             out.float_metric, out.float_outputs, done.reference)
     out.models = {"original": str(out.original_onnx), "compressed": str(out.shipped)}
     if r.quantize:
         out.models["compressed_float"] = str(out.float_onnx)
@@ -117,7 +116,7 @@ def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) 
             info = quantize.quantize(out.original_onnx, baseline_onnx, r.quantize or quantize.QuantizeSection(),
                                      calibration_feeds(ctx, r.quantize))
             metric, _ = _onnx_metric(ctx, baseline_onnx, done.metric_before, done.reference)
-            out.baselines["int8_original"] = reporting.Baseline(mode=info["mode"], metric=metric,
+            out.baselines["int8_original"] = reporting.Baseline(mode=info.mode, metric=metric,
                                                                 onnx_bytes=baseline_onnx.stat().st_size)
             out.models["int8_original"] = str(baseline_onnx)
         except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
@@ -185,7 +184,7 @@ def _onnx_metric(ctx: Context, path: Path, torch_metric: dict | None, reference)
 
 
 def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict | None, float_outputs,
-              reference) -> dict:
+              reference) -> tuple[quantize.Quantized, dict | None]:
     """Quantize the float model.onnx, then hold the result to the recipe's fidelity limits against the
     float model (on the eval data, else on a batch of the inputs): QuantizationError (exit 4) when missed."""
     info = quantize.quantize(float_onnx, out, cfg, calibration_feeds(ctx, cfg))
@@ -195,11 +194,10 @@ def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict
         batch = export.to_feed(ctx.input_names, real_batch(ctx, min(64, max(r.bench.batch_sizes))))
         float_outputs, outputs = (export.run(p, batch, r.bench.threads) for p in (float_onnx, out))
     fid = quantize.fidelity(float_outputs, outputs, classes=bool(metric) and metric["name"] == "accuracy")
-    fid["metric_drop"] = (round(drop(metric["name"], float_metric["value"], metric["value"]), 6)
-                          if metric and float_metric else None)
-    fid = quantize.check_fidelity(fid, cfg, metric["name"] if metric else None)
-    fid["metric"] = metric
-    return {**info, "fidelity": fid}
+    fid.metric_drop = (round(drop(metric["name"], float_metric["value"], metric["value"]), 6)
+                       if metric and float_metric else None)
+    info.fidelity = quantize.check_fidelity(fid, cfg, metric["name"] if metric else None)
+    return info, metric
 
 
 def train_summary(trained) -> dict | None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -200,8 +202,38 @@ def _quiet_ort_logging():
         root.setLevel(level)
 
 
+@dataclass
+class Fidelity:
+    """How closely a quantized model follows its float model, and the limits it was held to."""
+
+    agreement_kind: str  # top1 (class outputs) or cosine
+    agreement: float
+    max_abs_deviation: float
+    metric_drop: float | None = None  # the metric's drop from the float model, where there is eval data
+    max_metric_drop: float | None = None
+    min_agreement: float | None = None
+    passed: bool | None = None
+
+
+@dataclass
+class Quantized:
+    """What ONNX Runtime's quantization did to a model (report.json's `quantization`)."""
+
+    mode: str
+    weight_type: str
+    per_channel: bool
+    reduce_range: bool
+    op_types: list[str]
+    excluded: list[str]  # ONNX nodes kept in float
+    preprocessed: bool
+    quantized_ops: dict[str, int]  # operator -> count in the quantized model
+    calibration_batches: int | None = None
+    calibrate_method: str | None = None
+    fidelity: Fidelity | None = None
+
+
 def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
-             calibration: list[dict[str, np.ndarray]] | None = None) -> dict:
+             calibration: list[dict[str, np.ndarray]] | None = None) -> Quantized:
     """Write the quantized `out_path` from `float_path`; what was done, as report data."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -246,11 +278,9 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
     quantized = {op: count for op, count in sorted(ops.items()) if op in QUANTIZED_OPS}
     if not quantized:
         raise UserError(f"quantize: ONNX Runtime left the model in float (no {'/'.join(op_types)} it could quantize)")
-    return {"mode": cfg.mode, "weight_type": cfg.weight_type, "per_channel": cfg.per_channel,
-            "reduce_range": reduce_range, "op_types": op_types,
-            "excluded": excluded, "preprocessed": preprocessed, "quantized_ops": quantized,
-            "calibration_batches": len(calibration) if cfg.mode == "static" and calibration else None,
-            "calibrate_method": cfg.calibrate_method if cfg.mode == "static" else None}
+    return Quantized(cfg.mode, cfg.weight_type, cfg.per_channel, reduce_range, op_types, excluded, preprocessed,
+                     quantized, len(calibration) if cfg.mode == "static" and calibration else None,
+                     cfg.calibrate_method if cfg.mode == "static" else None)
 
 
 def calibration_feeds(data, names: list[str], batch_size: int, cfg: QuantizeSection) -> list[dict[str, np.ndarray]]:
@@ -261,35 +291,33 @@ def calibration_feeds(data, names: list[str], batch_size: int, cfg: QuantizeSect
             for b, _ in zip(data.batches(batch_size), range(cfg.calibration_batches))]
 
 
-def check_fidelity(fid: dict, cfg: QuantizeSection, metric_name: str | None = None,
-                   what: str = "quantized model.onnx", kept: str = "no ONNX model kept") -> dict:
-    """Hold `fid` (see `fidelity`, plus `metric_drop` when measured) to the section's limits;
+def check_fidelity(fid: Fidelity, cfg: QuantizeSection, metric_name: str | None = None,
+                   what: str = "quantized model.onnx", kept: str = "no ONNX model kept") -> Fidelity:
+    """Hold `fid` (see `fidelity`, with `metric_drop` when measured) to the section's limits;
     QuantizationError (exit 4) naming every limit missed."""
     missed = []
-    if fid["agreement"] < cfg.min_agreement:
-        missed.append(f"{fid['agreement_kind']} agreement with the float model {fid['agreement']:.4f} < "
+    if fid.agreement < cfg.min_agreement:
+        missed.append(f"{fid.agreement_kind} agreement with the float model {fid.agreement:.4f} < "
                       f"quantize.min_agreement {cfg.min_agreement}")
-    if fid.get("metric_drop") is not None and fid["metric_drop"] > cfg.max_metric_drop:
-        missed.append(f"{metric_name} drops by {fid['metric_drop']:.4f} from the float model > "
+    if fid.metric_drop is not None and fid.metric_drop > cfg.max_metric_drop:
+        missed.append(f"{metric_name} drops by {fid.metric_drop:.4f} from the float model > "
                       f"quantize.max_metric_drop {cfg.max_metric_drop}")
     if missed:
         raise QuantizationError(f"{what} strays too far from the float model: {'; '.join(missed)}; {kept} "
                                 "(exclude sensitive layers with quantize.exclude, or try mode: static)")
-    return {**fid, "max_metric_drop": cfg.max_metric_drop, "min_agreement": cfg.min_agreement, "passed": True}
+    return dataclasses.replace(fid, max_metric_drop=cfg.max_metric_drop, min_agreement=cfg.min_agreement, passed=True)
 
 
-def fidelity(float_out: torch.Tensor, quant_out: torch.Tensor, classes: bool = False) -> dict:
+def fidelity(float_out: torch.Tensor, quant_out: torch.Tensor, classes: bool = False) -> Fidelity:
     """How closely the quantized outputs follow the float model's: top-1 agreement for class
     outputs (`classes`: the model is scored against class labels, outputs (B, C > 1)), mean cosine
     otherwise (an embedding's top-1 dimension means nothing), and the largest absolute deviation."""
     a, b = float_out.double(), quant_out.double().reshape(float_out.shape)
-    out = {"max_abs_deviation": round(float((a - b).abs().max()), 6) if a.numel() else 0.0}
+    deviation = round(float((a - b).abs().max()), 6) if a.numel() else 0.0
     if classes and a.dim() == 2 and a.shape[1] > 1:
-        out.update(agreement_kind="top1", agreement=round(float((a.argmax(1) == b.argmax(1)).double().mean()), 6))
-    else:
-        flat_a, flat_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-        if flat_a.shape[1] == 1:  # one number per sample: cosine is meaningless, compare the whole vector
-            flat_a, flat_b = flat_a.T, flat_b.T
-        cosine = torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=1, eps=1e-12)
-        out.update(agreement_kind="cosine", agreement=round(float(cosine.mean()), 6))
-    return out
+        return Fidelity("top1", round(float((a.argmax(1) == b.argmax(1)).double().mean()), 6), deviation)
+    flat_a, flat_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if flat_a.shape[1] == 1:  # one number per sample: cosine is meaningless, compare the whole vector
+        flat_a, flat_b = flat_a.T, flat_b.T
+    cosine = torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=1, eps=1e-12)
+    return Fidelity("cosine", round(float(cosine.mean()), 6), deviation)

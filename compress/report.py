@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .exporting import Parity
+from .quantize import Quantized
 
 
 def versions() -> dict[str, str]:
@@ -131,7 +132,7 @@ class Report:
                            "(then `metric` is that of the int8 ONNX model)")
     compressed_float: Side | None = doc("with `quantize:`, the same figures for the float compressed model "
                                         "(`model.float.onnx`); null otherwise", default=None)
-    quantization: dict | None = doc("with `quantize:`: `mode`, `weight_type`, `per_channel`, `reduce_range` (as used), `op_types`, `excluded` "
+    quantization: Quantized | None = doc("with `quantize:`: `mode`, `weight_type`, `per_channel`, `reduce_range` (as used), `op_types`, `excluded` "
                                     "(ONNX nodes kept in float), `quantized_ops` (operator counts), `fidelity` "
                                     "(`agreement_kind` top1 or cosine, `agreement`, `max_abs_deviation`, "
                                     "`metric_drop` from the float model, the limits, `passed`); null otherwise",

@@ -19,13 +19,13 @@ def test_fidelity_of_class_and_vector_outputs():
     flipped = logits.clone()
     flipped[0] = torch.tensor([1.0, 2.0])
     fid = fidelity(logits, flipped, classes=True)
-    assert fid["agreement_kind"] == "top1" and fid["agreement"] == 0.75 and fid["max_abs_deviation"] == 1.0
-    assert fidelity(logits, flipped)["agreement_kind"] == "cosine"  # without class labels
+    assert fid.agreement_kind == "top1" and fid.agreement == 0.75 and fid.max_abs_deviation == 1.0
+    assert fidelity(logits, flipped).agreement_kind == "cosine"  # without class labels
     vectors = torch.randn(5, 8)
     fid = fidelity(vectors, vectors * 2)  # same directions: cosine 1
-    assert fid["agreement_kind"] == "cosine" and fid["agreement"] == pytest.approx(1.0)
+    assert fid.agreement_kind == "cosine" and fid.agreement == pytest.approx(1.0)
     fid = fidelity(torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [-2.0]]))  # one number per sample
-    assert fid["agreement"] == pytest.approx(-0.6)
+    assert fid.agreement == pytest.approx(-0.6)
 
 
 def test_mistakes_are_found_before_any_work():

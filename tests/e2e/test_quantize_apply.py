@@ -1,5 +1,6 @@
 """compress apply with `quantize:`: a verified int8 model.onnx for every method, the float model
 beside it, and int8 of the original measured in the same run."""
+import dataclasses
 import json
 
 import onnx
@@ -72,7 +73,8 @@ def test_static_quantization_and_the_baseline_without_quantize(write_recipe, run
 def test_a_quantized_model_that_strays_exits_4_and_keeps_nothing(write_recipe, run_cli, digits_model, tmp_path,
                                                                  monkeypatch):
     real = quantize.fidelity
-    monkeypatch.setattr(quantize, "fidelity", lambda a, b, classes: {**real(a, b, classes), "agreement": 0.5})
+    monkeypatch.setattr(quantize, "fidelity", lambda a, b, classes: dataclasses.replace(real(a, b, classes),
+                                                                                         agreement=0.5))
     result = run_cli("apply", "-r", write_recipe(extra="quantize: {mode: dynamic, min_agreement: 0.9}"), digits_model,
                      "--out", tmp_path / "out", "-q")
     assert result.exit_code == 4, result.stderr

@@ -12,8 +12,8 @@ from torch import nn
 from . import bench, budget as budgeting, exporting as export, quantize
 from . import report as reporting
 from .checkpoint import save_artifact, save_checkpoint, save_pickled_module
-from .hf import copy_tokenizer
 from .errors import UserError
+from .hf import copy_tokenizer
 from .methods import Method
 from .metrics import drop, score
 from .context import (METRIC_TOLERANCE, Compressed, Context, Options, calibration_feeds, evaluate, file_size,
@@ -85,7 +85,8 @@ def _export_and_verify(ctx: Context, done: Compressed, work: Path) -> _Published
         shorter = export.shortest(batch, ctx.input_names, axes)
         if shorter is not None:  # a dynamic sequence axis: the model must take other lengths than it was traced at
             at_short = export.verify(done.model, out.float_onnx, ctx.input_names, shorter, *tolerance, r.bench.threads)
-            out.parity = export.worse(out.parity, at_short, [batch[0].shape[1], shorter[0].shape[1]])
+            mask = ctx.input_names.index("attention_mask")  # shortest() cuts along tokenized text's mask
+            out.parity = export.worse(out.parity, at_short, [batch[mask].shape[1], shorter[mask].shape[1]])
     if metric_after and out.float_metric and abs(metric_after["value"] - out.float_metric["value"]) > METRIC_TOLERANCE:
         out.warnings.append(f"the torch model scores {metric_after['name']} {metric_after['value']:.4f} but model.onnx "
                             f"{out.float_metric['value']:.4f} although parity passed (ties or saturated outputs?); "

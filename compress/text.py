@@ -116,6 +116,20 @@ def _label(path: Path, number: int, value) -> int | float:
     return value
 
 
+def _check_padded_size(path: Path, ids: list[list[int]], tensors: int) -> None:
+    """Refuse a set whose padded tensors would take more than half the memory (one long line
+    among many short ones pads them all to its length)."""
+    from .system import available_memory
+
+    longest = max((len(x) for x in ids), default=0)
+    need = len(ids) * longest * 8 * tensors
+    budget = available_memory() // 2
+    if need > budget:
+        raise UserError(f"{path}: {len(ids):,} examples padded to {longest:,} tokens take {need / 2**30:.1f} GiB, more "
+                        f"than half the {budget * 2 / 2**30:.1f} GiB available; lower data.max_length or "
+                        "data.max_examples")
+
+
 def load_text(path: str | Path, tokenizer, keys: list[str], label: str, target: str, max_length: int,
               limit: int) -> Dataset:
     """A text file as the tensors the model takes, tokenized by `tokenizer`; labels under `target`."""
@@ -124,7 +138,11 @@ def load_text(path: str | Path, tokenizer, keys: list[str], label: str, target: 
         raise UserError(f"{path}: data file not found")
     columns, labels = read_examples(path, keys, label, limit)
     try:
-        encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        encoded = tokenizer(*columns, truncation=True, max_length=max_length)
+        _check_padded_size(path, encoded["input_ids"], len(encoded))
+        encoded = tokenizer.pad(encoded, padding="longest", return_tensors="pt")
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the tokenizer's own complaint, in one line
         raise UserError(f"{path}: the tokenizer cannot encode it ({first_line(exc, 150)})") from None
     order = ["input_ids", "attention_mask", "token_type_ids"]

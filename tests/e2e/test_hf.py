@@ -198,3 +198,14 @@ def test_the_sentence_encoder_example_runs_on_one_file(bert, tmp_path, run_cli):
     assert changed == {f"model.encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("intermediate", "output")}
     assert report["quantization"]["mode"] == "dynamic" and report["gates"]["passed"]
     assert report["compressed"]["metric"]["name"] == "cosine"
+
+
+def test_padding_that_would_not_fit_in_memory_is_refused(bert, tmp_path, monkeypatch, run_cli, write_recipe):
+    """One long line among many short ones pads them all to its length: counted before padding."""
+    import compress.system
+
+    (tmp_path / "s.txt").write_text("\n".join(sentences(200)) + "\n" + " ".join(["cat"] * 30) + "\n")
+    # half of it holds the tiny model's 80 KB but not 201 examples x 32 tokens x 8 bytes x 3 tensors (154 KB)
+    monkeypatch.setattr(compress.system, "available_memory", lambda: 240_000)
+    result = run_cli("plan", "-r", write_recipe(RECIPE.format(train="s.txt")), bert)
+    assert result.exit_code == 2 and "lower data.max_length or data.max_examples" in result.stderr, result.stderr

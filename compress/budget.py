@@ -161,6 +161,9 @@ class Allocation:
     measured: float | None = None
     newly_measured: int | None = None
     history: list[dict] = field(default_factory=list)
+    # how the units' errors are made comparable (the costly probing), run by the first solve that must
+    # shrink something: a target the dense model (with the fixed part, e.g. int8) meets needs none
+    scale_errors: Callable[[], None] | None = field(default=None, repr=False)
 
     def ratio(self, cost: float) -> float:
         return self.reference / cost if cost > 0 else float("inf")
@@ -171,9 +174,17 @@ class Allocation:
         return total - self.fixed
 
     def solve(self) -> None:
-        """Pick one candidate per unit: least predicted error within the target."""
+        """Pick one candidate per unit: least predicted error within the target. A target out of
+        reach is said before the errors are scaled; one the dense model meets needs no scaling."""
         options = [[(c.cost, c.error) for c in choice.candidates] for choice in self.layers]
         solution = solve(options, self.limit())
+        shrinks = solution is not None and any(choice.candidates[i].size is not None
+                                               for choice, i in zip(self.layers, solution.choice))
+        if shrinks and self.scale_errors is not None:
+            scale, self.scale_errors = self.scale_errors, None
+            scale()
+            options = [[(c.cost, c.error) for c in choice.candidates] for choice in self.layers]
+            solution = solve(options, self.limit())
         if solution is None:
             best = self.fixed + smallest_cost(options)
             reach = f"{best:.4g} ms" if self.target == "latency_ms" else f"{self.ratio(best):.3g}x"
@@ -280,13 +291,13 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                           "anything")
     for choice in iterate(choices, len(choices), "price candidates", "layer", enabled=progress and budget.in_latency):
         choice.method.price_choices([choice], model, profile, request)  # latency: measured per op, cached
-    _scale_errors(budget, choices, model, batches, progress)
     dense_total = sum(c.candidates[0].cost for c in choices)
     base = reference_cost if base_cost is None else base_cost
     fixed = base - fixed_savings - dense_total  # everything the allocation does not touch
     allocation = Allocation(target=budget.target, value=budget.value,
                             batch=request.batch if budget.in_latency else None, layers=choices, fixed=fixed,
-                            reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced)
+                            reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,
+                            scale_errors=lambda: _scale_errors(budget, choices, model, batches, progress))
     allocation.solve()
     for method, mine in offered:
         if mine:

@@ -373,3 +373,28 @@ def test_a_noisy_latency_measurement_whose_interval_holds_the_prediction_moves_n
     assert record(allocation, 6.0, [4.8, 7.0])  # 20 % off, but the runs were too noisy to say
     assert not record(allocation, 6.0, [5.5, 6.5])
     assert allocation.history[1]["measured_interval"] == [4.8, 7.0] and len(allocation.history) == 3
+
+
+def test_a_target_the_fixed_part_meets_is_planned_without_probing(digits_model, monkeypatch):
+    """int8 alone makes the model ~3.5x smaller: an onnx_bytes 2.0 budget is met with every layer
+    dense, so no layer is probed (on the real encoder this probing took 21 of 22.6 minutes); a target
+    out of reach is said before any probing too."""
+    from compress import budget
+    from compress.api import as_recipe
+    from compress.errors import RecipeError
+    from compress.pipeline import Options, load_context, plan
+
+    probed = []
+    monkeypatch.setattr(budget, "_scale_errors", lambda *args: probed.append(args))
+    document = {"data": DATA, "stages": [STAGE], "budget": {"onnx_bytes": 2.0},
+                "quantize": {"mode": "dynamic", "op_types": ["Conv", "MatMul", "Gemm"]}}
+    planned = plan(load_context(as_recipe(document), digits_model, Options()))
+    assert planned.allocation is not None and not probed
+    assert all(d.action == "keep" for d in planned.decisions)
+    document = {"data": DATA, "stages": [STAGE], "budget": {"params": 50.0}}
+    with pytest.raises(RecipeError, match="cannot be met even with every allocated layer"):
+        plan(load_context(as_recipe(document), digits_model, Options()))
+    assert not probed
+    document["budget"]["params"] = 1.5  # something must shrink: the errors are made comparable first
+    plan(load_context(as_recipe(document), digits_model, Options()))
+    assert len(probed) == 1

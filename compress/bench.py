@@ -310,17 +310,17 @@ def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], thr
             for session in sessions.values():
                 session.run(None, feed)
                 bar.update(1)
-        samples, taken = _paired_runs(sessions, feed, runs, budget_s, bar)
-        _summarize(result, str(batch_size), samples, taken)
+        samples, taken, known = _paired_runs(sessions, feed, runs, budget_s, bar)
+        _summarize(result, str(batch_size), samples, taken, known)
     bar.close()
     return result
 
 
 def _paired_runs(sessions: dict, feed: dict[str, np.ndarray], runs: int, budget_s: float, bar
-                 ) -> tuple[dict[str, list[float]], int]:
+                 ) -> tuple[dict[str, list[float]], int, dict[tuple[str, str], tuple[float, tuple[float, float]]]]:
     """Milliseconds per run of every session, in alternating order, until every speedup over the
-    first is known to +-TARGET_HALF_WIDTH (or MAX_RUNS_FACTOR x runs, or budget_s); and how many
-    rounds were taken."""
+    first is known to +-TARGET_HALF_WIDTH (or MAX_RUNS_FACTOR x runs, or budget_s); how many
+    rounds were taken; and each speedup over the first with its interval, as last computed."""
     labels = list(sessions)
     reference, others = labels[0], labels[1:]
     samples: dict[str, list[float]] = {label: [] for label in labels}
@@ -333,10 +333,11 @@ def _paired_runs(sessions: dict, feed: dict[str, np.ndarray], runs: int, budget_
                 samples[label].append((time.perf_counter() - start) * 1e3)
                 bar.update(1)
             taken += 1
-        wide = [o for o in others if half_width(speedup_interval(samples[reference], samples[o]),
-                                                _p50_ratio(samples[reference], samples[o])) > TARGET_HALF_WIDTH]
+        known = {(reference, o): (_p50_ratio(samples[reference], samples[o]),
+                                  speedup_interval(samples[reference], samples[o])) for o in others}
+        wide = [pair for pair, (estimate, interval) in known.items() if half_width(interval, estimate) > TARGET_HALF_WIDTH]
         if not wide or taken >= MAX_RUNS_FACTOR * runs or time.perf_counter() - started > budget_s:
-            return samples, taken
+            return samples, taken, known
         if hasattr(bar, "total"):
             bar.total += runs * len(labels)
 
@@ -345,13 +346,15 @@ def _p50_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.median(a) / np.median(b))
 
 
-def _summarize(result: Measurement, key: str, samples: dict[str, list[float]], taken: int) -> None:
-    """One batch size's percentiles and speedups into `result`, with a warning for each speedup
-    too noisy to trust and for runs the machine interrupted."""
+def _summarize(result: Measurement, key: str, samples: dict[str, list[float]], taken: int,
+               known: dict[tuple[str, str], tuple[float, tuple[float, float]]]) -> None:
+    """One batch size's percentiles and speedups into `result` (those in `known` as computed there),
+    with a warning for each speedup too noisy to trust and for runs the machine interrupted."""
     for label in result.labels:
         result.latency_ms[label][key] = {**percentiles(samples[label]), "runs": taken}
     for a, b in result.speedups:
-        estimate, interval = _p50_ratio(samples[a], samples[b]), speedup_interval(samples[a], samples[b])
+        estimate, interval = known.get((a, b)) or (_p50_ratio(samples[a], samples[b]),
+                                                   speedup_interval(samples[a], samples[b]))
         result.speedups[(a, b)][key] = Speedup(round(estimate, 4), *_reported(interval, estimate))
         if half_width(interval, estimate) > WARN_HALF_WIDTH:
             result.warnings.append(

@@ -139,14 +139,15 @@ def load_model(path: str | Path, factory: str | None = None, kwargs: dict | None
     if (task or output) and not folder:
         raise UserError(f"{source}: model.task and model.output are for a Hugging Face model folder (config.json and "
                         "safetensors weights); this is not one")
+    tokenizer = str(path) if path.is_dir() and hf.has_tokenizer(path) else None  # beside a folder's model
     if path.is_dir() and (path / ARTIFACT_NAME).is_file():
         loaded = load_artifact(path / ARTIFACT_NAME, trusted)
-        loaded.tokenizer = str(path) if hf.has_tokenizer(path) else None
+        loaded.tokenizer = tokenizer
         return loaded
     if folder:
         model, hf_kwargs, metadata = hf.load_folder(path, task, output)
         return LoadedModel(model, source, hf.FACTORY, hf_kwargs, hf.input_specs(hf.tokenizer_input_names(path)),
-                           metadata=metadata, tokenizer=str(path) if hf.has_tokenizer(path) else None)
+                           metadata=metadata, tokenizer=tokenizer)
     if path.is_dir():
         raise UserError(f"{source}: a folder, but neither a compress output (compression.json) nor a Hugging Face "
                         "model folder (config.json)")

@@ -118,14 +118,14 @@ def _quiet(tf):
     """transformers' own warnings (weights it initialised, ...) and progress bars off the terminal
     while it builds: compress reports its own progress."""
     logging = tf.utils.logging
-    verbosity, bars_off = logging.get_verbosity(), logging.is_progress_bar_enabled() is False
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
-        if not bars_off:
+        if bars:
             logging.enable_progress_bar()
 
 
@@ -173,15 +173,21 @@ class TextModel(nn.Module):
 def from_config(config: dict, task: str = "feature-extraction", output: str = "mean_pool") -> TextModel:
     """The architecture `config` describes, with fresh weights (the factory compression.json names:
     the weights come from the file beside it)."""
-    task, output = check_task(task, output, "model config")
+    return _build(check_config(config, "model config"), task, output, "model config",
+                  lambda auto, cfg: auto.from_config(cfg))
+
+
+def _build(config: dict[str, Any], task: str | None, output: str | None, source: str, make) -> TextModel:
+    """The TextModel of a checked config: `make(auto_class, config)` builds the transformers model
+    once its size is known to fit, quietly; the unused pooler dropped, the output checked."""
+    task, output = check_task(task, output, source)
     tf = transformers()
-    config = check_config(config, "model config")
-    cfg = _auto_config(tf, config, "model config")
+    cfg = _auto_config(tf, config, source)
     auto = getattr(tf, TASKS[task])
-    _check_size(auto, cfg, "model config")
+    _check_size(auto, cfg, source)
     with _quiet(tf):
-        return _output_checked(TextModel(_without_unused_pooler(auto.from_config(cfg).float().eval(), output), output),
-                               "model config")
+        model = make(auto, cfg)
+    return _output_checked(TextModel(_without_unused_pooler(model.float().eval(), output), output), source)
 
 
 def _without_unused_pooler(model: nn.Module, output: str) -> nn.Module:
@@ -234,19 +240,17 @@ def load_folder(folder: Path, task: str | None, output: str | None) -> tuple[Tex
     safetensors weights, local files only, no code of the folder's own."""
     source = str(folder)
     task, output = check_task(task, output, source)
-    tf = transformers()
     config = read_config(folder)
     weights = weights_file(folder)
-    cfg = _auto_config(tf, config, source)
-    auto = getattr(tf, TASKS[task])
-    _check_size(auto, cfg, source)
-    try:
-        with _quiet(tf):
-            model = auto.from_pretrained(str(folder), config=cfg, local_files_only=True, trust_remote_code=False,
-                                         use_safetensors=True, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise UserError(f"{source}: transformers cannot load it ({first_line(exc, 200)})") from None
-    wrapped = _output_checked(TextModel(_without_unused_pooler(model.float().eval(), output), output), source)
+
+    def make(auto, cfg):
+        try:
+            return auto.from_pretrained(str(folder), config=cfg, local_files_only=True, trust_remote_code=False,
+                                        use_safetensors=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise UserError(f"{source}: transformers cannot load it ({first_line(exc, 200)})") from None
+
+    wrapped = _build(config, task, output, source, make)
     metadata = {"base": {"folder": str(folder.resolve()), "weights": weights.name, "weights_sha256": sha256(weights),
                          "model_type": config["model_type"], "task": task, "output": output}}
     return wrapped, {"config": config, "task": task, "output": output}, metadata

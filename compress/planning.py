@@ -218,8 +218,11 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], bud
         feeds = {budget.batch: export.to_feed(ctx.input_names, real_batch(ctx, budget.batch))}
         measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
     key, first = str(budget.batch), next(iter(models))
-    return {label: Counted(measured.latency_ms[label][key]["p50"], None if label == first else (
-        1 / measured.over_reference(label)[key].high, 1 / measured.over_reference(label)[key].low)) for label in models}
+    out = {first: Counted(measured.latency_ms[first][key]["p50"])}
+    for label in list(models)[1:]:
+        over = measured.over_reference(label)[key]  # latency ratios are the speedup's inverse
+        out[label] = Counted(measured.latency_ms[label][key]["p50"], (1 / over.high, 1 / over.low))
+    return out
 
 
 def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:

@@ -24,14 +24,22 @@ class FileRefused(ValueError):
     """The file is not one to read (not a regular file, too large, too deep); the message says why."""
 
 
-def read_regular(path: str | Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO never
-    hangs the reader) and checked with fstat on what was opened, so the file cannot be swapped."""
+def open_regular(path: str | Path) -> int:
+    """A descriptor of `path` if it is a regular file, else FileRefused. Opened without blocking (a
+    FIFO never hangs the reader) and checked with fstat on what was opened, so the file cannot be
+    swapped between the check and the read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileRefused("not a regular file (a FIFO, a device or a folder)")
+    return fd
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (see open_regular)."""
+    fd = open_regular(path)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefused("not a regular file (a FIFO, a device or a folder)")
         if info.st_size > limit:
             raise FileRefused(f"{info.st_size:,} bytes, more than the {limit:,} bytes such a file may have")
         chunks, size = [], 0

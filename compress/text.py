@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +18,7 @@ import torch
 
 from .data import Dataset
 from .errors import UserError, first_line
-from .files import FileRefused, loads_json
+from .files import FileRefused, loads_json, open_regular
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")
 MAX_LINE = 1 << 20  # bytes in one line (one example)
@@ -30,13 +31,10 @@ def is_text(source: str) -> bool:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-empty line, each read with a bound (a file without newlines
     is refused, not read whole)."""
-    import os
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"{path}: not a regular file (a FIFO, a device or a folder)")
+    try:
+        fd = open_regular(path)
+    except FileRefused as exc:
+        raise UserError(f"{path}: {exc}") from None
     with os.fdopen(fd, "rb") as f:
         for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), start=1):
             if len(raw) > MAX_LINE:

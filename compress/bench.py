@@ -14,6 +14,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from .methods.base import LAYER_TYPES, LayerProfile
 
 PERCENTILES = (50, 90, 99)
+MAX_SEQ_LEN = 1 << 16  # tokens: the longest sequence a benchmark or budget may time at
+
+
+def shape_key(batch: int, seq_len: int | None = None) -> str:
+    """How latency is keyed in a Measurement and the report: the batch size ("8"), with the
+    sequence length when tokenized text is timed at one ("8x128")."""
+    return str(batch) if seq_len is None else f"{batch}x{seq_len}"
+
+
+def describe_key(key: str) -> str:
+    """A `shape_key` in words: "batch 8" or "batch 8, 128 tokens"."""
+    size, _, length = str(key).partition("x")
+    return f"batch {size}" + (f", {length} tokens" if length else "")
+
+
+def largest_key(keys) -> str:
+    """The largest of `shape_key`s: by batch size, then sequence length."""
+    return max(keys, key=lambda k: tuple(int(x) for x in str(k).split("x")))
 
 
 def count_params(model: nn.Module) -> int:
@@ -229,7 +247,7 @@ class Speedup:
 
 @dataclass
 class Measurement:
-    """What `measure` timed. Batch sizes are strings (they are JSON keys in the report)."""
+    """What `measure` timed. Shapes are `shape_key` strings, "8" or "8x128" (JSON keys in the report)."""
 
     labels: list[str]
     latency_ms: dict[str, dict[str, dict[str, float]]]  # label -> batch -> {p50, p90, p99, mean, runs}
@@ -282,11 +300,12 @@ def _first_run(session, feed: dict[str, np.ndarray], path: str) -> None:
                         "at)") from None
 
 
-def measure(models: dict[str, str], feeds: dict[int, dict[str, np.ndarray]], threads: int = 1,
+def measure(models: dict[str, str], feeds: dict[int | str, dict[str, np.ndarray]], threads: int = 1,
             warmup: int = 10, runs: int = 50, progress: bool = False, budget_s: float = BUDGET_S,
             pairs: Sequence[tuple[str, str]] = ()) -> Measurement:
     """Latency of each ONNX model per batch size, and the speedup of every model over the first
     (and of B over A for each (A, B) in `pairs`, from the same runs) with a bootstrap 95 % interval.
+    `feeds` is keyed by batch size or by `shape_key` (a batch size with a sequence length).
 
     Every model gets an identically configured session. Within each batch size the models run
     back to back in pairs whose order alternates (A B, B A, ...), so that machine noise falls on all
@@ -358,10 +377,10 @@ def _summarize(result: Measurement, key: str, samples: dict[str, list[float]], t
         result.speedups[(a, b)][key] = Speedup(round(estimate, 4), *_reported(interval, estimate))
         if half_width(interval, estimate) > WARN_HALF_WIDTH:
             result.warnings.append(
-                f"batch {key}: {b} speedup over {a} {estimate:.3f}x has a wide 95% interval "
+                f"{describe_key(key)}: {b} speedup over {a} {estimate:.3f}x has a wide 95% interval "
                 f"[{interval[0]:.3f}, {interval[1]:.3f}] after {taken} paired runs: the machine was noisy")
     tails = [label for label in result.labels if samples[label] and
              np.percentile(samples[label], 90) > TAIL_RATIO * np.percentile(samples[label], 50)]
     if tails:
-        result.warnings.append(f"batch {key}: p90 latency over {TAIL_RATIO:g}x p50 for {', '.join(tails)}: "
+        result.warnings.append(f"{describe_key(key)}: p90 latency over {TAIL_RATIO:g}x p50 for {', '.join(tails)}: "
                                "runs were interrupted (a busy machine); percentiles above p50 are unreliable")

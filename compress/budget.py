@@ -43,6 +43,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from .bench import MAX_SEQ_LEN, shape_key
 from .errors import RecipeError
 from .knapsack import smallest_cost, solve
 from .methods import METHODS
@@ -71,6 +72,8 @@ class BudgetSection(Strict):
                                      "model.onnx (int8 when the recipe quantizes)")
     batch: int | None = Field(None, gt=0, le=1 << 20, description="batch size of the latency targets (default: the largest "
                               "bench.batch_sizes)")
+    seq_len: int | None = Field(None, gt=0, le=MAX_SEQ_LEN, description="sequence length of the latency targets for "
+                                "tokenized text (one of bench.seq_lens; default: the longest of them)")
     rounds: int = Field(3, ge=1, le=10, description="latency targets: allocations at most, each checked by "
                         "measuring the whole model before fine-tuning")
     probes: int | Literal["auto"] = Field(
@@ -106,6 +109,11 @@ class BudgetSection(Strict):
     @property
     def value(self) -> float:
         return getattr(self, self.target)
+
+    @property
+    def shape(self) -> str:
+        """The benchmark shape the latency targets are measured at, keyed as the report keys it."""
+        return shape_key(self.batch or 1, self.seq_len)
 
     @property
     def in_latency(self) -> bool:
@@ -161,6 +169,7 @@ class Allocation:
     measured: float | None = None
     newly_measured: int | None = None
     history: list[dict] = field(default_factory=list)
+    seq_len: int | None = None  # latency targets on tokenized text: the length they are measured at
     # how the units' errors are made comparable (the costly probing), run by the first solve that must
     # shrink something: a target the dense model (with the fixed part, e.g. int8) meets needs none
     scale_errors: Callable[[], None] | None = field(default=None, repr=False)
@@ -197,7 +206,8 @@ class Allocation:
     def summary(self) -> BudgetOutcome:
         """What was planned (nothing measured on the built model yet)."""
         pred = self.predicted if self.target == "latency_ms" else self.ratio(self.predicted)
-        return BudgetOutcome(target={self.target: self.value, **({"batch": self.batch} if self.batch else {})},
+        shape = {"batch": self.batch, "seq_len": self.seq_len}
+        return BudgetOutcome(target={self.target: self.value, **{k: v for k, v in shape.items() if v}},
                              predicted=round(pred, 4), rounds=self.rounds, allocated_layers=len(self.layers),
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
                              history=self.history or None)
@@ -296,6 +306,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     fixed = base - fixed_savings - dense_total  # everything the allocation does not touch
     allocation = Allocation(target=budget.target, value=budget.value,
                             batch=request.batch if budget.in_latency else None, layers=choices, fixed=fixed,
+                            seq_len=budget.seq_len,
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,
                             scale_errors=lambda: _scale_errors(budget, choices, model, batches, progress))
     allocation.solve()
@@ -414,10 +425,10 @@ def outcome(allocation: Allocation, report) -> BudgetOutcome:
         measured = getattr(report.ratios, target)
         met = measured is not None and measured >= value * (1 - TOLERANCE[target])
     elif target == "speedup":
-        measured = report.ratios.speedup.get(str(allocation.batch))
+        measured = report.ratios.speedup.get(shape_key(allocation.batch, allocation.seq_len))
         met = measured is not None and measured >= value * (1 - TOLERANCE[target])
     else:
-        measured = report.compressed.latency_ms.get(str(allocation.batch), {}).get("p50")
+        measured = report.compressed.latency_ms.get(shape_key(allocation.batch, allocation.seq_len), {}).get("p50")
         met = measured is not None and measured <= value * (1 + TOLERANCE[target])
     out.measured, out.met = measured, bool(met)
     out.ops_measured = allocation.newly_measured  # 0 when the latency cache had them all

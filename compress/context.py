@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bench, budget as budgeting, metrics, quantize
+from . import bench, budget as budgeting, exporting, metrics, quantize
 from .checkpoint import LoadedModel, load_model
 from .data import Dataset, load_source, split_batch, synthetic_sample
 from .hf import TextModel, load_tokenizer
@@ -123,7 +123,7 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
                 raise UserError(f"data.metric {r.data.metric} needs labels, and {evaluated.source} has no key "
                                 f"{r.data.target!r} (data.target); add them, or use metric: agreement, cosine or neighbors")
             output = find_output_kind(loaded.model, input_names, sample, data, r)
-            bench.check_fits(r.bench.batch_sizes, per_sample, "bench.batch_sizes")
+            bench.check_fits(r.bench.batch_sizes, _at_longest(r, input_names, sample, per_sample), "bench.batch_sizes")
             if any(d is not None for d in data.values()):
                 bench.check_fits([r.data.batch_size], per_sample, "data.batch_size")
             if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
@@ -410,6 +410,34 @@ def real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
         return tuple(t.expand(size, *t.shape[1:]).contiguous() for t in ctx.sample)
     batch = data.head(size)
     return split_batch(batch, ctx.input_names, ctx.target)[0]
+
+
+def _at_longest(r, input_names: list[str], sample: tuple[torch.Tensor, ...], per_sample: int) -> int:
+    """Bytes per sample at the longest of bench.seq_lens (inputs that are not tokenized text refused
+    now, before anything is compressed): attention grows with the square of the length, so the
+    sample's bytes are scaled by the square of how much longer it is."""
+    if not r.bench.seq_lens:
+        return per_sample
+    longest = max(r.bench.seq_lens)
+    axes = exporting.dynamic_axes_for(input_names, sample, {s.name: s.dynamic_axes for s in r.inputs or []}, True)
+    exporting.at_length(sample, input_names, axes, longest)
+    traced = sample[input_names.index("attention_mask")].shape[1]
+    return int(per_sample * max(1.0, longest / traced) ** 2)
+
+
+def timing_feeds(ctx: Context, batch_sizes: list[int], seq_lens: list[int] | None = None) -> dict[str, dict]:
+    """ONNX feeds to time at, keyed by `bench.shape_key`: real eval samples at each batch size, and at
+    each of `seq_lens` tokens when given (exporting.at_length)."""
+    r = ctx.recipe.recipe
+    axes = exporting.dynamic_axes_for(ctx.input_names, ctx.sample, {s.name: s.dynamic_axes for s in r.inputs or []},
+                                      True)
+    feeds = {}
+    for size in batch_sizes:
+        batch = real_batch(ctx, size)
+        for length in seq_lens or [None]:
+            shaped = batch if length is None else exporting.at_length(batch, ctx.input_names, axes, length)
+            feeds[bench.shape_key(size, length)] = exporting.to_feed(ctx.input_names, shaped)
+    return feeds
 
 
 def file_size(path) -> int | None:

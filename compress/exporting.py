@@ -153,6 +153,27 @@ def shortest(batch: tuple[torch.Tensor, ...], input_names: list[str], axes: dict
     return tuple(t[:, :short] if i in dynamic else t for i, t in enumerate(batch))
 
 
+def at_length(batch: tuple[torch.Tensor, ...], input_names: list[str], axes: dict[str, dict[int, str]],
+              length: int) -> tuple[torch.Tensor, ...]:
+    """`batch` at `length` tokens along the dynamic sequence axis of tokenized text: cut when
+    longer; when shorter, each row repeated (its attention mask with it) until it is that long, so
+    the runtime sees real token ids in the same share of padding. Refused (UserError) for inputs that are not
+    tokenized text with a dynamic sequence axis."""
+    dynamic = [i for i, n in enumerate(input_names) if 1 in axes.get(n, {}) and batch[i].dim() == 2]
+    if "attention_mask" not in input_names or input_names.index("attention_mask") not in dynamic:
+        raise UserError("bench.seq_lens and budget.seq_len apply to tokenized text (inputs with an attention_mask "
+                        "and a dynamic sequence axis); this model's inputs are "
+                        f"{', '.join(input_names)}")
+    out = list(batch)
+    for i in dynamic:
+        t = batch[i]
+        if t.shape[1] >= length:
+            out[i] = t[:, :length]
+        else:
+            out[i] = t.repeat(1, -(-length // t.shape[1]))[:, :length]
+    return tuple(out)
+
+
 def parity(reference: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: float) -> Parity:
     """Max absolute and relative difference; passed when |a - b| <= atol + rtol |a| everywhere."""
     ref = reference.double()

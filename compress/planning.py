@@ -17,7 +17,7 @@ from .data import split_batch
 from .errors import RecipeError, UserError
 from .methods import ACTIONS, METHODS, Decision, Method
 from .recipe import LoadedRecipe
-from .context import Context, calibration_feeds, file_size, real_batch, timed
+from .context import Context, calibration_feeds, file_size, timed, timing_feeds
 
 def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Method]:
     methods = [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
@@ -154,6 +154,10 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
         base = measured["original_int8"].value if "original_int8" in measured else None
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads, r.quantize)
+        if b.seq_len is not None:  # each op is priced at the shape it runs at: the layers' inputs at seq_len tokens
+            axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, {s.name: s.dynamic_axes for s in r.inputs or []},
+                                           True)
+            profile = bench.profile_layers(model, export.at_length(ctx.sample, ctx.input_names, axes, b.seq_len))
 
         def latency(name, layer, rank, scheme, shape):
             return table.latency_ms(layer, rank, scheme, shape, quantized(name, layer))
@@ -215,9 +219,9 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], bud
                                   calibration_feeds(ctx, r.quantize))
         if budget.target == "onnx_bytes":
             return {label: Counted(float(file_size(path))) for label, path in paths.items()}
-        feeds = {budget.batch: export.to_feed(ctx.input_names, real_batch(ctx, budget.batch))}
+        feeds = timing_feeds(ctx, [budget.batch], [budget.seq_len] if budget.seq_len else None)
         measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
-    key, first = str(budget.batch), next(iter(models))
+    key, first = budget.shape, next(iter(models))
     out = {first: Counted(measured.latency_ms[first][key]["p50"])}
     for label in list(models)[1:]:
         over = measured.over_reference(label)[key]  # latency ratios are the speedup's inverse

@@ -17,7 +17,7 @@ from .hf import copy_tokenizer
 from .methods import Method
 from .metrics import drop, score
 from .context import (METRIC_TOLERANCE, Compressed, Context, Options, calibration_feeds, evaluate, file_size,
-                      real_batch, timed)
+                      real_batch, timed, timing_feeds)
 
 @dataclass
 class _Published:
@@ -129,7 +129,7 @@ def _bench(ctx: Context, out: _Published, options: Options) -> bench.Measurement
     """Latency of every model in `out.models`, interleaved, at the recipe's batch sizes."""
     r = ctx.recipe.recipe
     with timed(ctx.timings, "bench"):
-        feeds = {bs: export.to_feed(ctx.input_names, real_batch(ctx, bs)) for bs in r.bench.batch_sizes}
+        feeds = timing_feeds(ctx, r.bench.batch_sizes, r.bench.seq_lens)
         pairs = [("int8_original", "compressed")] if "int8_original" in out.models else []
         measured = bench.measure(out.models, feeds, r.bench.threads, r.bench.warmup, r.bench.runs,
                                  progress=options.progress, pairs=pairs)
@@ -246,7 +246,9 @@ def check_gates(report: reporting.Report, gates, options: Options) -> reporting.
         value = round(drop(before["name"], before["value"], worst["value"]), 6)
         checked.append(reporting.GateCheck("max_metric_drop", max_drop, value, value <= max_drop, measured_on=measured_on))
     if min_speedup is not None:  # held to the lower end of the speedup's 95 % interval, not to one noisy figure
-        batch = str(gates.speedup_batch or max(int(b) for b in report.ratios.speedup))
+        shapes = [k for k in report.ratios.speedup  # at the longest sequence timed, when text is timed at several
+                  if gates.speedup_batch is None or k.split("x")[0] == str(gates.speedup_batch)]
+        batch = bench.largest_key(shapes)
         value = report.ratios.speedup_ci[batch][0]
         checked.append(reporting.GateCheck(f"min_speedup@batch{batch}", min_speedup, value, value >= min_speedup,
                                            estimate=report.ratios.speedup[batch]))
@@ -254,7 +256,7 @@ def check_gates(report: reporting.Report, gates, options: Options) -> reporting.
         value = report.ratios.onnx_bytes
         checked.append(reporting.GateCheck("min_size_ratio", min_size, value, value is not None and value >= min_size))
     if gates.budget and report.budget is not None:
-        target, = (k for k in report.budget.target if k != "batch")
+        target, = (k for k in report.budget.target if k not in ("batch", "seq_len"))
         checked.append(reporting.GateCheck(f"budget.{target}", report.budget.target[target],
                                            report.budget.measured, report.budget.met))
     return reporting.Gates(checked, all(g.passed for g in checked))

@@ -20,6 +20,7 @@ from .errors import RecipeError
 from .files import FileRefused, read_regular
 from .methods import METHODS
 from .schema import Strict
+from .bench import MAX_SEQ_LEN
 from .budget import BudgetSection
 from .quantize import QuantizeSection
 
@@ -182,6 +183,10 @@ class BenchSection(Strict):
     """ONNX Runtime latency: same session options for both models, runs interleaved."""
 
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32], min_length=1)
+    seq_lens: list[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)]] | None = Field(
+        None, min_length=1, max_length=16, description="tokenized text: the sequence lengths to time at (each eval "
+        "example cut, or its tokens repeated, to that many; every length at every batch size, keyed '8x128' in the "
+        "report); default: the eval data as it is padded")
     threads: int = Field(1, gt=0, le=1024, description="ONNX Runtime intra-op threads")
     warmup: int = Field(10, ge=0, le=10_000)
     runs: int = Field(50, gt=0, le=100_000, description="timed runs per model and batch size (more while the speedup's "
@@ -237,6 +242,13 @@ class Recipe(Strict):
             elif self.budget.batch not in self.bench.batch_sizes:
                 raise ValueError(f"budget.batch {self.budget.batch} is not among bench.batch_sizes "
                                  f"{self.bench.batch_sizes}")
+            lengths = self.bench.seq_lens
+            if self.budget.seq_len is None and lengths:
+                self.budget.seq_len = max(lengths)
+            elif self.budget.seq_len is not None and self.budget.seq_len not in (lengths or []):
+                raise ValueError(f"budget.seq_len {self.budget.seq_len} is not among bench.seq_lens {lengths}")
+        elif self.budget is not None and self.budget.seq_len is not None:
+            raise ValueError("budget.seq_len applies to latency targets (speedup, latency_ms) only")
         if self.gates.budget and self.budget is None:
             raise ValueError("gates.budget is set but the recipe has no budget section")
         for i, stage in enumerate(self.stages):

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .bench import describe_key, largest_key
 from .exporting import Parity
 from .quantize import Quantized
 
@@ -274,13 +275,13 @@ def baseline_verdict(report: dict) -> str | None:
     outcomes.append(("win", "tie", "loss")[size + 1])
     parts.append(f"{('smaller', 'the same size', 'larger')[size + 1]} ({_num(c['onnx_bytes'])} vs "
                  f"{_num(base['onnx_bytes'])} bytes)")
-    batch = max(base["compressed_speedup"], key=int)
+    batch = largest_key(base["compressed_speedup"])
     pair = base["compressed_speedup"][batch]
     lo, hi = pair["ci"]
     # an interval that holds 1.0 is a tie: the measurement cannot tell the two apart
     speed = "faster" if lo > 1 else "slower" if hi < 1 else "no faster or slower (the interval holds 1.00)"
     outcomes.append("win" if lo > 1 else "loss" if hi < 1 else "tie")
-    parts.append(f"{speed} at batch {batch} ({pair['speedup']:.2f}x [{lo:.2f}, {hi:.2f}])")
+    parts.append(f"{speed} at {describe_key(batch)} ({pair['speedup']:.2f}x [{lo:.2f}, {hi:.2f}])")
     if c.get("metric") and base.get("metric"):
         from .metrics import drop
 
@@ -307,9 +308,10 @@ def budget_line(budget: dict | BudgetOutcome) -> str:
     measurement, met or not."""
     if isinstance(budget, BudgetOutcome):
         budget = asdict(budget)
-    target, = (k for k in budget["target"] if k != "batch")
+    target, = (k for k in budget["target"] if k not in ("batch", "seq_len"))
     unit = " ms" if target == "latency_ms" else "x"
     where = f" at batch {budget['target']['batch']}" if "batch" in budget["target"] else ""
+    where += f", {budget['target']['seq_len']} tokens" if "seq_len" in budget["target"] else ""
     if budget.get("met") is not None:
         measured = budget.get("measured")
         said = (f", measured {_num(measured)}{unit}" if measured is not None else ", not measured") \
@@ -364,7 +366,7 @@ def _figures(report: dict) -> list[str]:
             ["metric"] + [_metric(side.get("metric")) for _, side in columns],
             ["metric of the ONNX model"] + [_metric(side.get("onnx_metric")) for _, side in columns]]
     for bs, stats in o["latency_ms"].items():
-        row = [f"latency batch {bs}: p50 ms (speedup over the original, 95% interval)"]
+        row = [f"latency {describe_key(bs)}: p50 ms (speedup over the original, 95% interval)"]
         for _, side in columns:
             p50 = side["latency_ms"][bs]["p50"]
             if side is c:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from . import outdir
+from .bench import largest_key
 from .outdir import current_umask
 from .errors import GateFailed, UserError
 from .recipe import LoadedRecipe
@@ -62,6 +63,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
     if recipe.budget is None:
         raise UserError("sweep: the recipe has no budget: section; its target is what --budgets sets")
     target = recipe.budget.target
+    shape = recipe.budget.shape if recipe.budget.in_latency else None
     for value in values:  # the section's own bounds, before anything runs
         try:
             recipe.budget.model_validate({**recipe.budget.model_dump(exclude_none=True), target: value})
@@ -96,8 +98,8 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                     report = exc.result
                     missed.append(folder_name(value))
                 reports.append(report.to_json())
-                points.append(_point(f"budget {target} {value:g}", value, reports[-1], recipe.budget.batch))
-            summary = _summary(target, recipe.budget.batch, reports[0], points)
+                points.append(_point(f"budget {target} {value:g}", value, reports[-1], shape))
+            summary = _summary(target, shape, reports[0], points)
             with outdir.writing(out, work):
                 (work / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
                 png = _plot(summary, work / "pareto.png")
@@ -115,12 +117,13 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
     return summary
 
 
-def _batch(report: dict, batch: int | None) -> str:
+def _batch(report: dict, shape: str | None) -> str:
+    """The report's latency key for the budget's shape (`BudgetSection.shape`), else the largest timed."""
     sizes = list(report["original"]["latency_ms"])
-    return str(batch) if batch is not None and str(batch) in sizes else sizes[-1]
+    return shape if shape in sizes else largest_key(sizes)
 
 
-def _point(label: str, value, report: dict, batch: int | None) -> dict:
+def _point(label: str, value, report: dict, batch: str | None) -> dict:
     b = _batch(report, batch)
     c = report["compressed"]
     return {"label": label, "budget": value, "latency_ms": c["latency_ms"][b]["p50"],
@@ -129,7 +132,7 @@ def _point(label: str, value, report: dict, batch: int | None) -> dict:
             "folder": folder_name(value)}
 
 
-def _summary(target: str, batch: int | None, first: dict, points: list[dict]) -> dict:
+def _summary(target: str, batch: str | None, first: dict, points: list[dict]) -> dict:
     b = _batch(first, batch)
     o = first["original"]
     reference = [{"label": "original", "latency_ms": o["latency_ms"][b]["p50"], "params": o["params"],
@@ -138,7 +141,9 @@ def _summary(target: str, batch: int | None, first: dict, points: list[dict]) ->
     if int8 and not int8.get("error"):
         reference.append({"label": "int8 of the original", "latency_ms": int8["latency_ms"][b]["p50"],
                           "metric": int8.get("metric")})
-    return {"target": target, "batch": int(b), "reference": reference, "points": points,
+    size, _, length = b.partition("x")
+    return {"target": target, "batch": int(size), **({"seq_len": int(length)} if length else {}),
+            "reference": reference, "points": points,
             "note": "latencies are ONNX Runtime p50 at the batch size, each run measured beside its own original; "
                     "the reference points are from the first run"}
 
@@ -148,7 +153,8 @@ def _markdown(summary: dict, png: str | None) -> str:
         return "-" if not m else f"{m['name']} {m['value']:.4f}"
 
     lines = [f"# Sweep over budget.{summary['target']}", "",
-             f"Latency: ONNX Runtime p50 at batch {summary['batch']}.", "",
+             f"Latency: ONNX Runtime p50 at batch {summary['batch']}"
+             + (f", {summary['seq_len']} tokens." if "seq_len" in summary else "."), "",
              "| run | latency ms | speedup | params | MACs | metric | budget met |", "|---|---|---|---|---|---|---|"]
     def count(value):
         return "-" if value is None else f"{value:,}"

@@ -33,3 +33,19 @@ def test_verify_exports_that_agree_and_refuses_those_that_do_not(tmp_path):
         model[0].bias += 1.0  # the torch model moved on: the file no longer matches it
     with pytest.raises(ParityError, match="disagrees with the torch model"):
         export.verify(model, path, ["x"], batch, 1e-5, 1e-4)
+
+
+def test_text_is_cut_or_repeated_to_a_sequence_length():
+    from compress.errors import UserError
+    from compress.exporting import at_length
+
+    ids = torch.tensor([[101, 7, 8, 102, 0], [101, 9, 102, 0, 0]])
+    mask = (ids != 0).long()
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    short = at_length((ids, mask), ["input_ids", "attention_mask"], axes, 3)
+    assert short[0].tolist() == [[101, 7, 8], [101, 9, 102]] and short[1].tolist() == [[1, 1, 1], [1, 1, 1]]
+    long = at_length((ids, mask), ["input_ids", "attention_mask"], axes, 12)
+    assert long[0].shape == (2, 12) and long[0][0, 5:10].tolist() == ids[0].tolist()
+    assert long[1][1].tolist() == [1, 1, 1, 0, 0] * 2 + [1, 1]  # the mask goes with its tokens
+    with pytest.raises(UserError, match="apply to tokenized text"):
+        at_length((ids,), ["input_ids"], {"input_ids": {0: "batch", 1: "sequence"}}, 8)

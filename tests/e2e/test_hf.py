@@ -224,3 +224,54 @@ def test_the_sentence_encoder_budget_example_plans(bert, tmp_path, run_cli):
     result = run_cli("plan", "-r", tmp_path / "budget.yaml", bert)
     assert result.exit_code == 0, result.stderr
     assert "Budget: params 1.1x" in result.output and "12 targeted layers changed" in result.output
+
+
+def test_latency_is_timed_at_each_sequence_length_and_a_budget_at_one(bert, tmp_path, run_cli, write_recipe):
+    """bench.seq_lens times every batch size at every length (the report keys them '2x48'); a latency
+    budget's seq_len is where its ops are priced and the built model is measured; the speedup gate
+    reads the longest length."""
+    (tmp_path / "s.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe("""\
+data: {train: s.txt, batch_size: 16, max_length: 32}
+stages:
+  - method: svd
+    targets: {types: [Linear]}
+bench: {batch_sizes: [1, 2], seq_lens: [8, 48], warmup: 1, runs: 3}
+budget: {latency_ms: 10000, batch: 2}
+gates: {min_speedup: 0.01}
+""")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", recipe, bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["compressed"]["latency_ms"]) == {"1x8", "1x48", "2x8", "2x48"}
+    assert report["budget"]["target"] == {"latency_ms": 10000, "batch": 2, "seq_len": 48}  # the longest by default
+    assert report["budget"]["measured"] == report["compressed"]["latency_ms"]["2x48"]["p50"]
+    assert [g["gate"] for g in report["gates"]["checked"]] == ["min_speedup@batch2x48"]
+    assert "at batch 2, 48 tokens" in (out / "report.md").read_text()
+
+
+def test_sequence_lengths_are_for_text(digits_model, bert, tmp_path, run_cli, write_recipe):
+    recipe = write_recipe("""\
+data: {eval: "bundled:digits"}
+stages: [{method: svd, targets: {types: [Linear]}, ratio: 0.5}]
+bench: {batch_sizes: [1], seq_lens: [16]}
+""")
+    result = run_cli("plan", "-r", recipe, digits_model)
+    assert result.exit_code == 2 and "bench.seq_lens and budget.seq_len apply to tokenized text" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("{speedup: 1.5, batch: 1, seq_len: 32}", "budget.seq_len 32 is not among bench.seq_lens [16]"),
+    ("{params: 1.5, seq_len: 16}", "budget.seq_len applies to latency targets"),
+])
+def test_a_budgets_sequence_length_is_benchmarked(budget, message, tmp_path, run_cli, write_recipe, bert):
+    recipe = write_recipe(f"""\
+data: {{train: s.txt}}
+stages: [{{method: svd, targets: {{types: [Linear]}}}}]
+bench: {{batch_sizes: [1], seq_lens: [16]}}
+budget: {budget}
+""")
+    result = run_cli("recipe", "check", recipe)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr

@@ -165,32 +165,49 @@ def group_slices(group, names: dict[nn.Module, str]) -> tuple[list[ChannelSlice]
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """How a self-attention module names its parts: the int attribute holding its head count, its
-    query/key/value Linears (output features split into equal heads) and its output Linear."""
+    """How a self-attention module names its parts (dotted paths below the module): the int
+    attribute holding its head count, its query/key/value Linears (output features split into equal
+    heads), its output Linear, and any int attributes that hold the heads' total width."""
 
     heads: str
     qkv: tuple[str, str, str]
     output: str
+    widths: tuple[str, ...] = ()
 
 
-# one line per naming convention (the bundled Transformer; Llama/Mistral-style attention modules)
+# one line per naming convention: the bundled Transformer; Llama/Mistral-style attention modules;
+# Hugging Face BERT-style encoders (BertAttention: the heads in `.self`, the output in `.output.dense`)
 ATTENTION_LAYOUTS = (
     AttentionLayout("heads", ("query", "key", "value"), "output"),
     AttentionLayout("num_heads", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    AttentionLayout("self.num_attention_heads", ("self.query", "self.key", "self.value"), "output.dense",
+                    ("self.all_head_size",)),
 )
+
+
+def _part(module: nn.Module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def _set_part(module: nn.Module, path: str, value) -> None:
+    *parents, name = path.split(".")
+    setattr(_part(module, ".".join(parents)) if parents else module, name, value)
 
 
 def attention_layout(module: nn.Module) -> AttentionLayout | None:
     """The layout `module` follows, when it is a self-attention module whose heads can be removed."""
     for layout in ATTENTION_LAYOUTS:
-        heads = getattr(module, layout.heads, None)
-        parts = [getattr(module, n, None) for n in (*layout.qkv, layout.output)]
+        heads = _part(module, layout.heads)
+        parts = [_part(module, n) for n in (*layout.qkv, layout.output)]
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 2:
             continue
         if not all(type(p) is nn.Linear for p in parts):
             continue
         widths = {p.out_features for p in parts[:3]}
-        if len(widths) == 1 and parts[3].in_features in widths and parts[3].in_features % heads == 0:
+        if len(widths) == 1 and parts[3].in_features in widths and parts[3].in_features % heads == 0 \
+                and all(_part(module, w) == parts[3].in_features for w in layout.widths):
             return layout
     return None
 
@@ -198,26 +215,26 @@ def attention_layout(module: nn.Module) -> AttentionLayout | None:
 def head_slices(module: nn.Module, layout: AttentionLayout) -> list[ChannelSlice]:
     """Each head's parameters: its rows of query, key and value (weight and bias), its columns of
     the output projection."""
-    width = getattr(module, layout.output).in_features
-    heads = getattr(module, layout.heads)
+    width = _part(module, layout.output).in_features
+    heads = _part(module, layout.heads)
     idxs = torch.arange(width)
     channel = idxs // (width // heads)
     slices = []
     for name in layout.qkv:
-        linear = getattr(module, name)
+        linear = _part(module, name)
         slices += [ChannelSlice(p, 0, idxs, channel) for p in (linear.weight, linear.bias) if p is not None]
-    return slices + [ChannelSlice(getattr(module, layout.output).weight, 1, idxs, channel)]
+    return slices + [ChannelSlice(_part(module, layout.output).weight, 1, idxs, channel)]
 
 
 @torch.no_grad()
 def remove_heads(module: nn.Module, layout: AttentionLayout, dead: list[int]) -> None:
     """Remove the `dead` heads: query/key/value lose their rows, the output its columns."""
-    heads = getattr(module, layout.heads)
-    width = getattr(module, layout.output).in_features
+    heads = _part(module, layout.heads)
+    width = _part(module, layout.output).in_features
     size = width // heads
     keep = torch.tensor([i for i in range(width) if i // size not in set(dead)], dtype=torch.long)
     for name in (*layout.qkv, layout.output):
-        old = getattr(module, name)
+        old = _part(module, name)
         rows = name != layout.output
         new = nn.Linear(old.in_features if rows else len(keep), len(keep) if rows else old.out_features,
                         bias=old.bias is not None).to(old.weight)
@@ -225,8 +242,10 @@ def remove_heads(module: nn.Module, layout: AttentionLayout, dead: list[int]) ->
         if old.bias is not None:
             new.bias.copy_(old.bias[keep] if rows else old.bias)
         new.train(old.training)
-        setattr(module, name, new)
-    setattr(module, layout.heads, heads - len(dead))
+        _set_part(module, name, new)
+    _set_part(module, layout.heads, heads - len(dead))
+    for path in layout.widths:
+        _set_part(module, path, len(keep))
 
 
 class GroupEnvelope(EnvelopeAllocation, Method):
@@ -273,7 +292,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
             layout = attention_layout(module)
             members = [f"{name}.{part}" if name else part for part in (*layout.qkv, layout.output)] if layout else []
             if layout and any(m in targets for m in members):
-                found[name] = ChannelGroup(getattr(module, layout.heads), head_slices(module, layout), members,
+                found[name] = ChannelGroup(_part(module, layout.heads), head_slices(module, layout), members,
                                            layout=layout)
                 in_heads.update(members)
         for group in groups:
@@ -538,7 +557,7 @@ def _check_prune_heads(model: nn.Module, edit: dict) -> tuple[nn.Module, Attenti
     layout = attention_layout(module)
     if layout is None:
         raise UserError(f"structural edit {short(edit)}: {name!r} is not an attention module whose heads can be removed")
-    count = getattr(module, layout.heads)
+    count = _part(module, layout.heads)
     heads = edit.get("heads")
     if (not isinstance(heads, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in heads)
             or any(not 0 <= i < count for i in heads) or len(set(heads)) != len(heads) or len(heads) >= count):

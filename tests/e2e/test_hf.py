@@ -275,3 +275,36 @@ budget: {budget}
 """)
     result = run_cli("recipe", "check", recipe)
     assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_group_envelope_removes_a_bert_encoders_heads_and_ffn_channels(bert, tmp_path, run_cli, write_recipe):
+    """BertAttention's heads (query/key/value under .self, the output under .output.dense) are one
+    group each; the pruned model exports, and compression.json rebuilds it with the same outputs."""
+    (tmp_path / "s.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe("""\
+data: {train: s.txt, batch_size: 16, max_length: 32}
+stages: [{method: group_envelope, targets: {types: [Linear]}, keep: 0.5}]
+finetune: {steps: 4}
+bench: {batch_sizes: [2], warmup: 1, runs: 3, baselines: []}
+""")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", recipe, bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    pruned = {row["name"] for row in report["layers"] if row["action"] == "prune"}
+    assert pruned == {f"model.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention", "intermediate.dense")}
+
+    import compress
+
+    reloaded = compress.load(out).eval()
+    attention = reloaded.model.encoder.layer[0].attention.self
+    assert (attention.num_attention_heads, attention.all_head_size, attention.query.out_features) == (2, 16, 16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    feed = tokenizer(sentences(3, seed=3), padding="longest", return_tensors="pt")
+    inputs = [feed[k].long() for k in report["inputs"]]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {k: t.numpy() for k, t in zip(report["inputs"], inputs)})[0]
+    with torch.no_grad():
+        assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)

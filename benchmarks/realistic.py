@@ -48,18 +48,47 @@ def rows(quick: bool, steps: int) -> dict[str, dict]:
     out = {}
     for macs in (1.5, 2.0):
         ratio = round(1 / macs, 3)
-        out[f"svd {macs}x"] = {"stages": [{"method": "svd", "targets": ENCODER, "ratio": ratio}]}
-        out[f"afm {macs}x"] = {"stages": [{"method": "afm", "targets": ENCODER, "ratio": ratio}]}
-        out[f"svd {macs}x + {steps} steps"] = {"stages": [{"method": "svd", "targets": ENCODER, "ratio": ratio}],
-                                              "finetune": finetune}
-        out[f"afm {macs}x + {steps} steps"] = {"stages": [{"method": "afm", "targets": ENCODER, "ratio": ratio}],
-                                              "finetune": finetune}
-        if not quick:
-            out[f"pela {macs}x + {steps} steps"] = {"stages": [{"method": "pela", "targets": ENCODER, "rho": macs}],
-                                                   "finetune": finetune}
+        svd = {"method": "svd", "targets": ENCODER, "ratio": ratio}
+        afm = {"method": "afm", "targets": ENCODER, "ratio": ratio}
+        out[f"svd {macs}x"] = {"stages": [svd]}
+        out[f"afm {macs}x"] = {"stages": [afm]}
+        out[f"svd {macs}x + {steps} steps"] = {"stages": [svd], "finetune": finetune}
+        out[f"afm {macs}x + {steps} steps"] = {"stages": [afm], "finetune": finetune}
+        if quick:
+            continue
+        out[f"pela {macs}x + {steps} steps"] = {"stages": [{"method": "pela", "targets": ENCODER, "rho": macs}],
+                                               "finetune": finetune}
+        out[f"afm -> pela {macs}x + {steps} steps"] = {"stages": [afm, {"method": "pela", "targets": ENCODER}],
+                                                      "finetune": finetune}
+        # the envelope keeps a share of each block's heads and FFN channels (the residual stream stays
+        # whole): 2/3 and 1/2 of them are about 1.5x and 2x fewer encoder MACs; its last epoch trains
+        # the smaller model (an epoch of the 4,000 training sentences: 125 steps)
+        keep = {1.5: 0.667, 2.0: 0.5}[macs]
+        out[f"group_envelope heads+FFN keep {keep} + {steps} steps"] = {
+            "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": 1.0,
+                        "post_finetune": 1}], "finetune": {**finetune, "steps": max(1, steps - 125)}}
+    if not quick:  # TRP chooses its own ranks (energy per projection): its MACs are what it reaches
+        for energy in (0.9, 0.8):
+            out[f"trp energy {energy} + {steps} steps"] = {
+                "stages": [{"method": "trp", "targets": ENCODER, "energy": energy, "period": 10,
+                            "nuclear": {"lambda": 0.0003}, "post_finetune": 1}],
+                "finetune": {**finetune, "steps": max(1, steps - 125)}}
+    # fidelity measured here, beside int8 of the original, not gated
+    loose = {"max_metric_drop": 1.0, "min_agreement": 0.0}
     out["afm 1.5x + int8 (dynamic)"] = {"stages": [{"method": "afm", "targets": ENCODER, "ratio": 0.667}],
-                                        # fidelity measured here, beside int8 of the original, not gated
-                                        "quantize": {"mode": "dynamic", "max_metric_drop": 1.0, "min_agreement": 0.0}}
+                                        "quantize": {"mode": "dynamic", **loose}}
+    if quick:
+        return out
+    out[f"afm 1.5x + {steps} steps + int8 (static)"] = {
+        "stages": [{"method": "afm", "targets": ENCODER, "ratio": 0.667}], "finetune": finetune,
+        "quantize": {"mode": "static", **loose}}
+    for speedup in (1.5, 2.0):  # the budget allocates afm's ranks at batch 8, 64 tokens
+        for int8 in (False, True):
+            out[f"budget speedup {speedup}{' + int8 (dynamic)' if int8 else ''} + {steps} steps"] = {
+                "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
+                "budget": {"speedup": speedup, "batch": 8, "seq_len": 64},
+                "bench": {"batch_sizes": [8], "seq_lens": [64], "warmup": 1, "runs": 5, "baselines": []},
+                **({"quantize": {"mode": "dynamic", **loose}} if int8 else {})}
     return out
 
 
@@ -68,13 +97,17 @@ def run_row(folder: Path, corpus: Path, name: str, doc: dict, work: Path) -> dic
                        "eval": str(corpus / "eval.txt"), "batch_size": 32, "max_length": 64,
                        "max_examples": 4000},
               "bench": {"batch_sizes": [1], "warmup": 1, "runs": 5, "baselines": []}, "gates": {}, **doc}
+    # the report's own latency is not used (every model is timed together below)
     start = time.perf_counter()
     result = compress.apply(str(folder), recipe, progress=False)
     out = work / name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", "")
     report = compress.export(result, out, force=True)
     return {"path": str(out / "model.onnx"), "seconds": round(time.perf_counter() - start, 1),
-            "params": report.compressed.params, "macs": report.compressed.macs,
-            "onnx_bytes": report.compressed.onnx_bytes, "timings_s": report.timings_s}
+            "params": report.compressed.params, "macs": report.compressed.macs, "macs_ratio": report.ratios.macs,
+            "onnx_bytes": report.compressed.onnx_bytes, "timings_s": report.timings_s,
+            **({"budget": {"predicted": report.budget.predicted, "probe_passes": report.budget.probe_passes,
+                           "dense_layers": report.budget.dense_layers, "allocated_layers": report.budget.allocated_layers}}
+               if report.budget else {})}
 
 
 def embed(path: str, feeds: list[dict]) -> np.ndarray:
@@ -101,10 +134,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer rows, shapes and runs (about 20 minutes)")
+    parser.add_argument("--rows", nargs="*", help="only the rows whose name holds one of these (e.g. 'pela')")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps of the rows that train "
+                        "(default: 100 quick, 150 full)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     folder = minilm_folder()
-    steps = 100 if args.quick else 300
+    steps = args.steps or (100 if args.quick else 150)
     shapes = [(1, 64), (8, 64), (32, 128)] if args.quick else [(b, n) for b in (1, 8, 32) for n in (64, 128)]
     with tempfile.TemporaryDirectory(prefix="compress-realistic-") as tmp:
         work = Path(tmp)
@@ -134,7 +170,19 @@ def main() -> None:
                           quantize.QuantizeSection(mode="dynamic"), None)
         results["rows"]["int8 of the original (dynamic)"] = {"seconds": round(time.perf_counter() - start, 1)}
         results["rows"]["original (float)"] = {"seconds": 0.0}
-        for name, doc in rows(args.quick, steps).items():
+        if not args.quick:  # static QDQ, activations calibrated on 16 batches of the calibration sentences
+            models["int8 of the original (static)"] = str(work / "original.qdq.onnx")
+            calibration = (corpus / "calibration.txt").read_text().splitlines()[:16 * 32]
+            feeds_cal = [{n: t[n].astype(np.int64) for n in names}
+                         for t in (tokenizer(calibration[i:i + 32], truncation=True, max_length=64, padding="longest",
+                                             return_tensors="np") for i in range(0, len(calibration), 32))]
+            start = time.perf_counter()
+            quantize.quantize(Path(models["original (float)"]), Path(models["int8 of the original (static)"]),
+                              quantize.QuantizeSection(mode="static"), feeds_cal)
+            results["rows"]["int8 of the original (static)"] = {"seconds": round(time.perf_counter() - start, 1)}
+        chosen = {name: doc for name, doc in rows(args.quick, steps).items()
+                  if not args.rows or any(part in name for part in args.rows)}
+        for name, doc in chosen.items():
             print(f"{name} ...", flush=True)
             try:
                 row = run_row(folder, corpus, name, doc, work)
@@ -170,7 +218,8 @@ def main() -> None:
                            for name in models}
             print(key, json.dumps(timing[key]), flush=True)
         results["latency"] = timing
-        results["settings"] = {"quick": args.quick, "steps": steps, "threads": 2, "eval_sentences": len(eval_lines)}
+        results["settings"] = {"quick": args.quick, "steps": steps, "threads": 2, "eval_sentences": len(eval_lines),
+                               "rows": args.rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
@@ -178,12 +227,12 @@ def main() -> None:
 
 def table(results: dict) -> str:
     shapes = list(results["latency"])
-    head = ("| row | cosine | neighbours | ONNX MB | " + " | ".join(f"speedup {s} (over int8)" for s in shapes)
-            + " | tool s |")
-    lines = [head, "|" + "---|" * (5 + len(shapes))]
+    head = ("| row | MACs x | cosine | neighbours | ONNX MB | "
+            + " | ".join(f"speedup {s} (over int8)" for s in shapes) + " | tool s |")
+    lines = [head, "|" + "---|" * (6 + len(shapes))]
     for name, row in results["rows"].items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'][:120]} |" + " |" * (3 + len(shapes)))
+            lines.append(f"| {name} | failed: {row['error'][:160]} |" + " |" * (4 + len(shapes)))
             continue
         cells = []
         for s in shapes:
@@ -192,7 +241,8 @@ def table(results: dict) -> str:
             over = t.get("over_int8")
             cells.append("1.00x" if sp is None else f"{sp['estimate']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]"
                          + (f" ({over['estimate']:.2f}x)" if over else ""))
-        lines.append(f"| {name} | {row['cosine']:.4f} | {row['neighbours']:.3f} | {row['onnx_bytes'] / 1e6:.1f} | "
+        macs = f"{row['macs_ratio']:.2f}" if row.get("macs_ratio") else "1.00"
+        lines.append(f"| {name} | {macs} | {row['cosine']:.4f} | {row['neighbours']:.3f} | {row['onnx_bytes'] / 1e6:.1f} | "
                      + " | ".join(cells) + f" | {row['seconds']:.0f} |")
     return "\n".join(lines)
 

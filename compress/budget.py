@@ -172,7 +172,9 @@ class Allocation:
     seq_len: int | None = None  # latency targets on tokenized text: the length they are measured at
     # how the units' errors are made comparable (the costly probing), run by the first solve that must
     # shrink something: a target the dense model (with the fixed part, e.g. int8) meets needs none
-    scale_errors: Callable[[], None] | None = field(default=None, repr=False)
+    scale_errors: Callable[[], tuple[int, int]] | None = field(default=None, repr=False)
+    probe_passes: int = 0  # what scaling the errors ran: whole-model passes, each on this many samples
+    probe_samples: int = 0
 
     def ratio(self, cost: float) -> float:
         return self.reference / cost if cost > 0 else float("inf")
@@ -191,7 +193,7 @@ class Allocation:
                                                for choice, i in zip(self.layers, solution.choice))
         if shrinks and self.scale_errors is not None:
             scale, self.scale_errors = self.scale_errors, None
-            scale()
+            self.probe_passes, self.probe_samples = scale()
             options = [[(c.cost, c.error) for c in choice.candidates] for choice in self.layers]
             solution = solve(options, self.limit())
         if solution is None:
@@ -210,7 +212,8 @@ class Allocation:
         return BudgetOutcome(target={self.target: self.value, **{k: v for k, v in shape.items() if v}},
                              predicted=round(pred, 4), rounds=self.rounds, allocated_layers=len(self.layers),
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
-                             history=self.history or None)
+                             history=self.history or None, probe_passes=self.probe_passes,
+                             probe_samples=self.probe_samples)
 
 
 # ---------------------------------------------------------------- statistics and errors
@@ -316,21 +319,22 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     return allocation
 
 
-def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: bool) -> None:
+def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: bool) -> tuple[int, int]:
     """Make the units' error curves comparable: scale each by its measured effect on the model's
-    output at a probe size (`sensitivity: output`) or by the unit's output energy (`layer`)."""
+    output at a probe size (`sensitivity: output`) or by the unit's output energy (`layer`).
+    Returns the probe passes run and the samples each ran."""
     from .progress import iterate
 
     if budget.sensitivity == "gradient":  # curves already first-order output errors are left as they are
         choices = [c for c in choices if not c.gradient_weighted]
         if not choices:
-            return
+            return 0, 0
     if budget.sensitivity == "layer":
         for choice in choices:
             coefficient = 1.0 / choice.energy if choice.energy > 0 else 0.0
             for c in choice.candidates:
                 c.error *= coefficient
-        return
+        return 0, 0
     probe = list(take(batches, budget.probe_samples))
     with torch.no_grad():
         from .metrics import primary_output
@@ -338,6 +342,7 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
         reference = [primary_output(model(*b)).double() for b in probe]
     probe_fn = lambda: iter(probe)  # noqa: E731
     per_layer = probes_per_layer(budget.probes, len(choices))
+    passes = 0
     for choice in iterate(choices, len(choices), "layer sensitivity", "layer", enabled=progress):
         sized = [c for c in choice.candidates if c.size is not None]
         count = min(per_layer, len(sized))  # spread from the smallest to the largest size
@@ -351,6 +356,8 @@ def _scale_errors(budget, choices: list[LayerChoice], model, batches, progress: 
                 measured[pick.size] = out / pick.error
         for c in sized:
             c.error *= interpolate_coefficient(measured, c.size)
+        passes += len(picks)
+    return passes, sum(len(primary) for primary in reference)
 
 
 def probes_per_layer(probes: int | str, layers: int) -> int:

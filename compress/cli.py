@@ -312,7 +312,7 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
     """Dry run: print the per-layer decisions RECIPE would make on MODEL, without training."""
     from .bench import count_macs, count_params
     from .pipeline import plan as make_plan
-    from .report import budget_line, layers_table
+    from .report import budget_line, layers_table, planning_line
 
     ctx, _ = _context(recipe_path, model, trust_checkpoint, trust_factory, quiet=quiet)
     planned = make_plan(ctx)
@@ -328,6 +328,7 @@ def plan(recipe_path, model, trust_checkpoint, trust_factory, as_json, debug, qu
     click.echo(f"output: {ctx.output['kind']} ({ctx.output['reason']})")
     if planned.allocation is not None:
         click.echo(budget_line(planned.allocation.summary()))
+    click.echo(planning_line(ctx.timings, planned.allocation))
 
 
 @cli.command(epilog="""\b

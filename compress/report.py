@@ -80,7 +80,7 @@ class Baseline:
 class BudgetOutcome:
     """What a budget planned and, once the model is built and measured, whether it met its target."""
 
-    target: dict  # {"speedup": 2.0, "batch": 8}: the target and, for latency, its batch size
+    target: dict  # {"speedup": 2.0, "batch": 8}: the target and, for latency, its batch size (and seq_len)
     predicted: float  # ratio, or ms for latency_ms
     rounds: int
     allocated_layers: int
@@ -89,6 +89,8 @@ class BudgetOutcome:
     measured: float | None = None  # on the shipped model; null while only planned
     met: bool | None = None  # null while only planned
     ops_measured: int | None = None  # latency targets: op latencies not found in the cache
+    probe_passes: int = 0  # sensitivity: output: whole-model calibration passes run to scale the errors ...
+    probe_samples: int = 0  # ... each on this many samples (0: none needed, or another sensitivity)
 
 
 @dataclass
@@ -301,6 +303,21 @@ def baseline_verdict(report: dict) -> str | None:
         verdict = f"beats it on {wins} of {total} and loses on {losses}"
     return (f"Against int8 quantization of the original ({base['mode']}, the one-line alternative), the shipped "
             f"model is {', '.join(parts)}: it {verdict}.")
+
+
+def planning_line(timings: dict[str, float], allocation=None) -> str:
+    """How long planning took and on what: loading, calibration, the budget's allocation (its probe
+    passes and the op latencies it timed) and the decisions."""
+    steps = [f"{name} {timings[name]:.1f} s" for name in ("load", "calibrate", "budget", "plan") if name in timings]
+    line = f"Planned in {sum(timings.get(n, 0.0) for n in ('load', 'calibrate', 'budget', 'plan')):.1f} s ({', '.join(steps)})"
+    if allocation is not None:
+        work = []
+        if allocation.probe_passes:
+            work.append(f"{allocation.probe_passes} probe passes on {allocation.probe_samples} samples")
+        if allocation.newly_measured is not None:
+            work.append(f"{allocation.newly_measured} op latencies timed (others from the cache)")
+        line += f"; the budget ran {' and '.join(work)}" if work else "; the budget needed no probing"
+    return line + "."
 
 
 def budget_line(budget: dict | BudgetOutcome) -> str:

@@ -9,10 +9,14 @@ from pathlib import Path
 THREADS = os.environ.setdefault("COMPRESS_TEST_THREADS", "1")
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_name] = THREADS
-# latency budgets cache op latencies under the user's cache folder: the tests use their own, empty one
+# latency budgets cache op latencies under the user's cache folder: the tests use their own, empty
+# one, removed when the run ends
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ["COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="compress-test-cache-")
+atexit.register(shutil.rmtree, os.environ["COMPRESS_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -385,7 +385,7 @@ def test_a_target_the_fixed_part_meets_is_planned_without_probing(digits_model, 
     from compress.pipeline import Options, load_context, plan
 
     probed = []
-    monkeypatch.setattr(budget, "_scale_errors", lambda *args: probed.append(args))
+    monkeypatch.setattr(budget, "_scale_errors", lambda *args: probed.append(args) or (1, 1))
     document = {"data": DATA, "stages": [STAGE], "budget": {"onnx_bytes": 2.0},
                 "quantize": {"mode": "dynamic", "op_types": ["Conv", "MatMul", "Gemm"]}}
     planned = plan(load_context(as_recipe(document), digits_model, Options()))

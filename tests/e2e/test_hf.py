@@ -224,6 +224,7 @@ def test_the_sentence_encoder_budget_example_plans(bert, tmp_path, run_cli):
     result = run_cli("plan", "-r", tmp_path / "budget.yaml", bert)
     assert result.exit_code == 0, result.stderr
     assert "Budget: params 1.1x" in result.output and "12 targeted layers changed" in result.output
+    assert "the budget ran" in result.output and "probe passes on" in result.output  # what planning cost
 
 
 def test_latency_is_timed_at_each_sequence_length_and_a_budget_at_one(bert, tmp_path, run_cli, write_recipe):

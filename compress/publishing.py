@@ -52,8 +52,8 @@ def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> rep
         if ctx.loaded.tokenizer:  # the output serves alone: model.onnx and the tokenizer that feeds it
             copy_tokenizer(ctx.loaded.tokenizer, work)
     original_onnx_bytes = out.original_onnx.stat().st_size
-    for path in (out.original_onnx, work / "original.int8.onnx"):  # measured; the output keeps the compressed model
-        path.unlink(missing_ok=True)
+    for path in (out.original_onnx, *work.glob("original.int8-*.onnx")):  # measured; the output keeps the compressed
+        path.unlink(missing_ok=True)                                        # model
     report = _report(ctx, done, out, measured, original_onnx_bytes, (work / "model.pt").stat().st_size)
     if done.allocation is not None:
         report.budget = budgeting.outcome(done.allocation, report)
@@ -108,36 +108,62 @@ def _ship(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
         out.models["compressed_float"] = str(out.float_onnx)
 
 
+def int8_options(recipe, calibration: bool) -> list[quantize.QuantizeSection]:
+    """The one-line int8 options of the original the data allows: the recipe's quantize settings
+    (ONNX Runtime's dynamic defaults without them) and, with calibration data, static QDQ with its
+    defaults (convolutions included) unless the recipe's settings are static already."""
+    first = recipe.quantize or quantize.QuantizeSection()
+    return [first] + ([quantize.QuantizeSection(mode="static")] if calibration and first.mode != "static" else [])
+
+
 def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
-    """ONNX Runtime's int8 of the original, measured beside the shipped model; an error is reported, not fatal."""
+    """ONNX Runtime's int8 of the original in each option the data allows, each measured beside the
+    shipped model (`_bench` keeps the fastest); an error is reported, not fatal."""
     r = ctx.recipe.recipe
     with timed(ctx.timings, "baselines"):
-        baseline_onnx = work / "original.int8.onnx"
-        try:
-            info = quantize.quantize(out.original_onnx, baseline_onnx, r.quantize or quantize.QuantizeSection(),
-                                     calibration_feeds(ctx, r.quantize))
-            metric, _ = _onnx_metric(ctx, baseline_onnx, done.metric_before, done.reference)
-            out.baselines["int8_original"] = reporting.Baseline(mode=info.mode, metric=metric,
-                                                                onnx_bytes=baseline_onnx.stat().st_size)
-            out.models["int8_original"] = str(baseline_onnx)
-        except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
-            out.baselines["int8_original"] = reporting.Baseline(error=str(exc))
-            out.warnings.append(f"baseline int8_original not measured: {exc}")
+        errors = []
+        for cfg in int8_options(r, ctx.data["calibration"] is not None):
+            label = f"int8_original:{cfg.mode}"
+            path = work / f"original.int8-{cfg.mode}.onnx"
+            try:
+                info = quantize.quantize(out.original_onnx, path, cfg, calibration_feeds(ctx, cfg))
+            except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
+                errors.append(f"{cfg.mode}: {exc}")
+                continue
+            metric, _ = _onnx_metric(ctx, path, done.metric_before, done.reference)
+            out.baselines[label] = reporting.Baseline(mode=info.mode, metric=metric, onnx_bytes=path.stat().st_size,
+                                                      quantized_ops=sum(info.quantized_ops.values()))
+            out.models[label] = str(path)
+        if errors and not out.baselines:
+            out.baselines["int8_original"] = reporting.Baseline(error="; ".join(errors))
+            out.warnings.append(f"baseline int8_original not measured: {'; '.join(errors)}")
 
 
 def _bench(ctx: Context, out: _Published, options: Options) -> bench.Measurement:
-    """Latency of every model in `out.models`, interleaved, at the recipe's batch sizes."""
+    """Latency of every model in `out.models`, interleaved, at the recipe's batch sizes; of the int8
+    options of the original, the fastest at the largest shape is the `int8_original` baseline (the
+    others are listed in its `tried`)."""
     r = ctx.recipe.recipe
+    options_tried = [label for label in out.models if label.startswith("int8_original:")]
     with timed(ctx.timings, "bench"):
         feeds = timing_feeds(ctx, r.bench.batch_sizes, r.bench.seq_lens)
-        pairs = [("int8_original", "compressed")] if "int8_original" in out.models else []
         measured = bench.measure(out.models, feeds, r.bench.threads, r.bench.warmup, r.bench.runs,
-                                 progress=options.progress, pairs=pairs)
-    if "int8_original" in out.models:
-        base = out.baselines["int8_original"]
-        base.latency_ms, base.speedup = measured.latency_ms["int8_original"], measured.speedup["int8_original"]
-        base.speedup_ci = measured.speedup_ci["int8_original"]
-        base.compressed_speedup = measured.pair("int8_original", "compressed")
+                                 progress=options.progress, pairs=[(label, "compressed") for label in options_tried])
+    if options_tried:
+        largest = bench.largest_key(feeds)
+        for label in options_tried:
+            base = out.baselines[label]
+            base.latency_ms, base.speedup = measured.latency_ms[label], measured.speedup[label]
+            base.speedup_ci = measured.speedup_ci[label]
+            base.compressed_speedup = measured.pair(label, "compressed")
+        fastest = min(options_tried, key=lambda label: measured.latency_ms[label][largest]["p50"])
+        chosen = out.baselines[fastest]
+        chosen.tried = [{"mode": out.baselines[label].mode, "onnx_bytes": out.baselines[label].onnx_bytes,
+                         "quantized_ops": out.baselines[label].quantized_ops, "metric": out.baselines[label].metric,
+                         f"p50_ms@{largest}": measured.latency_ms[label][largest]["p50"]} for label in options_tried]
+        for label in options_tried:
+            del out.baselines[label]
+        out.baselines["int8_original"] = chosen
     return measured
 
 

@@ -30,12 +30,13 @@ def test_markdown_and_summary_come_from_the_same_report():
     assert layers_table(data["layers"])[2].startswith("| fc | Linear | keep | - |")
 
 
-def _verdict_report(bytes_, base_bytes, ci, metric, base_metric):
+def _verdict_report(bytes_, base_bytes, ci, metric, base_metric, tried=None):
     from compress.report import baseline_verdict
 
     return baseline_verdict({
         "compressed": {"onnx_bytes": bytes_, "metric": {"name": "accuracy", "value": metric}},
-        "baselines": {"int8_original": {"mode": "dynamic", "onnx_bytes": base_bytes,
+        "baselines": {"int8_original": {"mode": tried[-1]["mode"] if tried else "dynamic", "onnx_bytes": base_bytes,
+                                        "tried": tried,
                                         "metric": {"name": "accuracy", "value": base_metric},
                                         "compressed_speedup": {"8": {"speedup": sum(ci) / 2, "ci": list(ci)}}}}})
 
@@ -65,3 +66,22 @@ def test_a_baseline_that_could_not_be_made_is_said_and_left_out_of_the_table():
     assert baseline_verdict(report) == "Int8 quantization of the original could not be measured: nothing to quantize."
     measured = asdict(Baseline(mode="dynamic", onnx_bytes=2, compressed_speedup={"8": {"speedup": 1.2, "ci": [1.1, 1.3]}}))
     assert "it beats it" in baseline_verdict({"compressed": {"onnx_bytes": 1}, "baselines": {"int8_original": measured}})
+
+
+def test_a_baseline_that_quantized_nothing_is_not_beaten_on_size():
+    """Dynamic int8 of a convolutional network quantizes no operator: the file is the float model (a
+    little larger), and no sentence may call the compressed model smaller than int8."""
+    from compress.report import baseline_verdict
+
+    verdict = baseline_verdict({
+        "compressed": {"onnx_bytes": 100, "metric": None},
+        "baselines": {"int8_original": {"mode": "dynamic", "onnx_bytes": 400, "quantized_ops": 0,
+                                        "compressed_speedup": {"32": {"speedup": 2.0, "ci": [1.9, 2.1]}}}}})
+    assert verdict.startswith("Int8 quantization of the original (dynamic) quantized no operator")
+    assert "smaller" not in verdict and "beat" in verdict
+
+
+def test_the_verdict_names_the_int8_options_tried():
+    tried = [{"mode": "dynamic"}, {"mode": "static"}]
+    verdict = _verdict_report(90, 100, (1.1, 1.3), 0.91, 0.9, tried=tried)
+    assert "(static, the fastest of the one-line alternatives tried: dynamic, static)" in verdict

@@ -31,8 +31,9 @@ probe size measures E||f(x) - f_l(x)||^2, and the layer's curve is scaled to it.
 layer instead (first order, one backward pass per batch for all layers); `sensitivity: layer`
 scales each curve by the layer's own output energy (relative error, no extra passes).
 
-Solver: multiple-choice knapsack (knapsack.py), exact on a discretized cost axis, least total
-predicted output error within the budget.
+Solver: multiple-choice knapsack (knapsack.py), least total predicted output error within the
+budget: exact (Pareto fronts) on the instances budgets make, else on a discretized cost axis with
+a stated bound on its distance from the optimum (the outcome's `solver_gap`).
 """
 from __future__ import annotations
 
@@ -180,6 +181,7 @@ class Allocation:
     # how the units' errors are made comparable (the costly probing), run by the first solve that must
     # shrink something: a target the dense model (with the fixed part, e.g. int8) meets needs none
     scale_errors: Callable[[], tuple[int, int]] | None = field(default=None, repr=False)
+    solver_gap: float = 0.0  # the knapsack's bound on its distance from the optimum (0: exact)
     probe_passes: int = 0  # what scaling the errors ran: whole-model passes, each on this many samples
     probe_samples: int = 0
 
@@ -211,6 +213,7 @@ class Allocation:
         for choice, index in zip(self.layers, solution.choice):
             choice.chosen = index
         self.predicted = self.fixed + solution.cost
+        self.solver_gap = solution.gap
 
     def summary(self) -> BudgetOutcome:
         """What was planned (nothing measured on the built model yet)."""
@@ -220,7 +223,7 @@ class Allocation:
                              predicted=round(pred, 4), rounds=self.rounds, allocated_layers=len(self.layers),
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
                              history=self.history or None, probe_passes=self.probe_passes,
-                             probe_samples=self.probe_samples)
+                             probe_samples=self.probe_samples, solver_gap=self.solver_gap)
 
 
 # ---------------------------------------------------------------- statistics and errors

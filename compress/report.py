@@ -94,6 +94,7 @@ class BudgetOutcome:
     ops_measured: int | None = None  # latency targets: op latencies not found in the cache
     probe_passes: int = 0  # sensitivity: output: whole-model calibration passes run to scale the errors ...
     probe_samples: int = 0  # ... each on this many samples (0: none needed, or another sensitivity)
+    solver_gap: float = 0.0  # the knapsack's bound on how much more predicted error it chose than the optimum (0: exact)
 
 
 @dataclass

@@ -46,6 +46,15 @@ class Dataset:
             check_values(tensor, source, key)
         self.tensors = tensors
         self.source = source
+        self.padding: str | None = None  # tokenized text: the side its padding is on ("right" or "left")
+
+    def padded(self, side: str) -> "Dataset":
+        """This set, marked as tokenized text padded on `side` (its `attention_mask` says where):
+        `batches(trim=True)` then cuts each batch to its longest example."""
+        if "attention_mask" not in self.tensors or self.tensors["attention_mask"].dim() != 2:
+            raise ValueError("only tokenized text (a 2-D attention_mask) is padded")
+        self.padding = "left" if side == "left" else "right"
+        return self
 
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
@@ -54,17 +63,32 @@ class Dataset:
         return list(self.tensors)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                drop_last: bool = False, trim: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches in order (or shuffled); with `trim`, tokenized text is cut to each batch's longest
+        example (padding to the longest in the batch, not in the whole set). Outputs per token then
+        differ in length from batch to batch, so evaluation keeps the whole set's padding."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]
-            yield {k: v[idx] for k, v in self.tensors.items()}
+            batch = {k: v[idx] for k, v in self.tensors.items()}
+            yield self._trimmed(batch) if trim and self.padding else batch
+
+    def _trimmed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mask = batch["attention_mask"]
+        used = torch.nonzero(mask.any(0)).flatten()
+        if used.numel() == 0:
+            return batch
+        width = mask.shape[1]
+        keep = slice(0, int(used[-1]) + 1) if self.padding == "right" else slice(int(used[0]), width)
+        return {k: v[:, keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in batch.items()}
 
     def subset(self, index: torch.Tensor, what: str) -> "Dataset":
         """The samples at `index`, as a data set of their own named `what` of this one."""
-        return Dataset({k: v[index] for k, v in self.tensors.items()}, f"{self.source} ({what})")
+        out = Dataset({k: v[index] for k, v in self.tensors.items()}, f"{self.source} ({what})")
+        out.padding = self.padding
+        return out
 
     def split(self, calibration: int, evaluation: int, seed: int) -> dict[str, "Dataset"]:
         """Disjoint train, calibration and eval sets, shuffled by `seed` (the same on every run)."""

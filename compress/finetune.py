@@ -167,7 +167,8 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
         while state.step < steps:
             # the generator's state before this epoch's shuffle fixes its data order, for a resume
             loop["epoch_generator"], loop["batch"] = generator.get_state(), skip
-            for index, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator, drop_last=True)):
+            for index, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator, drop_last=True,
+                                                       trim=True)):
                 if index < skip:
                     continue  # batches this epoch already trained on before the resume
                 if processes > 1:

@@ -60,7 +60,7 @@ def plan(ctx: Context, model: nn.Module | None = None, progress: bool = False) -
 
     def batches():
         """The calibration data as tuples of model inputs (methods may iterate it more than once)."""
-        for batch in calibration.batches(ctx.recipe.recipe.data.batch_size):
+        for batch in calibration.batches(ctx.recipe.recipe.data.batch_size, trim=True):
             yield split_batch(batch, ctx.input_names, ctx.target)[0]
 
     if calibration is not None:

@@ -4,7 +4,8 @@ model takes (`input_ids`, `attention_mask`, and `token_type_ids` where the token
 
 Read line by line and only as far as needed: at most `data.max_examples` examples per file (a
 corpus larger than memory is read up to that many), each line at most MAX_LINE bytes. The set is
-padded to its longest example (at most `data.max_length` tokens; longer ones are truncated).
+padded to its longest example (at most `data.max_length` tokens; longer ones are truncated);
+training and calibration batches are cut to their own longest example (`Dataset.batches(trim=True)`).
 """
 from __future__ import annotations
 
@@ -150,4 +151,4 @@ def load_text(path: str | Path, tokenizer, keys: list[str], label: str, target: 
             raise UserError(f"data.target {target!r} is also one of the tokenizer's outputs; choose another name")
         kind = torch.int64 if all(isinstance(v, int) for v in labels) else torch.float32
         tensors[target] = torch.tensor(labels, dtype=kind)
-    return Dataset(tensors, str(path))
+    return Dataset(tensors, str(path)).padded(getattr(tokenizer, "padding_side", "right"))

@@ -80,3 +80,21 @@ def test_split_is_used_by_a_recipe_and_refused_beside_other_sources(tmp_path, di
     document["data"]["eval"] = str(tmp_path / "all.pt")
     with pytest.raises(RecipeError, match="leave data.calibration and data.eval unset"):
         as_recipe(document)
+
+
+def test_tokenized_text_batches_are_cut_to_their_longest_example():
+    from compress.data import Dataset
+
+    ids = torch.tensor([[5, 6, 0, 0, 0], [5, 6, 7, 0, 0], [5, 6, 7, 8, 9], [5, 0, 0, 0, 0]])
+    labels = torch.tensor([1, 0, 1, 0])
+    text = Dataset({"input_ids": ids, "attention_mask": (ids != 0).long(), "label": labels}, "t").padded("right")
+    first, second = text.batches(2, trim=True)
+    assert first["input_ids"].tolist() == [[5, 6, 0], [5, 6, 7]] and first["attention_mask"].shape == (2, 3)
+    assert second["input_ids"].shape == (2, 5) and first["label"].tolist() == [1, 0]  # per sample: untouched
+    assert all(b["input_ids"].shape == (2, 5) for b in text.batches(2))  # evaluation keeps the set's padding
+    part = text.subset(torch.tensor([0, 3]), "part")
+    assert next(part.batches(2, trim=True))["input_ids"].tolist() == [[5, 6], [5, 0]]
+    left = Dataset({"input_ids": ids.flip(1), "attention_mask": (ids != 0).long().flip(1)}, "l").padded("left")
+    assert next(left.batches(2, trim=True))["input_ids"].tolist() == [[0, 6, 5], [7, 6, 5]]
+    plain = Dataset({"x": torch.zeros(4, 5)}, "p")
+    assert next(plain.batches(2, trim=True))["x"].shape == (2, 5)  # only text is cut

@@ -78,6 +78,10 @@ class BudgetSection(Strict):
                               "bench.batch_sizes)")
     seq_len: int | None = Field(None, gt=0, le=MAX_SEQ_LEN, description="sequence length of the latency targets for "
                                 "tokenized text (one of bench.seq_lens; default: the longest of them)")
+    over: Literal["original", "int8_original"] = Field(
+        "original", description="speedup targets: over the float original, or over int8 of the original (the "
+        "recipe's quantize settings, dynamic without them), measured at `batch` when planning: `speedup: 1.3, "
+        "over: int8_original` asks for a model 30 % faster than the one-line int8 alternative")
     rounds: int = Field(3, ge=1, le=10, description="latency targets: allocations at most, each checked by "
                         "measuring the whole model before fine-tuning")
     probes: int | Literal["auto"] = Field(
@@ -108,6 +112,12 @@ class BudgetSection(Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(TARGETS)}"
                              + (f", not {' and '.join(given)}" if given else ""))
+        return self
+
+    @model_validator(mode="after")
+    def _over(self):
+        if self.over != "original" and self.speedup is None:
+            raise ValueError(f"over: {self.over} applies to a speedup target only")
         return self
 
     @property
@@ -178,6 +188,7 @@ class Allocation:
     newly_measured: int | None = None
     history: list[dict] = field(default_factory=list)
     seq_len: int | None = None  # latency targets on tokenized text: the length they are measured at
+    stated: dict | None = None  # a target stated over another model ({"over", "speedup"}); `value` is it over the original
     # how the units' errors are made comparable (the costly probing), run by the first solve that must
     # shrink something: a target the dense model (with the fixed part, e.g. int8) meets needs none
     scale_errors: Callable[[], tuple[int, int]] | None = field(default=None, repr=False)
@@ -208,8 +219,11 @@ class Allocation:
         if solution is None:
             best = self.fixed + smallest_cost(options)
             reach = f"{best:.4g} ms" if self.target == "latency_ms" else f"{self.ratio(best):.3g}x"
-            raise RecipeError(f"budget.{self.target} {self.value:g} cannot be met even with every allocated "
-                              f"layer at its smallest candidate; the best reachable is {reach}")
+            asked = (f"{self.stated[self.target]:g} over {self.stated['over']} ({self.value:.3g}x over the original)"
+                     if self.stated else f"{self.value:g}")
+            raise RecipeError(f"budget.{self.target} {asked} cannot be met even with every allocated "
+                              f"layer at its smallest candidate; the best reachable is {reach}"
+                              + (" over the original" if self.stated else ""))
         for choice, index in zip(self.layers, solution.choice):
             choice.chosen = index
         self.predicted = self.fixed + solution.cost
@@ -219,7 +233,9 @@ class Allocation:
         """What was planned (nothing measured on the built model yet)."""
         pred = self.predicted if self.target == "latency_ms" else self.ratio(self.predicted)
         shape = {"batch": self.batch, "seq_len": self.seq_len}
-        return BudgetOutcome(target={self.target: self.value, **{k: v for k, v in shape.items() if v}},
+        target = {self.target: self.value, **(self.stated or {})}
+        return BudgetOutcome(target={**target, **{k: v for k, v in shape.items() if v}},
+                             over_original=round(self.value, 4) if self.stated else None,
                              predicted=round(pred, 4), rounds=self.rounds, allocated_layers=len(self.layers),
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
                              history=self.history or None, probe_passes=self.probe_passes,
@@ -291,14 +307,17 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                     batches, costs: Callable | None, reference_cost: float, fixed_savings: float,
                     skip: set[str] = frozenset(), progress: bool = False,
                     base_cost: float | None = None,
-                    quantized: Callable[[str, nn.Module], bool] = lambda name, layer: False) -> Allocation:
+                    quantized: Callable[[str, nn.Module], bool] = lambda name, layer: False,
+                    value: float | None = None) -> Allocation:
     """Candidates, costs, errors and the knapsack's choice for every unit the allocated stages offer.
 
     `costs(name, layer, rank, scheme, in_shape) -> ms or bytes` prices latency and file size
     targets; `reference_cost` is the original's params, MACs, latency or bytes (what the target's
     ratio is against); `base_cost` the original as it would ship (int8 when the recipe quantizes;
     default: the reference); `fixed_savings` what the stages with explicit rules save;
-    `quantized(name, layer)` whether the int8 model quantizes a layer (its weights take a byte)."""
+    `quantized(name, layer)` whether the int8 model quantizes a layer (its weights take a byte);
+    `value` the target in the reference's terms when the recipe states it over something else
+    (`over: int8_original`: the speedup over the original that it means)."""
     from .progress import iterate
 
     request = AllocationRequest(budget, batches, set(skip), costs, quantized)
@@ -318,7 +337,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     dense_total = sum(c.candidates[0].cost for c in choices)
     base = reference_cost if base_cost is None else base_cost
     fixed = base - fixed_savings - dense_total  # everything the allocation does not touch
-    allocation = Allocation(target=budget.target, value=budget.value,
+    allocation = Allocation(target=budget.target, value=budget.value if value is None else value,
+                            stated={"over": budget.over, budget.target: budget.value} if value is not None else None,
                             batch=request.batch if budget.in_latency else None, layers=choices, fixed=fixed,
                             seq_len=budget.seq_len,
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,

@@ -142,16 +142,20 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     r = ctx.recipe.recipe
     b = r.budget
     budgeting.check(b, methods)
-    costs, table, base = None, None, None
+    costs, table, base, value = None, None, None, None
     if b.in_latency and distributed.world()[1] > 1:  # each process would time, and allocate, differently
         raise UserError(f"budget.{b.target}: latency is measured, and measurements differ from process to process; "
                         "run without --nproc, or use a params, macs or onnx_bytes budget")
     quantized = functools.partial(quantize.quantizes_layer, r.quantize)
     if b.verified:  # measured on the original as exported, and as it would ship when the recipe quantizes
-        shipped = {"original": (model, False), **({"original_int8": (model, True)} if r.quantize else {})}
+        shipped = {"original": (model, None), **({"original_int8": (model, r.quantize)} if r.quantize else {})}
+        if b.over == "int8_original":  # the target is over int8 of the original as the report's baseline makes it
+            shipped["int8_baseline"] = (model, r.quantize or quantize.QuantizeSection())
         measured = _measure_models(ctx, shipped, b)
         reference = measured["original"].value
         base = measured["original_int8"].value if "original_int8" in measured else None
+        if b.over == "int8_original":
+            value = b.speedup * reference / measured["int8_baseline"].value
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads, r.quantize)
         if b.seq_len is not None:  # each op is priced at the shape it runs at: the layers' inputs at seq_len tokens
@@ -184,7 +188,8 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
                 savings += (costs(d.name, layer, None, "channel", shape)
                             - costs(d.name, layer, d.rank, d.scheme or "channel", shape))
     allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
-                                           skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized)
+                                           skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized,
+                                           value=value)
     if table is not None:
         table.save()
         allocation.newly_measured = table.measured
@@ -201,10 +206,10 @@ class Counted:
     over_first: tuple[float, float] | None = None
 
 
-def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], budget) -> dict[str, Counted]:
-    """What the budget counts of each (model, quantized) as exported, measured together
-    (bench.measure) at budget.batch for latency; quantized by the recipe's `quantize:` settings
-    where asked."""
+def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, quantize.QuantizeSection | None]], budget
+                    ) -> dict[str, Counted]:
+    """What the budget counts of each (model, int8 settings or None) as exported, measured together
+    (bench.measure) at budget.batch for latency; quantized by its settings where given."""
     r = ctx.recipe.recipe
     with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
         paths = {}
@@ -213,10 +218,9 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, bool]], bud
         for label, (model, int8) in models.items():
             paths[label] = str(Path(folder) / f"{label}.onnx")
             export.export_onnx(model.cpu().eval(), ctx.sample, ctx.input_names, paths[label], r.export.opset, axes)
-            if int8:
+            if int8 is not None:
                 paths[label] = str(Path(folder) / f"{label}.int8.onnx")
-                quantize.quantize(Path(folder) / f"{label}.onnx", Path(paths[label]), r.quantize,
-                                  calibration_feeds(ctx, r.quantize))
+                quantize.quantize(Path(folder) / f"{label}.onnx", Path(paths[label]), int8, calibration_feeds(ctx, int8))
         if budget.target == "onnx_bytes":
             return {label: Counted(float(file_size(path))) for label, path in paths.items()}
         feeds = timing_feeds(ctx, [budget.batch], [budget.seq_len] if budget.seq_len else None)
@@ -249,8 +253,7 @@ def verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, 
     allocation, methods = planned.allocation, list(planned.methods)
     with timed(ctx.timings, "budget"):
         while True:
-            measured = _measure_models(ctx, {"original": (original, False),
-                                             "compressed": (compressed, r.quantize is not None)}, b)
+            measured = _measure_models(ctx, {"original": (original, None), "compressed": (compressed, r.quantize)}, b)
             # in the units of the first measurement of the original, which the costs were fitted to
             value = allocation.reference * measured["compressed"].value / measured["original"].value
             ratio = measured["compressed"].over_first  # latency only: compressed / original, 95 %

@@ -83,7 +83,7 @@ class Baseline:
 class BudgetOutcome:
     """What a budget planned and, once the model is built and measured, whether it met its target."""
 
-    target: dict  # {"speedup": 2.0, "batch": 8}: the target and, for latency, its batch size (and seq_len)
+    target: dict  # {"speedup": 2.0, "batch": 8}: the target and, for latency, its batch size (and seq_len, over)
     predicted: float  # ratio, or ms for latency_ms
     rounds: int
     allocated_layers: int
@@ -94,6 +94,7 @@ class BudgetOutcome:
     ops_measured: int | None = None  # latency targets: op latencies not found in the cache
     probe_passes: int = 0  # sensitivity: output: whole-model calibration passes run to scale the errors ...
     probe_samples: int = 0  # ... each on this many samples (0: none needed, or another sensitivity)
+    over_original: float | None = None  # `over: int8_original`: the speedup over the original the target meant
     solver_gap: float = 0.0  # the knapsack's bound on how much more predicted error it chose than the optimum (0: exact)
 
 
@@ -338,7 +339,7 @@ def budget_line(budget: dict | BudgetOutcome) -> str:
     measurement, met or not."""
     if isinstance(budget, BudgetOutcome):
         budget = asdict(budget)
-    target, = (k for k in budget["target"] if k not in ("batch", "seq_len"))
+    target, = (k for k in budget["target"] if k not in ("batch", "seq_len", "over"))
     unit = " ms" if target == "latency_ms" else "x"
     where = f" at batch {budget['target']['batch']}" if "batch" in budget["target"] else ""
     where += f", {budget['target']['seq_len']} tokens" if "seq_len" in budget["target"] else ""
@@ -348,6 +349,9 @@ def budget_line(budget: dict | BudgetOutcome) -> str:
             + (": met" if budget["met"] else ": MISSED")
     else:
         said = " (planned: nothing built or measured yet)"
+    if budget["target"].get("over", "original") != "original":  # prediction and measurement are over the original
+        where = (f" over int8 of the original ({_num(budget['over_original'])}x over the original){where}; "
+                 "figures over the original")
     return (f"Budget: {target} {budget['target'][target]}{unit}{where}; predicted {_num(budget['predicted'])}{unit}"
             f"{said} ({budget['allocated_layers']} layers allocated, {budget['dense_layers']} left dense, "
             f"{budget['rounds']} round(s)).")

@@ -398,3 +398,34 @@ def test_a_target_the_fixed_part_meets_is_planned_without_probing(digits_model, 
     document["budget"]["params"] = 1.5  # something must shrink: the errors are made comparable first
     plan(load_context(as_recipe(document), digits_model, Options()))
     assert len(probed) == 1
+
+
+def test_a_speedup_over_int8_of_the_original_is_planned_over_the_original(digits_model, monkeypatch):
+    """`over: int8_original`: int8 of the original is measured beside the original when planning and
+    the target becomes the speedup over the original it means (here 1.5 x 10 / 4 = 3.75x, beyond what
+    factorizing the ResNet reaches: refused in those terms)."""
+    from compress import planning
+    from compress.api import as_recipe
+    from compress.errors import RecipeError
+    from compress.pipeline import Options, load_context, plan
+
+    asked = []
+
+    def measured(ctx, models, budget):
+        asked.append({label: None if cfg is None else cfg.mode for label, (_, cfg) in models.items()})
+        return {"original": planning.Counted(10.0), "int8_baseline": planning.Counted(4.0, (0.4, 0.4))}
+
+    monkeypatch.setattr(planning, "_measure_models", measured)
+    document = {"data": DATA, "stages": [STAGE], "budget": {"speedup": 1.5, "over": "int8_original", "batch": 1},
+                "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
+    with pytest.raises(RecipeError, match=r"budget.speedup 1.5 over int8_original \(3.75x over the original\) cannot"):
+        plan(load_context(as_recipe(document), digits_model, Options()))
+    assert asked == [{"original": None, "int8_baseline": "dynamic"}]
+
+
+def test_over_applies_to_speedup_targets():
+    from compress.recipe import parse_recipe
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="over: int8_original applies to a speedup target only"):
+        parse_recipe(b"stages: [{method: svd}]\nbudget: {params: 2, over: int8_original}\n")

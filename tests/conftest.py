@@ -108,7 +108,8 @@ def apply_shipped(shipped, run_cli, tmp_path):
 def example_for(digits_model, ctr_model, transformer_model):
     """The bundled example each shipped recipe is written for."""
     by_recipe = {"afm": ctr_model, "pela": transformer_model, "pela-unlabeled": transformer_model,
-                 "afm-pela": transformer_model, "group_envelope-transformer": transformer_model}
+                 "afm-pela": transformer_model, "group_envelope-transformer": transformer_model,
+                 "group_envelope-depth": transformer_model}
     return lambda recipe: by_recipe.get(Path(recipe).stem, digits_model)
 
 

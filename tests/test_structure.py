@@ -80,7 +80,7 @@ def test_methods_do_not_import_each_other():
 
 
 def test_every_edit_a_method_writes_is_registered():
-    assert set(EDITS) == {"factorize", "prune_channels", "prune_heads"}
+    assert set(EDITS) == {"factorize", "prune_channels", "prune_heads", "remove_blocks"}
     for kind in EDITS.values():
         assert callable(kind.check) and callable(kind.apply)
 

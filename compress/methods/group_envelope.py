@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from .. import layers, linalg
@@ -60,6 +60,7 @@ from ..metrics import primary_output
 from ..errors import RecipeError, UserError
 from .base import Decision, Method, Stage, edit_module, register_edit, select_targets, short
 from .group_envelope_allocation import EnvelopeAllocation
+from .group_envelope_depth import block_container, check_identity, depth_group, remove_blocks
 from .group_envelope_channels import (ChannelGroup, ChannelSlice, channel_norms, channel_sizes, overcounted, scale_channels,
                                       slice_costs, unit_costs)
 
@@ -90,6 +91,12 @@ class GroupEnvelopeStage(Stage):
     lambda_growth: float = Field(1.0, ge=1, description="continuation: every `lambda_every` steps, each layer that "
                                  "still has more than k live channels multiplies its lambda by this (1: constant)")
     lambda_every: int = Field(10, ge=1, le=10**9, description="steps between lambda increases")
+    groups: Literal["channels", "depth"] = Field(
+        "channels", description="channels: each layer's coupled channels and each attention module's heads (the "
+        "targeted layers); depth: the residual blocks of `blocks`, each one unit with all its parameters, removed "
+        "whole (pre-norm blocks only: a block at zero must pass its input through)")
+    blocks: str | None = Field(None, max_length=1000, description="groups: depth: the module that lists the blocks "
+                               "(an nn.ModuleList or nn.Sequential, e.g. blocks); default: the largest such list")
 
     @field_validator("keeps")
     @classmethod
@@ -104,6 +111,15 @@ class GroupEnvelopeStage(Stage):
         if value != "auto" and value <= 0:
             raise ValueError("keep must be greater than 0 (a ratio below 1 or a count), or auto")
         return value
+
+    @model_validator(mode="after")
+    def _depth(self):
+        if self.groups == "depth" and self.keep == "auto":
+            raise ValueError("keep: auto allocates channels and heads; with groups: depth give the blocks to keep "
+                             "(a ratio below 1 or a count)")
+        if self.blocks is not None and self.groups != "depth":
+            raise ValueError("blocks names the residual blocks of groups: depth")
+        return self
 
     def kept(self, channels: int, round_to: int | None = None) -> int:
         count = round(self.keep * channels) if self.keep < 1 else int(self.keep)
@@ -283,6 +299,9 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         return self._collect(model)[1]
 
     def _collect(self, model: nn.Module):
+        if self.stage.groups == "depth":
+            path, container = block_container(model, self.stage.blocks, self.stage_index)
+            return None, {path: depth_group(path, container)}
         targets, ignored = self._targets(model)
         graph, groups = dependency_groups(model, self.sample, ignored)
         names = _module_names(model)
@@ -309,11 +328,14 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         if self.sample is None:
             raise RecipeError(f"stages[{self.stage_index}] (group_envelope) needs calibration data")
         _, found = self._collect(model)
+        for root, info in found.items():
+            if info.depth:  # the blocks must pass their input through at zero to be removed
+                check_identity(model, model.get_submodule(root), root, self.sample, self.stage_index)
         units = unit_costs(model, profile, "params"), unit_costs(model, profile, "macs")
         self.decisions = []
         for root, info in found.items():
             n = info.channels
-            heads = info.heads
+            heads = info.heads or info.depth  # counted in whole units, not rounded to round_to
             if info.slices:  # the group's share of every parameter its channels own, producers and consumers
                 params, macs = (round(sum(cost * share for _, cost, share in slice_costs(info.slices, u)))
                                 for u in units)
@@ -322,7 +344,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                 params = sum(p.numel() for m in producers for p in model.get_submodule(m).parameters(recurse=False))
                 macs = sum(layers.dense_cost(model.get_submodule(m), profile[m].out_shape).macs
                            for m in producers if m in profile)
-            kind, unit = ("heads", "heads") if heads else ("channels", "channels")
+            kind = unit = info.unit
             extra = {"channels": n, "members": info.members}
             if info.reason:
                 self.decisions.append(Decision(root, self.name, kind, "keep", [n], params, macs, params, macs,
@@ -435,14 +457,16 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                 norms = norms * keep
             dead_by_root[root] = (torch.nonzero(norms == 0).flatten().tolist(), cut)
         graph, found = self._collect(model)
-        heads_to_remove = []
+        heads_to_remove = []  # (name, layout, dead): heads, or with layout None a container's blocks
         for d in self.decisions:
             if d.name not in dead_by_root:
                 continue
             dead, cut = dead_by_root[d.name]
             n = d.extra["channels"]
             layout = found[d.name].layout
-            if dead and layout is not None:
+            if dead and found[d.name].depth:
+                heads_to_remove.append((d.name, None, dead))
+            elif dead and layout is not None:
                 heads_to_remove.append((d.name, layout, dead))
             elif dead:
                 group = found[d.name].group
@@ -450,7 +474,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                 pruning = graph.get_pruning_group(root, group[0].dep.handler, idxs=dead)
                 pruning.prune()
             kept = n - len(dead)
-            unit = "heads" if layout is not None else "channels"
+            unit = found[d.name].unit
             d.params_after = d.params_before * kept // n
             d.macs_after = d.macs_before * kept // n
             g = self.groups[d.name]
@@ -458,36 +482,42 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                             "prox_zeroed": prox[d.name], "reached_k_step": g["reached_k_step"],
                             "projection_cut": cut, "largest_lambda": round(g.get("largest", g["lambda"]), 6),
                             "note": f"{kept} of {n} {unit} kept" + (f"; the hard projection cut {cut}" if cut else "")})
-            if layout is None:
+            if layout is None and not found[d.name].depth:
                 self.edits_made.append({"op": "prune_channels", "root": d.name, "idxs": dead})
         if heads_to_remove:  # after Torch-Pruning's graph has done its part
-            self._remove_heads_checked(model, heads_to_remove)
+            self._remove_units_checked(model, heads_to_remove)
 
     @torch.no_grad()
-    def _remove_heads_checked(self, model: nn.Module, heads_to_remove: list[tuple[str, AttentionLayout, list[int]]]):
-        """Remove the heads module by module, checking after each on the calibration sample that the
-        model still computes what the masked one did: a forward that reads a head count or width
-        from attributes other than `layout.heads` (e.g. a fixed head_dim * num_heads reshape) would
-        silently change. The masked model's output is computed once: every removal must keep it."""
+    def _remove_units_checked(self, model: nn.Module, heads_to_remove: list[tuple[str, AttentionLayout, list[int]]]):
+        """Remove the heads (or whole blocks) module by module, checking after each on the calibration
+        sample that the model still computes what the masked one did: a forward that reads a head
+        count or width from attributes other than `layout.heads` (e.g. a fixed head_dim * num_heads
+        reshape) would silently change. The masked model's output is computed once: every removal
+        must keep it."""
         device = next(model.parameters()).device
         sample = tuple(t.to(device) for t in self.sample)
         was_training = model.training
         model.eval()
         try:
             masked = primary_output(model(*sample))
-            for name, layout, dead in heads_to_remove:
-                remove_heads(model.get_submodule(name), layout, dead)
+            for name, layout, dead in heads_to_remove:  # (layout None: whole blocks of a container)
+                if layout is None:
+                    remove_blocks(model.get_submodule(name), dead)
+                else:
+                    remove_heads(model.get_submodule(name), layout, dead)
                 try:
                     after = primary_output(model(*sample))
                     same = after.shape == masked.shape and torch.allclose(after, masked, atol=1e-4, rtol=1e-3)
                 except Exception:  # noqa: BLE001 - any failure of the forward is the same finding
                     same = False
                 if not same:
-                    raise UserError(f"stages[{self.stage_index}] (group_envelope): removing heads of {name!r} "
-                                    "changed the model's outputs (its forward reads head counts or widths that "
-                                    "compress does not update); leave its attention layers out of "
-                                    f"stages[{self.stage_index}].targets")
-                self.edits_made.append({"op": "prune_heads", "module": name, "heads": dead})
+                    raise UserError(f"stages[{self.stage_index}] (group_envelope): removing "
+                                    f"{'blocks' if layout is None else 'heads'} of {name!r} "
+                                    "changed the model's outputs (its forward reads head counts, widths or blocks "
+                                    "that compress does not update); leave them out of "
+                                    f"stages[{self.stage_index}]")
+                self.edits_made.append({"op": "remove_blocks", "container": name, "indices": dead} if layout is None
+                                       else {"op": "prune_heads", "module": name, "heads": dead})
         finally:
             model.train(was_training)
 

@@ -13,7 +13,8 @@ from .. import layers
 @dataclass
 class ChannelGroup:
     """One coupled group of channels that a stage prunes together (a Conv2d's or Linear's output
-    channels with every layer that reads them), or an attention module's heads."""
+    channels with every layer that reads them), an attention module's heads, or the residual blocks
+    of a container."""
 
     channels: int  # how many channels (or heads) the group has
     slices: list["ChannelSlice"]  # every parameter part that belongs to the channels, producers and consumers
@@ -21,10 +22,16 @@ class ChannelGroup:
     reason: str | None = None  # why the group cannot be pruned; None when it can
     group: object | None = None  # channels: Torch-Pruning's dependency group, which prunes them
     layout: object | None = None  # heads: the attention module's AttentionLayout
+    depth: bool = False  # depth: the units are whole residual blocks of a container (group_envelope_depth.py)
 
     @property
     def heads(self) -> bool:
         return self.layout is not None
+
+    @property
+    def unit(self) -> str:
+        """What one of the group's units is called in plans and reports."""
+        return "blocks" if self.depth else "heads" if self.heads else "channels"
 
 
 @dataclass

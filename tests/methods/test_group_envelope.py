@@ -1,4 +1,5 @@
 import copy
+import json
 import re
 
 import pytest
@@ -360,3 +361,46 @@ def test_continuation_stops_for_a_layer_that_starts_with_k_or_fewer_live_channel
     # it was told it reached k at the first step, and its lambda never grew (it went 2 -> 77 in 30 steps)
     assert group["reached_k_step"] == 1 and group["lambda"] == 0.01, root
     assert int((channel_norms(group["slices"], group["channels"]) > 0).sum()) == group["k"] - 1
+
+
+def test_depth_groups_remove_a_whole_block_and_reload(apply_shipped, transformer_model):
+    """recipes/group_envelope-depth.yaml: one of the digits Transformer's two pre-norm blocks goes
+    as a whole, the model is a block shorter, and compression.json rebuilds it with the same outputs."""
+    out, report = apply_shipped("group_envelope-depth.yaml", transformer_model)
+    row, = report["layers"]
+    assert (row["name"], row["layer_type"], row["action"], row["kept"]) == ("blocks", "blocks", "prune", 1)
+    assert report["ratios"]["macs"] > 1.9  # a block is about half the model
+    edits = json.loads((out / "compression.json").read_text())["edits"]
+    assert [e["op"] for e in edits] == ["remove_blocks"] and len(edits[0]["indices"]) == 1
+    rebuilt = compress.load(out).eval()
+    assert [type(b).__name__ for b in rebuilt.blocks].count("Skip") == 1
+    checkpoint = torch.load(out / "model.pt", weights_only=False)
+    assert checkpoint is not None
+    tokens, mask = torch.randint(0, 16, (3, 64)), torch.ones(3, 64, dtype=torch.long)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    onnx_out = session.run(None, dict(zip(names, (tokens.numpy(), mask.numpy()))))[0]
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(tokens, mask), torch.from_numpy(onnx_out), atol=1e-4)
+
+
+def test_depth_groups_refuse_blocks_that_are_not_an_identity_at_zero():
+    """A post-norm block (norm(x + f(x))) at zero is not the identity: refused, in one line."""
+    from compress.errors import UserError
+    from compress.methods.group_envelope_depth import check_identity
+
+    class PostNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(x + self.f(x))
+
+    model = nn.Sequential(PostNorm(), PostNorm())
+    with pytest.raises(UserError, match="does not pass its input through with its parameters at zero"):
+        check_identity(model, model, "", (torch.randn(2, 8),), 0)
+    state = [p.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(state, model.parameters()))  # the check restores the weights

@@ -412,6 +412,12 @@ def real_batch(ctx: Context, size: int) -> tuple[torch.Tensor, ...]:
     return split_batch(batch, ctx.input_names, ctx.target)[0]
 
 
+def export_axes(r, input_names: list[str], sample: tuple[torch.Tensor, ...], dynamic_batch: bool = True) -> dict:
+    """The ONNX dynamic axes of the recipe's inputs (as declared in `inputs:`, else inferred)."""
+    return exporting.dynamic_axes_for(input_names, sample, {s.name: s.dynamic_axes for s in r.inputs or []},
+                                      dynamic_batch)
+
+
 def _at_longest(r, input_names: list[str], sample: tuple[torch.Tensor, ...], per_sample: int) -> int:
     """Bytes per sample at the longest of bench.seq_lens (inputs that are not tokenized text refused
     now, before anything is compressed): attention grows with the square of the length, so the
@@ -419,7 +425,7 @@ def _at_longest(r, input_names: list[str], sample: tuple[torch.Tensor, ...], per
     if not r.bench.seq_lens:
         return per_sample
     longest = max(r.bench.seq_lens)
-    axes = exporting.dynamic_axes_for(input_names, sample, {s.name: s.dynamic_axes for s in r.inputs or []}, True)
+    axes = export_axes(r, input_names, sample)
     exporting.at_length(sample, input_names, axes, longest)
     traced = sample[input_names.index("attention_mask")].shape[1]
     return int(per_sample * max(1.0, longest / traced) ** 2)
@@ -429,8 +435,7 @@ def timing_feeds(ctx: Context, batch_sizes: list[int], seq_lens: list[int] | Non
     """ONNX feeds to time at, keyed by `bench.shape_key`: real eval samples at each batch size, and at
     each of `seq_lens` tokens when given (exporting.at_length)."""
     r = ctx.recipe.recipe
-    axes = exporting.dynamic_axes_for(ctx.input_names, ctx.sample, {s.name: s.dynamic_axes for s in r.inputs or []},
-                                      True)
+    axes = export_axes(r, ctx.input_names, ctx.sample)
     feeds = {}
     for size in batch_sizes:
         batch = real_batch(ctx, size)

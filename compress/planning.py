@@ -17,7 +17,7 @@ from .data import split_batch
 from .errors import RecipeError, UserError
 from .methods import ACTIONS, METHODS, Decision, Method
 from .recipe import LoadedRecipe
-from .context import Context, calibration_feeds, file_size, timed, timing_feeds
+from .context import Context, calibration_feeds, export_axes, file_size, timed, timing_feeds
 
 def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Method]:
     methods = [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
@@ -159,8 +159,7 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads, r.quantize)
         if b.seq_len is not None:  # each op is priced at the shape it runs at: the layers' inputs at seq_len tokens
-            axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, {s.name: s.dynamic_axes for s in r.inputs or []},
-                                           True)
+            axes = export_axes(r, ctx.input_names, ctx.sample)
             profile = bench.profile_layers(model, export.at_length(ctx.sample, ctx.input_names, axes, b.seq_len))
 
         def latency(name, layer, rank, scheme, shape):
@@ -213,8 +212,7 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, quantize.Qu
     r = ctx.recipe.recipe
     with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
         paths = {}
-        declared = {s.name: s.dynamic_axes for s in r.inputs or []}
-        axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, True)
+        axes = export_axes(r, ctx.input_names, ctx.sample)
         for label, (model, int8) in models.items():
             paths[label] = str(Path(folder) / f"{label}.onnx")
             export.export_onnx(model.cpu().eval(), ctx.sample, ctx.input_names, paths[label], r.export.opset, axes)

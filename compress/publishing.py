@@ -16,8 +16,8 @@ from .errors import UserError
 from .hf import copy_tokenizer
 from .methods import Method
 from .metrics import drop, score
-from .context import (METRIC_TOLERANCE, Compressed, Context, Options, calibration_feeds, evaluate, file_size,
-                      real_batch, timed, timing_feeds)
+from .context import (METRIC_TOLERANCE, Compressed, Context, Options, calibration_feeds, evaluate, export_axes,
+                      file_size, real_batch, timed, timing_feeds)
 
 @dataclass
 class _Published:
@@ -71,8 +71,7 @@ def _export_and_verify(ctx: Context, done: Compressed, work: Path) -> _Published
     out = _Published(work / "original.onnx", work / ("model.float.onnx" if r.quantize else "model.onnx"),
                      metric_after, torch_outputs)
     with timed(ctx.timings, "export"):
-        declared = {s.name: s.dynamic_axes for s in r.inputs or []}
-        axes = export.dynamic_axes_for(ctx.input_names, ctx.sample, declared, r.export.dynamic_batch)
+        axes = export_axes(r, ctx.input_names, ctx.sample, r.export.dynamic_batch)
         export.export_onnx(done.original, ctx.sample, ctx.input_names, out.original_onnx, r.export.opset, axes)
         export.export_onnx(done.model, ctx.sample, ctx.input_names, out.float_onnx, r.export.opset, axes)
     with timed(ctx.timings, "parity"):

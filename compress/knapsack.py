@@ -55,6 +55,34 @@ def solve(options: list[list[tuple[float, float]]], budget: float, buckets: int 
     return Solution(rounded.choice, rounded.cost, rounded.error, gap)
 
 
+def minimax(options: list[list[tuple[float, float]]], budget: float) -> Solution | None:
+    """The choice whose largest single error is least within the budget (AIMET's greedy rule: one
+    threshold on every item's error, each item at its cheapest option under it), then, among the
+    options under that threshold, the least total error (the leftover budget is not wasted).
+    None when even the cheapest options do not fit."""
+    if not options:
+        return Solution([], 0.0, 0.0)
+    if smallest_cost(options) > budget:
+        return None
+    levels = sorted({e for item in options for _, e in item})
+
+    def cheapest(threshold: float) -> float:
+        return sum(min(c for c, e in item if e <= threshold) if any(e <= threshold for _, e in item) else np.inf
+                   for item in options)
+
+    low, high = 0, len(levels) - 1  # the cheapest options' largest error fits by the check above
+    while low < high:
+        mid = (low + high) // 2
+        if cheapest(levels[mid]) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    threshold = levels[low]
+    allowed = [[k for k, (_, e) in enumerate(item) if e <= threshold] for item in options]
+    under = solve([[item[k] for k in keep] for item, keep in zip(options, allowed)], budget)
+    return solution_of(options, [keep[k] for keep, k in zip(allowed, under.choice)])
+
+
 def pareto(options: list[list[tuple[float, float]]], budget: float, front_limit: int) -> Solution | None:
     """The exact optimum by Pareto fronts, or None when a front would exceed `front_limit` points."""
     cost, error = np.zeros(1), np.zeros(1)
@@ -79,7 +107,7 @@ def pareto(options: list[list[tuple[float, float]]], budget: float, front_limit:
         choice.append(int(pick[end]))
         end = int(parent[end])
     choice.reverse()
-    return _solution(options, choice)
+    return solution_of(options, choice)
 
 
 def discretized(options: list[list[tuple[float, float]]], budget: float, buckets: int,
@@ -110,7 +138,7 @@ def discretized(options: list[list[tuple[float, float]]], budget: float, buckets
     end = int(np.argmin(best))
     if not np.isfinite(best[end]):  # fits only unrounded: the cheapest option of every item
         choice = [min(range(len(item)), key=lambda k, item=item: item[k][0]) for item in options]
-        return None if down else _solution(options, choice)
+        return None if down else solution_of(options, choice)
     choice = []
     for item, pick in zip(reversed(options), reversed(picks)):
         index = int(pick[end])
@@ -118,9 +146,10 @@ def discretized(options: list[list[tuple[float, float]]], budget: float, buckets
         cost = item[index][0]
         end -= max(0, int(math.floor(cost / step + 1e-9)) if down else int(math.ceil(cost / step - 1e-9)))
     choice.reverse()
-    return _solution(options, choice)
+    return solution_of(options, choice)
 
 
-def _solution(options, choice: list[int]) -> Solution:
+def solution_of(options, choice: list[int]) -> Solution:
+    """The Solution that takes `choice` (an option index per item), with its real cost and error."""
     return Solution(choice, float(sum(options[i][k][0] for i, k in enumerate(choice))),
                     float(sum(options[i][k][1] for i, k in enumerate(choice))))

@@ -95,7 +95,9 @@ class BudgetOutcome:
     probe_passes: int = 0  # sensitivity: output: whole-model calibration passes run to scale the errors ...
     probe_samples: int = 0  # ... each on this many samples (0: none needed, or another sensitivity)
     over_original: float | None = None  # `over: int8_original`: the speedup over the original the target meant
-    solver_gap: float = 0.0  # the knapsack's bound on how much more predicted error it chose than the optimum (0: exact)
+    solver_gap: float = 0.0  # the knapsack's bound on how much more summed error it chose than the optimum (0: exact)
+    objective: str | None = None  # whose choice was kept: sum, sum of squares, sum of 4th powers or largest error
+    evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
 
 
 @dataclass
@@ -328,6 +330,9 @@ def planning_line(timings: dict[str, float], allocation=None) -> str:
         work = []
         if allocation.probe_passes:
             work.append(f"{allocation.probe_passes} probe passes on {allocation.probe_samples} samples")
+        if allocation.evaluations:
+            work.append(f"{allocation.evaluations} passes checking the objectives' choices (kept: "
+                        f"{allocation.objective})")
         if allocation.newly_measured is not None:
             work.append(f"{allocation.newly_measured} op latencies timed (others from the cache)")
         line += f"; the budget ran {' and '.join(work)}" if work else "; the budget needed no probing"

@@ -429,3 +429,30 @@ def test_over_applies_to_speedup_targets():
 
     with pytest.raises(RecipeError, match="over: int8_original applies to a speedup target only"):
         parse_recipe(b"stages: [{method: svd}]\nbudget: {params: 2, over: int8_original}\n")
+
+
+def test_each_objectives_choice_is_checked_on_the_model_and_the_best_kept(digits_model, monkeypatch):
+    """The sum of errors, of their squares, of their 4th powers and the largest error each choose an
+    allocation; each distinct choice is applied and the model's output error measured on the probe
+    samples; the least is kept, and later solves keep its objective."""
+    from compress import budget
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+
+    checked = []
+    real = budget.OutputProbe.error
+
+    def error(self, applied):
+        value = real(self, applied)
+        if len(applied) > 1:  # a whole allocation (a probe of one layer's sensitivity applies one unit)
+            checked.append(value)
+        return value
+
+    monkeypatch.setattr(budget.OutputProbe, "error", error)
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1}}
+    allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
+    assert allocation.objective in [name for name, _ in budget.OBJECTIVES]
+    assert allocation.evaluations == len(checked) >= 2
+    kept = real(allocation.probe, [(u, u.candidate.size) for u in allocation.layers if u.candidate.size is not None])
+    assert kept == pytest.approx(min(checked))
+    assert allocation.summary().objective == allocation.objective

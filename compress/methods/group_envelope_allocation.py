@@ -112,21 +112,29 @@ def exact_envelope(allocation, units: dict[int, float], mine, rounds: int = 10) 
         chosen = sum(true_cost[id(choice.candidate)] for choice in allocation.layers)
         return allocation.fixed + chosen + envelope_interaction(groups, units)
 
-    try:
-        for _ in range(rounds):
-            cost = exact()
-            if cost <= total:
-                allocation.predicted = cost
-                return
-            pruned = [c for c in groups if c.candidate.size is not None]
-            for choice in pruned:
-                for c in choice.candidates:
-                    if c.size is not None:
-                        c.cost += (cost - total) / len(pruned)
-            allocation.solve()
-    finally:
+    def restore() -> None:
         for choice in allocation.layers:
             for c in choice.candidates:
                 c.cost = true_cost[id(c)]
+
+    try:  # rounds that do not settle under the objective the allocation chose are tried again under the sum
+        for objective in dict.fromkeys([allocation.objective, "sum"]):
+            if objective != allocation.objective:
+                restore()
+                allocation.objective = objective
+                allocation.solve()
+            for _ in range(rounds):
+                cost = exact()
+                if cost <= total:
+                    allocation.predicted = cost
+                    return
+                pruned = [c for c in groups if c.candidate.size is not None]
+                for choice in pruned:
+                    for c in choice.candidates:
+                        if c.size is not None:
+                            c.cost += (cost - total) / len(pruned)
+                allocation.solve()
+    finally:
+        restore()
     raise RecipeError(f"budget.{allocation.target} {allocation.value:g}: the pruned channel groups share layers, and "
                       f"no allocation found in {rounds} rounds meets the target once that is counted; lower it")

@@ -86,13 +86,15 @@ def rows(quick: bool, steps: int) -> dict[str, dict]:
             out[f"budget speedup {speedup}{' + int8 (dynamic)' if int8 else ''} + {steps} steps"] = {
                 "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
                 "budget": {"speedup": speedup, "batch": 8, "seq_len": 64},
-                "bench": {"batch_sizes": [8], "seq_lens": [64], "warmup": 1, "runs": 5, "baselines": []},
+                "bench": {"batch_sizes": [8], "seq_lens": [64], "threads": 2, "warmup": 1, "runs": 5,
+                          "baselines": []},
                 **({"quantize": {"mode": "dynamic", **loose}} if int8 else {})}
     # a target over the one-line alternative itself: 10 % faster than int8 of the original
     out[f"budget speedup 1.1 over int8 + int8 (dynamic) + {steps} steps"] = {
         "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
         "budget": {"speedup": 1.1, "over": "int8_original", "batch": 8, "seq_len": 64},
-        "bench": {"batch_sizes": [8], "seq_lens": [64], "warmup": 1, "runs": 5, "baselines": []},
+        "bench": {"batch_sizes": [8], "seq_lens": [64], "threads": 2, "warmup": 1, "runs": 5,
+                          "baselines": []},
         "quantize": {"mode": "dynamic", **loose}}
     return out
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError, UserError
-from .base import register_edit, short
+from .base import edit_module, register_edit, short
 from .group_envelope_channels import ChannelGroup, ChannelSlice
 
 
@@ -93,15 +93,8 @@ def remove_blocks(container: nn.Module, dead: list[int]) -> None:
 
 
 def _check_remove_blocks(model: nn.Module, edit: dict) -> tuple[nn.Module, list[int]]:
-    path, indices = edit.get("container"), edit.get("indices")
-    if not isinstance(path, str):
-        raise UserError(f"structural edit {short(edit)}: 'container' must name a list of blocks")
-    try:
-        container = model.get_submodule(path)
-    except AttributeError:
-        raise UserError(f"structural edit {short(edit)}: the model built by the factory has no module {path!r}") from None
-    if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-        raise UserError(f"structural edit {short(edit)}: {path!r} is not a list of blocks")
+    path, container = edit_module(model, edit, "container", (nn.ModuleList, nn.Sequential))
+    indices = edit.get("indices")
     n = len(container)
     if (not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
             or any(not 0 <= i < n for i in indices) or len(set(indices)) != len(indices) or len(indices) >= n):

@@ -157,11 +157,9 @@ def _bench(ctx: Context, out: _Published, options: Options) -> bench.Measurement
             base.compressed_speedup = measured.pair(label, "compressed")
         fastest = min(options_tried, key=lambda label: measured.latency_ms[label][largest]["p50"])
         chosen = out.baselines[fastest]
-        chosen.tried = [{"mode": out.baselines[label].mode, "onnx_bytes": out.baselines[label].onnx_bytes,
-                         "quantized_ops": out.baselines[label].quantized_ops, "metric": out.baselines[label].metric,
-                         f"p50_ms@{largest}": measured.latency_ms[label][largest]["p50"]} for label in options_tried]
-        for label in options_tried:
-            del out.baselines[label]
+        tried = [(out.baselines.pop(label), measured.latency_ms[label][largest]["p50"]) for label in options_tried]
+        chosen.tried = [{"mode": b.mode, "onnx_bytes": b.onnx_bytes, "quantized_ops": b.quantized_ops, "metric": b.metric,
+                         f"p50_ms@{largest}": p50} for b, p50 in tried]
         out.baselines["int8_original"] = chosen
     return measured
 

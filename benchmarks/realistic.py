@@ -96,6 +96,14 @@ def rows(quick: bool, steps: int) -> dict[str, dict]:
         "bench": {"batch_sizes": [8], "seq_lens": [64], "threads": 2, "warmup": 1, "runs": 5,
                           "baselines": []},
         "quantize": {"mode": "dynamic", **loose}}
+    # precision as a per-layer choice (int8 or float, with the rank): at int8 of the original's speed,
+    # and 5 % above it
+    for over in (1.0, 1.05):
+        out[f"budget speedup {over} over int8, precision per_layer + {steps} steps"] = {
+            "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
+            "budget": {"speedup": over, "over": "int8_original", "precision": "per_layer", "batch": 8, "seq_len": 64},
+            "bench": {"batch_sizes": [8], "seq_lens": [64], "threads": 2, "warmup": 1, "runs": 5, "baselines": []},
+            "quantize": {"mode": "dynamic", **loose}}
     return out
 
 
@@ -113,7 +121,9 @@ def run_row(folder: Path, corpus: Path, name: str, doc: dict, work: Path) -> dic
             "params": report.compressed.params, "macs": report.compressed.macs, "macs_ratio": report.ratios.macs,
             "onnx_bytes": report.compressed.onnx_bytes, "timings_s": report.timings_s,
             **({"budget": {"predicted": report.budget.predicted, "probe_passes": report.budget.probe_passes,
-                           "dense_layers": report.budget.dense_layers, "allocated_layers": report.budget.allocated_layers}}
+                           "dense_layers": report.budget.dense_layers, "allocated_layers": report.budget.allocated_layers,
+                           "float_layers": report.budget.float_layers, "measured": report.budget.measured,
+                           "met": report.budget.met, "over_original": report.budget.over_original}}
                if report.budget else {})}
 
 

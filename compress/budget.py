@@ -50,6 +50,7 @@ from .knapsack import minimax, smallest_cost, solution_of, solve
 from .methods import METHODS
 from .methods.allocation import MAX_CANDIDATES, AllocationRequest, LayerChoice, allocatable, layer_bytes, take
 from .methods.base import Decision, Method
+from .precision import add_float_twins, float_layers, measure_quantization_errors, simulated_int8
 from .report import BudgetOutcome
 from .schema import Strict
 
@@ -71,7 +72,8 @@ PROBE_MACS = 4e12  # this many MACs (MiniLM: 3 probes x 36 layers on 64 samples;
 class BudgetSection(Strict):
     """What the compressed model may cost: exactly one target."""
 
-    speedup: float | None = Field(None, gt=1, description="ORT p50 latency ratio original/compressed at `batch`")
+    speedup: float | None = Field(None, gt=0, le=1000, description="ORT p50 latency ratio original/compressed at "
+                                  "`batch`: above 1 over the original; over int8_original, 1 asks for int8's speed")
     latency_ms: float | None = Field(None, gt=0, description="ORT p50 latency of the compressed model at `batch`")
     params: float | None = Field(None, gt=1, description="parameter ratio original/compressed (2: half the parameters)")
     macs: float | None = Field(None, gt=1, description="MAC ratio original/compressed per sample")
@@ -85,6 +87,11 @@ class BudgetSection(Strict):
         "original", description="speedup targets: over the float original, or over int8 of the original (the "
         "recipe's quantize settings, dynamic without them), measured at `batch` when planning: `speedup: 1.3, "
         "over: int8_original` asks for a model 30 % faster than the one-line int8 alternative")
+    precision: Literal["recipe", "per_layer"] = Field(
+        "recipe", description="recipe = every layer the quantize: settings match is int8; per_layer = each "
+        "allocated layer they match is offered in int8 and in float, at every size, and the budget picks (layers "
+        "kept float are excluded from quantization; the plan says each layer's precision). Needs a quantize: "
+        "section and a speedup, latency_ms or onnx_bytes target")
     rounds: int = Field(3, ge=1, le=10, description="latency targets: allocations at most, each checked by "
                         "measuring the whole model before fine-tuning")
     probes: int | Literal["auto"] = Field(
@@ -118,9 +125,23 @@ class BudgetSection(Strict):
         return self
 
     @model_validator(mode="after")
+    def _precision(self):
+        if self.precision == "per_layer":
+            if not self.verified:
+                raise ValueError(f"precision: per_layer needs a speedup, latency_ms or onnx_bytes target (int8 does not "
+                                 f"change {self.target})")
+            if self.sensitivity == "layer":
+                raise ValueError("precision: per_layer needs sensitivity output or gradient (a layer's int8 error is "
+                                 "measured on the model's output)")
+        return self
+
+    @model_validator(mode="after")
     def _over(self):
         if self.over != "original" and self.speedup is None:
             raise ValueError(f"over: {self.over} applies to a speedup target only")
+        if self.over == "original" and self.speedup is not None and self.speedup <= 1:
+            raise ValueError(f"speedup {self.speedup:g} over the original asks for no speedup; give more than 1 (or "
+                             "over: int8_original, where 1 means as fast as int8 of the original)")
         return self
 
     @property
@@ -214,15 +235,16 @@ class Allocation:
 
     def solve(self) -> None:
         """Pick one candidate per unit: least predicted error within the target. A target out of
-        reach is said before the errors are scaled; one the dense model meets needs no scaling."""
-        options = [[(c.cost, c.error) for c in choice.candidates] for choice in self.layers]
+        reach is said before the errors are scaled; one the dense model meets needs no scaling
+        (unless precision is a choice: whether a float layer is worth its cost needs the int8 errors)."""
+        options = self._options()
         solution = solve(options, self.limit())
-        shrinks = solution is not None and any(choice.candidates[i].size is not None
-                                               for choice, i in zip(self.layers, solution.choice))
+        per_layer = any(c.precision for choice in self.layers for c in choice.candidates)
+        shrinks = solution is not None and (per_layer or any(i != 0 for i in solution.choice))
         if shrinks and self.scale_errors is not None:
             scale, self.scale_errors = self.scale_errors, None
             self.probe_passes, self.probe_samples = scale()
-            options = [[(c.cost, c.error) for c in choice.candidates] for choice in self.layers]
+            options = self._options()
             solution = solve(options, self.limit())
         if shrinks and solution is not None and self.probe is not None:
             solution = self._best_objective(options, solution)
@@ -238,6 +260,9 @@ class Allocation:
             choice.chosen = index
         self.predicted = self.fixed + solution.cost
         self.solver_gap = solution.gap
+
+    def _options(self) -> list[list[tuple[float, float]]]:
+        return [[(c.cost, c.damage) for c in choice.candidates] for choice in self.layers]
 
     def _best_objective(self, options, summed):
         """The least total error is one way to spread the damage; the least largest error (AIMET's
@@ -263,9 +288,10 @@ class Allocation:
             return solution_of(options, best.choice) if best is not summed else summed
         scored = []
         for choice, (name, solution) in found.items():
-            sized = [(unit, unit.candidates[i].size) for unit, i in zip(self.layers, choice)
-                     if unit.candidates[i].size is not None]
-            scored.append((self.probe.error(sized), name, solution))
+            changed = [(unit, unit.candidates[i].size, unit.candidates[i].precision == "int8")
+                       for unit, i in zip(self.layers, choice)
+                       if unit.candidates[i].size is not None or unit.candidates[i].precision == "int8"]
+            scored.append((self.probe.error(changed), name, solution))
             self.evaluations += 1
         _, self.objective, best = min(scored, key=lambda item: item[0])
         return solution_of(options, best.choice) if best is not summed else summed
@@ -281,7 +307,9 @@ class Allocation:
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
                              history=self.history or None, probe_passes=self.probe_passes,
                              probe_samples=self.probe_samples, solver_gap=self.solver_gap,
-                             objective=self.objective, evaluations=self.evaluations)
+                             objective=self.objective, evaluations=self.evaluations,
+                             float_layers=(float_layers(self) if any(c.precision for choice in self.layers
+                                                                     for c in choice.candidates) else None))
 
 
 # ---------------------------------------------------------------- statistics and errors
@@ -350,7 +378,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                     skip: set[str] = frozenset(), progress: bool = False,
                     base_cost: float | None = None,
                     quantized: Callable[[str, nn.Module], bool] = lambda name, layer: False,
-                    value: float | None = None) -> Allocation:
+                    value: float | None = None, int8=None) -> Allocation:
     """Candidates, costs, errors and the knapsack's choice for every unit the allocated stages offer.
 
     `costs(name, layer, rank, scheme, in_shape) -> ms or bytes` prices latency and file size
@@ -359,7 +387,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     default: the reference); `fixed_savings` what the stages with explicit rules save;
     `quantized(name, layer)` whether the int8 model quantizes a layer (its weights take a byte);
     `value` the target in the reference's terms when the recipe states it over something else
-    (`over: int8_original`: the speedup over the original that it means)."""
+    (`over: int8_original`: the speedup over the original that it means); `int8` the recipe's
+    quantize settings with `precision: per_layer` (each layer they quantize is offered in float too)."""
     from .progress import iterate
 
     request = AllocationRequest(budget, batches, set(skip), costs, quantized)
@@ -376,6 +405,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                           "anything")
     for choice in iterate(choices, len(choices), "price candidates", "layer", enabled=progress and budget.in_latency):
         choice.method.price_choices([choice], model, profile, request)  # latency: measured per op, cached
+    if int8 is not None:
+        add_float_twins(offered, model, profile, request, int8)
     per_layer = probes_per_layer(budget.probes, len(choices))
 
     def samples() -> int:
@@ -384,7 +415,13 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
         macs = count_macs(model, next(iter(batches())))
         return probe_samples(budget.probe_samples, per_layer * len(choices), macs)
 
-    probe = OutputProbe(model, batches, samples)
+    probe = OutputProbe(model, batches, samples, int8)
+
+    def scale() -> tuple[int, int]:
+        passes, count = _scale_errors(budget, choices, probe, progress)
+        if int8 is not None:
+            passes += measure_quantization_errors(choices, probe)
+        return passes, probe.sample_count
     dense_total = sum(c.candidates[0].cost for c in choices)
     base = reference_cost if base_cost is None else base_cost
     fixed = base - fixed_savings - dense_total  # everything the allocation does not touch
@@ -393,7 +430,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                             batch=request.batch if budget.in_latency else None, layers=choices, fixed=fixed,
                             seq_len=budget.seq_len,
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,
-                            scale_errors=lambda: _scale_errors(budget, choices, probe, progress), probe=probe)
+                            scale_errors=scale, probe=probe)
     allocation.solve()
     for method, mine in offered:
         if mine:
@@ -403,16 +440,18 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
 
 class OutputProbe:
     """The model's output error, E||f(x) - f'(x)||^2 per sample, on a fixed set of calibration
-    samples with some units at given sizes (each method's `applied`), against the model's own
-    outputs there. The samples and those outputs are taken once, when first needed."""
+    samples with some units at given sizes (each method's `applied`) and some layers in simulated
+    int8 (compress.precision), against the model's own outputs there. The samples and those outputs
+    are taken once, when first needed."""
 
-    def __init__(self, model: nn.Module, batches, samples: Callable[[], int]):
-        self.model, self.batches, self.samples = model, batches, samples
+    def __init__(self, model: nn.Module, batches, samples: Callable[[], int], int8=None):
+        self.model, self.batches, self.samples, self.int8 = model, batches, samples, int8
         self.probe: list | None = None
         self.reference: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def error(self, applied: list[tuple[LayerChoice, int]]) -> float:
+    def error(self, applied: list[tuple[LayerChoice, int | None, bool]]) -> float:
+        """With each (unit, size or None, int8) applied."""
         from contextlib import ExitStack
 
         from .metrics import primary_output
@@ -421,8 +460,11 @@ class OutputProbe:
             self.probe = list(take(self.batches, self.samples()))
             self.reference = [primary_output(self.model(*b)).double() for b in self.probe]
         with ExitStack() as stack:
-            for choice, size in applied:
-                stack.enter_context(choice.method.applied(self.model, choice, size))
+            for choice, size, int8 in applied:
+                if size is not None:
+                    stack.enter_context(choice.method.applied(self.model, choice, size))
+                if int8:
+                    stack.enter_context(simulated_int8(self.model.get_submodule(choice.name), self.int8))
             return _output_error(self.model, lambda: iter(self.probe), self.reference)
 
     @property
@@ -449,17 +491,18 @@ def _scale_errors(budget, choices: list[LayerChoice], probe: OutputProbe, progre
     per_layer = probes_per_layer(budget.probes, len(choices))
     passes = 0
     for choice in iterate(choices, len(choices), "layer sensitivity", "layer", enabled=progress):
-        sized = [c for c in choice.candidates if c.size is not None]
+        sized = [c for c in choice.candidates if c.size is not None and c.precision != "float"]  # one per size
         count = min(per_layer, len(sized))  # spread from the smallest to the largest size
         picks = sorted({round(i * (len(sized) - 1) / max(1, count - 1)) for i in range(count)})
         measured = {}  # size -> output error / unit error
         for index in picks:
             pick = sized[index]
-            out = probe.error([(choice, pick.size)])
+            out = probe.error([(choice, pick.size, False)])
             if pick.error > 0:
                 measured[pick.size] = out / pick.error
-        for c in sized:
-            c.error *= interpolate_coefficient(measured, c.size)
+        for c in choice.candidates:  # a float twin's error too: the size's error is the same
+            if c.size is not None:
+                c.error *= interpolate_coefficient(measured, c.size)
         passes += len(picks)
     return passes, probe.sample_count
 
@@ -571,11 +614,14 @@ def assign(allocation: Allocation) -> None:
         _, sizes, left, rows = entry(choice.method)
         c = choice.candidate
         if c.size is None:
-            left[choice.name] = f"budget: left {choice.method.left_as}, the better use of the budget"
+            left[choice.name] = (f"budget: left {choice.method.left_as}" + (f" ({c.precision})" if c.precision else "")
+                                 + ", the better use of the budget")
         else:
             sizes[choice.name] = c.size
-        rows[choice.name] = {"budget_cost": round(c.cost, 6), "budget_error": float(f"{c.error:.6g}"),
+        rows[choice.name] = {"budget_cost": round(c.cost, 6), "budget_error": float(f"{c.damage:.6g}"),
                              "budget_candidates": len(choice.candidates)}
+        if c.precision:
+            rows[choice.name]["precision"] = c.precision
     for method, sizes, left, rows in handed.values():
         method.take_allocation(sizes, left, rows)
 

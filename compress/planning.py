@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import bench, budget as budgeting, distributed, exporting as export, opcost, quantize
+from . import bench, budget as budgeting, distributed, exporting as export, opcost, precision, quantize
 from .data import split_batch
 from .errors import RecipeError, UserError
 from .methods import ACTIONS, METHODS, Decision, Method
@@ -162,8 +162,11 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
             axes = export_axes(r, ctx.input_names, ctx.sample)
             profile = bench.profile_layers(model, export.at_length(ctx.sample, ctx.input_names, axes, b.seq_len))
 
-        def latency(name, layer, rank, scheme, shape):
-            return table.latency_ms(layer, rank, scheme, shape, quantized(name, layer))
+        def latency(name, layer, rank, scheme, shape, quantized=quantized):
+            """The op(s)' latency, int8 where the recipe quantizes the layer (`quantized`: a bool, or
+            the rule; precision per_layer prices the float twins with False)."""
+            return table.latency_ms(layer, rank, scheme, shape,
+                                    quantized if isinstance(quantized, bool) else quantized(name, layer))
 
         costs = latency
     elif b.target == "params":
@@ -188,7 +191,7 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
                             - costs(d.name, layer, d.rank, d.scheme or "channel", shape))
     allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
                                            skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized,
-                                           value=value)
+                                           value=value, int8=r.quantize if b.precision == "per_layer" else None)
     if table is not None:
         table.save()
         allocation.newly_measured = table.measured
@@ -251,7 +254,8 @@ def verify_allocation(ctx: Context, original: nn.Module, compressed: nn.Module, 
     allocation, methods = planned.allocation, list(planned.methods)
     with timed(ctx.timings, "budget"):
         while True:
-            measured = _measure_models(ctx, {"original": (original, None), "compressed": (compressed, r.quantize)}, b)
+            shipped = precision.shipped_settings(r.quantize, allocation)  # the layers kept float, excluded
+            measured = _measure_models(ctx, {"original": (original, None), "compressed": (compressed, shipped)}, b)
             # in the units of the first measurement of the original, which the costs were fitted to
             value = allocation.reference * measured["compressed"].value / measured["original"].value
             ratio = measured["compressed"].over_first  # latency only: compressed / original, 95 %

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bench, budget as budgeting, exporting as export, quantize
+from . import bench, budget as budgeting, exporting as export, precision, quantize
 from . import report as reporting
 from .checkpoint import save_artifact, save_checkpoint, save_pickled_module
 from .errors import UserError
@@ -47,8 +47,9 @@ def publish(ctx: Context, done: Compressed, work: Path, options: Options) -> rep
         _int8_baseline(ctx, done, out, work)
     measured = _bench(ctx, out, options)
     with timed(ctx.timings, "save"):
+        shipped = precision.shipped_settings(r.quantize, done.allocation)
         _save_model(ctx, done.model, done.methods, work / "model.pt", out.metric_after,
-                    r.quantize.model_dump() if r.quantize else None)
+                    shipped.model_dump() if shipped else None)
         if ctx.loaded.tokenizer:  # the output serves alone: model.onnx and the tokenizer that feeds it
             copy_tokenizer(ctx.loaded.tokenizer, work)
     original_onnx_bytes = out.original_onnx.stat().st_size
@@ -100,7 +101,8 @@ def _ship(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
     if r.quantize:
         with timed(ctx.timings, "quantize"):
             out.shipped = work / "model.onnx"
-            out.quantization, out.shipped_metric = _quantize(ctx, r.quantize, out.float_onnx, out.shipped,
+            cfg = precision.shipped_settings(r.quantize, done.allocation)  # budget: layers kept float excluded
+            out.quantization, out.shipped_metric = _quantize(ctx, cfg, out.float_onnx, out.shipped,
                                                              out.float_metric, out.float_outputs, done.reference)
     out.models = {"original": str(out.original_onnx), "compressed": str(out.shipped)}
     if r.quantize:

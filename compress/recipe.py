@@ -251,6 +251,9 @@ class Recipe(Strict):
             raise ValueError("budget.seq_len applies to latency targets (speedup, latency_ms) only")
         if self.gates.budget and self.budget is None:
             raise ValueError("gates.budget is set but the recipe has no budget section")
+        if self.budget is not None and self.budget.precision == "per_layer" and self.quantize is None:
+            raise ValueError("budget.precision: per_layer chooses int8 or float per layer, and needs a quantize: "
+                             "section (the int8 settings its int8 layers use)")
         for i, stage in enumerate(self.stages):
             if getattr(stage, "keep", None) == "auto" and self.budget is None:
                 raise ValueError(f"stages[{i}].keep: auto needs a budget: section (params, macs or onnx_bytes) to "

@@ -98,6 +98,7 @@ class BudgetOutcome:
     solver_gap: float = 0.0  # the knapsack's bound on how much more summed error it chose than the optimum (0: exact)
     objective: str | None = None  # whose choice was kept: sum, sum of squares, sum of 4th powers or largest error
     evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
+    float_layers: list | None = None  # budget.precision per_layer: the allocated layers kept float (others int8)
 
 
 @dataclass
@@ -173,7 +174,8 @@ class Report:
                               "(ratio, or ms for latency_ms), `measured` on the shipped model, `met` (latency "
                               "within 5 %, ONNX bytes within 1 %), `rounds` (allocations made; latency and "
                               "onnx_bytes targets are measured on the built model, int8 when the recipe quantizes, "
-                              "before fine-tuning and corrected), `allocated_layers`, `dense_layers`, `history` "
+                              "before fine-tuning and corrected), `allocated_layers`, `dense_layers`, `float_layers` "
+                              "(precision: per_layer: the allocated layers kept float, the others int8), `history` "
                               "(predicted and measured ms, or bytes, per round; latency with the 95 % "
                               "`measured_interval`), `ops_measured` (latencies not found in the cache); null "
                               "otherwise", default=None)
@@ -265,7 +267,8 @@ def layers_table(rows: list[dict]) -> list[str]:
         if r.get("reason") or r.get("note") or r.get("chain"):
             return r.get("reason") or r.get("note") or r.get("chain")
         energy = f"energy {r['energy']:.3f}" if r.get("energy") is not None else ""
-        return ", ".join(p for p in (f"{r['scheme']} scheme" if r.get("scheme") else "", energy) if p)
+        precision = r["precision"] if r.get("precision") else ""  # budget.precision per_layer
+        return ", ".join(p for p in (f"{r['scheme']} scheme" if r.get("scheme") else "", energy, precision) if p)
 
     return table(["layer", "type", "action", "rank", "params before -> after", "MACs before -> after", "note"],
                  [[r["name"], r["layer_type"], r["action"], f"{r['rank']}/{r['full_rank']}" if r.get("rank") else "-",
@@ -359,7 +362,8 @@ def budget_line(budget: dict | BudgetOutcome) -> str:
                  "figures over the original")
     return (f"Budget: {target} {budget['target'][target]}{unit}{where}; predicted {_num(budget['predicted'])}{unit}"
             f"{said} ({budget['allocated_layers']} layers allocated, {budget['dense_layers']} left dense, "
-            f"{budget['rounds']} round(s)).")
+            + (f"{len(budget['float_layers'])} kept float, " if budget.get("float_layers") is not None else "")
+            + f"{budget['rounds']} round(s)).")
 
 
 def to_markdown(report: dict) -> str:

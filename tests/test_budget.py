@@ -453,6 +453,7 @@ def test_each_objectives_choice_is_checked_on_the_model_and_the_best_kept(digits
     allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
     assert allocation.objective in [name for name, _ in budget.OBJECTIVES]
     assert allocation.evaluations == len(checked) >= 2
-    kept = real(allocation.probe, [(u, u.candidate.size) for u in allocation.layers if u.candidate.size is not None])
+    kept = real(allocation.probe, [(u, u.candidate.size, False) for u in allocation.layers
+                                   if u.candidate.size is not None])
     assert kept == pytest.approx(min(checked))
     assert allocation.summary().objective == allocation.objective

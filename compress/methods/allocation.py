@@ -47,7 +47,14 @@ MAX_CANDIDATES = 24  # sizes per unit a method offers at most (besides leaving i
 class Candidate:
     size: int | None  # None: left as it is; else the rank, or the channels (heads) kept
     cost: float
-    error: float  # predicted output error
+    error: float  # predicted output error of the size (the method's, scaled to the output by the budget)
+    precision: str | None = None  # budget.precision per_layer: "int8" or "float" (None: as the recipe quantizes)
+    quant_error: float = 0.0  # int8: the layer's quantization error, in the output's units (compress.precision)
+
+    @property
+    def damage(self) -> float:
+        """What the knapsack minimizes for this candidate: its size's error plus its precision's."""
+        return self.error + self.quant_error
 
 
 @dataclass

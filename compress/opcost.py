@@ -77,7 +77,8 @@ class OpCosts:
         import onnxruntime as ort
 
         self.threads = threads
-        self.quantize = quantize.model_copy(update={"exclude": []}) if quantize is not None else None
+        # one op alone: nothing to exclude, no lookup table to put in 4 bits (quantize.tables)
+        self.quantize = quantize.model_copy(update={"exclude": [], "tables": None}) if quantize is not None else None
         self.suffix = f"|t{threads}|ort{ort.__version__}|torch{torch.__version__}"
         self.path = path or cache_dir() / CACHE_NAME
         self.entries = self._read()

@@ -35,7 +35,17 @@ from .schema import Strict
 DEFAULT_OP_TYPES = {"dynamic": ["MatMul", "Gemm"], "static": ["Conv", "MatMul", "Gemm"]}
 QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
                  "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
-                 "QAttention"}
+                 "QAttention", "GatherBlockQuantized"}
+
+
+class TablesSection(Strict):
+    """Lookup tables (embeddings, ONNX Gather) in 4 bits: ONNX Runtime's block-wise weight-only
+    quantization (`MatMulNBitsQuantizer`, GatherBlockQuantized), applied after the int8 step."""
+
+    bits: Literal[4] = Field(4, description="bits per table entry (ONNX Runtime's GatherBlockQuantized: 4)")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="entries along the embedding dimension that "
+                                                      "share one scale (and zero point)")
+    symmetric: bool = Field(False, description="signed 4-bit values around zero, no zero point")
 
 
 class QuantizeSection(Strict):
@@ -55,6 +65,9 @@ class QuantizeSection(Strict):
                                "children too), e.g. ['fc', 'layer1.*']")
     calibration_batches: int = Field(16, gt=0, le=100_000, description="static: calibration batches of data.batch_size")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    tables: TablesSection | None = Field(None, description="lookup tables (embeddings) in 4 bits, e.g. {bits: 4, "
+                                         "block_size: 32}: the word-embedding table is most of a small text "
+                                         "encoder's file, and int8's op types leave it float")
     max_metric_drop: float = Field(0.02, ge=0, description="largest allowed drop of the metric from the float "
                                    "compressed model to the quantized one (exit 4 when missed)")
     min_agreement: float = Field(0.9, ge=0, le=1, description="smallest allowed agreement of the quantized model with "
@@ -108,6 +121,8 @@ def check_section(cfg: QuantizeSection, module_names: Iterable[str], has_calibra
     if cfg.mode == "static" and not has_calibration:
         raise UserError("quantize.mode static needs calibration data: set data.calibration (or data.train)")
     supported = supported_op_types(cfg.mode)
+    if cfg.tables is not None and "Gather" in (cfg.op_types or []):
+        raise UserError("quantize.tables: Gather is also in quantize.op_types (int8 tables); keep it in one of them")
     for i, op in enumerate(cfg.op_types or []):
         if op not in supported:
             raise UserError(f"quantize.op_types[{i}]: ONNX Runtime's {cfg.mode} quantization does not handle {op!r}; "
@@ -230,6 +245,7 @@ class Quantized:
     calibration_batches: int | None = None
     calibrate_method: str | None = None
     fidelity: Fidelity | None = None
+    tables: dict | None = None  # quantize.tables: {bits, block_size, symmetric, quantized: Gather nodes in 4 bits}
 
 
 def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
@@ -269,9 +285,12 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
                                 op_types_to_quantize=op_types, per_channel=cfg.per_channel,
                                 activation_type=QuantType.QUInt8, weight_type=weight_type,
                                 nodes_to_exclude=excluded, calibrate_method=method, reduce_range=reduce_range)
+            tables = _quantize_tables(out_path, cfg) if cfg.tables is not None else None
         except UserError:
+            out_path.unlink(missing_ok=True)  # no half-quantized model left behind
             raise
         except Exception as exc:  # ORT raises many types; the user needs the first line
+            out_path.unlink(missing_ok=True)
             raise UserError(f"quantize: ONNX Runtime could not quantize the model ({type(exc).__name__}: "
                             f"{first_line(exc)})") from None
     ops = collections.Counter(n.op_type for n in onnx.load(str(out_path), load_external_data=False).graph.node)
@@ -280,7 +299,42 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
         raise UserError(f"quantize: ONNX Runtime left the model in float (no {'/'.join(op_types)} it could quantize)")
     return Quantized(cfg.mode, cfg.weight_type, cfg.per_channel, reduce_range, op_types, excluded, preprocessed,
                      quantized, len(calibration) if cfg.mode == "static" and calibration else None,
-                     cfg.calibrate_method if cfg.mode == "static" else None)
+                     cfg.calibrate_method if cfg.mode == "static" else None, tables=tables)
+
+
+def _quantize_tables(path: Path, cfg: QuantizeSection) -> dict:
+    """Rewrite the int8 model at `path` with its constant lookup tables (Gather nodes not excluded)
+    in 4 bits, block-wise along the embedding dimension; what was done, for the report."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:
+        raise UserError(f"quantize.tables needs ONNX Runtime's block-wise quantizer, which did not import "
+                        f"({first_line(exc)}); pip install -U onnxruntime onnx-ir") from None
+
+    model = onnx.load(str(path))
+    tables = {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT}
+    every = [n for n in model.graph.node if n.op_type == "Gather"]
+    for i, node in enumerate(every):
+        node.name = node.name or f"compress_gather_{i}"  # the quantizer tells nodes apart by name
+    gathers = [n for n in every if n.input[0] in tables]
+    excluded = [n.name for n in gathers if any(_matches(p, node_module(n.name)) for p in cfg.exclude)]
+    chosen = [n.name for n in gathers if n.name not in excluded]  # a float (rows, width) table, nothing else
+    if not chosen:
+        raise UserError("quantize.tables: the model has no lookup table (a Gather of a constant float table) to "
+                        "quantize" + (f" ({len(excluded)} excluded)" if excluded else ""))
+    t = cfg.tables
+    quantizer = MatMulNBitsQuantizer(model, bits=t.bits, block_size=t.block_size, is_symmetric=t.symmetric,
+                                     nodes_to_exclude=[n.name for n in every if n.name not in chosen],
+                                     quant_format=QuantFormat.QOperator,
+                                     op_types_to_quantize=("Gather",))
+    quantizer.process()
+    out = quantizer.model.model
+    onnx.save(out, str(path))
+    count = sum(1 for n in out.graph.node if n.op_type == "GatherBlockQuantized")
+    return {"bits": t.bits, "block_size": t.block_size, "symmetric": t.symmetric, "quantized": count}
 
 
 def calibration_feeds(data, names: list[str], batch_size: int, cfg: QuantizeSection) -> list[dict[str, np.ndarray]]:

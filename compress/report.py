@@ -146,7 +146,9 @@ class Report:
     quantization: Quantized | None = doc("with `quantize:`: `mode`, `weight_type`, `per_channel`, `reduce_range` (as used), `op_types`, `excluded` "
                                     "(ONNX nodes kept in float), `quantized_ops` (operator counts), `fidelity` "
                                     "(`agreement_kind` top1 or cosine, `agreement`, `max_abs_deviation`, "
-                                    "`metric_drop` from the float model, the limits, `passed`); null otherwise",
+                                    "`metric_drop` from the float model, the limits, `passed`), `tables` (with "
+                                    "quantize.tables: `bits`, `block_size`, `symmetric`, `quantized` tables); null "
+                                    "otherwise",
                                     default=None)
     baselines: dict[str, Baseline] = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
                           "the fastest (at the largest batch size) of the options the data allows: the recipe's quantize "

@@ -309,3 +309,23 @@ bench: {batch_sizes: [2], warmup: 1, runs: 3, baselines: []}
     onnx_out = session.run(None, {k: t.numpy() for k, t in zip(report["inputs"], inputs)})[0]
     with torch.no_grad():
         assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)
+
+
+def test_a_text_encoders_tables_ship_in_4_bits(bert, tmp_path, write_recipe, run_cli):
+    """quantize.tables on a BERT folder: the word, position and token-type tables of the shipped
+    model are GatherBlockQuantized, the report says so, and the fidelity check still holds."""
+    import onnx
+
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe(RECIPE.format(train="sentences.txt")
+                          + "quantize: {mode: dynamic, tables: {block_size: 16}, min_agreement: 0.9}\n")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", recipe, bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantization"]
+    assert q["tables"]["quantized"] == q["quantized_ops"]["GatherBlockQuantized"] >= 1
+    modules = {n.name.split("/")[-2] for n in onnx.load(str(out / "model.onnx")).graph.node
+               if n.op_type == "GatherBlockQuantized"}
+    assert "word_embeddings" in modules
+    assert q["fidelity"]["passed"]  # (a width-32 model's tables are too small to shrink the file: tests/test_quantize.py)

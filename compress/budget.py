@@ -231,7 +231,7 @@ class Allocation:
     def limit(self) -> float:
         """The most the allocated units may cost together."""
         total = self.value if self.target == "latency_ms" else self.reference / self.value
-        return total - self.fixed
+        return total - self.fixed + 1e-9 * abs(total)  # a target exactly at the dense cost is met by it
 
     def solve(self) -> None:
         """Pick one candidate per unit: least predicted error within the target. A target out of

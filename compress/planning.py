@@ -149,13 +149,14 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     quantized = functools.partial(quantize.quantizes_layer, r.quantize)
     if b.verified:  # measured on the original as exported, and as it would ship when the recipe quantizes
         shipped = {"original": (model, None), **({"original_int8": (model, r.quantize)} if r.quantize else {})}
-        if b.over == "int8_original":  # the target is over int8 of the original as the report's baseline makes it
-            shipped["int8_baseline"] = (model, r.quantize or quantize.QuantizeSection())
+        if b.over == "int8_original" and not r.quantize:  # the target is over int8 of the original as the
+            shipped["int8_baseline"] = (model, quantize.QuantizeSection())  # report's baseline makes it
         measured = _measure_models(ctx, shipped, b)
         reference = measured["original"].value
         base = measured["original_int8"].value if "original_int8" in measured else None
-        if b.over == "int8_original":
-            value = b.speedup * reference / measured["int8_baseline"].value
+        if b.over == "int8_original":  # with the recipe's own settings: the same model, measured once, so
+            # that `speedup: 1` is exactly int8 of the original's cost (two timings of it would differ)
+            value = b.speedup * reference / measured["int8_baseline" if not r.quantize else "original_int8"].value
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads, r.quantize)
         if b.seq_len is not None:  # each op is priced at the shape it runs at: the layers' inputs at seq_len tokens

@@ -423,6 +423,33 @@ def test_a_speedup_over_int8_of_the_original_is_planned_over_the_original(digits
     assert asked == [{"original": None, "int8_baseline": "dynamic"}]
 
 
+def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, monkeypatch):
+    """With the recipe's own quantize settings, int8 of the original is the model the costs start
+    from, measured once: `speedup: 1, over: int8_original` is then met by leaving every layer dense
+    (two timings of the same model would differ, and the allocation would factorize to make up
+    the noise)."""
+    from compress import opcost, planning
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+
+    asked = []
+
+    def measured(ctx, models, budget):
+        asked.append(sorted(models))
+        return {"original": planning.Counted(10.0), "original_int8": planning.Counted(4.0, (0.4, 0.4))}
+
+    monkeypatch.setattr(planning, "_measure_models", measured)
+    monkeypatch.setattr(opcost.OpCosts, "latency_ms", lambda self, layer, rank, scheme, shape, quantized=False:
+                        (0.1 if rank is None else 0.05) * (0.5 if quantized else 1))
+    document = {"data": DATA, "stages": [STAGE], "quantize": {"mode": "static"},
+                "budget": {"speedup": 1.0, "over": "int8_original", "batch": 1},
+                "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
+    planned = plan(load_context(as_recipe(document), digits_model, Options()))
+    assert asked == [["original", "original_int8"]]
+    assert planned.allocation.value == pytest.approx(2.5) and planned.allocation.predicted == pytest.approx(4.0)
+    assert all(d.action == "keep" for d in planned.decisions)
+
+
 def test_over_applies_to_speedup_targets():
     from compress.recipe import parse_recipe
     from compress.errors import RecipeError

@@ -102,6 +102,10 @@ class BudgetSection(Strict):
         "auto", description="calibration samples each probe pass runs (whole batches, at least this many); auto = "
         f"{AUTO_PROBE_SAMPLES}, fewer (down to {MIN_PROBE_SAMPLES}) when the probe passes would run more than "
         f"{PROBE_MACS:.0e} MACs in all (a 6-layer encoder of width 384: about 64)")
+    measure: Literal["metric", "mse"] = Field(
+        "mse", description="what a probe pass measures of the model's output against the original's: metric = the "
+        "divergence the metric follows (KL of the class distributions for logits and probabilities, 1 - cosine "
+        "for embeddings); mse = the squared error of the raw outputs")
     sensitivity: Literal["output", "gradient", "layer"] = Field(
         "output", description="how layer errors are made comparable: output = scaled by calibration passes that "
         "measure the model's output error with the layer truncated (`probes` per layer); gradient = weighted by "
@@ -362,13 +366,21 @@ def output_gradient_moments(model: nn.Module, names: list[str], batches, samples
 
 
 @torch.no_grad()
-def _output_error(model: nn.Module, batches, reference: list[torch.Tensor]) -> float:
+def _output_error(model: nn.Module, batches, reference: list[torch.Tensor], measure: str = "mse",
+                  kind: str = "logits") -> float:
+    """The model's outputs against `reference`, per sample: the squared error (mse), or the
+    divergence the metric follows (metric: the distillation's KL for class outputs, 1 - cosine for
+    embeddings; losses.distill_loss)."""
+    from .losses import distill_loss
     from .metrics import primary_output
 
     total, count = 0.0, 0
     for batch, ref in zip(batches(), reference):
         out = primary_output(model(*batch)).double()
-        total += float(((out - ref) ** 2).reshape(out.shape[0], -1).sum(1).sum())
+        if measure == "metric":
+            total += float(distill_loss("kl", out, ref, 1.0, kind)) * out.shape[0]
+        else:
+            total += float(((out - ref) ** 2).reshape(out.shape[0], -1).sum(1).sum())
         count += out.shape[0]
     return total / max(1, count)
 
@@ -378,7 +390,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                     skip: set[str] = frozenset(), progress: bool = False,
                     base_cost: float | None = None,
                     quantized: Callable[[str, nn.Module], bool] = lambda name, layer: False,
-                    value: float | None = None, int8=None) -> Allocation:
+                    value: float | None = None, int8=None, output_kind: str = "logits") -> Allocation:
     """Candidates, costs, errors and the knapsack's choice for every unit the allocated stages offer.
 
     `costs(name, layer, rank, scheme, in_shape) -> ms or bytes` prices latency and file size
@@ -388,7 +400,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     `quantized(name, layer)` whether the int8 model quantizes a layer (its weights take a byte);
     `value` the target in the reference's terms when the recipe states it over something else
     (`over: int8_original`: the speedup over the original that it means); `int8` the recipe's
-    quantize settings with `precision: per_layer` (each layer they quantize is offered in float too)."""
+    quantize settings with `precision: per_layer` (each layer they quantize is offered in float too);
+    `output_kind` the model's (losses.detect_output_kind), for `measure: metric`."""
     from .progress import iterate
 
     request = AllocationRequest(budget, batches, set(skip), costs, quantized)
@@ -415,7 +428,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
         macs = count_macs(model, next(iter(batches())))
         return probe_samples(budget.probe_samples, per_layer * len(choices), macs)
 
-    probe = OutputProbe(model, batches, samples, int8)
+    probe = OutputProbe(model, batches, samples, int8, budget.measure, output_kind)
 
     def scale() -> tuple[int, int]:
         passes, count = _scale_errors(budget, choices, probe, progress)
@@ -439,13 +452,16 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
 
 
 class OutputProbe:
-    """The model's output error, E||f(x) - f'(x)||^2 per sample, on a fixed set of calibration
-    samples with some units at given sizes (each method's `applied`) and some layers in simulated
-    int8 (compress.precision), against the model's own outputs there. The samples and those outputs
+    """The model's output error per sample (E||f(x) - f'(x)||^2, or the metric's divergence with
+    `measure: metric`) on a fixed set of calibration samples with some units at given sizes (each
+    method's `applied`) and some layers in simulated int8 (compress.precision), against the model's
+    own outputs there. The samples and those outputs
     are taken once, when first needed."""
 
-    def __init__(self, model: nn.Module, batches, samples: Callable[[], int], int8=None):
+    def __init__(self, model: nn.Module, batches, samples: Callable[[], int], int8=None, measure: str = "mse",
+                 kind: str = "logits"):
         self.model, self.batches, self.samples, self.int8 = model, batches, samples, int8
+        self.measure, self.kind = measure, kind
         self.probe: list | None = None
         self.reference: list[torch.Tensor] = []
 
@@ -465,7 +481,7 @@ class OutputProbe:
                     stack.enter_context(choice.method.applied(self.model, choice, size))
                 if int8:
                     stack.enter_context(simulated_int8(self.model.get_submodule(choice.name), self.int8))
-            return _output_error(self.model, lambda: iter(self.probe), self.reference)
+            return _output_error(self.model, lambda: iter(self.probe), self.reference, self.measure, self.kind)
 
     @property
     def sample_count(self) -> int:

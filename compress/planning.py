@@ -192,7 +192,8 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
                             - costs(d.name, layer, d.rank, d.scheme or "channel", shape))
     allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
                                            skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized,
-                                           value=value, int8=r.quantize if b.precision == "per_layer" else None)
+                                           value=value, int8=r.quantize if b.precision == "per_layer" else None,
+                                           output_kind=ctx.output["kind"])
     if table is not None:
         table.save()
         allocation.newly_measured = table.measured

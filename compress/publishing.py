@@ -229,6 +229,8 @@ def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict
 def train_summary(trained) -> dict | None:
     if trained is None:
         return None
+    if isinstance(trained, str):  # skipped, and why
+        return {"steps": 0, "skipped": trained}
     return {"steps": trained.steps, "epochs": round(trained.epochs, 3), "seconds": round(trained.seconds, 3),
             "samples_per_s": round(trained.samples_per_s, 1), "final_loss": trained.final_loss,
             "loss_terms": trained.loss_terms}

@@ -169,7 +169,8 @@ class Report:
                        "of squared singular values kept), `factor_shapes`, `params_before/after`, "
                        "`macs_before/after`, `reason` when kept, and method-specific keys (e.g. `kept_channels`)")
     finetune: dict | None = doc("`steps`, `epochs`, `seconds`, `samples_per_s`, `final_loss`, `loss_terms` (the "
-                                "last step's loss by term); null without fine-tuning")
+                                "last step's loss by term); `{steps: 0, skipped: why}` when the plan changed no "
+                                "layer (nothing to recover); null without fine-tuning")
     post_finetune: dict | None = doc("the same for the epochs a method asks for after its structural change "
                                      "(trp, group_envelope); null when none ran")
     budget: BudgetOutcome | None = doc("with `budget:`: `target` (e.g. `{\"speedup\": 2, \"batch\": 32}`), `predicted` "
@@ -451,6 +452,8 @@ def _measurement_notes(report: dict) -> list[str]:
     for warning in report.get("warnings") or []:
         lines.append(f"**Warning:** {warning}.")
     ft = report.get("finetune") or {}
+    if ft.get("skipped"):
+        lines.append(f"Fine-tuning: skipped, {ft['skipped']}.")
     if ft.get("steps"):
         lines.append(f"Fine-tuning: {ft['steps']} steps ({ft['epochs']:.2f} epochs) in {ft['seconds']:.1f} s, "
                      f"{ft['samples_per_s']:.0f} samples/s, final loss {ft['final_loss']:.4g}.")

@@ -484,3 +484,43 @@ def test_each_objectives_choice_is_checked_on_the_model_and_the_best_kept(digits
                                    if u.candidate.size is not None])
     assert kept == pytest.approx(min(checked))
     assert allocation.summary().objective == allocation.objective
+
+
+def test_probes_measure_the_divergence_the_metric_follows():
+    """`measure: metric`: a probe's error is the KL of the class distributions for logits and
+    1 - cosine for embeddings (what accuracy and cosine follow), not the raw squared error."""
+    from compress.budget import _output_error
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        out = model(x).double()
+    reference = [out + torch.tensor([5.0, 5.0, 5.0]).double()]  # a shift the softmax does not see
+    batches = lambda: iter([(x,)])  # noqa: E731
+    assert _output_error(model, batches, reference, "mse") == pytest.approx(75.0)
+    assert _output_error(model, batches, reference, "metric", "logits") == pytest.approx(0.0, abs=1e-9)
+    reference = [out * 3.0]  # the same directions: cosine 1
+    assert _output_error(model, batches, reference, "metric", "embeddings") == pytest.approx(0.0, abs=1e-9)
+    reference = [out.flip(1)]
+    kl = nn.functional.kl_div(out.log_softmax(1), out.flip(1).log_softmax(1), reduction="batchmean",
+                              log_target=True)
+    assert _output_error(model, batches, reference, "metric", "logits") == pytest.approx(float(kl))
+
+
+def test_a_plan_that_changes_nothing_is_not_fine_tuned(digits_model, write_recipe, run_cli, tmp_path):
+    """int8 alone meets the target, so every layer stays dense: training the unchanged model would
+    only move it away from the original, and is skipped (the report says why)."""
+    import yaml
+
+    recipe = {"data": {**DATA, "train": "bundled:digits/train"}, "stages": [STAGE], "finetune": {"steps": 3},
+              "budget": {"onnx_bytes": 2.0}, "quantize": {"mode": "dynamic", "op_types": ["Conv", "MatMul", "Gemm"],
+                                                         "max_metric_drop": 1, "min_agreement": 0},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3, "baselines": []}}
+    result = run_cli("apply", "--recipe", write_recipe(yaml.safe_dump(recipe)), digits_model, "--out",
+                     tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert all(row["action"] == "keep" for row in report["layers"])
+    assert report["finetune"] == {"steps": 0, "skipped": "the plan changed no layer: nothing to recover"}
+    assert "Fine-tuning: skipped, the plan changed no layer" in (tmp_path / "out" / "report.md").read_text()

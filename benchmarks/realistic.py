@@ -32,6 +32,9 @@ from compress import bench, exporting, hf, quantize  # noqa: E402
 from corpus import sentences  # noqa: E402
 
 ENCODER = {"types": ["Linear"]}  # the encoder's Linears (the unused pooler is dropped)
+# 4-bit tables: block 64 is the smallest block that keeps cosine >= 0.99 with int8 (32: 0.9914 at 4.84x
+# smaller than float; 64: 0.9902 at 5.07x; 128: 0.9868 at 5.19x; symmetric 0.002-0.003 lower)
+TABLES = {"bits": 4, "block_size": 64}
 
 
 def minilm_folder() -> Path:
@@ -97,18 +100,18 @@ def rows(quick: bool, steps: int) -> dict[str, dict]:
                           "baselines": []},
         "quantize": {"mode": "dynamic", **loose}}
     # precision as a per-layer choice (int8 or float, with the rank): at int8 of the original's speed,
-    # and 5 % above it
-    for over in (1.0, 1.05):
-        out[f"budget speedup {over} over int8, precision per_layer + {steps} steps"] = {
+    # and 5 % above it (there beside every layer int8, the recipe's precision)
+    for over, precision in ((1.0, "per_layer"), (1.05, "per_layer"), (1.05, "recipe")):
+        out[f"budget speedup {over} over int8, precision {precision} + {steps} steps"] = {
             "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
-            "budget": {"speedup": over, "over": "int8_original", "precision": "per_layer", "batch": 8, "seq_len": 64},
+            "budget": {"speedup": over, "over": "int8_original", "precision": precision, "batch": 8, "seq_len": 64},
             "bench": {"batch_sizes": [8], "seq_lens": [64], "threads": 2, "warmup": 1, "runs": 5, "baselines": []},
             "quantize": {"mode": "dynamic", **loose}}
     # a file 5x smaller than the float original's, the tables in 4 bits, the rest allocated
     out[f"budget onnx_bytes 5 + int8 + 4-bit tables, precision per_layer + {steps} steps"] = {
         "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
         "budget": {"onnx_bytes": 5.0, "precision": "per_layer"},
-        "quantize": {"mode": "dynamic", "tables": {"bits": 4, "block_size": 32}, **loose}}
+        "quantize": {"mode": "dynamic", "tables": TABLES, **loose}}
     return out
 
 
@@ -197,7 +200,7 @@ def main() -> None:
         models["int8 + 4-bit tables of the original"] = str(work / "original.int8-tables.onnx")
         start = time.perf_counter()
         quantize.quantize(Path(models["original (float)"]), Path(models["int8 + 4-bit tables of the original"]),
-                          quantize.QuantizeSection(mode="dynamic", tables={"bits": 4, "block_size": 32}), None)
+                          quantize.QuantizeSection(mode="dynamic", tables=TABLES), None)
         results["rows"]["int8 + 4-bit tables of the original"] = {"seconds": round(time.perf_counter() - start, 1)}
         if not args.quick:  # static QDQ, activations calibrated on 16 batches of the calibration sentences
             models["int8 of the original (static)"] = str(work / "original.qdq.onnx")

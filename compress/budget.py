@@ -60,6 +60,7 @@ TARGETS = ("speedup", "latency_ms", "params", "macs", "onnx_bytes")
 # what the allocation minimizes, each checked on the model's output (Allocation._best_objective):
 # the sum of the units' errors, of their squares, of their 4th powers, and the largest one
 OBJECTIVES = (("sum", 1), ("sum of squares", 2), ("sum of 4th powers", 4), ("largest", float("inf")))
+OBJECTIVE_KEYS = {"sum": "sum", "squares": "sum of squares", "fourth": "sum of 4th powers", "largest": "largest"}
 TOLERANCE = {"speedup": 0.05, "latency_ms": 0.05,  # a latency within 5 % of the prediction needs no other round
              "onnx_bytes": 0.01, "params": 0.0, "macs": 0.0}  # a size is no noisier than its estimate
 AUTO_PROBES = 3  # probes per layer by default ...
@@ -106,6 +107,10 @@ class BudgetSection(Strict):
         "mse", description="what a probe pass measures of the model's output against the original's: metric = the "
         "divergence the metric follows (KL of the class distributions for logits and probabilities, 1 - cosine "
         "for embeddings); mse = the squared error of the raw outputs")
+    objective: Literal["auto", "sum", "squares", "fourth", "largest"] = Field(
+        "auto", description="what the knapsack minimizes over the units' errors: their sum, the sum of their "
+        "squares or 4th powers, or the largest (AIMET's threshold rule); auto = each one's choice applied to the "
+        "model and its output error measured on the probe samples, the least kept")
     sensitivity: Literal["output", "gradient", "layer"] = Field(
         "output", description="how layer errors are made comparable: output = scaled by calibration passes that "
         "measure the model's output error with the layer truncated (`probes` per layer); gradient = weighted by "
@@ -443,7 +448,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                             batch=request.batch if budget.in_latency else None, layers=choices, fixed=fixed,
                             seq_len=budget.seq_len,
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,
-                            scale_errors=scale, probe=probe)
+                            scale_errors=scale, probe=probe,
+                            objective=None if budget.objective == "auto" else OBJECTIVE_KEYS[budget.objective])
     allocation.solve()
     for method, mine in offered:
         if mine:
@@ -606,8 +612,16 @@ def outcome(allocation: Allocation, report) -> BudgetOutcome:
         measured = getattr(report.ratios, target)
         met = measured is not None and measured >= value * (1 - TOLERANCE[target])
     elif target == "speedup":
-        measured = report.ratios.speedup.get(shape_key(allocation.batch, allocation.seq_len))
+        key = shape_key(allocation.batch, allocation.seq_len)
+        measured = report.ratios.speedup.get(key)
         met = measured is not None and measured >= value * (1 - TOLERANCE[target])
+        base = (report.baselines or {}).get("int8_original") if allocation.stated else None
+        pair = (base.compressed_speedup or {}).get(key) if base is not None and not base.error else None
+        if pair:  # over int8 of the original, measured beside it: the same model timed twice, in two runs,
+            # differed by 20 % at 2 threads (all-MiniLM-L6-v2), beside each other it does not
+            stated = allocation.stated["speedup"]
+            out.measured_over_int8 = pair
+            met = pair["speedup"] >= stated * (1 - TOLERANCE[target]) or pair["ci"][1] >= stated
     else:
         measured = report.compressed.latency_ms.get(shape_key(allocation.batch, allocation.seq_len), {}).get("p50")
         met = measured is not None and measured <= value * (1 + TOLERANCE[target])

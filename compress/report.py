@@ -99,6 +99,9 @@ class BudgetOutcome:
     objective: str | None = None  # whose choice was kept: sum, sum of squares, sum of 4th powers or largest error
     evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
     float_layers: list | None = None  # budget.precision per_layer: the allocated layers kept float (others int8)
+    # `over: int8_original` with the baseline measured: the shipped model over it in the same interleaved run
+    # (speedup and 95 % interval), which decides `met` (two runs' timings of one model differ more than that)
+    measured_over_int8: dict | None = None
 
 
 @dataclass
@@ -180,7 +183,9 @@ class Report:
                               "before fine-tuning and corrected), `allocated_layers`, `dense_layers`, `float_layers` "
                               "(precision: per_layer: the allocated layers kept float, the others int8), `history` "
                               "(predicted and measured ms, or bytes, per round; latency with the 95 % "
-                              "`measured_interval`), `ops_measured` (latencies not found in the cache); null "
+                              "`measured_interval`), `ops_measured` (latencies not found in the cache), "
+                              "`measured_over_int8` (`over: int8_original`: the shipped model over the baseline "
+                              "in the same run, `speedup` and `ci`, which decides `met`); null "
                               "otherwise", default=None)
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")
@@ -363,6 +368,10 @@ def budget_line(budget: dict | BudgetOutcome) -> str:
     if budget["target"].get("over", "original") != "original":  # prediction and measurement are over the original
         where = (f" over int8 of the original ({_num(budget['over_original'])}x over the original){where}; "
                  "figures over the original")
+        pair = budget.get("measured_over_int8")
+        if pair and budget.get("met") is not None:
+            said += (f"; measured {_num(pair['speedup'])}x [{_num(pair['ci'][0])}, {_num(pair['ci'][1])}] over int8 "
+                     "of the original in the same run, which decides")
     return (f"Budget: {target} {budget['target'][target]}{unit}{where}; predicted {_num(budget['predicted'])}{unit}"
             f"{said} ({budget['allocated_layers']} layers allocated, {budget['dense_layers']} left dense, "
             + (f"{len(budget['float_layers'])} kept float, " if budget.get("float_layers") is not None else "")

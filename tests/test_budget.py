@@ -365,6 +365,27 @@ def test_the_outcome_holds_each_target_to_the_shipped_models_measurement():
         assert (out.measured, out.met) == (measured, met), (target, value)
 
 
+def test_a_target_over_int8_is_judged_beside_int8_in_the_same_run():
+    """`speedup: 1, over: int8_original`: planning timed int8 of the original at 2.0x over float,
+    the report's run at 1.6x. The shipped model is judged by its ratio to the baseline measured beside
+    it (1.0 [0.97, 1.03]), not by the two runs' figures over the original."""
+    from types import SimpleNamespace
+
+    from compress.budget import Allocation, outcome
+    from compress.report import Baseline
+
+    def report(pair, error=None):
+        base = Baseline(mode="dynamic", compressed_speedup={"8": pair}, error=error)
+        return SimpleNamespace(ratios=SimpleNamespace(speedup={"8": 1.6}), baselines={"int8_original": base})
+
+    allocation = Allocation("speedup", 2.0, 8, [], fixed=0.0, reference=10.0, predicted=5.0,
+                            stated={"over": "int8_original", "speedup": 1.0})
+    out = outcome(allocation, report({"speedup": 1.0, "ci": [0.97, 1.03]}))
+    assert out.measured == 1.6 and out.met and out.measured_over_int8["speedup"] == 1.0
+    assert not outcome(allocation, report({"speedup": 0.9, "ci": [0.85, 0.95]})).met
+    assert not outcome(allocation, report(None, error="could not quantize")).met  # no pair: over the original
+
+
 def test_a_noisy_latency_measurement_whose_interval_holds_the_prediction_moves_nothing():
     from compress.budget import Allocation, record
 
@@ -524,3 +545,15 @@ def test_a_plan_that_changes_nothing_is_not_fine_tuned(digits_model, write_recip
     assert all(row["action"] == "keep" for row in report["layers"])
     assert report["finetune"] == {"steps": 0, "skipped": "the plan changed no layer: nothing to recover"}
     assert "Fine-tuning: skipped, the plan changed no layer" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_fixed_objective_is_used_without_checking_the_others(digits_model):
+    from compress.api import as_recipe
+    from compress.knapsack import minimax
+    from compress.pipeline import Options, load_context, plan
+
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1, "objective": "largest"}}
+    allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
+    assert allocation.objective == "largest" and allocation.evaluations == 0
+    options = [[(c.cost, c.damage) for c in unit.candidates] for unit in allocation.layers]
+    assert [u.chosen for u in allocation.layers] == minimax(options, allocation.limit()).choice

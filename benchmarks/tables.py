@@ -1,0 +1,97 @@
+"""4-bit lookup tables on all-MiniLM-L6-v2: `quantize.tables` block sizes, asymmetric and
+symmetric, on top of dynamic int8, against the float original: file size and the eval sentences'
+embedding cosine and nearest-neighbour agreement (as benchmarks/realistic.py measures them).
+Then where the time of int8 of the original goes: ONNX Runtime's profiler, kernel time by operator
+type at batch 8, 64 tokens, 2 threads (what a faster-than-int8 model would have to cut).
+
+    python benchmarks/tables.py --out benchmarks/results/tables.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import sentences  # noqa: E402
+from realistic import embed, minilm_folder, quality  # noqa: E402
+
+from compress import exporting, hf, quantize  # noqa: E402
+
+
+def profile(path: Path, feed: dict, runs: int = 20) -> dict[str, float]:
+    """Share of kernel time by operator type (the 8 largest), from ONNX Runtime's profiler."""
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = 2
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values()) or 1
+    return {op: round(us / total, 3) for op, us in by_op.most_common(8)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folder = minilm_folder()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    eval_lines = sentences()[1024:1536]  # realistic.py's eval split
+    tokenizer = hf.load_tokenizer(folder)
+    feeds = []
+    for i in range(0, len(eval_lines), 64):
+        t = tokenizer(eval_lines[i:i + 64], truncation=True, max_length=64, padding="longest", return_tensors="np")
+        feeds.append({n: t[n].astype(np.int64) for n in names})
+    results = {"model": str(folder), "rows": []}
+    with tempfile.TemporaryDirectory(prefix="compress-tables-") as tmp:
+        original = hf.load_folder(folder, None, None)[0]
+        sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in names)
+        path = Path(tmp) / "original.onnx"
+        exporting.export_onnx(original, sample, names, str(path), 17, exporting.dynamic_axes_for(names, sample, {}, True))
+        reference = embed(str(path), feeds)
+        size = path.stat().st_size
+        settings = [("int8 only", None)] + [(f"int8 + tables block {b}{' symmetric' if sym else ''}",
+                                             {"bits": 4, "block_size": b, "symmetric": sym})
+                                            for b in (32, 64, 128, 256) for sym in (False, True)]
+        for label, tables in settings:
+            out = Path(tmp) / "q.onnx"
+            quantize.quantize(path, out, quantize.QuantizeSection(mode="dynamic", tables=tables), None)
+            row = {"label": label, **quality(reference, embed(str(out), feeds)), "onnx_bytes": out.stat().st_size,
+                   "smaller": round(size / out.stat().st_size, 3)}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        results["float_bytes"] = size
+        int8 = Path(tmp) / "int8.onnx"
+        quantize.quantize(path, int8, quantize.QuantizeSection(mode="dynamic"), None)
+        t = tokenizer(eval_lines[:8], truncation=True, max_length=64, padding="max_length", return_tensors="np")
+        results["int8_kernel_time_share"] = profile(int8, {n: t[n].astype(np.int64) for n in names})
+        print("int8 of the original, kernel time by op type at batch 8, 64 tokens:",
+              json.dumps(results["int8_kernel_time_share"]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("| setting | ONNX MB | x smaller than float | cosine | neighbours |\n|---|---|---|---|---|")
+    for row in results["rows"]:
+        print(f"| {row['label']} | {row['onnx_bytes'] / 1e6:.1f} | {row['smaller']:.2f} | {row['cosine']:.4f} | "
+              f"{row['neighbours']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

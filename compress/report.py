@@ -311,7 +311,8 @@ def baseline_verdict(report: dict) -> str | None:
     if c.get("metric") and base.get("metric"):
         from .metrics import drop
 
-        worse = drop(c["metric"]["name"], base["metric"]["value"], c["metric"]["value"])
+        # at the precision the sentence shows: a difference it would print as 0.7877 vs 0.7877 is none
+        worse = drop(c["metric"]["name"], round(base["metric"]["value"], 4), round(c["metric"]["value"], 4))
         outcomes.append("win" if worse < 0 else "tie" if worse == 0 else "loss")
         parts.append(f"{'better' if worse < 0 else 'as good' if worse == 0 else 'worse'} on {c['metric']['name']} "
                      f"({c['metric']['value']:.4f} vs {base['metric']['value']:.4f})")

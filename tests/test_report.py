@@ -53,6 +53,8 @@ def test_baseline_verdict_says_equal_is_equal_and_an_interval_holding_one_is_a_t
     assert "does not beat it (it loses on 1 of 3)" in _verdict_report(110, 100, (0.9, 1.1), 0.9, 0.9)
     assert "beats it on 1 of 3 and loses on 2" in _verdict_report(90, 100, (0.7, 0.9), 0.8, 0.9)
     assert "slower at batch 8 (0.85x [0.80, 0.90])" in _verdict_report(90, 100, (0.8, 0.9), 0.8, 0.9)
+    # a difference the sentence would print as equal is no difference (the CTR model: AUC 0.78771 vs 0.78774)
+    assert "as good on accuracy (0.7877 vs 0.7877)" in _verdict_report(90, 100, (0.9, 1.1), 0.78771, 0.78774)
 
 
 def test_a_baseline_that_could_not_be_made_is_said_and_left_out_of_the_table():

@@ -461,8 +461,7 @@ class OutputProbe:
     """The model's output error per sample (E||f(x) - f'(x)||^2, or the metric's divergence with
     `measure: metric`) on a fixed set of calibration samples with some units at given sizes (each
     method's `applied`) and some layers in simulated int8 (compress.precision), against the model's
-    own outputs there. The samples and those outputs
-    are taken once, when first needed."""
+    own outputs there. The samples and those outputs are taken once, when first needed."""
 
     def __init__(self, model: nn.Module, batches, samples: Callable[[], int], int8=None, measure: str = "mse",
                  kind: str = "logits"):

@@ -33,7 +33,6 @@ from torch import nn
 from . import quantize
 from .methods.allocation import LayerChoice
 
-PRECISIONS = ("int8", "float")
 SIMULATED = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 

@@ -330,7 +330,8 @@ def _quantize_tables(path: Path, cfg: QuantizeSection) -> dict:
                                      nodes_to_exclude=[n.name for n in every if n.name not in chosen],
                                      quant_format=QuantFormat.QOperator,
                                      op_types_to_quantize=("Gather",))
-    quantizer.process()
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block: ORT divides by its zero scale, then
+        quantizer.process()                                # replaces the result (np.where(scale == 0, ...))
     out = quantizer.model.model
     onnx.save(out, str(path))
     count = sum(1 for n in out.graph.node if n.op_type == "GatherBlockQuantized")

@@ -145,3 +145,38 @@ def test_int8_everywhere_is_in_the_search_space(transformer_model):
     assert all(c.candidate.precision == "int8" and c.candidate.size is None for c in int8.layers)
     assert int8.summary().float_layers == []
     assert dense("float") < 1  # the search space holds float everywhere; the target cannot ask for it here
+
+
+def test_the_choice_with_every_layer_int8_is_checked_beside_the_per_layer_one():
+    """Per-layer damage can favour a float layer paid for by a factorization elsewhere; the
+    allocation with every layer int8 is then measured beside it, and kept when the model's output
+    says it is better (here: a fake probe to which any factorization costs more than int8)."""
+    from types import SimpleNamespace
+
+    from compress.budget import Allocation
+    from compress.methods.allocation import Candidate, LayerChoice
+
+    def unit(name):  # int8 dense, int8 rank 1, float dense, float rank 1: (cost, error)
+        return LayerChoice(None, name, "channel", [Candidate(None, 2.0, 0.0, "int8", 0.5),
+                                                   Candidate(1, 1.0, 0.05, "int8", 0.5),
+                                                   Candidate(None, 3.0, 0.0, "float"),
+                                                   Candidate(1, 2.0, 0.3, "float")])
+
+    measured = []
+
+    def error(changed):
+        measured.append(changed)
+        return 1.0 if any(size is not None for _, size, _ in changed) else 0.5
+
+    allocation = Allocation("onnx_bytes", 2.0, None, [unit("a"), unit("b")], fixed=0.0, reference=8.0,
+                            predicted=8.0, probe=SimpleNamespace(error=error))
+    # every objective over both precisions factorizes (a float + b int8 at rank 1: sum 0.55; both float
+    # at rank 1: largest 0.3); with every layer int8 the choice is both dense (1.0), which the probe prefers
+    allocation.solve()
+    assert [(u.candidate.size, u.candidate.precision) for u in allocation.layers] == [(None, "int8")] * 2
+    assert allocation.every_int8 and allocation.summary().objective.endswith(", every layer int8")
+    assert allocation.evaluations == len(measured) >= 2
+    assert any(p == (None, "float") for p in [(u.candidates[i].size, u.candidates[i].precision)
+                                               for u in allocation.layers for i in range(4)])
+    allocation.solve()  # a later solve keeps the choice made with every layer int8
+    assert all(u.candidate.precision == "int8" for u in allocation.layers)

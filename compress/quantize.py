@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import functools
+import io
 import logging
 import os
 import tempfile
@@ -257,8 +258,10 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
 
     op_types = cfg.op_types or DEFAULT_OP_TYPES[cfg.mode]
     float_path, out_path = Path(float_path).resolve(), Path(out_path).resolve()
+    # ORT's histogram calibrators print their progress ("Collecting tensor data ...") on stdout, which
+    # is the CLI's (and `--json`'s): kept out of it, like its log advice
     with (tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp, _quiet_ort_logging(),
-          _working_directory(tmp)):
+          contextlib.redirect_stdout(io.StringIO()), _working_directory(tmp)):
         source = Path(tmp) / "pre.onnx"
         preprocessed = _preprocess(float_path, source)
         if preprocessed is None:  # quantization works without it

@@ -96,3 +96,16 @@ def test_tables_refuse_what_they_cannot_do(tmp_path):
     with pytest.raises(UserError, match="quantize.tables: the model has no lookup table"):
         quantize(path, tmp_path / "q.onnx", QuantizeSection(tables={}))
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_histogram_calibration_prints_nothing_on_stdout(tmp_path, capfd):
+    """ORT's percentile and entropy calibrators print progress with print(): stdout is the CLI's
+    (`--json`), so quantization keeps it clean."""
+    from compress.quantize import quantize
+
+    path = tmp_path / "linear.onnx"
+    torch.onnx.export(torch.nn.Linear(8, 4), (torch.randn(2, 8),), str(path), input_names=["x"], dynamo=False)
+    feeds = [{"x": torch.randn(2, 8).numpy()} for _ in range(3)]
+    capfd.readouterr()
+    quantize(path, tmp_path / "q.onnx", QuantizeSection(mode="static", calibrate_method="percentile"), feeds)
+    assert capfd.readouterr().out == ""

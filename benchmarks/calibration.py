@@ -14,23 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import sentences  # noqa: E402
-from realistic import embed, minilm_folder, quality  # noqa: E402
+from realistic import embed, minilm_folder, quality, text_feeds  # noqa: E402
 
 from compress import exporting, hf, quantize  # noqa: E402
-
-
-def feeds_of(tokenizer, lines: list[str], batch: int, names: list[str], padding: str = "longest") -> list[dict]:
-    out = []
-    for i in range(0, len(lines), batch):
-        t = tokenizer(lines[i:i + batch], truncation=True, max_length=64, padding=padding, return_tensors="np")
-        out.append({n: t[n].astype(np.int64) for n in names})
-    return out
 
 
 def main() -> None:
@@ -44,8 +35,8 @@ def main() -> None:
     tokenizer = hf.load_tokenizer(folder)
     # one length for every calibration batch, as compress's own calibration feeds have (the data set's
     # padding): ONNX Runtime's histogram calibrators (percentile, entropy) need one shape
-    calibration = feeds_of(tokenizer, found[:16 * 32], 32, names, padding="max_length")
-    eval_feeds = feeds_of(tokenizer, found[1024:1536], 64, names)
+    calibration = text_feeds(tokenizer, found[:16 * 32], 32, names, padding="max_length")
+    eval_feeds = text_feeds(tokenizer, found[1024:1536], 64, names)
     results = {"model": str(folder), "rows": []}
     with tempfile.TemporaryDirectory(prefix="compress-calibration-") as tmp:
         original = hf.load_folder(folder, None, None)[0]

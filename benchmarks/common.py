@@ -50,3 +50,25 @@ def write_results(path: Path | None, results: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def profile(path: Path, feed: dict, runs: int = 20, threads: int = 1, top: int = 5) -> dict[str, float]:
+    """Share of kernel time by operator type (the `top` largest), from ONNX Runtime's profiler."""
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = threads
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values()) or 1
+    return {op: round(us / total, 3) for op, us in by_op.most_common(top)}

@@ -14,12 +14,11 @@ each model's kernel time by operator type at the larger batch, to say which ops 
 """
 from __future__ import annotations
 
-import collections
 import json
 import tempfile
 from pathlib import Path
 
-from common import arguments, load_recipe_dict, run_recipe, scratch, write_results
+from common import arguments, load_recipe_dict, profile, run_recipe, scratch, write_results
 
 from compress import exporting as export, quantize
 from compress.checkpoint import load_model
@@ -33,26 +32,6 @@ CASES = [
     ("digits Transformer", "pela.yaml", "dynamic", train_digits_transformer, "digits-tokens", ["tokens", "mask"], [1, 32]),
     ("CTR DeepFM", "afm.yaml", "dynamic", train_ctr_deepfm, "ctr", ["fields"], [1, 256]),
 ]
-
-
-def profile(path: Path, feed: dict, runs: int = 20) -> dict[str, float]:
-    """Share of kernel time by operator type, from ONNX Runtime's profiler."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.intra_op_num_threads = 1
-    options.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
-    by_op = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            by_op[e["args"]["op_name"]] += e["dur"]
-    total = sum(by_op.values()) or 1
-    return {op: round(us / total, 3) for op, us in by_op.most_common(5)}
 
 
 def main() -> None:

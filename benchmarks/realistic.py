@@ -135,6 +135,16 @@ def run_row(folder: Path, corpus: Path, name: str, doc: dict, work: Path) -> dic
                if report.budget else {})}
 
 
+def text_feeds(tokenizer, lines: list[str], batch: int, names: list[str], padding: str = "longest",
+               length: int = 64) -> list[dict]:
+    """ONNX feeds of `lines`, `batch` at a time, cut to `length` tokens and padded as asked."""
+    out = []
+    for i in range(0, len(lines), batch):
+        t = tokenizer(lines[i:i + batch], truncation=True, max_length=length, padding=padding, return_tensors="np")
+        out.append({n: t[n].astype(np.int64) for n in names})
+    return out
+
+
 def embed(path: str, feeds: list[dict]) -> np.ndarray:
     session = bench.make_session(path, 2)
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])
@@ -179,10 +189,7 @@ def main() -> None:
         tokenizer = hf.load_tokenizer(folder)
         names = ["input_ids", "attention_mask", "token_type_ids"]
         eval_lines = (corpus / "eval.txt").read_text().splitlines()
-        eval_feeds = []
-        for i in range(0, len(eval_lines), 64):
-            t = tokenizer(eval_lines[i:i + 64], truncation=True, max_length=64, padding="longest", return_tensors="np")
-            eval_feeds.append({n: t[n].astype(np.int64) for n in names})
+        eval_feeds = text_feeds(tokenizer, eval_lines, 64, names)
         # the baselines: the original exported as compress exports it, and int8 of it
         original = hf.load_folder(folder, None, None)[0]
         sample = tuple(torch.from_numpy(eval_feeds[0][n][:1]) for n in names)
@@ -205,9 +212,7 @@ def main() -> None:
         if not args.quick:  # static QDQ, activations calibrated on 16 batches of the calibration sentences
             models["int8 of the original (static)"] = str(work / "original.qdq.onnx")
             calibration = (corpus / "calibration.txt").read_text().splitlines()[:16 * 32]
-            feeds_cal = [{n: t[n].astype(np.int64) for n in names}
-                         for t in (tokenizer(calibration[i:i + 32], truncation=True, max_length=64, padding="longest",
-                                             return_tensors="np") for i in range(0, len(calibration), 32))]
+            feeds_cal = text_feeds(tokenizer, calibration, 32, names)
             start = time.perf_counter()
             quantize.quantize(Path(models["original (float)"]), Path(models["int8 of the original (static)"]),
                               quantize.QuantizeSection(mode="static"), feeds_cal)

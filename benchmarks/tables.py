@@ -14,37 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import profile  # noqa: E402
 from corpus import sentences  # noqa: E402
-from realistic import embed, minilm_folder, quality  # noqa: E402
+from realistic import embed, minilm_folder, quality, text_feeds  # noqa: E402
 
 from compress import exporting, hf, quantize  # noqa: E402
-
-
-def profile(path: Path, feed: dict, runs: int = 20) -> dict[str, float]:
-    """Share of kernel time by operator type (the 8 largest), from ONNX Runtime's profiler."""
-    import collections
-
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.intra_op_num_threads = 2
-    options.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
-    by_op = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            by_op[e["args"]["op_name"]] += e["dur"]
-    total = sum(by_op.values()) or 1
-    return {op: round(us / total, 3) for op, us in by_op.most_common(8)}
 
 
 def main() -> None:
@@ -56,10 +34,7 @@ def main() -> None:
     names = ["input_ids", "attention_mask", "token_type_ids"]
     eval_lines = sentences()[1024:1536]  # realistic.py's eval split
     tokenizer = hf.load_tokenizer(folder)
-    feeds = []
-    for i in range(0, len(eval_lines), 64):
-        t = tokenizer(eval_lines[i:i + 64], truncation=True, max_length=64, padding="longest", return_tensors="np")
-        feeds.append({n: t[n].astype(np.int64) for n in names})
+    feeds = text_feeds(tokenizer, eval_lines, 64, names)
     results = {"model": str(folder), "rows": []}
     with tempfile.TemporaryDirectory(prefix="compress-tables-") as tmp:
         original = hf.load_folder(folder, None, None)[0]
@@ -81,8 +56,8 @@ def main() -> None:
         results["float_bytes"] = size
         int8 = Path(tmp) / "int8.onnx"
         quantize.quantize(path, int8, quantize.QuantizeSection(mode="dynamic"), None)
-        t = tokenizer(eval_lines[:8], truncation=True, max_length=64, padding="max_length", return_tensors="np")
-        results["int8_kernel_time_share"] = profile(int8, {n: t[n].astype(np.int64) for n in names})
+        feed = text_feeds(tokenizer, eval_lines[:8], 8, names, padding="max_length")[0]
+        results["int8_kernel_time_share"] = profile(int8, feed, threads=2, top=8)
         print("int8 of the original, kernel time by op type at batch 8, 64 tokens:",
               json.dumps(results["int8_kernel_time_share"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

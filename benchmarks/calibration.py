@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import sentences  # noqa: E402
-from realistic import embed, minilm_folder, quality, text_feeds  # noqa: E402
+from realistic import embed, exported_original, minilm_folder, quality, text_feeds  # noqa: E402
 
-from compress import exporting, hf, quantize  # noqa: E402
+from compress import hf, quantize  # noqa: E402
 
 
 def main() -> None:
@@ -39,10 +39,7 @@ def main() -> None:
     eval_feeds = text_feeds(tokenizer, found[1024:1536], 64, names)
     results = {"model": str(folder), "rows": []}
     with tempfile.TemporaryDirectory(prefix="compress-calibration-") as tmp:
-        original = hf.load_folder(folder, None, None)[0]
-        sample = tuple(torch.from_numpy(eval_feeds[0][n][:1]) for n in names)
-        path = Path(tmp) / "original.onnx"
-        exporting.export_onnx(original, sample, names, str(path), 17, exporting.dynamic_axes_for(names, sample, {}, True))
+        path = exported_original(folder, eval_feeds, Path(tmp) / "original.onnx")
         reference = embed(str(path), eval_feeds)
         settings = [("dynamic", quantize.QuantizeSection(mode="dynamic"))] + [
             (f"static {m}", quantize.QuantizeSection(mode="static", calibrate_method=m))

@@ -145,6 +145,15 @@ def text_feeds(tokenizer, lines: list[str], batch: int, names: list[str], paddin
     return out
 
 
+def exported_original(folder: Path, feeds: list[dict], path: Path) -> Path:
+    """The model folder's model exported as compress exports it (dynamic batch and length), at `path`."""
+    names = list(feeds[0])
+    original = hf.load_folder(folder, None, None)[0]
+    sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in names)
+    exporting.export_onnx(original, sample, names, str(path), 17, exporting.dynamic_axes_for(names, sample, {}, True))
+    return path
+
+
 def embed(path: str, feeds: list[dict]) -> np.ndarray:
     session = bench.make_session(path, 2)
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])
@@ -191,11 +200,7 @@ def main() -> None:
         eval_lines = (corpus / "eval.txt").read_text().splitlines()
         eval_feeds = text_feeds(tokenizer, eval_lines, 64, names)
         # the baselines: the original exported as compress exports it, and int8 of it
-        original = hf.load_folder(folder, None, None)[0]
-        sample = tuple(torch.from_numpy(eval_feeds[0][n][:1]) for n in names)
-        models = {"original (float)": str(work / "original.onnx")}
-        exporting.export_onnx(original, sample, names, models["original (float)"], 17,
-                              exporting.dynamic_axes_for(names, sample, {}, True))
+        models = {"original (float)": str(exported_original(folder, eval_feeds, work / "original.onnx"))}
         results: dict = {"model": str(folder), "rows": {}}
         models["int8 of the original (dynamic)"] = str(work / "original.int8.onnx")
         start = time.perf_counter()

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import profile  # noqa: E402
 from corpus import sentences  # noqa: E402
-from realistic import embed, minilm_folder, quality, text_feeds  # noqa: E402
+from realistic import embed, exported_original, minilm_folder, quality, text_feeds  # noqa: E402
 
-from compress import exporting, hf, quantize  # noqa: E402
+from compress import hf, quantize  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +37,7 @@ def main() -> None:
     feeds = text_feeds(tokenizer, eval_lines, 64, names)
     results = {"model": str(folder), "rows": []}
     with tempfile.TemporaryDirectory(prefix="compress-tables-") as tmp:
-        original = hf.load_folder(folder, None, None)[0]
-        sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in names)
-        path = Path(tmp) / "original.onnx"
-        exporting.export_onnx(original, sample, names, str(path), 17, exporting.dynamic_axes_for(names, sample, {}, True))
+        path = exported_original(folder, feeds, Path(tmp) / "original.onnx")
         reference = embed(str(path), feeds)
         size = path.stat().st_size
         settings = [("int8 only", None)] + [(f"int8 + tables block {b}{' symmetric' if sym else ''}",

@@ -32,8 +32,8 @@ from compress import bench, exporting, hf, quantize  # noqa: E402
 from corpus import sentences  # noqa: E402
 
 ENCODER = {"types": ["Linear"]}  # the encoder's Linears (the unused pooler is dropped)
-# 4-bit tables: block 64 is the smallest block that keeps cosine >= 0.99 with int8 (32: 0.9914 at 4.84x
-# smaller than float; 64: 0.9902 at 5.07x; 128: 0.9868 at 5.19x; symmetric 0.002-0.003 lower)
+# 4-bit tables: block 64 is the largest block that keeps cosine >= 0.99 with int8 (benchmarks/int8_settings.py:
+# 32: 0.9914 at 4.84x smaller than float; 64: 0.9902 at 5.07x; 128: 0.9868 at 5.19x; symmetric lower)
 TABLES = {"bits": 4, "block_size": 64}
 
 

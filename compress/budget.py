@@ -235,6 +235,11 @@ class Allocation:
     every_int8: bool | None = None  # precision per layer: whether the kept choice was made with every layer int8
     evaluations: int = 0  # whole-model passes spent checking the objectives' choices
 
+    @property
+    def kept_objective(self) -> str | None:
+        """The objective whose choice was kept, as the plan and the report say it."""
+        return f"{self.objective}, every layer int8" if self.every_int8 else self.objective
+
     def ratio(self, cost: float) -> float:
         return self.reference / cost if cost > 0 else float("inf")
 
@@ -331,7 +336,7 @@ class Allocation:
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
                              history=self.history or None, probe_passes=self.probe_passes,
                              probe_samples=self.probe_samples, solver_gap=self.solver_gap,
-                             objective=(f"{self.objective}, every layer int8" if self.every_int8 else self.objective),
+                             objective=self.kept_objective,
                              evaluations=self.evaluations,
                              float_layers=(float_layers(self) if any(c.precision for choice in self.layers
                                                                      for c in choice.candidates) else None))

@@ -97,6 +97,7 @@ class BudgetOutcome:
     over_original: float | None = None  # `over: int8_original`: the speedup over the original the target meant
     solver_gap: float = 0.0  # the knapsack's bound on how much more summed error it chose than the optimum (0: exact)
     objective: str | None = None  # whose choice was kept: sum, sum of squares, sum of 4th powers or largest error
+    # (", every layer int8" added where precision per layer kept the choice made with every layer int8)
     evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
     float_layers: list | None = None  # budget.precision per_layer: the allocated layers kept float (others int8)
     # `over: int8_original` with the baseline measured: the shipped model over it in the same interleaved run
@@ -344,7 +345,7 @@ def planning_line(timings: dict[str, float], allocation=None) -> str:
             work.append(f"{allocation.probe_passes} probe passes on {allocation.probe_samples} samples")
         if allocation.evaluations:
             work.append(f"{allocation.evaluations} passes checking the objectives' choices (kept: "
-                        f"{allocation.objective})")
+                        f"{allocation.kept_objective})")
         if allocation.newly_measured is not None:
             work.append(f"{allocation.newly_measured} op latencies timed (others from the cache)")
         line += f"; the budget ran {' and '.join(work)}" if work else "; the budget needed no probing"

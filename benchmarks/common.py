@@ -61,11 +61,12 @@ def profile(path: Path, feed: dict, runs: int = 20, threads: int = 1, top: int =
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.intra_op_num_threads = threads
-    options.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory(prefix="compress-profile-") as folder:  # not beside the model: its
+        options.profile_file_prefix = str(Path(folder) / "profile")        # folder may be a compress output
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
     by_op = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):

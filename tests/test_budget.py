@@ -337,6 +337,29 @@ def test_group_envelope_keep_auto_allocates_attention_heads(transformer_model, w
     assert "Budget: params 1.3x; predicted" in result.output
 
 
+def test_group_envelope_keep_auto_allocates_whole_blocks(transformer_model, write_recipe, run_cli, tmp_path):
+    """groups: depth with keep: auto: the budget chooses how many blocks stay; the built model has
+    exactly the predicted MACs and rebuilds from compression.json with a block removed."""
+    import yaml
+
+    recipe = {"data": {"train": "bundled:digits-tokens/train", "calibration": "bundled:digits-tokens/calibration",
+                       "eval": "bundled:digits-tokens/test", "batch_size": 64},
+              "stages": [{"method": "group_envelope", "groups": "depth", "keep": "auto", "lambda": 1.0}],
+              "budget": {"macs": 1.8, "probes": 1}, "finetune": {"steps": 2, "lr": 0.001},
+              "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3, "baselines": []}, "gates": {"budget": True}}
+    out = tmp_path / "out"
+    result = run_cli("apply", "--recipe", write_recipe(yaml.safe_dump(recipe)), transformer_model, "--out", out, "-q",
+                     "--max-metric-drop", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    row, = report["layers"]
+    assert (row["layer_type"], row["action"], row["kept"]) == ("blocks", "prune", 1)
+    assert report["budget"]["met"] and report["budget"]["predicted"] == pytest.approx(report["ratios"]["macs"], rel=1e-3)
+    import compress
+
+    assert [type(b).__name__ for b in compress.load(out).blocks].count("Skip") == 1
+
+
 def test_keep_auto_without_a_budget_is_a_recipe_error():
     with pytest.raises(RecipeError, match=re.escape("stages[0].keep: auto needs a budget: section")):
         parse_recipe(json.dumps({"stages": [{"method": "group_envelope", "keep": "auto"}]}).encode())

@@ -125,9 +125,6 @@ class GroupEnvelopeStage(Stage):
 
     @model_validator(mode="after")
     def _depth(self):
-        if self.groups == "depth" and self.keep == "auto":
-            raise ValueError("keep: auto allocates channels and heads; with groups: depth give the blocks to keep "
-                             "(a ratio below 1 or a count)")
         if self.blocks is not None and self.groups != "depth":
             raise ValueError("blocks names the residual blocks of groups: depth")
         return self

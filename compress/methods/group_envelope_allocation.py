@@ -38,7 +38,7 @@ class EnvelopeAllocation(Allocatable):
                 if not info.reason and root not in request.skip:
                     request.unpriced.append((self, root))
                 continue
-            step = 1 if info.heads else self.stage.round_to
+            step = 1 if info.heads or info.depth else self.stage.round_to
             counts = list(range(step, n, step))
             if not counts:
                 request.unpriced.append((self, root))

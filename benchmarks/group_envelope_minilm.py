@@ -77,10 +77,9 @@ def envelope(folder: Path, corpus: Path, keep: float, lam: float, seed: int):
               "finetune": {"steps": STEPS, "lr": LR, "distill": {"weight": 1.0, "loss": "cosine"}},
               "bench": {"batch_sizes": [1], "warmup": 1, "runs": 2, "baselines": []}, "gates": {}}
     result = compress.apply(str(folder), recipe)
-    rows = [{"name": d.name, "kind": d.layer_type, "channels": d.extra["channels"], "kept": d.extra["kept"],
-             "members": d.extra["members"], "prox_zeroed": d.extra.get("prox_zeroed"),
-             "reached_k_step": d.extra.get("reached_k_step"), "projection_cut": d.extra.get("projection_cut")}
-            for d in result.decisions if d.action == "prune"]
+    rows = [{"name": d["name"], "kind": d["layer_type"], "channels": d["channels"], "kept": d["kept"],
+             "members": d["members"], "prox_zeroed": d.get("prox_zeroed"), "reached_k_step": d.get("reached_k_step"),
+             "projection_cut": d.get("projection_cut")} for d in result.decisions if d["action"] == "prune"]
     return result.model, rows
 
 

@@ -418,7 +418,8 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         every channel was alive again before each prox step). Lambda continuation: a layer still
         above k live channels every `lambda_every` steps multiplies its lambda by `lambda_growth`;
         once the prox alone has left at most k, the layer's dead channels stay dead and its lambda
-        returns to the recipe's (a grown lambda would keep shrinking the survivors)."""
+        returns to the recipe's (a grown lambda would keep shrinking the survivors); with `at_k: hold`
+        its prox stops there altogether."""
         for g in self.groups.values():
             if g.get("dead") is not None:  # reached k: hold the support, train the survivors
                 scale_channels(g["slices"], (~g["dead"]).to(torch.float32))

@@ -98,6 +98,11 @@ class GroupEnvelopeStage(Stage):
     lambda_growth: float = Field(1.0, ge=1, le=100, description="continuation: every `lambda_every` steps, each layer that "
                                  "still has more than k live channels multiplies its lambda by this (1: constant)")
     lambda_every: int = Field(10, ge=1, le=10**9, description="steps between lambda increases")
+    prox_metric: Literal["euclidean", "adam"] = Field(
+        "euclidean", description="euclidean: the prox as the paper states it; adam: in the metric of Adam's own "
+        "step (each group's mean sqrt of the second moment), the proximal step that matches an AdamW update; "
+        "lambda then means what it means for SGD (survivors settle where the gradient equals lambda times "
+        "the weights); with SGD, and until Adam has a second moment for every parameter, the euclidean step")
     at_k: Literal["hold", "prox"] = Field(
         "hold", description="once the prox alone has left at most k live groups in a layer: hold, keep the dead "
         "ones at zero and stop the prox there (on k live groups S_k is plain weight decay of strength lambda, "
@@ -431,7 +436,13 @@ class GroupEnvelope(EnvelopeAllocation, Method):
             if step_size <= 0:
                 continue
             norms = channel_norms(g["slices"], g["channels"])
-            scale = linalg.envelope_prox_scale(norms, g["k"], step_size, g["weights"])
+            metric = adam_metric(optimizer, g["slices"], g["channels"]) if self.stage.prox_metric == "adam" else None
+            if metric is None:
+                scale = linalg.envelope_prox_scale(norms, g["k"], step_size, g["weights"])
+            else:  # prox of lr lambda S_k in the metric diag(d): scaled norms sqrt(d) n, weights w / sqrt(d)
+                root = metric.sqrt()
+                weights = (1.0 if g["weights"] is None else g["weights"]) / root
+                scale = linalg.envelope_prox_scale(norms * root, g["k"], step_size, weights)
             scale_channels(g["slices"], scale)
             if optimizer is not None:
                 reset_optimizer_state(optimizer, g["slices"], scale == 0)
@@ -537,6 +548,29 @@ class GroupEnvelope(EnvelopeAllocation, Method):
 
     def edits(self):
         return list(self.edits_made)
+
+
+@torch.no_grad()
+def adam_metric(optimizer, slices: list[ChannelSlice], channels: int) -> torch.Tensor | None:
+    """Each channel's mean of Adam's per-coordinate step scale, sqrt(bias-corrected second moment)
+    + eps, over the group's parameters; None before Adam has a second moment for all of them (or
+    without Adam)."""
+    if optimizer is None:
+        return None
+    total = torch.zeros(channels, dtype=torch.float64)
+    count = torch.zeros(channels, dtype=torch.float64)
+    settings = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    for s in slices:
+        state = optimizer.state.get(s.param, {})
+        square, group = state.get("exp_avg_sq"), settings.get(id(s.param))
+        if square is None or group is None or "betas" not in group:
+            return None
+        step = float(state["step"])
+        scale = (square / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
+        part = scale.index_select(s.dim, s.idxs.to(scale.device)).double().cpu().movedim(s.dim, 0).reshape(len(s.idxs), -1)
+        total.index_add_(0, s.channel, part.sum(1))
+        count.index_add_(0, s.channel, torch.full((len(s.idxs),), float(part.shape[1]), dtype=torch.float64))
+    return total / count.clamp_min(1)
 
 
 @torch.no_grad()

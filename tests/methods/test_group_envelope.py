@@ -431,3 +431,45 @@ def test_once_the_prox_reaches_k_hold_stops_shrinking_the_survivors(at_k):
     assert int((after > 0).sum()) == group["k"]
     expected = before if at_k == "hold" else before / (1 + 0.1 * 1.0)
     assert torch.allclose(after, expected, rtol=1e-5)
+
+
+def test_the_prox_in_adams_metric_is_the_euclidean_prox_at_lambda_over_adams_scale():
+    """prox_metric: adam takes the envelope's step in the metric of Adam's update, diag(sqrt(v^) +
+    eps) per group: where every group has the same scale d it is the plain step at lr lambda / d,
+    and a group Adam scales down (small gradients) is shrunk harder than one at the same norm."""
+    from compress import linalg
+    from compress.methods.group_envelope import adam_metric
+
+    model, method, inputs = _transformer_planned(keep=0.5, prox_metric="adam", **{"lambda": 0.05})
+    method.prepare(model)
+    g = method.groups["blocks.0.up"]
+    for other in [v for k, v in method.groups.items() if k != "blocks.0.up"]:
+        other["lambda"] = 0.0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    target = torch.arange(inputs[0].shape[0]) % 10
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(*inputs), target).backward()
+    optimizer.step()
+    assert adam_metric(None, g["slices"], g["channels"]) is None
+    d = 1e-3
+    for s in g["slices"]:  # every coordinate of the group at the same second moment (step 1: v^ = v / (1 - beta2))
+        optimizer.state[s.param]["exp_avg_sq"].fill_((d - 1e-8) ** 2 * (1 - 0.999))
+    assert torch.allclose(adam_metric(optimizer, g["slices"], g["channels"]), torch.full((g["channels"],), d, dtype=torch.float64))
+    norms = channel_norms(g["slices"], g["channels"]).clone()
+    method.after_step(model, 0, 0.01, optimizer)
+    expected = norms * linalg.envelope_prox_scale(norms, g["k"], 0.01 * 0.05 / d)
+    assert torch.allclose(channel_norms(g["slices"], g["channels"]), expected, rtol=1e-6, atol=1e-12)
+    # half the channels at a 4x smaller scale: at equal norms they are the ones shrunk hardest
+    scale_channels(g["slices"], 1 / channel_norms(g["slices"], g["channels"]).clamp_min(1e-12))
+    small = torch.arange(g["channels"]) % 2 == 0
+    for s in g["slices"]:
+        v = optimizer.state[s.param]["exp_avg_sq"]
+        shape = [1] * v.dim()
+        shape[s.dim] = -1
+        factor = torch.ones(v.shape[s.dim])
+        factor[s.idxs] = torch.where(small[s.channel], 1 / 16, 1.0)
+        v.mul_(factor.reshape(shape))
+    g["k"] = g["channels"]  # nothing has to go: only the shrinking is compared
+    method.after_step(model, 1, 0.01, optimizer)
+    after = channel_norms(g["slices"], g["channels"])
+    assert float(after[small].max()) < float(after[~small].min())

@@ -132,7 +132,8 @@ def main() -> None:
     parser = arguments(__doc__)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", default="resnet,transformer", help="any of resnet, transformer, minilm")
-    parser.add_argument("--lambdas", default="1", help="minilm: the envelope's lambdas, each a row")
+    parser.add_argument("--lambdas", default="1", help="minilm: the envelope's rows, each a lambda, plain (1) or "
+                        "in Adam's metric (adam:0.01)")
     args = parser.parse_args()
     work = scratch()
     results = {}
@@ -140,8 +141,7 @@ def main() -> None:
         if model_name == "minilm":
             import group_envelope_minilm
 
-            results[model_name] = group_envelope_minilm.run(args.seeds, lambdas=[float(x) for x in
-                                                                                 args.lambdas.split(",")])
+            results[model_name] = group_envelope_minilm.run(args.seeds, lambdas=args.lambdas.split(","))
             continue
         setup = SETUPS[model_name]
         names = setup["names"]

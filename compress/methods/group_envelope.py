@@ -30,6 +30,13 @@ Proximal training that leaves exactly k groups alive per layer, then removes the
   in 6 of 6 layers (steps 124-242 of 760, seeds 0-2). Holding is what keeps the accuracy there: 0.9917,
   0.9944, 0.9944 over seeds 0-2 (original 0.9944), against 0.947 at 30 epochs with the prox
   kept on. Larger lambdas collapse the model before k (5: chance accuracy).
+- The step in Adam's metric (`prox_metric: adam`): AdamW gives every coordinate a step of about
+  the learning rate whatever its gradient, so the plain step cannot tell a group with small
+  gradients from one with large ones. The proximal step that matches an Adam update is taken in
+  its metric, diag(sqrt(v^) + eps), with one scale d_j per group (the mean over its coordinates):
+  the weighted envelope step on the norms sqrt(d_j) n_j with weights 1 / sqrt(d_j). A group Adam
+  scales down is shrunk harder, and lambda means what it does for SGD (docs/methods.md, measured
+  on the digits Transformer and all-MiniLM-L6-v2).
 - At the end every layer has at most k non-zero channels: if the proximal steps have not got
   there, the smallest are cut (a hard projection). The report's layer rows say, per layer, how
   many channels the prox zeroed (`prox_zeroed`), at which step the prox alone reached k

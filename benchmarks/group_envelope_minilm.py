@@ -8,7 +8,7 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 
 - group_envelope runs through compress (`compress.apply` on the model folder, .txt data): the
   encoder's Linears targeted, so each block's attention heads are one layer of groups and its FFN
-  hidden channels another; the residual stream stays whole (it feeds LayerNorms). `steps` of
+  hidden channels another; the residual stream stays whole (it feeds LayerNorms). STEPS (100) of
   distillation with the prox, the removal, then one epoch (125 steps) on the smaller model.
 - magnitude: Torch-Pruning 1.6 (MagnitudePruner, GroupMagnitudeImportance(p=2); heads through its
   own head pruning) at exactly the kept counts the envelope's decisions give, then the same number
@@ -16,7 +16,8 @@ heads and FFN channels and the same label-free distillation. Called by group_env
   recipe's learning rate, no weight decay, one cosine schedule, batches of 32 sentences cut to 64
   tokens, dropout on, as compress trains.
 - Torch-Pruning's Taylor pruner is not run: it ranks by loss gradients, and the label-free loss
-  (distance to the original's embeddings) is zero, with a zero gradient, at the original.
+  (distance to the original's embeddings) is zero, with a zero gradient, at the original in eval
+  mode; with dropout on, its gradient is the dropout's noise.
 Quality on the 512 eval sentences against the original's embeddings: mean cosine and top-1
 nearest-neighbour agreement (realistic.quality). The pruners' models have the same shapes, so
 only the envelope's is timed: with `--int8`, seed 0's envelope model per keep is exported as

@@ -572,9 +572,9 @@ def adam_metric(optimizer, slices: list[ChannelSlice], channels: int) -> torch.T
         square, group = state.get("exp_avg_sq"), settings.get(id(s.param))
         if square is None or group is None or "betas" not in group:
             return None
-        step = float(state["step"])
-        scale = (square / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
-        part = scale.index_select(s.dim, s.idxs.to(scale.device)).double().cpu().movedim(s.dim, 0).reshape(len(s.idxs), -1)
+        correction = 1 - group["betas"][1] ** float(state["step"])
+        part = square.index_select(s.dim, s.idxs.to(square.device)).double().cpu()  # only the group's coordinates
+        part = ((part / correction).sqrt() + group["eps"]).movedim(s.dim, 0).reshape(len(s.idxs), -1)
         total.index_add_(0, s.channel, part.sum(1))
         count.index_add_(0, s.channel, torch.full((len(s.idxs),), float(part.shape[1]), dtype=torch.float64))
     return total / count.clamp_min(1)

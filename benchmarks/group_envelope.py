@@ -82,6 +82,21 @@ def train(model, data, names, cfg: dict, epochs: int, batch_size: int, seed: int
     model.eval()
 
 
+def pruning_ratios(model, rows: list[dict]) -> tuple[dict, dict, dict]:
+    """Torch-Pruning's pruning_ratio_dict, num_heads and head_pruning_ratio_dict that remove what
+    group_envelope's layer rows (name, layer_type, members, channels, kept) removed."""
+    ratios, num_heads, head_ratio = {}, {}, {}
+    for r in rows:
+        if r["layer_type"] == "heads":
+            query, key, value = (model.get_submodule(m) for m in r["members"][:3])
+            num_heads.update({query: r["channels"], key: r["channels"], value: r["channels"]})
+            ratios[query] = 0.5  # the attention group's scope; what is removed is set by the head ratio
+            head_ratio.update({m: 1 - r["kept"] / r["channels"] for m in (query, key, value)})
+        else:
+            ratios[model.get_submodule(r["name"])] = 1 - r["kept"] / r["channels"]
+    return ratios, num_heads, head_ratio
+
+
 def torch_pruning_peer(kind: str, model_path: Path, rows: list[dict], recipe: dict, setup: dict, seed: int):
     """Torch-Pruning at group_envelope's kept counts; the trained, physically pruned model."""
     import torch_pruning as tp
@@ -91,16 +106,7 @@ def torch_pruning_peer(kind: str, model_path: Path, rows: list[dict], recipe: di
     names = setup["names"]
     train_data = load_source(f"bundled:{setup['data']}/train")
     sample = tuple(train_data.head(2)[n] for n in names)
-    ratios, num_heads, head_ratio = {}, {}, {}
-    for r in rows:
-        module = model.get_submodule(r["name"])
-        if r["layer_type"] == "heads":
-            query, key, value = (model.get_submodule(m) for m in r["members"][:3])
-            num_heads.update({query: r["channels"], key: r["channels"], value: r["channels"]})
-            ratios[query] = 0.5  # the attention group's scope; what is removed is set by the head ratio
-            head_ratio.update({m: 1 - r["kept"] / r["channels"] for m in (query, key, value)})
-        else:
-            ratios[module] = 1 - r["kept"] / r["channels"]
+    ratios, num_heads, head_ratio = pruning_ratios(model, rows)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     common = dict(pruning_ratio=0.0, pruning_ratio_dict=ratios, ignored_layers=[linears[-1]], num_heads=num_heads,
                   prune_num_heads=bool(num_heads), prune_head_dims=False, head_pruning_ratio_dict=head_ratio or None)

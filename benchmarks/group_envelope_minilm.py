@@ -82,7 +82,7 @@ def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int):
               "finetune": {"steps": STEPS, "lr": LR, "distill": {"weight": 1.0, "loss": "cosine"}},
               "bench": {"batch_sizes": [1], "warmup": 1, "runs": 2, "baselines": []}, "gates": {}}
     result = compress.apply(str(folder), recipe)
-    rows = [{"name": d["name"], "kind": d["layer_type"], "channels": d["channels"], "kept": d["kept"],
+    rows = [{"name": d["name"], "layer_type": d["layer_type"], "channels": d["channels"], "kept": d["kept"],
              "members": d["members"], "prox_zeroed": d.get("prox_zeroed"), "reached_k_step": d.get("reached_k_step"),
              "projection_cut": d.get("projection_cut")} for d in result.decisions if d["action"] == "prune"]
     return result, rows
@@ -91,17 +91,10 @@ def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int):
 def magnitude(folder: Path, rows: list[dict], sample: tuple[torch.Tensor, ...]):
     """Torch-Pruning's magnitude pruner at the envelope's kept counts, heads by its head pruning."""
     import torch_pruning as tp
+    from group_envelope import pruning_ratios
 
     model = hf.load_folder(folder, None, None)[0]
-    ratios, num_heads, head_ratio = {}, {}, {}
-    for r in rows:
-        if r["kind"] == "heads":
-            query, key, value = (model.get_submodule(m) for m in r["members"][:3])
-            num_heads.update({query: r["channels"], key: r["channels"], value: r["channels"]})
-            ratios[query] = 0.5  # the attention group's scope; what goes is set by the head ratio
-            head_ratio.update({m: 1 - r["kept"] / r["channels"] for m in (query, key, value)})
-        else:
-            ratios[model.get_submodule(r["name"])] = 1 - r["kept"] / r["channels"]
+    ratios, num_heads, head_ratio = pruning_ratios(model, rows)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         pruner = tp.pruner.MagnitudePruner(

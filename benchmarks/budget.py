@@ -4,6 +4,7 @@ Side by side in one run, from the same originals (test metric and agreement with
   - quality: digits ResNet, svd (spatial scheme, the block convs of recipes/svd.yaml), MAC budgets
     1.94x, 2.43x and 3x, no fine-tuning: `budget: {macs: X}` with the layer sensitivity measured
     on the model's output at 1, 3 (the default at this size) and every candidate rank (`probes`),
+    with and without the swap search that refines the choice on the model (`search`, default auto),
     as squared error (the default) or as the KL of the class distributions (`measure: metric`),
     scaled by the layer's own energy (`sensitivity: layer`), and weighted by the output's
     gradients (`sensitivity: gradient`); against uniform svd at the largest `ratio` whose MACs are
@@ -12,7 +13,7 @@ Side by side in one run, from the same originals (test metric and agreement with
     candidates per layer, evaluated on the calibration split; benchmarks/aimet_greedy.py, run in
     its own environment) at the same targets. Digits Transformer, afm on the blocks' Linear
     layers, MAC budgets 2x and 3x, same comparison (no AIMET: its SVD is for convolutions);
-  - finetuned: the default budget, `objective: largest`, `sensitivity: gradient`, `measure:
+  - finetuned: the default budget, `search: 0`, `objective: largest`, `sensitivity: gradient`, `measure:
     metric` and every candidate probed against the uniform rule at the same MACs, all with the
     same 3 epochs of fine-tuning (AdamW, cosine), 3 seeds each and their mean, on both models;
   - ctr: the CTR DeepFM, afm on its embedding tables and hidden MLP layers (recipes/afm.yaml's
@@ -355,7 +356,7 @@ def main() -> None:
     train_digits_resnet(resnet, progress=False)
     train_digits_transformer(transformer, progress=False)
     results = {}
-    variants = {"output, 1 probe": {"probes": 1}, "output, 3 probes (default)": {},
+    variants = {"output, 1 probe": {"probes": 1}, "output, 3 probes (default)": {}, "no swap search": {"search": 0},
                 "output, every candidate": {"probes": 24}, "output, metric's divergence": {"measure": "metric"},
                 "gradient": {"sensitivity": "gradient"}, "layer energy": {"sensitivity": "layer"}}
     if "quality" in chosen:
@@ -366,7 +367,8 @@ def main() -> None:
         results["quality"] = rows
         write_results(args.out, results)  # after each part: a later part's failure keeps the earlier ones
     if "finetuned" in chosen:  # the default, and the variants that might survive fine-tuning better
-        tuned = {"default": {}, "objective: largest": {"objective": "largest"}, "gradient": {"sensitivity": "gradient"},
+        tuned = {"default": {}, "no swap search": {"search": 0}, "objective: largest": {"objective": "largest"},
+                 "gradient": {"sensitivity": "gradient"},
                  "measure: metric": {"measure": "metric"}, "every candidate": {"probes": 24}}
         rows = compare("digits ResNet, svd spatial", resnet, [2.43, 3.0], tuned, finetune=FINETUNE, seeds=(0, 1, 2))
         rows += compare("digits Transformer, afm", transformer, [2.0, 3.0], tuned, finetune=FINETUNE,

@@ -34,7 +34,8 @@ VARIANTS = {  # name -> the budget section's sensitivity settings
     "output, 1 probe x 64 samples": {"probes": 1, "probe_samples": 64},
     "gradient (first order)": {"sensitivity": "gradient"},
     "layer (relative error)": {"sensitivity": "layer"},
-    "default (probes: auto)": {},
+    "output, 3 probes x 128 samples, no swap search": {"probes": 3, "probe_samples": 128, "search": 0},
+    "default (probes: auto, search: auto)": {},
 }
 
 

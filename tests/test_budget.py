@@ -655,3 +655,71 @@ def test_the_swap_search_is_reported_in_the_plan_and_improves_the_models_output(
     before = unsearched._measure([u.chosen for u in unsearched.layers], "metric")
     assert searched <= before
     assert (searched < before) == (allocation.swaps > 0)
+
+
+def test_min_agreement_lowers_the_target_to_the_least_cost_that_keeps_the_floor():
+    """With a floor on agreement, the target is the most the budget may reach: the allocation's cost
+    limit is bisected until the choice keeps the floor on the probe samples (a fake probe here:
+    each shrunk unit costs 0.1 of agreement, 0.15 at size 1), and the report says what bound it."""
+    from types import SimpleNamespace
+
+    from compress.budget import Allocation
+    from compress.report import budget_line
+
+    def error(changed, measure=None):
+        shrunk = [size for _, size, _ in changed if size is not None]
+        return sum(0.15 if size == 1 else 0.1 for size in shrunk)  # the same in every measure here
+
+    def allocation(floor, value=12 / 3):
+        return Allocation("params", value, None, _swap_units(), fixed=0.0, reference=12.0, predicted=12.0,
+                          probe=SimpleNamespace(error=error, measure="mse"), search=0, min_agreement=floor)
+
+    loose = allocation(0.5)  # 3 units at size 1 (agreement 0.55) meet it: the target as asked, 4x
+    loose.meet_agreement()
+    assert loose.value == loose.asked == 4.0 and loose.agreement == pytest.approx(0.55)
+    assert loose.summary().floor_bound is None
+    tight = allocation(0.85)  # at most one unit shrunk at size 2 (0.9) or size 1 (0.85)
+    tight.meet_agreement()
+    sizes = [u.candidate.size for u in tight.layers]
+    assert sum(s is not None for s in sizes) == 1 and tight.agreement >= 0.85
+    cost = sum(u.candidate.cost for u in tight.layers)
+    assert cost == pytest.approx(9.0)  # the least cost keeping 0.85: one unit at size 1 (1 + 4 + 4)
+    outcome = tight.summary()
+    assert outcome.target == {"params": 4.0} and outcome.floor_bound == pytest.approx(12 / 9, rel=0.02)
+    assert "keeping agreement >= 0.85 on the probe samples" in budget_line(outcome)
+    assert "that bound the target at 1.3" in budget_line(outcome)
+    never = allocation(0.99)  # a probe that never agrees more than 0.9 (as int8 layers in float can)
+    never.probe = SimpleNamespace(error=lambda changed, measure=None: 0.1 + error(changed), measure="mse")
+    with pytest.raises(RecipeError, match="min_agreement 0.99: even with every allocated layer .* agree 0.9 "):
+        never.meet_agreement()
+
+
+def test_min_agreement_on_a_model_keeps_the_floor_on_the_probe_samples(digits_model):
+    from compress.api import as_recipe
+    from compress.budget import disagreement
+    from compress.pipeline import Options, load_context, plan
+
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 5, "probes": 1, "search": 4,
+                                                            "min_agreement": 0.97}}
+    allocation = plan(load_context(as_recipe(document), digits_model, Options())).allocation
+    assert allocation.asked == 5 and 1 < allocation.value < 5
+    assert allocation.agreement >= 0.97
+    measured = 1 - allocation._measure([u.chosen for u in allocation.layers], "agreement")
+    assert measured == pytest.approx(allocation.agreement)
+    out, ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert disagreement(out, ref, "logits").tolist() == [0.0, 1.0]
+    with pytest.raises(RecipeError, match="needs class outputs"):
+        disagreement(out[:, :1], ref[:, :1], "probabilities")
+
+
+def test_min_agreement_on_a_single_output_model_is_one_line_exit_2(ctr_model, write_recipe, run_cli):
+    import yaml
+
+    recipe = {"data": {"calibration": "bundled:ctr/calibration", "eval": "bundled:ctr/test", "batch_size": 256},
+              "inputs": [{"name": "fields", "shape": [8], "dtype": "int64", "dynamic_axes": {}}],
+              "stages": [{"method": "afm", "targets": {"include": ["mlp.0", "mlp.2"]}}],
+              "budget": {"params": 1.5, "min_agreement": 0.9}}
+    result = run_cli("plan", "--recipe", write_recipe(yaml.safe_dump(recipe)), ctr_model)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: budget.min_agreement needs class outputs (two or more) or "
+                                                  "embeddings; this model returns one value per sample"]

@@ -1,5 +1,6 @@
-"""ONNX Runtime's transformer fusion before int8, on all-MiniLM-L6-v2: does the fused, integer
-attention kernel (QAttention) beat int8 of the original as compress ships it?
+"""ONNX Runtime's transformer fusion before int8 on all-MiniLM-L6-v2, against int8 of the original.
+
+Does the fused, integer attention kernel (QAttention) beat int8 of the original as compress ships it?
 
 Each model is scored as benchmarks/realistic.py scores (the eval sentences' embedding cosine to the
 float original, nearest-neighbour agreement) and timed in one interleaved run (2 threads, speedups
@@ -18,7 +19,6 @@ over the float original with 95 % intervals) at batch 8 x 64 tokens and 32 x 128
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -30,8 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import sentences  # noqa: E402
-from realistic import embed, exported_original, minilm_folder, quality, text_feeds  # noqa: E402
+from realistic import embed, encoder_script, exported_original, quality, text_feeds  # noqa: E402
 
 from compress import bench, exporting, hf, quantize  # noqa: E402
 
@@ -69,13 +68,7 @@ def fused_model(folder: Path, feeds: list[dict], tmp: Path) -> tuple[Path, dict]
 def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    folder = minilm_folder()
-    found = sentences()
-    tokenizer = hf.load_tokenizer(folder)
+    args, folder, found, tokenizer = encoder_script(__doc__)
     feeds = text_feeds(tokenizer, found[1024:1536], 64, NAMES)
     reduce_range = quantize.resolve_reduce_range(quantize.QuantizeSection())
     results: dict = {"model": str(folder), "reduce_range": reduce_range, "rows": {}}

@@ -13,22 +13,18 @@ sentences' embedding cosine to the float original, nearest-neighbour agreement) 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import profile  # noqa: E402
-from corpus import sentences  # noqa: E402
-from realistic import embed, exported_original, minilm_folder, quality, text_feeds  # noqa: E402
+from realistic import embed, encoder_script, exported_original, quality, text_feeds  # noqa: E402
 
-from compress import hf, quantize  # noqa: E402
+from compress import quantize  # noqa: E402
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
@@ -44,13 +40,7 @@ def settings() -> dict[str, list[tuple[str, quantize.QuantizeSection]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    folder = minilm_folder()
-    found = sentences()  # realistic.py's splits: calibration, then eval
-    tokenizer = hf.load_tokenizer(folder)
+    args, folder, found, tokenizer = encoder_script(__doc__)  # realistic.py's splits: calibration, then eval
     # one length for every calibration batch, as compress's own calibration batches keep the data
     # set's padding: ONNX Runtime's histogram calibrators (percentile, entropy) need one shape
     calibration = text_feeds(tokenizer, found[:16 * 32], 32, NAMES, padding="max_length")

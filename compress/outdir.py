@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import UserError
+from .hf import TOKENIZER_FILES
 
 MARKER = ".compress-output"
 OUTPUT_FILES = frozenset({MARKER, "model.pt", "model.safetensors", "compression.json", "model.onnx",
-                          "model.float.onnx", "report.json", "report.md"})
+                          "model.float.onnx", "report.json", "report.md", *TOKENIZER_FILES})  # a text model's tokenizer
 
 
 def check_name(out: Path, what: str = "--out") -> None:

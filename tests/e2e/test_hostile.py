@@ -535,3 +535,17 @@ def test_mutated_files_exit_0_or_2_and_run_nothing(source, small, tmp_path_facto
         assert not os.path.exists(marker), change
 
     check()
+
+
+def test_force_replaces_a_text_models_output_with_its_tokenizer(tmp_path):
+    """A Hugging Face model's output holds its tokenizer's files beside model.onnx: compress wrote them."""
+    from compress import outdir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (outdir.MARKER, "model.onnx", "report.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        (out / name).write_text("x")
+    outdir.check_out(out, True)  # no error: every file is one compress writes
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(outdir.UserError, match="did not write: notes.txt"):
+        outdir.check_out(out, True)

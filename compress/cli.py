@@ -410,8 +410,8 @@ Example:
 @click.option("--json", "as_json", is_flag=True, help="Print latencies as JSON.")
 @common
 def bench(models, batch_sizes, threads, warmup, runs, dims, quantize_mode, as_json, debug, quiet):
-    """ONNX Runtime latency (p50/p90/p99 ms) of one or more ONNX MODELS, run in alternating pairs;
-    with two or more, the speedup of each over the first with a bootstrap 95% interval."""
+    """ONNX Runtime latency (p50/p90/p99 ms) of one or more ONNX MODELS, run in turns (never one
+    twice in a row); with two or more, the speedup of each over the first with a bootstrap 95% interval."""
     from .bench import measure
     from .inspection import onnx_feeds
 

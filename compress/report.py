@@ -156,12 +156,13 @@ class Report:
                                     "(ONNX nodes kept in float), `quantized_ops` (operator counts), `fidelity` "
                                     "(`agreement_kind` top1 or cosine, `agreement`, `max_abs_deviation`, "
                                     "`metric_drop` from the float model, the limits, `passed`), `tables` (with "
-                                    "quantize.tables: `bits`, `block_size`, `symmetric`, `quantized` tables); null "
-                                    "otherwise",
+                                    "quantize.tables: `bits`, `block_size`, `symmetric`, `quantized` tables), `fused` "
+                                    "(with quantize.fuse: operator -> nodes fused); null otherwise",
                                     default=None)
     baselines: dict[str, Baseline] = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
                           "the fastest (at the largest batch size) of the options the data allows: the recipe's quantize "
-                          "settings (dynamic without them) and static QDQ when there is calibration data; `mode`, "
+                          "settings (dynamic without them), the same unfused when they fuse, and static QDQ when there "
+                          "is calibration data; `mode` (`dynamic`, `dynamic+fused`, `static`), "
                           "`onnx_bytes`, `quantized_ops`, `metric`, `latency_ms`, `speedup`/`speedup_ci` over the original, "
                           "`compressed_speedup` (batch size -> `speedup`, `ci` of the shipped model over this "
                           "baseline), `tried` (each option: mode, bytes, quantized ops, metric, p50); `error` when "
@@ -471,7 +472,7 @@ def _measurement_notes(report: dict) -> list[str]:
     bench = report["bench"]
     lines.append(f"Latency: ONNX Runtime {report['versions']['onnxruntime']}, CPU, {bench['threads']} thread(s), "
                  f"{bench['warmup']} warm-up and at least {bench['runs']} timed runs per batch size, models run in "
-                 "alternating pairs; speedups with a bootstrap 95% interval in brackets.")
+                 "turns (never one twice in a row); speedups with a bootstrap 95% interval in brackets.")
     for warning in report.get("warnings") or []:
         lines.append(f"**Warning:** {warning}.")
     ft = report.get("finetune") or {}

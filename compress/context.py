@@ -128,7 +128,7 @@ def load_context(recipe: LoadedRecipe, model: str | Path | nn.Module | LoadedMod
                 bench.check_fits([r.data.batch_size], per_sample, "data.batch_size")
             if r.quantize is not None:  # mistakes in the quantize section fail now, not after fine-tuning
                 quantize.check_section(r.quantize, [n for n, _ in loaded.model.named_modules() if n],
-                                       data["calibration"] is not None)
+                                       data["calibration"] is not None, loaded.model)
         except BaseException:
             metrics.OUTPUT_KEY.set(None)
             raise

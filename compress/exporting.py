@@ -7,6 +7,7 @@ of a tuple, or `logits`), which is what the metric and the parity check look at.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import warnings
@@ -54,13 +55,18 @@ def dynamic_axes_for(input_names: list[str], sample_inputs: tuple[torch.Tensor, 
 
 
 def export_onnx(model: nn.Module, sample_inputs: tuple[torch.Tensor, ...], input_names: list[str], path: str | Path,
-                opset: int = 17, dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
-    """Export on the CPU in eval mode, then run onnx.checker on the file."""
+                opset: int = 17, dynamic_axes: dict[str, dict[int, str]] | None = None,
+                eager_attention: bool = False) -> None:
+    """Export on the CPU in eval mode, then run onnx.checker on the file. `eager_attention`: a
+    Hugging Face model's attention exported as its plain ops (softmax of the scores), the pattern
+    ONNX Runtime's transformer optimizer fuses, not as scaled_dot_product_attention."""
     import onnx
+
+    from .hf import eager_attention as eager
 
     wrapped = PrimaryOutput(model).cpu().eval()
     inputs = tuple(t.cpu() for t in sample_inputs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), (eager(model) if eager_attention else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(wrapped, inputs, str(path), input_names=input_names, output_names=[OUTPUT_NAME],

@@ -146,6 +146,24 @@ def _check_size(auto, cfg, source: str) -> None:
                         f"{budget * 2 / 2**30:.1f} GiB available")
 
 
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """The transformers models inside `model` run their attention eagerly (as plain ops, transformers'
+    `set_attn_implementation`) inside the block, as they did after it."""
+    previous = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(module, "set_attn_implementation") and hasattr(config, "_attn_implementation"):
+            previous.append((module, config._attn_implementation))
+    try:
+        for module, _ in previous:
+            module.set_attn_implementation("eager")
+        yield model
+    finally:
+        for module, implementation in reversed(previous):
+            module.set_attn_implementation(implementation)
+
+
 class TextModel(nn.Module):
     """A transformers model as compress sees it: token ids and mask (and token types) in, one tensor
     out (see the module's notes for the outputs)."""

@@ -3,7 +3,7 @@ and input feeds for `bench`, all working from a checkpoint alone or with a recip
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -92,7 +92,9 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
             export.export_onnx(model, sample, names, partial, opset, axes)
             result = dataclasses.asdict(export.verify(model, partial, names, batch, atol, rtol, what=str(out)))
             if quantize_mode:
-                result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data)
+                eager = functools.partial(export.export_onnx, model, sample, names, opset=opset, dynamic_axes=axes,
+                                          eager_attention=True)
+                result["quantization"] = _quantize_file(partial, recipe, quantize_mode, names, batch, data, model, eager)
             os.chmod(partial, 0o666 & ~current_umask())
             outdir.check_file_out(out, True, [model_path, recipe_path])  # still a file we may overwrite
             partial.replace(out)
@@ -102,8 +104,9 @@ def export_model(model_path, out: Path, recipe_path=None, trust=False, force=Fal
     return result
 
 
-def _quantize_file(path: Path, recipe, mode: str, names, batch, data) -> dict:
-    """Replace the float ONNX file at `path` by its int8 version, if it stays faithful to it."""
+def _quantize_file(path: Path, recipe, mode: str, names, batch, data, model, export_eager) -> dict:
+    """Replace the float ONNX file at `path` by its int8 version, if it stays faithful to it
+    (`export_eager`: the model's export with eager attention, for the recipe's quantize.fuse)."""
     from . import quantize
 
     cfg = (recipe.quantize if recipe is not None and recipe.quantize is not None else quantize.QuantizeSection())
@@ -113,9 +116,11 @@ def _quantize_file(path: Path, recipe, mode: str, names, batch, data) -> dict:
         if data is None:
             raise UserError("--quantize static needs calibration data: pass --recipe with data.calibration")
         calibration = quantize.calibration_feeds(data, names, recipe.data.batch_size, cfg)
+    quantize.check_section(cfg, [n for n, _ in model.named_modules() if n], True, model)
     quantized = path.with_name(path.name + ".int8")
     try:
-        info = quantize.quantize(path, quantized, cfg, calibration)
+        with quantize.int8_source(cfg, model, path, export_eager) as (source, heads):
+            info = quantize.quantize(source, quantized, cfg, calibration, heads)
         feed = export.to_feed(names, batch)
         float_out, int8_out = (export.run(p, feed) for p in (path, quantized))
         labels = data.tensors.get(recipe.data.target) if data is not None else None

@@ -77,8 +77,10 @@ class OpCosts:
         import onnxruntime as ort
 
         self.threads = threads
-        # one op alone: nothing to exclude, no lookup table to put in 4 bits (quantize.tables)
-        self.quantize = quantize.model_copy(update={"exclude": [], "tables": None}) if quantize is not None else None
+        # one op alone: nothing to exclude, no lookup table to put in 4 bits (quantize.tables), no attention to
+        # fuse (quantize.fuse: a Linear is priced as the unfused int8 MatMul it stays outside the Attention node)
+        self.quantize = (quantize.model_copy(update={"exclude": [], "tables": None, "fuse": False})
+                         if quantize is not None else None)
         self.suffix = f"|t{threads}|ort{ort.__version__}|torch{torch.__version__}"
         self.path = path or cache_dir() / CACHE_NAME
         self.entries = self._read()

@@ -222,8 +222,11 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, quantize.Qu
             paths[label] = str(Path(folder) / f"{label}.onnx")
             export.export_onnx(model.cpu().eval(), ctx.sample, ctx.input_names, paths[label], r.export.opset, axes)
             if int8 is not None:
-                paths[label] = str(Path(folder) / f"{label}.int8.onnx")
-                quantize.quantize(Path(folder) / f"{label}.onnx", Path(paths[label]), int8, calibration_feeds(ctx, int8))
+                exported, paths[label] = Path(paths[label]), str(Path(folder) / f"{label}.int8.onnx")
+                eager = functools.partial(export.export_onnx, model, ctx.sample, ctx.input_names, opset=r.export.opset,
+                                          dynamic_axes=axes, eager_attention=True)
+                with quantize.int8_source(int8, model, exported, eager) as (source, heads):
+                    quantize.quantize(source, Path(paths[label]), int8, calibration_feeds(ctx, int8), heads)
         if budget.target == "onnx_bytes":
             return {label: Counted(float(file_size(path))) for label, path in paths.items()}
         feeds = timing_feeds(ctx, [budget.batch], [budget.seq_len] if budget.seq_len else None)

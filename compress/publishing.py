@@ -102,19 +102,40 @@ def _ship(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
         with timed(ctx.timings, "quantize"):
             out.shipped = work / "model.onnx"
             cfg = precision.shipped_settings(r.quantize, done.allocation)  # budget: layers kept float excluded
-            out.quantization, out.shipped_metric = _quantize(ctx, cfg, out.float_onnx, out.shipped,
-                                                             out.float_metric, out.float_outputs, done.reference)
+            with quantize.int8_source(cfg, done.model, out.float_onnx, _eager_export(ctx, done.model)) as source:
+                out.quantization, out.shipped_metric = _quantize(ctx, cfg, source, out.shipped, out.float_metric,
+                                                                 out.float_outputs, done.reference)
+            fused = out.quantization.fused
+            if fused is not None and not fused.get("Attention"):
+                out.warnings.append("quantize.fuse fused no attention in the compressed model (factorized or unevenly "
+                                    "pruned attention projections break the pattern ONNX Runtime's optimizer fuses); "
+                                    f"it fused {', '.join(f'{v} {k}' for k, v in fused.items()) or 'nothing'}")
     out.models = {"original": str(out.original_onnx), "compressed": str(out.shipped)}
     if r.quantize:
         out.models["compressed_float"] = str(out.float_onnx)
 
 
+def _eager_export(ctx: Context, model: nn.Module):
+    """`quantize.int8_source`'s export: `model` as publishing exports it, with eager attention."""
+    r = ctx.recipe.recipe
+    axes = export_axes(r, ctx.input_names, ctx.sample, r.export.dynamic_batch)
+    return lambda path: export.export_onnx(model, ctx.sample, ctx.input_names, path, r.export.opset, axes,
+                                           eager_attention=True)
+
+
 def int8_options(recipe, calibration: bool) -> list[quantize.QuantizeSection]:
-    """The one-line int8 options of the original the data allows: the recipe's quantize settings
-    (ONNX Runtime's dynamic defaults without them) and, with calibration data, static QDQ with its
-    defaults (convolutions included) unless the recipe's settings are static already."""
+    """The int8 options of the original the data allows: the recipe's quantize settings (ONNX
+    Runtime's dynamic defaults without them), the same unfused where they fuse (ONNX Runtime's
+    one-line dynamic int8) and, with calibration data, static QDQ with its defaults (convolutions
+    included) unless the recipe's settings are static already."""
     first = recipe.quantize or quantize.QuantizeSection()
-    return [first] + ([quantize.QuantizeSection(mode="static")] if calibration and first.mode != "static" else [])
+    return ([first] + ([first.model_copy(update={"fuse": False})] if first.fuse else [])
+            + ([quantize.QuantizeSection(mode="static")] if calibration and first.mode != "static" else []))
+
+
+def option_label(cfg: quantize.QuantizeSection) -> str:
+    """How the report names an int8 option of the original: its mode, `+fused` where it fuses."""
+    return cfg.mode + ("+fused" if cfg.fuse else "")
 
 
 def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) -> None:
@@ -124,15 +145,17 @@ def _int8_baseline(ctx: Context, done: Compressed, out: _Published, work: Path) 
     with timed(ctx.timings, "baselines"):
         errors = []
         for cfg in int8_options(r, ctx.data["calibration"] is not None):
-            label = f"int8_original:{cfg.mode}"
-            path = work / f"original.int8-{cfg.mode}.onnx"
+            mode = option_label(cfg)
+            label, path = f"int8_original:{mode}", work / f"original.int8-{mode.replace('+', '-')}.onnx"
             try:
-                info = quantize.quantize(out.original_onnx, path, cfg, calibration_feeds(ctx, cfg))
+                with quantize.int8_source(cfg, done.original, out.original_onnx,
+                                          _eager_export(ctx, done.original)) as (source, heads):
+                    info = quantize.quantize(source, path, cfg, calibration_feeds(ctx, cfg), heads)
             except UserError as exc:  # e.g. nothing to quantize in the original: say so, do not fail the run
-                errors.append(f"{cfg.mode}: {exc}")
+                errors.append(f"{mode}: {exc}")
                 continue
             metric, _ = _onnx_metric(ctx, path, done.metric_before, done.reference)
-            out.baselines[label] = reporting.Baseline(mode=info.mode, metric=metric, onnx_bytes=path.stat().st_size,
+            out.baselines[label] = reporting.Baseline(mode=mode, metric=metric, onnx_bytes=path.stat().st_size,
                                                       quantized_ops=sum(info.quantized_ops.values()))
             out.models[label] = str(path)
         if errors and not out.baselines:
@@ -209,11 +232,13 @@ def _onnx_metric(ctx: Context, path: Path, torch_metric: dict | None, reference)
     return {"name": torch_metric["name"], "value": round(value, 6)}, outputs
 
 
-def _quantize(ctx: Context, cfg, float_onnx: Path, out: Path, float_metric: dict | None, float_outputs,
-              reference) -> tuple[quantize.Quantized, dict | None]:
-    """Quantize the float model.onnx, then hold the result to the recipe's fidelity limits against the
-    float model (on the eval data, else on a batch of the inputs): QuantizationError (exit 4) when missed."""
-    info = quantize.quantize(float_onnx, out, cfg, calibration_feeds(ctx, cfg))
+def _quantize(ctx: Context, cfg, source: tuple[Path, tuple[int, int] | None], out: Path, float_metric: dict | None,
+              float_outputs, reference) -> tuple[quantize.Quantized, dict | None]:
+    """Quantize the float model.onnx (`source`: `quantize.int8_source`'s file and heads), then hold the
+    result to the recipe's fidelity limits against the float model (on the eval data, else on a batch
+    of the inputs): QuantizationError (exit 4) when missed."""
+    float_onnx, heads = source
+    info = quantize.quantize(float_onnx, out, cfg, calibration_feeds(ctx, cfg), heads)
     metric, outputs = _onnx_metric(ctx, out, float_metric, reference)
     if outputs is None:  # no eval data: compare the two ONNX models on the batch parity used
         r = ctx.recipe.recipe

@@ -194,7 +194,7 @@ class BenchSection(Strict):
     baselines: list[Literal["int8_original"]] = Field(
         default_factory=lambda: ["int8_original"], description="alternatives measured in the same run: "
         "int8_original is ONNX Runtime's quantization of the original model (the recipe's quantize settings, "
-        "dynamic without them); [] for none")
+        "dynamic without them, and the other options the data allows); [] for none")
 
 
 class GatesSection(Strict):

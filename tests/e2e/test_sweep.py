@@ -77,3 +77,59 @@ def test_a_run_that_misses_a_gate_does_not_stop_the_sweep_but_it_exits_3(digits_
     assert result.exit_code == 3, result.output
     assert "2 of 2 runs missed a gate: budget-2, budget-3" in result.output
     assert (out / "pareto.json").exists() and (out / "budget-3" / "report.json").exists()
+
+
+def test_a_quantized_sweep_plots_each_runs_precision_and_its_float_twin(digits_model, write_recipe, run_cli, tmp_path):
+    """With a quantize section every run ships int8 (or mixed, with layers kept float) and keeps the
+    same allocation in float beside it: pareto.json has both, each with its precision, timed in the
+    run's own report."""
+    recipe = {**RECIPE, "quantize": {"mode": "static", "calibration_batches": 2, "min_agreement": 0.5,
+                                     "max_metric_drop": 1}}
+    path = write_recipe(yaml.safe_dump(recipe))
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", "--recipe", path, digits_model, "--budgets", "2", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "pareto.json").read_text())
+    (point,), (twin,) = summary["points"], summary["float_points"]
+    report = json.loads((out / "budget-2" / "report.json").read_text())
+    assert point["precision"] == "int8" and twin["precision"] == "float"
+    assert twin["latency_ms"] == report["compressed_float"]["latency_ms"]["4"]["p50"]
+    assert point["latency_ms"] == report["compressed"]["latency_ms"]["4"]["p50"]
+    assert "| budget macs 2, float | float |" in (out / "pareto.md").read_text()
+
+
+def test_the_plot_marks_float_int8_and_mixed_runs(tmp_path, monkeypatch):
+    """The plot's series, drawn through a stand-in for matplotlib (not installed by the test extra)."""
+    import sys
+    import types
+
+    from compress import sweep
+
+    drawn = []
+
+    class Axes:
+        def plot(self, xs, ys, style, **kw):
+            drawn.append((kw.get("label"), style, list(xs)))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    pyplot = types.SimpleNamespace(subplots=lambda **k: (types.SimpleNamespace(tight_layout=lambda: None,
+                                                                               savefig=lambda *a, **k: None), Axes()),
+                                   close=lambda fig: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(use=lambda name: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    metric = {"name": "accuracy", "value": 0.9}
+    points = [{"budget": b, "precision": kind, "latency_ms": ms, "metric": metric}
+              for b, kind, ms in ((1.5, "float", 3.0), (2, "int8", 2.0), (3, "mixed", 1.5))]
+    summary = {"batch": 4, "points": points, "float_points": [{**points[1], "precision": "float", "latency_ms": 2.5}],
+               "reference": [{"label": "original", "latency_ms": 4.0, "metric": metric},
+                             {"label": "int8 of the original", "latency_ms": 2.2, "metric": metric}]}
+    assert sweep._plot(summary, tmp_path / "p.png")
+    labels = {label: xs for label, _, xs in drawn if label}
+    assert labels["budgeted, float"] == [3.0] and labels["budgeted, int8"] == [2.0]
+    assert labels["budgeted, mixed (float and int8 layers)"] == [1.5]
+    assert labels["the same allocations in float"] == [2.5] and labels["int8 of the original"] == [2.2]
+    q = {"quantization": {"mode": "static"}}
+    assert [sweep.precision(r) for r in ({}, q, {**q, "budget": {"float_layers": []}},
+                                         {**q, "budget": {"float_layers": ["fc"]}})] == ["float", "int8", "int8", "mixed"]

@@ -58,6 +58,7 @@ from .methods import METHODS
 from .methods.allocation import MAX_CANDIDATES, AllocationRequest, LayerChoice, allocatable, layer_bytes, take
 from .methods.base import Decision, Method
 from .precision import add_float_twins, float_layers, measure_quantization_errors, simulated_int8
+from .recovery import priced
 from .report import BudgetOutcome
 from .schema import Strict
 
@@ -81,6 +82,7 @@ PROBE_PASSES = 120  # ... unless that makes more calibration passes than this (1
 AUTO_PROBE_SAMPLES = 256  # samples each probe pass runs by default ...
 MIN_PROBE_SAMPLES = 64  # ... fewer, down to this, where the passes together would run more than
 PROBE_MACS = 4e12  # this many MACs (MiniLM: 3 probes x 36 layers on 64 samples; benchmarks/planning.py)
+RECOVERY = 1.0  # budget.recovery when the recipe fine-tunes (compress/recovery.py; benchmarks/budget.py)
 
 
 class BudgetSection(Strict):
@@ -134,6 +136,12 @@ class BudgetSection(Strict):
         "unit a size up, paid for by another's smaller size), each kept when it lowers the divergence the metric "
         f"follows; 0 = none; auto = up to {SEARCH_PASSES}, fewer (down to {MIN_SEARCH_PASSES}) when they would run "
         f"more than {SEARCH_MACS:.0e} MACs")
+    recovery: float | Literal["auto"] = Field(
+        "auto", description="with fine-tuning after compression: the price of the share of a layer a candidate "
+        "removes (squared, in units of the candidates' damage; compress/recovery.py), so that no layer is cut "
+        f"far below the others and training has something to recover with; 0 = least damage only; auto = "
+        f"{RECOVERY:g} when the recipe fine-tunes (and no swap search unless `search` is set: it climbs the "
+        "damage before training), else 0")
     sensitivity: Literal["output", "gradient", "layer"] = Field(
         "output", description="how layer errors are made comparable: output = scaled by calibration passes that "
         "measure the model's output error with the layer truncated (`probes` per layer); gradient = weighted by "
@@ -148,6 +156,8 @@ class BudgetSection(Strict):
             raise ValueError("probe_samples must be auto or between 1 and 65536")
         if self.search != "auto" and not 0 <= self.search <= 1000:
             raise ValueError("search must be auto or between 0 and 1000")
+        if self.recovery != "auto" and not 0 <= self.recovery <= 100:
+            raise ValueError("recovery must be auto or between 0 and 100")
         return self
 
     @model_validator(mode="after")
@@ -267,6 +277,7 @@ class Allocation:
     agreement: float | None = None  # ... what the kept choice measured there ...
     asked: float | None = None  # ... and the target as asked (`value` is then what the floor allowed)
     swaps: int = 0  # swaps it kept, in all solves
+    recovery: float = 0.0  # the price of removed parameters (budget.recovery as resolved; 0: least damage only)
 
     @property
     def per_layer_precision(self) -> bool:
@@ -319,7 +330,8 @@ class Allocation:
         self.solver_gap = solution.gap
 
     def _options(self) -> list[list[tuple[float, float]]]:
-        return [[(c.cost, c.damage) for c in choice.candidates] for choice in self.layers]
+        options = [[(c.cost, c.damage) for c in choice.candidates] for choice in self.layers]
+        return priced(options, [[c.kept for c in choice.candidates] for choice in self.layers], self.recovery)
 
     def meet_agreement(self) -> None:
         """Solve for the least cost whose choice keeps `min_agreement` on the probe samples, at most the
@@ -483,7 +495,7 @@ class Allocation:
                              dense_layers=sum(1 for c in self.layers if c.candidate.size is None),
                              history=self.history or None, probe_passes=self.probe_passes,
                              probe_samples=self.probe_samples, solver_gap=self.solver_gap,
-                             objective=self.kept_objective,
+                             objective=self.kept_objective, recovery=self.recovery,
                              evaluations=self.evaluations, search_passes=self.searched, swaps=self.swaps,
                              min_agreement=self.min_agreement,
                              agreement=None if self.agreement is None else round(self.agreement, 4),
@@ -589,7 +601,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                     skip: set[str] = frozenset(), progress: bool = False,
                     base_cost: float | None = None,
                     quantized: Callable[[str, nn.Module], bool] = lambda name, layer: False,
-                    value: float | None = None, int8=None, output_kind: str = "logits") -> Allocation:
+                    value: float | None = None, int8=None, output_kind: str = "logits",
+                    finetunes: bool = False) -> Allocation:
     """Candidates, costs, errors and the knapsack's choice for every unit the allocated stages offer.
 
     `costs(name, layer, rank, scheme, in_shape) -> ms or bytes` prices latency and file size
@@ -600,7 +613,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     `value` the target in the reference's terms when the recipe states it over something else
     (`over: int8_original`: the speedup over the original that it means); `int8` the recipe's
     quantize settings with `precision: per_layer` (each layer they quantize is offered in float too);
-    `output_kind` the model's (losses.detect_output_kind), for `measure: metric`."""
+    `output_kind` the model's (losses.detect_output_kind), for `measure: metric`; `finetunes`: the
+    recipe fine-tunes the model after (budget.recovery auto)."""
     from .progress import iterate
 
     request = AllocationRequest(budget, batches, set(skip), costs, quantized)
@@ -619,7 +633,8 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
         choice.method.price_choices([choice], model, profile, request)  # latency: measured per op, cached
     if int8 is not None:
         add_float_twins(offered, model, profile, request, int8)
-    samples, search = _probe_sizes(budget, model, batches, len(choices))
+    recovery = budget.recovery if budget.recovery != "auto" else (RECOVERY if finetunes else 0.0)
+    samples, search = _probe_sizes(budget, model, batches, len(choices), recovery)
     probe = OutputProbe(model, batches, samples, int8, budget.measure, output_kind)
 
     def scale() -> tuple[int, int]:
@@ -637,7 +652,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
                             reference=reference_cost, predicted=reference_cost, unpriced=request.unpriced,
                             scale_errors=scale, probe=probe,
                             objective=None if budget.objective == "auto" else OBJECTIVE_KEYS[budget.objective],
-                            search=search, min_agreement=budget.min_agreement)
+                            search=search, min_agreement=budget.min_agreement, recovery=recovery)
     if budget.min_agreement is None:
         allocation.solve()
     else:
@@ -648,9 +663,11 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     return allocation
 
 
-def _probe_sizes(budget: BudgetSection, model: nn.Module, batches, units: int) -> tuple[Callable, Callable]:
+def _probe_sizes(budget: BudgetSection, model: nn.Module, batches, units: int,
+                 recovery: float = 0.0) -> tuple[Callable, Callable | int]:
     """How many samples a probe pass runs, and how many passes the swap search may spend: each asked
-    for when first needed (the model's MACs per sample are counted then, once)."""
+    for when first needed (the model's MACs per sample are counted then, once). With `recovery` (a
+    model that will be fine-tuned) `search: auto` is none: the search climbs the damage before training."""
     macs: list[int] = []
 
     def per_sample() -> int:
@@ -666,7 +683,7 @@ def _probe_sizes(budget: BudgetSection, model: nn.Module, batches, units: int) -
     def search() -> int:
         return search_passes(budget.search, samples(), per_sample())
 
-    return samples, search
+    return samples, (0 if recovery and budget.search == "auto" else search)
 
 
 class OutputProbe:

@@ -135,6 +135,11 @@ def planned_cost(methods: list[Method], rows: list[dict], params: int, macs: int
     return params - saved_p, macs - saved_m
 
 
+def finetunes(recipe) -> bool:
+    """Whether the recipe trains the compressed model (finetune.steps or epochs)."""
+    return bool(recipe.finetune.steps or recipe.finetune.epochs)
+
+
 def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: dict, batches,
               progress: bool) -> budgeting.Allocation:
     """The budget's allocation: candidates priced (latency measured per op, cached), errors measured
@@ -193,7 +198,7 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
                                            skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized,
                                            value=value, int8=r.quantize if b.precision == "per_layer" else None,
-                                           output_kind=ctx.output["kind"])
+                                           output_kind=ctx.output["kind"], finetunes=finetunes(r))
     if table is not None:
         table.save()
         allocation.newly_measured = table.measured

@@ -98,6 +98,7 @@ class BudgetOutcome:
     solver_gap: float = 0.0  # the knapsack's bound on how much more summed error it chose than the optimum (0: exact)
     objective: str | None = None  # whose choice was kept: sum, sum of squares, sum of 4th powers or largest error
     # (", every layer int8" added where precision per layer kept the choice made with every layer int8)
+    recovery: float = 0.0  # budget.recovery as used: the price of the share of a layer removed (0: least damage)
     evaluations: int = 0  # whole-model passes that checked the objectives' choices on the probe samples
     search_passes: int = 0  # whole-model passes the swap search ran on the probe samples ...
     swaps: int = 0  # ... and the swaps it kept (each lowered the measured output error)
@@ -358,6 +359,9 @@ def planning_line(timings: dict[str, float], allocation=None) -> str:
         if allocation.newly_measured is not None:
             work.append(f"{allocation.newly_measured} op latencies timed (others from the cache)")
         line += f"; the budget ran {' and '.join(work)}" if work else "; the budget needed no probing"
+        if allocation.recovery:
+            line += (f"; fine-tuning follows, so each layer's removed share was priced (budget.recovery "
+                     f"{allocation.recovery:g}) and no swap search ran unless asked")
     return line + "."
 
 

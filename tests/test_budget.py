@@ -91,6 +91,8 @@ def test_latency_cache_measures_once_and_ignores_a_corrupt_file(tmp_path):
     ({"macs": 2, "params": 2}, "not params and macs"),
     ({"macs": 0.5}, "greater than 1"),
     ({"speedup": 2, "batch": 7}, "budget.batch 7 is not among bench.batch_sizes"),
+    ({"macs": 2, "recovery": 101}, "recovery must be auto or between 0 and 100"),
+    ({"macs": 2, "recovery": -1}, "recovery must be auto or between 0 and 100"),
 ])
 def test_budget_section_errors(section, says):
     with pytest.raises(RecipeError, match=re.escape(says)):
@@ -750,3 +752,27 @@ def test_a_units_factorization_is_built_once_while_planning_and_dropped_after(di
     with torch.no_grad():
         assert torch.allclose(seen[0](x), fresh(x), atol=1e-6)
     assert model.get_submodule(unit.name) is unit.unit  # restored after each use
+
+
+def test_with_fine_tuning_to_follow_the_budget_prices_the_share_of_each_layer_removed(digits_model):
+    """recovery auto: 1 when the recipe fine-tunes (no swap search then, unless asked), 0 when it does
+    not; priced, no layer is cut as far as the least-damage choice cuts one, at the same target."""
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+    from compress.report import planning_line
+
+    tuned = {"data": {**DATA, "train": "bundled:digits/train"}, "stages": [STAGE], "finetune": {"steps": 2},
+             "budget": {"macs": 2.43, "probes": 1}}
+    priced = plan(load_context(as_recipe(tuned), digits_model, Options())).allocation
+    assert priced.recovery == 1.0 and priced.searched == 0 and priced.summary().recovery == 1.0
+    assert "budget.recovery 1" in planning_line({}, priced)
+    least = plan(load_context(as_recipe({**tuned, "budget": {**tuned["budget"], "recovery": 0, "search": 0}}),
+                              digits_model, Options())).allocation
+    untuned = plan(load_context(as_recipe({k: v for k, v in tuned.items() if k != "finetune"}), digits_model,
+                                Options())).allocation
+    assert least.recovery == 0.0 and untuned.recovery == 0.0 and untuned.searched > 0
+    kept = lambda a: min(u.candidate.kept for u in a.layers)  # noqa: E731
+    assert kept(priced) > kept(least)
+    searched = plan(load_context(as_recipe({**tuned, "budget": {**tuned["budget"], "search": 4}}), digits_model,
+                                 Options())).allocation
+    assert searched.recovery == 1.0 and searched.searched > 0  # a search asked for runs

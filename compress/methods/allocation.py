@@ -50,6 +50,7 @@ class Candidate:
     error: float  # predicted output error of the size (the method's, scaled to the output by the budget)
     precision: str | None = None  # budget.precision per_layer: "int8" or "float" (None: as the recipe quantizes)
     quant_error: float = 0.0  # int8: the layer's quantization error, in the output's units (compress.precision)
+    kept: float = 1.0  # the share of the unit's parameters the size keeps (budget.recovery prices the rest; ranks)
 
     @property
     def damage(self) -> float:

@@ -70,8 +70,9 @@ class RankAllocation(Allocatable):
             if not ranks:
                 request.unpriced.append((self, name))
                 continue
-            choices.append(LayerChoice(self, name, s, [Candidate(None, 0.0, 0.0)] +
-                                       [Candidate(r, 0.0, 0.0) for r in ranks], unit=layer))
+            sizes = [Candidate(r, 0.0, 0.0, kept=layers.factorized_cost(layer, r, s, shapes.in_shape, shapes.out_shape,
+                                                                     bias).params / dense.params) for r in ranks]
+            choices.append(LayerChoice(self, name, s, [Candidate(None, 0.0, 0.0)] + sizes, unit=layer))
         self.allocated_units = len(choices)
         return choices
 

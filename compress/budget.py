@@ -277,7 +277,7 @@ class Allocation:
     agreement: float | None = None  # ... what the kept choice measured there ...
     asked: float | None = None  # ... and the target as asked (`value` is then what the floor allowed)
     swaps: int = 0  # swaps it kept, in all solves
-    recovery: float = 0.0  # the price of removed parameters (budget.recovery as resolved; 0: least damage only)
+    recovery: float = 0.0  # the price of the share of a layer removed (budget.recovery as resolved; 0: least damage)
 
     @property
     def per_layer_precision(self) -> bool:

@@ -193,7 +193,8 @@ class Report:
                               "(predicted and measured ms, or bytes, per round; latency with the 95 % "
                               "`measured_interval`), `ops_measured` (latencies not found in the cache), "
                               "`measured_over_int8` (`over: int8_original`: the shipped model over the baseline "
-                              "in the same run, `speedup` and `ci`, which decides `met`); null "
+                              "in the same run, `speedup` and `ci`, which decides `met`), `recovery` (the price "
+                              "of the share of a layer removed, with fine-tuning to follow; 0: least damage); null "
                               "otherwise", default=None)
     bench: dict = doc("the latency settings used (`batch_sizes`, `threads`, `warmup`, `runs`)")
     versions: dict = doc("compress, python, torch, onnx, onnxruntime, numpy")

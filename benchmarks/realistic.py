@@ -81,6 +81,12 @@ def rows(quick: bool, steps: int) -> dict[str, dict]:
         out[f"group_envelope heads+FFN keep {keep} + {steps} steps + 125 after"] = {
             "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": 1.0,
                         "post_finetune": 1}], "finetune": finetune}
+        # afm's ranks chosen by a MAC budget at the uniform row's MACs (2.0052x, 1.5039x measured), with the
+        # same fine-tuning: budget.recovery as it is by default with fine-tuning (1), and off (least damage)
+        for label, extra in (("", {}), (", recovery 0", {"recovery": 0})):
+            out[f"budget macs {macs}{label} + {steps} steps"] = {
+                "stages": [{"method": "afm", "targets": ENCODER}], "finetune": finetune,
+                "budget": {"macs": {1.5: 1.5039, 2.0: 2.0052}[macs], **extra}}
     if not quick:  # TRP chooses its own ranks (energy per projection): its MACs are what it reaches
         for energy in (0.9,):
             out[f"trp energy {energy} + {steps} steps + 125 after"] = {

@@ -82,7 +82,7 @@ PROBE_PASSES = 120  # ... unless that makes more calibration passes than this (1
 AUTO_PROBE_SAMPLES = 256  # samples each probe pass runs by default ...
 MIN_PROBE_SAMPLES = 64  # ... fewer, down to this, where the passes together would run more than
 PROBE_MACS = 4e12  # this many MACs (MiniLM: 3 probes x 36 layers on 64 samples; benchmarks/planning.py)
-RECOVERY = 1.0  # budget.recovery when the recipe fine-tunes (compress/recovery.py; benchmarks/budget.py)
+RECOVERY = 1.0  # budget.recovery when the recipe fine-tunes on labels (compress/recovery.py; benchmarks/budget.py)
 
 
 class BudgetSection(Strict):
@@ -140,8 +140,8 @@ class BudgetSection(Strict):
         "auto", description="with fine-tuning after compression: the price of the share of a layer a candidate "
         "removes (squared, in units of the candidates' damage; compress/recovery.py), so that no layer is cut "
         f"far below the others and training has something to recover with; 0 = least damage only; auto = "
-        f"{RECOVERY:g} when the recipe fine-tunes (and no swap search unless `search` is set: it climbs the "
-        "damage before training), else 0")
+        f"{RECOVERY:g} when the recipe fine-tunes on labels (and no swap search unless `search` is set: it climbs "
+        "the damage before training), else 0 (label-free distillation recovers best from the least damage)")
     sensitivity: Literal["output", "gradient", "layer"] = Field(
         "output", description="how layer errors are made comparable: output = scaled by calibration passes that "
         "measure the model's output error with the layer truncated (`probes` per layer); gradient = weighted by "
@@ -614,7 +614,7 @@ def plan_allocation(budget: BudgetSection, methods: list[Method], model: nn.Modu
     (`over: int8_original`: the speedup over the original that it means); `int8` the recipe's
     quantize settings with `precision: per_layer` (each layer they quantize is offered in float too);
     `output_kind` the model's (losses.detect_output_kind), for `measure: metric`; `finetunes`: the
-    recipe fine-tunes the model after (budget.recovery auto)."""
+    recipe fine-tunes the model after, on labels (budget.recovery auto)."""
     from .progress import iterate
 
     request = AllocationRequest(budget, batches, set(skip), costs, quantized)

@@ -135,9 +135,11 @@ def planned_cost(methods: list[Method], rows: list[dict], params: int, macs: int
     return params - saved_p, macs - saved_m
 
 
-def finetunes(recipe) -> bool:
-    """Whether the recipe trains the compressed model (finetune.steps or epochs)."""
-    return bool(recipe.finetune.steps or recipe.finetune.epochs)
+def finetunes_on_labels(ctx: Context) -> bool:
+    """Whether the recipe trains the compressed model (finetune.steps or epochs) on labels (its
+    training data has `data.target`), not only by distillation from the original."""
+    r, train = ctx.recipe.recipe, ctx.data["train"]
+    return bool(r.finetune.steps or r.finetune.epochs) and train is not None and ctx.target in train.keys()
 
 
 def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: dict, batches,
@@ -198,7 +200,8 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     allocation = budgeting.plan_allocation(b, methods, model, profile, batches, costs, reference, savings,
                                            skip=fixed_layers, progress=progress, base_cost=base, quantized=quantized,
                                            value=value, int8=r.quantize if b.precision == "per_layer" else None,
-                                           output_kind=ctx.output["kind"], finetunes=finetunes(r))
+                                           output_kind=ctx.output["kind"],
+                                           finetunes=finetunes_on_labels(ctx))
     if table is not None:
         table.save()
         allocation.newly_measured = table.measured

@@ -776,3 +776,20 @@ def test_with_fine_tuning_to_follow_the_budget_prices_the_share_of_each_layer_re
     searched = plan(load_context(as_recipe({**tuned, "budget": {**tuned["budget"], "search": 4}}), digits_model,
                                  Options())).allocation
     assert searched.recovery == 1.0 and searched.searched > 0  # a search asked for runs
+
+
+def test_recovery_auto_prices_only_fine_tuning_on_labels():
+    """Label-free distillation recovers best from the least damage (all-MiniLM-L6-v2), so auto
+    prices only where the training data has the target."""
+    from types import SimpleNamespace
+
+    from compress.planning import finetunes_on_labels
+
+    def ctx(steps, keys):
+        recipe = SimpleNamespace(recipe=SimpleNamespace(finetune=SimpleNamespace(steps=steps, epochs=0)))
+        train = None if keys is None else SimpleNamespace(keys=lambda: keys)
+        return SimpleNamespace(recipe=recipe, data={"train": train}, target="target")
+
+    assert finetunes_on_labels(ctx(10, ["image", "target"]))
+    assert not finetunes_on_labels(ctx(10, ["input_ids", "attention_mask"]))  # distillation only
+    assert not finetunes_on_labels(ctx(0, ["image", "target"])) and not finetunes_on_labels(ctx(10, None))

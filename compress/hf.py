@@ -161,7 +161,10 @@ def eager_attention(model: nn.Module):
         yield model
     finally:
         for module, implementation in reversed(previous):
-            module.set_attn_implementation(implementation)
+            if isinstance(implementation, str):
+                module.set_attn_implementation(implementation)
+            else:  # none was chosen before: leave it unchosen again
+                module.config._attn_implementation = implementation
 
 
 class TextModel(nn.Module):

@@ -94,6 +94,7 @@ def test_a_quantized_sweep_plots_each_runs_precision_and_its_float_twin(digits_m
     report = json.loads((out / "budget-2" / "report.json").read_text())
     assert point["precision"] == "int8" and twin["precision"] == "float"
     assert twin["latency_ms"] == report["compressed_float"]["latency_ms"]["4"]["p50"]
+    assert twin["speedup"] == round(report["original"]["latency_ms"]["4"]["p50"] / twin["latency_ms"], 4)
     assert point["latency_ms"] == report["compressed"]["latency_ms"]["4"]["p50"]
     assert "| budget macs 2, float | float |" in (out / "pareto.md").read_text()
 

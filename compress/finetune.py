@@ -77,14 +77,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TEST_SIGNAL_ENV = "COMPRESS_TEST_SIGNAL_AT_STEP"
 
 
-def _start(model: nn.Module, teacher: nn.Module | None, methods, device: torch.device) -> None:
-    """Student in training mode, the teacher frozen in eval mode, both on `device`; methods' hooks."""
+def _start(model: nn.Module, teacher: nn.Module | None, methods, device: torch.device, steps: int) -> None:
+    """Student in training mode, the teacher frozen in eval mode, both on `device`; methods' hooks
+    (each told how many optimizer steps the loop will take)."""
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     for method in methods:
+        method.finetune_steps = steps
         method.start_finetune(model, teacher)
 
 
@@ -148,7 +150,7 @@ def finetune(model: nn.Module, data: Dataset, input_names: list[str], target_key
     rank, processes = distributed.world()
     if batch_size % processes:
         raise UserError(f"data.batch_size {batch_size} must be divisible by the {processes} processes")
-    _start(model, teacher, methods, device)
+    _start(model, teacher, methods, device, steps)
     # every process trains on its slice of each global batch; DDP averages the gradients
     forward = nn.parallel.DistributedDataParallel(model) if processes > 1 else model
     optimizer = make_optimizer(model.parameters(), cfg)

@@ -6,7 +6,8 @@ The pipeline drives every method the same way:
     calibrate(model, data)   statistics on calibration data, for methods that need them
     plan(model, profile)     -> per-layer decisions (data, printable; no weights change)
     prepare(model, plan)     structural change before fine-tuning (factorize, group map)
-    start_finetune(model, teacher)  before the loop (hooks on student and frozen original)
+    start_finetune(model, teacher)  before the loop (hooks on student and frozen original); the
+                             loop's length is in `finetune_steps` by then
     loss(model, batch, out)  extra loss terms during fine-tuning (regularizers, distillation)
     after_step(model, step, lr, optimizer)  hook after each optimizer step (projections, proximal steps)
     finalize(model)          structural change after fine-tuning (decompose, drop groups)
@@ -155,6 +156,7 @@ class Method:
         """Structural change before fine-tuning, following `self.decisions`."""
 
     uses_teacher: ClassVar[bool] = False  # the loop runs the frozen original on every batch for it
+    finetune_steps: int | None = None  # the optimizer steps of the fine-tuning, set before start_finetune
 
     def start_finetune(self, model: nn.Module, teacher: nn.Module | None) -> None:
         """Called once before the fine-tuning loop (e.g. to hook the student's and teacher's modules)."""

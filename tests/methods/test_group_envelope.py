@@ -473,3 +473,42 @@ def test_the_prox_in_adams_metric_is_the_euclidean_prox_at_lambda_over_adams_sca
     method.after_step(model, 1, 0.01, optimizer)
     after = channel_norms(g["slices"], g["channels"])
     assert float(after[small].max()) < float(after[~small].min())
+
+
+def test_the_annealed_level_falls_from_all_groups_to_k_and_stays():
+    from compress.methods.group_envelope import annealed_level
+
+    levels = [annealed_level(64, 16, step, 40) for step in range(60)]
+    assert levels[0] == 16 + -(-48 * (39 / 40) ** 3 // 1)  # 61: the first step already removes a few
+    assert all(a >= b for a, b in zip(levels, levels[1:]))  # never rises
+    assert levels[39:] == [16] * 21  # k from the last annealed step on
+    assert levels[20] == 16 + 6  # cubic: 48 * (1 - 21/40)^3 = 5.1, rounded up
+    assert [annealed_level(8, 3, s, 0) for s in range(3)] == [3, 3, 3]  # no annealing: k from the start
+
+
+def test_annealing_moves_the_envelopes_level_during_fine_tuning():
+    """With anneal, the prox at step t is the envelope's at the annealed level, not at k: a layer
+    with more than k but fewer live groups than that level is only scaled (the 'few' branch), where
+    at k its smallest groups would be shrunk towards zero."""
+    from compress.methods.group_envelope import annealed_level
+
+    model, method = planned(keep=0.5, anneal=0.5, **{"lambda": 1.0})
+    method.prepare(model)
+    method.finetune_steps = 100  # annealed over the first 50 steps
+    root, group = next(iter(method.groups.items()))
+    for other in list(method.groups.values())[1:]:
+        other["lambda"] = 0.0
+    n, k = group["channels"], group["k"]
+    live = torch.zeros(n)
+    live[: annealed_level(n, k, 0, 50)] = 1.0
+    assert int(live.sum()) > k
+    scale_channels(group["slices"], live)
+    before = channel_norms(group["slices"], group["channels"]).clone()
+    method.after_step(model, 0, 0.1)
+    assert torch.allclose(channel_norms(group["slices"], n), before / (1 + 0.1), rtol=1e-5), root
+    method.finetune_steps = None  # no fine-tuning length known: the level is k, the smallest shrink harder
+    before = channel_norms(group["slices"], n).clone()
+    method.after_step(model, 1, 0.1)
+    after = channel_norms(group["slices"], n)
+    shrink = after[before > 0] / before[before > 0]
+    assert shrink.min() < 1 / (1 + 0.1) - 1e-3

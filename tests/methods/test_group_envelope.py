@@ -281,7 +281,10 @@ def test_bad_head_edits_are_refused():
     for edit, says in [({"op": "prune_heads", "module": "blocks.0", "heads": [0, 1, 2, 3]}, "leaving at least one"),
                        ({"op": "prune_heads", "module": "blocks.0", "heads": [7]}, "in [0, 4)"),
                        ({"op": "prune_heads", "module": "blocks.0.query", "heads": [0]}, "not an attention module"),
-                       ({"op": "prune_heads", "module": "nope", "heads": [0]}, "has no module")]:
+                       ({"op": "prune_heads", "module": "nope", "heads": [0]}, "has no module"),
+                       ({"op": "remove_blocks", "container": "blocks", "indices": [0], "post_norm": "yes"},
+                        "post_norm must be true or false"),
+                       ({"op": "remove_blocks", "container": "blocks", "indices": [0, 1]}, "leaving at least one")]:
         with pytest.raises(UserError, match=re.escape(says)):
             apply_edits(model, [edit])
 
@@ -391,24 +394,57 @@ def test_depth_groups_remove_a_whole_block_and_reload(apply_shipped, transformer
         assert torch.allclose(rebuilt(tokens, mask), torch.from_numpy(onnx_out), atol=1e-4)
 
 
-def test_depth_groups_refuse_blocks_that_are_not_an_identity_at_zero():
-    """A post-norm block (norm(x + f(x))) at zero is not the identity: refused, in one line."""
+def test_depth_groups_refuse_blocks_that_are_neither_pre_norm_nor_post_norm():
+    """A block that at zero neither passes its input through nor computes its norms alone (here: no
+    residual path) cannot be removed: refused, in one line, and the weights are restored."""
     from compress.errors import UserError
-    from compress.methods.group_envelope_depth import check_identity
+    from compress.methods.group_envelope_depth import check_blocks
 
-    class PostNorm(nn.Module):
+    class NoResidual(nn.Module):
         def __init__(self):
             super().__init__()
             self.f, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
 
         def forward(self, x):
-            return self.norm(x + self.f(x))
+            return self.norm(self.f(x))
 
-    model = nn.Sequential(PostNorm(), PostNorm())
-    with pytest.raises(UserError, match="does not pass its input through with its parameters at zero"):
-        check_identity(model, model, "", (torch.randn(2, 8),), 0)
+    model = nn.Sequential(NoResidual(), NoResidual())
     state = [p.clone() for p in model.parameters()]
+    with pytest.raises(UserError, match="neither passes its input through .* nor computes its norms alone"):
+        check_blocks(model, model, "", (torch.randn(2, 8),), 0)
     assert all(torch.equal(a, b) for a, b in zip(state, model.parameters()))  # the check restores the weights
+
+
+def test_post_norm_blocks_leave_their_norms_out_of_the_group_and_go_as_their_norms():
+    """norm2(h + g(h)), h = norm1(x + f(x)): with f and g at zero the block computes norm2(norm1(x)),
+    so its norms are not in the group, and the dead block is replaced by them: exactly the same."""
+    from compress.methods.group_envelope_depth import Norms, check_blocks, depth_group, remove_blocks
+
+    class PostNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f, self.norm1, self.g, self.norm2 = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            h = self.norm1(x + self.f(x))
+            return self.norm2(h + self.g(h))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(PostNorm(), PostNorm(), PostNorm())
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):  # trained norms: gains and biases away from 1 and 0
+            nn.init.normal_(m.weight, 1.0, 0.3), nn.init.normal_(m.bias, 0.0, 0.3)
+    x = torch.randn(4, 8)
+    assert check_blocks(model, model, "", (x,), 0) is True
+    group = depth_group("", model, post_norm=True)
+    assert {id(s.param) for s in group.slices} == {id(p) for b in model for m in (b.f, b.g) for p in m.parameters()}
+    with torch.no_grad():
+        for p in (*model[1].f.parameters(), *model[1].g.parameters()):
+            p.zero_()
+        masked = model(x)
+        remove_blocks(model, [1], post_norm=True)
+        assert isinstance(model[1], Norms) and len(model[1].norms) == 2
+        assert torch.allclose(model(x), masked, atol=1e-6)
 
 
 @pytest.mark.parametrize("at_k", ["hold", "prox"])

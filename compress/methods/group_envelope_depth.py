@@ -96,7 +96,7 @@ def _zeroed_block(model: nn.Module, block: nn.Module, sample: tuple, keep_norms:
     seen = {}
 
     def hook(module, args, output):
-        seen["in"], seen["out"] = args[0], output
+        seen["in"], seen["out"] = args[0] if args else None, output  # (an input by keyword: refused)
 
     saved = [p.detach().clone() for p in params]
     handle = block.register_forward_hook(hook)
@@ -152,7 +152,7 @@ def remove_blocks(container: nn.Module, dead: list[int], post_norm: bool = False
         container[index] = Norms(block_norms(container[index])) if post_norm else Skip()
 
 
-def _check_remove_blocks(model: nn.Module, edit: dict) -> tuple[nn.Module, list[int]]:
+def _check_remove_blocks(model: nn.Module, edit: dict) -> tuple[nn.Module, list[int], bool]:
     path, container = edit_module(model, edit, "container", (nn.ModuleList, nn.Sequential))
     indices = edit.get("indices")
     if not isinstance(edit.get("post_norm", False), bool):

@@ -62,8 +62,10 @@ Proximal training that leaves exactly k groups alive per layer, then removes the
   and its outputs equal the masked model's (the removed channels were exactly zero).
 - The prox shrinks the surviving channels too (S_k is 1/2 ||x||^2 on k-sparse vectors), like a
   weight decay of strength lambda: keep lr * lambda small, well below the learning rate.
-- `weights`: uniform, or by group size. Within one layer all channels have the same size, so the
-  two coincide for channel groups; the option matters to the math (tested) more than here.
+- `weights`: uniform, by group size, or by MACs (the paper's weights "from hardware"): w_j is the
+  square root of the group's parameter count or MACs over the layer's mean, so the penalty
+  lambda w_j^2 grows with what the group costs. Within one layer all channels (or heads) cost the
+  same, so the three coincide for channel groups; they differ for depth groups of unequal blocks.
 
 Examples and data: the dependency graph is traced on one calibration sample.
 """
@@ -107,7 +109,11 @@ class GroupEnvelopeStage(Stage):
     keeps: dict[str, int] | None = Field(None, description="kept count per layer (its root module's name); set by "
                                          "a budget with keep: auto")
     lambda_: float = Field(1.0, ge=0, le=1e6, alias="lambda", description="strength of the envelope regularizer")
-    weights: Literal["uniform", "size"] = Field("uniform", description="group weights w_j")
+    weights: Literal["uniform", "size", "macs"] = Field(
+        "uniform", description="group weights w_j: uniform; size, the square root of each group's parameter count "
+        "(relative to the layer's mean); macs, the same of its MACs, so that the envelope's penalty on a group grows "
+        "with what it costs. Within one layer of channels or heads every group costs the same and all three "
+        "coincide; they differ for depth groups of unequal blocks")
     post_finetune: int = Field(0, ge=0, le=10_000, description="epochs of fine-tuning after the channels are removed")
     round_to: int = Field(1, ge=1, le=1 << 20, description="round the kept count up to a multiple of this (runtimes "
                           "run channel counts that are multiples of 8 faster)")
@@ -320,6 +326,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         self.edits_made: list[dict] = []
         self.twice = (0, 0)  # (params, MACs) the planned rows save twice over (counted_twice)
         self.post_norm: bool | None = None  # groups: depth: post-norm blocks (their norms stay), once checked
+        self.group_macs: dict[str, torch.Tensor] = {}  # root -> each group's MACs, for weights: macs
 
     def calibrate(self, model, batches, progress=False):
         first = next(iter(batches()), None)
@@ -405,6 +412,7 @@ class GroupEnvelope(EnvelopeAllocation, Method):
             extra.update({"keep": k, "note": f"keep {k} of {n} {unit} (members: {', '.join(info.members)})"})
             self.decisions.append(Decision(root, self.name, kind, "prune", [n], params, macs,
                                            params * k // n, macs * k // n, extra=extra))
+            self.group_macs[root] = channel_sizes(info.slices, n, units[1])
         self.twice = self._counted_twice(found, units)
         return self.decisions
 
@@ -440,8 +448,9 @@ class GroupEnvelope(EnvelopeAllocation, Method):
             slices = found[d.name].slices
             n = d.extra["channels"]
             weights = None
-            if self.stage.weights == "size":
-                sizes = channel_sizes(slices, n)
+            sizes = {"size": lambda: channel_sizes(slices, n), "macs": lambda: self.group_macs.get(d.name)}.get(
+                self.stage.weights, lambda: None)()
+            if sizes is not None and bool((sizes > 0).all()):  # (a group that costs nothing: uniform weights)
                 weights = (sizes / sizes.mean()).sqrt()
             self.groups[d.name] = {"slices": slices, "channels": n, "k": d.extra["keep"], "weights": weights,
                                    "lambda": self.stage.lambda_, "reached_k_step": None}

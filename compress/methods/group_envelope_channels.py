@@ -54,10 +54,11 @@ def channel_norms(slices: list[ChannelSlice], channels: int) -> torch.Tensor:
     return total.sqrt()
 
 
-def channel_sizes(slices: list[ChannelSlice], channels: int) -> torch.Tensor:
+def channel_sizes(slices: list[ChannelSlice], channels: int, units: dict[int, float] | None = None) -> torch.Tensor:
+    """Each channel's parameter count, or with `units` (unit_costs) what its parameters cost."""
     total = torch.zeros(channels, dtype=torch.float64)
     for s in slices:
-        per = s.param.numel() // s.param.shape[s.dim]
+        per = s.param.numel() // s.param.shape[s.dim] * (1.0 if units is None else units.get(id(s.param), 0.0))
         total.index_add_(0, s.channel, torch.full((len(s.idxs),), float(per), dtype=torch.float64))
     return total
 

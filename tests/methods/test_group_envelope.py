@@ -548,3 +548,48 @@ def test_annealing_moves_the_envelopes_level_during_fine_tuning():
     after = channel_norms(group["slices"], n)
     shrink = after[before > 0] / before[before > 0]
     assert shrink.min() < 1 / (1 + 0.1) - 1e-3
+
+
+@pytest.mark.parametrize("weights", ["uniform", "size", "macs"])
+def test_group_weights_follow_what_each_group_costs(weights):
+    """weights: macs gives each group sqrt(its MACs / the layer's mean): for depth groups of unequal
+    blocks the costlier block is penalised harder. Channel groups of one layer cost the same: their
+    weights are all 1 whatever the option."""
+    class Block(nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.norm, self.up, self.down = nn.LayerNorm(8), nn.Linear(8, hidden), nn.Linear(hidden, 8)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(self.norm(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(8), Block(32)])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 8)
+    method = GroupEnvelope(GroupEnvelopeStage.model_validate(
+        {"method": "group_envelope", "groups": "depth", "keep": 1, "weights": weights}), 0)
+    method.calibrate(model, lambda: iter([(x,)]))
+    method.plan(model, profile_layers(model, (x[:1],)))
+    method.prepare(model)
+    w = method.groups["blocks"]["weights"]
+    if weights == "uniform":
+        assert w is None
+    else:  # block 1 has 4x the MACs of block 0 (8x32 + 32x8 against 8x8 + 8x8); parameters: biases and norms too
+        cost = ([8 * 8 * 2, 8 * 32 * 2] if weights == "macs"
+                else [sum(p.numel() for p in b.parameters()) for b in model.blocks])
+        cost = torch.tensor(cost, dtype=torch.float64)
+        assert torch.allclose(w, (cost / cost.mean()).sqrt())
+    _, channels = planned(keep=0.5, weights=weights)
+    channels.prepare(_)
+    for g in channels.groups.values():
+        assert g["weights"] is None or torch.allclose(g["weights"], torch.ones_like(g["weights"]))

@@ -279,6 +279,19 @@ budget: {budget}
     assert result.exit_code == 2 and message in result.stderr, result.stderr
 
 
+def assert_reloaded_matches_the_onnx_file(out, input_names, reloaded):
+    """The model compression.json rebuilt computes what the exported model.onnx does, on new sentences."""
+    import onnxruntime as ort
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    feed = tokenizer(sentences(3, seed=3), padding="longest", return_tensors="pt")
+    inputs = [feed[k].long() for k in input_names]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {k: t.numpy() for k, t in zip(input_names, inputs)})[0]
+    with torch.no_grad():
+        assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)
+
+
 def test_group_envelope_removes_a_bert_encoders_heads_and_ffn_channels(bert, tmp_path, run_cli, write_recipe):
     """BertAttention's heads (query/key/value under .self, the output under .output.dense) are one
     group each; the pruned model exports, and compression.json rebuilds it with the same outputs."""
@@ -301,15 +314,7 @@ bench: {batch_sizes: [2], warmup: 1, runs: 3, baselines: []}
     reloaded = compress.load(out).eval()
     attention = reloaded.model.encoder.layer[0].attention.self
     assert (attention.num_attention_heads, attention.all_head_size, attention.query.out_features) == (2, 16, 16)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    feed = tokenizer(sentences(3, seed=3), padding="longest", return_tensors="pt")
-    inputs = [feed[k].long() for k in report["inputs"]]
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {k: t.numpy() for k, t in zip(report["inputs"], inputs)})[0]
-    with torch.no_grad():
-        assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)
+    assert_reloaded_matches_the_onnx_file(out, report["inputs"], reloaded)
 
 
 def test_depth_groups_remove_a_post_norm_bert_layer_and_reload(bert, tmp_path, run_cli, write_recipe):
@@ -338,15 +343,7 @@ bench: {batch_sizes: [2], warmup: 1, runs: 3, baselines: []}
     assert [type(b).__name__ for b in layers].count("Norms") == 1
     norms = layers[edit["indices"][0]].norms
     assert [type(n).__name__ for n in norms] == ["LayerNorm", "LayerNorm"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    feed = tokenizer(sentences(3, seed=3), padding="longest", return_tensors="pt")
-    inputs = [feed[k].long() for k in report["inputs"]]
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {k: t.numpy() for k, t in zip(report["inputs"], inputs)})[0]
-    with torch.no_grad():
-        assert np.allclose(reloaded(*inputs).numpy(), onnx_out, atol=1e-4)
+    assert_reloaded_matches_the_onnx_file(out, report["inputs"], reloaded)
 
 
 def test_a_text_encoders_tables_ship_in_4_bits(bert, tmp_path, write_recipe, run_cli):

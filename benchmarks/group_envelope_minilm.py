@@ -19,7 +19,8 @@ heads and FFN channels and the same label-free distillation. Called by group_env
 - depth (`--groups depth`): the encoder's six layers are the groups, `keep` x 6 of them kept (4 or
   3: 1.5x or 2x fewer encoder MACs). BERT's layers are post-norm, so a dead layer goes as its two
   LayerNorms (docs/methods.md, section 2). Beside it, the top layers dropped (each an identity),
-  then the same distillation: the simple reduction Sajjad et al. (2023) found held up best.
+  then the same distillation: the simple reduction Sajjad et al. (2023) found held up best; and the
+  same with each dropped layer kept as its LayerNorms, as the envelope leaves it.
 - Torch-Pruning's Taylor pruner is not run: it ranks by loss gradients, and the label-free loss
   (distance to the original's embeddings) is zero, with a zero gradient, at the original in eval
   mode; with dropout on, its gradient is the dropout's noise.
@@ -119,16 +120,17 @@ def magnitude(folder: Path, rows: list[dict], sample: tuple[torch.Tensor, ...]):
     return model
 
 
-def top_dropped(folder: Path, kept: int):
+def top_dropped(folder: Path, kept: int, as_norms: bool = False):
     """The encoder's top layers dropped (each an identity), its first `kept` left: the simple depth
     reduction that held up best for BERT-style models in Sajjad et al. (2023, "On the effect of
-    dropping layers of pre-trained transformer models")."""
-    from compress.methods.group_envelope_depth import Skip
+    dropping layers of pre-trained transformer models"). With `as_norms` each dropped layer keeps its
+    two LayerNorms, as a layer the envelope removes does."""
+    from compress.methods.group_envelope_depth import Norms, Skip, block_norms
 
     model = hf.load_folder(folder, None, None)[0]
     layers = model.model.encoder.layer
     for index in range(kept, len(layers)):
-        layers[index] = Skip()
+        layers[index] = Norms(block_norms(layers[index])) if as_norms else Skip()
     return model
 
 
@@ -224,14 +226,16 @@ def run(seeds: int = 1, keeps=(0.667, 0.5), lambdas=("1",), work: Path | None = 
                         out = work / f"envelope-{kind}-{keep}-{lam}-{anneal}".replace(":", "-")
                         compress.export(result, out, force=True)
                         exported[f"{label}, keep {keep}"] = out / "model.onnx"
-                start = time.perf_counter()
-                torch.manual_seed(seed)
-                if kind == "depth":
-                    peer, label = top_dropped(folder, blocks), f"top {len(teacher.model.encoder.layer) - blocks} layers dropped"
-                else:
-                    peer, label = magnitude(folder, rows, sample), "magnitude (Torch-Pruning)"
-                distill(peer, teacher, tokenizer, train_lines, STEPS + AFTER, seed)
-                record(label, peer, seed, start)
+                dropped = len(teacher.model.encoder.layer) - blocks
+                peers = ({f"top {dropped} layers dropped": lambda: top_dropped(folder, blocks),
+                          f"top {dropped} layers as their norms": lambda: top_dropped(folder, blocks, True)}
+                         if kind == "depth" else {"magnitude (Torch-Pruning)": lambda: magnitude(folder, rows, sample)})
+                for label, build in peers.items():
+                    start = time.perf_counter()
+                    torch.manual_seed(seed)
+                    peer = build()
+                    distill(peer, teacher, tokenizer, train_lines, STEPS + AFTER, seed)
+                    record(label, peer, seed, start)
         table = [{"run": label, "cosine_mean": round(statistics.mean(v["cosine"] for v in values), 4),
                   "cosine_min": round(min(v["cosine"] for v in values), 4),
                   "cosine_max": round(max(v["cosine"] for v in values), 4),

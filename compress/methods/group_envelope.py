@@ -118,7 +118,8 @@ class GroupEnvelopeStage(Stage):
     round_to: int = Field(1, ge=1, le=1 << 20, description="round the kept count up to a multiple of this (runtimes "
                           "run channel counts that are multiples of 8 faster)")
     lambda_growth: float = Field(1.0, ge=1, le=100, description="continuation: every `lambda_every` steps, each layer that "
-                                 "still has more than k live channels multiplies its lambda by this (1: constant)")
+                                 "still has more than k live channels (and more than the annealed level) multiplies its lambda by this (1: "
+                                 "constant)")
     lambda_every: int = Field(10, ge=1, le=10**9, description="steps between lambda increases")
     anneal: float = Field(0.0625, ge=0, le=1, description="share of the fine-tuning steps over which each layer's "
                           "level falls from all its groups to k, cubically (k + (n - k)(1 - t/T)^3, rounded up), so the "
@@ -460,7 +461,8 @@ class GroupEnvelope(EnvelopeAllocation, Method):
         optimizer state (momentum, Adam's moments) zeroed too: otherwise the next step's momentum
         brings it straight back and the prox never gets to prune (measured: with SGD momentum 0.9
         every channel was alive again before each prox step). Lambda continuation: a layer still
-        above k live channels every `lambda_every` steps multiplies its lambda by `lambda_growth`;
+        above k live channels (and, while annealing, above the annealed level) every `lambda_every`
+        steps multiplies its lambda by `lambda_growth`;
         once the prox alone has left at most k, the layer's dead channels stay dead and its lambda
         returns to the recipe's (a grown lambda would keep shrinking the survivors); with `at_k: hold`
         its prox stops there altogether."""
@@ -488,9 +490,10 @@ class GroupEnvelope(EnvelopeAllocation, Method):
                 reset_optimizer_state(optimizer, g["slices"], scale == 0)
             if g.get("dead") is not None:
                 continue
-            if int((scale > 0).sum()) <= g["k"]:
+            live = int((scale > 0).sum())
+            if live <= g["k"]:
                 g["reached_k_step"], g["dead"], g["lambda"] = step + 1, scale == 0, self.stage.lambda_
-            elif (step + 1) % self.stage.lambda_every == 0:
+            elif (step + 1) % self.stage.lambda_every == 0 and live > level:  # (behind the annealed level)
                 g["lambda"] *= self.stage.lambda_growth
                 g["largest"] = g["lambda"]
 

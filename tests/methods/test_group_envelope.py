@@ -593,3 +593,24 @@ def test_group_weights_follow_what_each_group_costs(weights):
     channels.prepare(_)
     for g in channels.groups.values():
         assert g["weights"] is None or torch.allclose(g["weights"], torch.ones_like(g["weights"]))
+
+
+def test_the_continuation_grows_lambda_only_behind_the_annealed_level():
+    """While annealing, a layer whose live groups are no more than the level is where the schedule
+    wants it: its lambda stays; once the level has fallen below the live count, it grows."""
+    from compress.methods.group_envelope import annealed_level
+
+    model, method = planned(keep=0.5, anneal=0.5, **{"lambda": 0.01, "lambda_growth": 2.0, "lambda_every": 1})
+    method.prepare(model)
+    method.finetune_steps = 400  # annealed over 200 steps
+    root, group = next(iter(method.groups.items()))
+    for other in list(method.groups.values())[1:]:
+        other["lambda"] = 0.0
+    method.after_step(model, 0, 0.01)
+    assert annealed_level(group["channels"], group["k"], 0, 200) == group["channels"]
+    assert group["lambda"] == 0.01, root  # all alive at a level of all groups: no growth
+    for step in range(1, 200):
+        method.after_step(model, step, 0.01)
+    # the level fell below the live count, which lambda 0.01 cannot follow: it grew (and went back to
+    # 0.01 once the prox had reached k)
+    assert group.get("largest", 0.01) > 0.01

@@ -303,9 +303,13 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
     # is the CLI's (and `--json`'s): kept out of it, like its log advice
     with (tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp, _quiet_ort_logging(),
           contextlib.redirect_stdout(io.StringIO()), _working_directory(tmp)):
-        source, preprocessed, fused, modules = _prepare(float_path, Path(tmp), cfg, heads)
+        source, preprocessed, fused = _prepare(float_path, Path(tmp), cfg, heads)
         extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused is not None else {}  # fused ops: untyped
-        candidates = [n for n in onnx.load(str(source), load_external_data=False).graph.node if n.op_type in op_types]
+        nodes = onnx.load(str(source), load_external_data=False).graph.node
+        # node -> torch modules where a node is not named after its one module: a fused Attention's projections
+        modules = ({} if fused is None
+                   else _attention_modules(onnx.load(str(float_path), load_external_data=False).graph.node, nodes))
+        candidates = [n for n in nodes if n.op_type in op_types]
         excluded = sorted(n.name for n in candidates
                           if any(excluded_module(cfg, m) for m in modules.get(n.name, [node_module(n.name)])))
         if not [n for n in candidates if n.name not in excluded]:
@@ -346,20 +350,16 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
 
 
 def _prepare(float_path: Path, tmp: Path, cfg: QuantizeSection, heads: tuple[int, int] | None):
-    """(model to quantize, how pre-processing went, fused operators, node -> torch modules where a node
-    is not named after its one module): with `fuse`, the model fused by ONNX Runtime's optimizer (which
-    optimizes the graph itself; a fused Attention node is kept float when a projection it took in
-    is); else pre-processed, or as it is where pre-processing fails (quantization works without it)."""
-    import onnx
-
+    """(model to quantize, how pre-processing went, fused operators): with `fuse`, the model fused by
+    ONNX Runtime's optimizer (which optimizes the graph itself; a fused Attention node is kept float
+    when a projection it took in is); else pre-processed, or as it is where pre-processing fails
+    (quantization works without it)."""
     if cfg.fuse:
         source = tmp / "fused.onnx"
-        fused = _fuse(float_path, source, heads or (0, 0), keep_tables=cfg.tables is not None)
-        before = onnx.load(str(float_path), load_external_data=False).graph.node
-        return source, None, fused, _attention_modules(before, onnx.load(str(source), load_external_data=False).graph.node)
+        return source, None, _fuse(float_path, source, heads or (0, 0), keep_tables=cfg.tables is not None)
     source = tmp / "pre.onnx"
     preprocessed = _preprocess(float_path, source)
-    return (source if preprocessed else float_path), preprocessed, None, {}
+    return (source if preprocessed else float_path), preprocessed, None
 
 
 @contextlib.contextmanager

@@ -39,6 +39,11 @@ def block_norms(block: nn.Module) -> list[nn.Module]:
     return [m for m in block.modules() if is_norm(m)]
 
 
+def norm_parameters(block: nn.Module) -> set[int]:
+    """The ids of the parameters of the block's normalization layers."""
+    return {id(p) for m in block_norms(block) for p in m.parameters()}
+
+
 class Norms(nn.Module):
     """A removed post-norm residual block: what it computes with every parameter but its norms' at
     zero, its norms applied in turn to its first input (further arguments are ignored)."""
@@ -78,7 +83,7 @@ def depth_group(path: str, container: nn.Module, post_norm: bool = False) -> Cha
     every parameter but its norms' (they stay when the block goes)."""
     slices = []
     for index, block in enumerate(container):
-        kept = {id(p) for m in block_norms(block) for p in m.parameters()} if post_norm else set()
+        kept = norm_parameters(block) if post_norm else set()
         for param in block.parameters():
             if id(param) in kept:
                 continue
@@ -91,7 +96,7 @@ def depth_group(path: str, container: nn.Module, post_norm: bool = False) -> Cha
 def _zeroed_block(model: nn.Module, block: nn.Module, sample: tuple, keep_norms: bool):
     """(input, output) of `block` on the calibration sample with its parameters at zero (its norms'
     kept when `keep_norms`); the weights are restored."""
-    kept = {id(p) for m in block_norms(block) for p in m.parameters()} if keep_norms else set()
+    kept = norm_parameters(block) if keep_norms else set()
     params = [p for p in block.parameters() if id(p) not in kept]
     seen = {}
 

@@ -62,16 +62,17 @@ class RankAllocation(Allocatable):
             kinds = {"params" if request.target == "params" or isinstance(layer, nn.Embedding) else "macs",
                      "params" if isinstance(layer, nn.Embedding) else "macs"}
 
-            def saves(rank, layer=layer, s=s, shapes=shapes, dense=dense, kinds=kinds):
-                after = layers.factorized_cost(layer, rank, s, shapes.in_shape, shapes.out_shape, bias)
-                return all(getattr(after, kind) < getattr(dense, kind) for kind in kinds)
+            def after(rank, layer=layer, s=s, shapes=shapes):
+                return layers.factorized_cost(layer, rank, s, shapes.in_shape, shapes.out_shape, bias)
+
+            def saves(rank, after=after, dense=dense, kinds=kinds):
+                return all(getattr(after(rank), kind) < getattr(dense, kind) for kind in kinds)
 
             ranks = rank_grid(min(layers.matrix_shape(layer, s)), saves)
             if not ranks:
                 request.unpriced.append((self, name))
                 continue
-            sizes = [Candidate(r, 0.0, 0.0, kept=layers.factorized_cost(layer, r, s, shapes.in_shape, shapes.out_shape,
-                                                                     bias).params / dense.params) for r in ranks]
+            sizes = [Candidate(r, 0.0, 0.0, kept=after(r).params / dense.params) for r in ranks]
             choices.append(LayerChoice(self, name, s, [Candidate(None, 0.0, 0.0)] + sizes, unit=layer))
         self.allocated_units = len(choices)
         return choices

@@ -118,10 +118,11 @@ def _quantize_file(path: Path, recipe, mode: str, names, batch, data, model, exp
         calibration = quantize.calibration_feeds(data, names, recipe.data.batch_size, cfg)
     quantize.check_section(cfg, [n for n, _ in model.named_modules() if n], True, model)
     quantized = path.with_name(path.name + ".int8")
+    feed = export.to_feed(names, batch)
+    timing = quantize.Timing(feed, bench.shape_key(len(batch[0])), recipe.bench.threads if recipe is not None else 1)
     try:
         with quantize.int8_source(cfg, model, path, export_eager) as (source, heads):
-            info = quantize.quantize(source, quantized, cfg, calibration, heads)
-        feed = export.to_feed(names, batch)
+            info = quantize.quantize(source, quantized, cfg, calibration, heads, timing)
         float_out, int8_out = (export.run(p, feed) for p in (path, quantized))
         labels = data.tensors.get(recipe.data.target) if data is not None else None
         fid = quantize.check_fidelity(quantize.fidelity(float_out, int8_out, classes=labels is not None

@@ -17,7 +17,7 @@ from .data import split_batch
 from .errors import RecipeError, UserError
 from .methods import ACTIONS, METHODS, Decision, Method
 from .recipe import LoadedRecipe
-from .context import Context, calibration_feeds, export_axes, file_size, timed, timing_feeds
+from .context import Context, calibration_feeds, export_axes, file_size, rewrite_timing, timed
 
 def make_methods(recipe: LoadedRecipe, output_kind: str = "logits") -> list[Method]:
     methods = [METHODS[stage.method](stage, i) for i, stage in enumerate(recipe.recipe.stages)]
@@ -154,16 +154,8 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
         raise UserError(f"budget.{b.target}: latency is measured, and measurements differ from process to process; "
                         "run without --nproc, or use a params, macs or onnx_bytes budget")
     quantized = functools.partial(quantize.quantizes_layer, r.quantize)
-    if b.verified:  # measured on the original as exported, and as it would ship when the recipe quantizes
-        shipped = {"original": (model, None), **({"original_int8": (model, r.quantize)} if r.quantize else {})}
-        if b.over == "int8_original" and not r.quantize:  # the target is over int8 of the original as the
-            shipped["int8_baseline"] = (model, quantize.QuantizeSection())  # report's baseline makes it
-        measured = _measure_models(ctx, shipped, b)
-        reference = measured["original"].value
-        base = measured["original_int8"].value if "original_int8" in measured else None
-        if b.over == "int8_original":  # with the recipe's own settings: the same model, measured once, so
-            # that `speedup: 1` is exactly int8 of the original's cost (two timings of it would differ)
-            value = b.speedup * reference / measured["int8_baseline" if not r.quantize else "original_int8"].value
+    if b.verified:
+        reference, base, value = _reference_costs(ctx, model)
     if b.in_latency:
         table = opcost.OpCosts(r.bench.threads, r.quantize)
         if b.seq_len is not None:  # each op is priced at the shape it runs at: the layers' inputs at seq_len tokens
@@ -209,6 +201,25 @@ def _allocate(ctx: Context, methods: list[Method], model: nn.Module, profile: di
     return allocation
 
 
+def _reference_costs(ctx: Context, model: nn.Module) -> tuple[float, float | None, float | None]:
+    """(the original's cost as exported, its cost as it would ship when the recipe quantizes, the
+    target in the first's units for `over: int8_original`) of a budget measured on the built model."""
+    r = ctx.recipe.recipe
+    b = r.budget
+    shipped = {"original": (model, None), **({"original_int8": (model, r.quantize)} if r.quantize else {})}
+    if b.over == "int8_original":  # the target is over int8 of the original as the report's baseline makes
+        # it: the recipe's settings without compress's rewrites (ONNX Runtime's defaults without them)
+        shipped["int8_baseline"] = (model, (r.quantize or quantize.QuantizeSection()).model_copy(
+            update={"rewrites": []}))
+    measured = _measure_models(ctx, shipped, b)
+    reference = measured["original"].value
+    base = measured["original_int8"].value if "original_int8" in measured else None
+    # where no rewrite applied, int8_baseline is original_int8's file, measured once, so that `speedup: 1`
+    # is exactly int8 of the original's cost (two timings of it would differ)
+    value = b.speedup * reference / measured["int8_baseline"].value if b.over == "int8_original" else None
+    return reference, base, value
+
+
 @dataclass(frozen=True)
 class Counted:
     """What a budget counts of one exported model: its ONNX file's bytes or its p50 latency in ms;
@@ -223,6 +234,7 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, quantize.Qu
     """What the budget counts of each (model, int8 settings or None) as exported, measured together
     (bench.measure) at budget.batch for latency; quantized by its settings where given."""
     r = ctx.recipe.recipe
+    timing = rewrite_timing(ctx, budget.batch, budget.seq_len) if budget.in_latency else None
     with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
         paths = {}
         axes = export_axes(r, ctx.input_names, ctx.sample)
@@ -234,17 +246,32 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, quantize.Qu
                 eager = functools.partial(export.export_onnx, model, ctx.sample, ctx.input_names, opset=r.export.opset,
                                           dynamic_axes=axes, eager_attention=True)
                 with quantize.int8_source(int8, model, exported, eager) as (source, heads):
-                    quantize.quantize(source, Path(paths[label]), int8, calibration_feeds(ctx, int8), heads)
+                    quantize.quantize(source, Path(paths[label]), int8, calibration_feeds(ctx, int8), heads, timing)
         if budget.target == "onnx_bytes":
             return {label: Counted(float(file_size(path))) for label, path in paths.items()}
-        feeds = timing_feeds(ctx, [budget.batch], [budget.seq_len] if budget.seq_len else None)
-        measured = bench.measure(paths, feeds, r.bench.threads, r.bench.warmup, r.bench.runs)
-    key, first = budget.shape, next(iter(models))
+        same = _same_files(paths)  # label -> an earlier label with the same file: measured once
+        measured = bench.measure({k: v for k, v in paths.items() if k not in same}, {timing.shape: timing.feed},
+                                 r.bench.threads, r.bench.warmup, r.bench.runs)
+    key, first = timing.shape, next(iter(models))
     out = {first: Counted(measured.latency_ms[first][key]["p50"])}
-    for label in list(models)[1:]:
+    for label in [k for k in list(models)[1:] if k not in same]:
         over = measured.over_reference(label)[key]  # latency ratios are the speedup's inverse
         out[label] = Counted(measured.latency_ms[label][key]["p50"], (1 / over.high, 1 / over.low))
-    return out
+    return {label: out[same.get(label, label)] for label in models}
+
+
+def _same_files(paths: dict[str, str]) -> dict[str, str]:
+    """label -> the first earlier label whose file has the same bytes."""
+    import hashlib
+
+    seen, same = {}, {}
+    for label, path in paths.items():
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if digest in seen:
+            same[label] = seen[digest]
+        else:
+            seen[digest] = label
+    return same
 
 
 def _overlap_error(method: Method, layer: str, index: int, prior: Decision) -> str:

@@ -17,7 +17,7 @@ from .hf import copy_tokenizer
 from .methods import Method
 from .metrics import drop, score
 from .context import (METRIC_TOLERANCE, Compressed, Context, Options, calibration_feeds, evaluate, export_axes,
-                      file_size, real_batch, timed, timing_feeds)
+                      file_size, real_batch, rewrite_timing, timed, timing_feeds)
 
 @dataclass
 class _Published:
@@ -127,8 +127,9 @@ def int8_options(recipe, calibration: bool) -> list[quantize.QuantizeSection]:
     """The int8 options of the original the data allows: the recipe's quantize settings (ONNX
     Runtime's dynamic defaults without them), the same unfused where they fuse (ONNX Runtime's
     one-line dynamic int8) and, with calibration data, static QDQ with its defaults (convolutions
-    included) unless the recipe's settings are static already."""
-    first = recipe.quantize or quantize.QuantizeSection()
+    included) unless the recipe's settings are static already. None has compress's own graph
+    rewrites (`quantize.rewrites`): the baseline is what ONNX Runtime makes."""
+    first = (recipe.quantize or quantize.QuantizeSection()).model_copy(update={"rewrites": []})
     return ([first] + ([first.model_copy(update={"fuse": False})] if first.fuse else [])
             + ([quantize.QuantizeSection(mode="static")] if calibration and first.mode != "static" else []))
 
@@ -238,7 +239,7 @@ def _quantize(ctx: Context, cfg, source: tuple[Path, tuple[int, int] | None], ou
     result to the recipe's fidelity limits against the float model (on the eval data, else on a batch
     of the inputs): QuantizationError (exit 4) when missed."""
     float_onnx, heads = source
-    info = quantize.quantize(float_onnx, out, cfg, calibration_feeds(ctx, cfg), heads)
+    info = quantize.quantize(float_onnx, out, cfg, calibration_feeds(ctx, cfg), heads, rewrite_timing(ctx))
     metric, outputs = _onnx_metric(ctx, out, float_metric, reference)
     if outputs is None:  # no eval data: compare the two ONNX models on the batch parity used
         r = ctx.recipe.recipe

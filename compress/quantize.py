@@ -78,6 +78,12 @@ class QuantizeSection(Strict):
                        "attention quantized as QAttention (measured on all-MiniLM-L6-v2: as fast as unfused int8 at "
                        "batch 8 x 64 tokens, 1.27x faster at 32 x 128, same cosine); mode dynamic only; the output "
                        "then runs on ONNX Runtime alone (com.microsoft operators)")
+    rewrites: Literal["auto"] | list[Literal["layer_norms", "attention_masks"]] = Field(
+        "auto", description="graph rewrites of the int8 model for ONNX Runtime's CPU kernels (compress/ortgraph.py): "
+        "layer_norms writes layer norms as elementwise operators, attention_masks keeps a fused attention's padded "
+        "positions out of float's subnormal range; auto: each timed on this machine at the largest bench shape "
+        "and kept only where measurably faster (all-MiniLM-L6-v2, fused, batch 8 x 64: both together 1.26x at "
+        "2 threads); [] for none")
     max_metric_drop: float = Field(0.02, ge=0, description="largest allowed drop of the metric from the float "
                                    "compressed model to the quantized one (exit 4 when missed)")
     min_agreement: float = Field(0.9, ge=0, le=1, description="smallest allowed agreement of the quantized model with "
@@ -285,14 +291,25 @@ class Quantized:
     fidelity: Fidelity | None = None
     tables: dict | None = None  # quantize.tables: {bits, block_size, symmetric, quantized: Gather nodes in 4 bits}
     fused: dict[str, int] | None = None  # quantize.fuse: operator -> nodes ONNX Runtime's optimizer fused
+    rewrites: dict | None = None  # quantize.rewrites: ortgraph.Rewrites (applied, nodes, timing, refused)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where `quantize.rewrites: auto` times its variants: one ONNX feed, its `bench.shape_key`, threads."""
+
+    feed: dict[str, np.ndarray]
+    shape: str
+    threads: int
 
 
 def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
              calibration: list[dict[str, np.ndarray]] | None = None,
-             heads: tuple[int, int] | None = None) -> Quantized:
+             heads: tuple[int, int] | None = None, timing: Timing | None = None) -> Quantized:
     """Write the quantized `out_path` from `float_path`; what was done, as report data. With
     `cfg.fuse`, `heads` is the exported model's `attention_heads` (and `float_path` its export with
-    eager attention, `exporting.export_onnx(..., eager_attention=True)`)."""
+    eager attention, `exporting.export_onnx(..., eager_attention=True)`). `timing`: where
+    `cfg.rewrites: auto` times them (without it, auto rewrites nothing)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
@@ -333,6 +350,7 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
                                 activation_type=QuantType.QUInt8, weight_type=weight_type,
                                 nodes_to_exclude=excluded, calibrate_method=method, reduce_range=reduce_range)
             tables = _quantize_tables(out_path, cfg) if cfg.tables is not None else None
+            rewrites = _rewrite(out_path, cfg, timing)
         except UserError:
             out_path.unlink(missing_ok=True)  # no half-quantized model left behind
             raise
@@ -346,7 +364,19 @@ def quantize(float_path: Path, out_path: Path, cfg: QuantizeSection,
         raise UserError(f"quantize: ONNX Runtime left the model in float (no {'/'.join(op_types)} it could quantize)")
     return Quantized(cfg.mode, cfg.weight_type, cfg.per_channel, reduce_range, op_types, excluded, preprocessed,
                      quantized, len(calibration) if cfg.mode == "static" and calibration else None,
-                     cfg.calibrate_method if cfg.mode == "static" else None, tables=tables, fused=fused)
+                     cfg.calibrate_method if cfg.mode == "static" else None, tables=tables, fused=fused,
+                     rewrites=rewrites)
+
+
+def _rewrite(path: Path, cfg: QuantizeSection, timing: Timing | None) -> dict | None:
+    """ortgraph's rewrites of the int8 model at `path` by `cfg.rewrites`, in place; report data."""
+    from . import ortgraph
+
+    if cfg.rewrites == "auto":
+        done = ortgraph.choose(path, timing.feed, timing.shape, timing.threads) if timing is not None else None
+    else:
+        done = ortgraph.apply(path, cfg.rewrites) if cfg.rewrites else None
+    return dataclasses.asdict(done) if done is not None else None
 
 
 def _prepare(float_path: Path, tmp: Path, cfg: QuantizeSection, heads: tuple[int, int] | None):

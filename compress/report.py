@@ -158,7 +158,9 @@ class Report:
                                     "(`agreement_kind` top1 or cosine, `agreement`, `max_abs_deviation`, "
                                     "`metric_drop` from the float model, the limits, `passed`), `tables` (with "
                                     "quantize.tables: `bits`, `block_size`, `symmetric`, `quantized` tables), `fused` "
-                                    "(with quantize.fuse: operator -> nodes fused); null otherwise",
+                                    "(with quantize.fuse: operator -> nodes fused), `rewrites` (quantize.rewrites: "
+                                    "`applied`, `nodes` each would change, the `shape` timed at, each variant's "
+                                    "`speedup` over the model without them, `refused` and why); null otherwise",
                                     default=None)
     baselines: dict[str, Baseline] = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
                           "the fastest (at the largest batch size) of the options the data allows: the recipe's quantize "
@@ -465,7 +467,22 @@ def _quantization_line(q: dict) -> str:
             + f". Fidelity to the float model: {f['agreement_kind']} agreement {f['agreement']:.4f} "
             f"(at least {f['min_agreement']}), max abs deviation {f['max_abs_deviation']:.3g}"
             + (f", metric drop {f['metric_drop']:.4f} (at most {f['max_metric_drop']})"
-               if f.get("metric_drop") is not None else "") + ".")
+               if f.get("metric_drop") is not None else "") + "." + _rewrites_text(q.get("rewrites")))
+
+
+def _rewrites_text(rewrites: dict | None) -> str:
+    """The quantization line's sentence on compress's graph rewrites (quantize.rewrites)."""
+    if not rewrites or not rewrites["nodes"]:
+        return ""
+    applied = rewrites["applied"]
+    timed = rewrites["speedup"].get("+".join(applied)) if applied else None
+    listed = ", ".join(f"{name} ({rewrites['nodes'][name]} nodes)" for name in applied)
+    said = ""
+    if applied:
+        said = f" Graph rewrites: {listed}" + (
+            f", {timed['speedup']:.2f}x [{timed['ci'][0]:.2f}, {timed['ci'][1]:.2f}] over the same model without "
+            f"them at {describe_key(rewrites['shape'])}" if timed else "") + "."
+    return said + "".join(f" Not rewritten: {name}, {why}." for name, why in rewrites["refused"].items())
 
 
 def _measurement_notes(report: dict) -> list[str]:

@@ -471,9 +471,10 @@ def test_a_speedup_over_int8_of_the_original_is_planned_over_the_original(digits
 
 def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, monkeypatch):
     """With the recipe's own quantize settings, int8 of the original is the model the costs start
-    from, measured once: `speedup: 1, over: int8_original` is then met by leaving every layer dense
-    (two timings of the same model would differ, and the allocation would factorize to make up
-    the noise)."""
+    from; the baseline is the same settings without compress's rewrites, which on this model is
+    the same file, measured once (`_measure_models`): `speedup: 1, over: int8_original` is then met
+    by leaving every layer dense (two timings of the same model would differ, and the allocation
+    would factorize to make up the noise)."""
     from compress import opcost, planning
     from compress.api import as_recipe
     from compress.pipeline import Options, load_context, plan
@@ -482,7 +483,9 @@ def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, m
 
     def measured(ctx, models, budget):
         asked.append(sorted(models))
-        return {"original": planning.Counted(10.0), "original_int8": planning.Counted(4.0, (0.4, 0.4))}
+        assert models["int8_baseline"][1].rewrites == [] and models["original_int8"][1].rewrites == "auto"
+        same = planning.Counted(4.0, (0.4, 0.4))
+        return {"original": planning.Counted(10.0), "original_int8": same, "int8_baseline": same}
 
     monkeypatch.setattr(planning, "_measure_models", measured)
     monkeypatch.setattr(opcost.OpCosts, "latency_ms", lambda self, layer, rank, scheme, shape, quantized=False:
@@ -491,9 +494,17 @@ def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, m
                 "budget": {"speedup": 1.0, "over": "int8_original", "batch": 1},
                 "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
     planned = plan(load_context(as_recipe(document), digits_model, Options()))
-    assert asked == [["original", "original_int8"]]
+    assert asked == [["int8_baseline", "original", "original_int8"]]
     assert planned.allocation.value == pytest.approx(2.5) and planned.allocation.predicted == pytest.approx(4.0)
     assert all(d.action == "keep" for d in planned.decisions)
+
+
+def test_models_with_the_same_bytes_are_measured_once(tmp_path):
+    from compress import planning
+
+    for name, data in {"a": b"one", "b": b"two", "c": b"one", "d": b"two"}.items():
+        (tmp_path / name).write_bytes(data)
+    assert planning._same_files({k: str(tmp_path / k) for k in "abcd"}) == {"c": "a", "d": "b"}
 
 
 def test_over_applies_to_speedup_targets():

@@ -1,0 +1,257 @@
+"""Graph rewrites for ONNX Runtime's CPU kernels, measured before they are kept (`quantize.rewrites`).
+
+Two kernels of ONNX Runtime's CPU provider are slower than the graph they stand for, on the
+machines compress was measured on (benchmarks/fusion.py, all-MiniLM-L6-v2 at batch 8 x 64 tokens):
+
+- **layer_norms.** LayerNormalization and the fused SkipLayerNormalization took about 1 ms each
+  on a [8, 64, 384] tensor (5 ns an element), where the same normalization written as ReduceMean,
+  Sub, Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul, Add ran in 0.28 ms. The rewrite writes each
+  such node in that form, which ONNX Runtime's layer-norm fusion does not match (it looks for Pow
+  and Div), so it stays as written when the model is loaded. Exact in float up to rounding.
+- **attention_masks.** A fused Attention or QAttention adds `mask_filter_value` (-10,000 by
+  default) to the scores of padded positions. After the softmax subtracts the row's largest score,
+  exp() of those positions lands below float's smallest normal number (e^-87), and the CPU then
+  takes a slow path for every such element: the softmax of a [8, 12, 64, 64] score tensor with
+  three quarters of it padded took 2 ms instead of 0.17 ms. At `MASK_FILTER` (-40) a padded
+  position still gets e^-40 of the weight of a key that scores as well as it, 4e-18, far below
+  float's resolution, and exp() stays in the normal range unless a padded key scores 47 below the
+  row's best. Not exact in principle (a padded key that scores 24 or more above every real key
+  would get a weight above float's resolution), so `choose` keeps it only where the outputs agree
+  with the unrewritten model's (`MASK_AGREEMENT`).
+
+Both depend on ONNX Runtime's version and the CPU, so `choose` times the model with and without
+each rewrite, interleaved (bench.measure), and keeps the fastest variant only when its 95 %
+interval over the unrewritten model lies above 1. The rewritten graphs contain standard operators
+only (the attention's are ONNX Runtime's already).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REWRITES = ("layer_norms", "attention_masks")
+MASK_FILTER = -40.0
+MASK_AGREEMENT = 1e-4  # largest difference of any output from the unrewritten model's, over its largest value
+TIMING_RUNS = 20
+TIMING_S = 10.0  # at most, for the extra runs bench.measure takes while an interval is wide
+
+
+@dataclass
+class Rewrites:
+    """What `choose` or `apply` did to a model, as report data."""
+
+    applied: list[str]  # the rewrites the shipped model has
+    nodes: dict[str, int]  # rewrite -> nodes it changes (every applicable rewrite, applied or not)
+    shape: str | None = None  # the shape it was timed at (`bench.shape_key`)
+    speedup: dict[str, dict] = field(default_factory=dict)  # variant ("+"-joined rewrites) -> {speedup, ci}
+    refused: dict[str, str] = field(default_factory=dict)  # rewrite -> why it was not kept
+
+
+def decompose_layer_norms(model) -> int:
+    """Write every float LayerNormalization over the last axis (and ONNX Runtime's
+    SkipLayerNormalization) of `model` (an onnx.ModelProto, changed in place) as elementwise
+    operators and ReduceMean; the number of nodes rewritten. A node whose mean or inverse standard
+    deviation output is used, or whose scale is not a float initializer, is left as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    floats = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    taken = {name for node in graph.node for name in list(node.input) + list(node.output)} | {
+        i.name for i in graph.initializer}
+    constants: dict[float, str] = {}
+    added, nodes, count = [], [], 0
+
+    def fresh(stem: str) -> str:
+        name, k = stem, 0
+        while name in taken:
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add(name)
+        return name
+
+    def constant(value, dtype) -> str:
+        key = (float(value), dtype)
+        if key not in constants:
+            constants[key] = fresh("compress_norm_" + ("axes" if dtype == np.int64 else "eps"))
+            added.append(numpy_helper.from_array(np.array([value] if dtype == np.int64 else value, dtype),
+                                                 constants[key]))
+        return constants[key]
+
+    def mean(x: str, out: str):
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [x, constant(-1, np.int64)], [out])
+        return helper.make_node("ReduceMean", [x], [out], axes=[-1])
+
+    for node in graph.node:
+        parts = _norm_parts(node, used, floats)
+        if parts is None:
+            nodes.append(node)
+            continue
+        x, adds, scale, bias, eps, out, total = parts
+        p = fresh(f"compress_norm{count}")
+        count += 1
+        for k, term in enumerate(adds):  # SkipLayerNormalization: input + skip (+ bias) first
+            s = total if k == len(adds) - 1 and total else f"{p}/sum{k}"
+            nodes.append(helper.make_node("Add", [x, term], [s]))
+            x = s
+        nodes += [mean(x, f"{p}/mean"), helper.make_node("Sub", [x, f"{p}/mean"], [f"{p}/centred"]),
+                  helper.make_node("Mul", [f"{p}/centred", f"{p}/centred"], [f"{p}/squared"]),
+                  mean(f"{p}/squared", f"{p}/var"),
+                  helper.make_node("Add", [f"{p}/var", constant(eps, np.float32)], [f"{p}/var_eps"]),
+                  helper.make_node("Sqrt", [f"{p}/var_eps"], [f"{p}/std"]),
+                  helper.make_node("Reciprocal", [f"{p}/std"], [f"{p}/inv_std"]),
+                  helper.make_node("Mul", [f"{p}/centred", f"{p}/inv_std"], [f"{p}/normed"]),
+                  helper.make_node("Mul", [f"{p}/normed", scale], [out if not bias else f"{p}/scaled"])]
+        if bias:
+            nodes.append(helper.make_node("Add", [f"{p}/scaled", bias], [out]))
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(added)
+    return count
+
+
+def _norm_parts(node, used: set[str], floats: set[str]):
+    """(input, terms added to it first, scale, bias, epsilon, output, the sum's output name) of a
+    layer-norm node `decompose_layer_norms` can rewrite; None for any other node."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    extra = [o for o in node.output[1:] if o and o in used]
+    if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+        if attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1 or extra:
+            return None
+        x, scale, bias = (list(node.input) + ["", ""])[:3]
+        adds, total = [], None
+    elif node.op_type == "SkipLayerNormalization" and node.domain == "com.microsoft":
+        total = node.output[3] if len(node.output) > 3 and node.output[3] in used else None
+        if [o for o in node.output[1:3] if o and o in used]:
+            return None
+        x, skip, scale, bias, add_bias = (list(node.input) + ["", "", ""])[:5]
+        adds = [skip] + ([add_bias] if add_bias else [])
+    else:
+        return None
+    if scale not in floats or (bias and bias not in floats):
+        return None
+    return x, adds, scale, bias, float(attrs.get("epsilon", 1e-5)), node.output[0], total
+
+
+def soften_attention_masks(model, value: float | None = None) -> int:
+    """Set `mask_filter_value` (default MASK_FILTER) on every ONNX Runtime Attention and QAttention
+    node of `model` that takes a mask (changed in place); the number of nodes changed."""
+    from onnx import helper
+
+    value = MASK_FILTER if value is None else value
+    mask_input = {"Attention": 3, "QAttention": 5}
+    count = 0
+    for node in model.graph.node:
+        k = mask_input.get(node.op_type)
+        if node.domain != "com.microsoft" or k is None or len(node.input) <= k or not node.input[k]:
+            continue
+        kept = [a for a in node.attribute if a.name != "mask_filter_value"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("mask_filter_value", float(value))])
+        count += 1
+    return count
+
+
+FUNCTIONS: dict[str, Callable] = {"layer_norms": decompose_layer_norms, "attention_masks": soften_attention_masks}
+
+
+def applicable(path: Path) -> dict[str, int]:
+    """rewrite -> nodes it would change in the ONNX file at `path` (0 where it has none; none at all
+    for a model whose weights lie in external data files, which a rewrite would have to copy)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
+        return {name: 0 for name in REWRITES}
+    counts = {}
+    for name in REWRITES:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        counts[name] = FUNCTIONS[name](copy)
+    return counts
+
+
+def write(source: Path, target: Path, names: list[str]) -> None:
+    """Write `source` with the rewrites `names` applied to `target`."""
+    import onnx
+
+    model = onnx.load(str(source))
+    for name in names:
+        FUNCTIONS[name](model)
+    onnx.save(model, str(target))
+
+
+def apply(path: Path, names: list[str]) -> Rewrites:
+    """Apply the rewrites `names` to the ONNX file at `path` in place, untimed (a recipe's explicit list)."""
+    nodes = {name: n for name, n in applicable(path).items() if name in names}
+    applied = [name for name in names if nodes.get(name)]
+    if applied:
+        _replace(path, applied)
+    return Rewrites(applied=applied, nodes=nodes)
+
+
+def choose(path: Path, feed: dict[str, np.ndarray], shape: str, threads: int) -> Rewrites:
+    """Time the ONNX file at `path` beside its variants with each applicable rewrite (and with all of
+    them) on `feed`, interleaved; rewrite `path` in place to the fastest variant whose 95 % interval
+    over the unrewritten model lies above 1, if any. attention_masks is tried only where it leaves
+    the outputs within MASK_AGREEMENT of the unrewritten model's."""
+    from . import bench
+
+    nodes = {name: n for name, n in applicable(path).items() if n}
+    result = Rewrites(applied=[], nodes=nodes, shape=shape)
+    if not nodes:
+        return result
+    with tempfile.TemporaryDirectory(prefix="compress-rewrites-") as tmp:
+        variants = {name: [name] for name in nodes}
+        if len(nodes) > 1:
+            variants["+".join(nodes)] = list(nodes)
+        paths = {"as quantized": str(path)}
+        for label, names in variants.items():
+            paths[label] = str(Path(tmp) / f"{label.replace('+', '_')}.onnx")
+            write(path, Path(paths[label]), names)
+        if "attention_masks" in nodes:
+            gap = _disagreement(str(path), paths["attention_masks"], feed, threads)
+            if gap > MASK_AGREEMENT:
+                result.refused["attention_masks"] = (f"changed the outputs by {gap:.1e} of their largest value "
+                                                     f"(more than {MASK_AGREEMENT:g})")
+                paths = {k: v for k, v in paths.items() if "attention_masks" not in variants.get(k, [])}
+        if len(paths) == 1:
+            return result
+        measured = bench.measure(paths, {shape: feed}, threads, warmup=3, runs=TIMING_RUNS, budget_s=TIMING_S)
+        result.speedup = {label: measured.pair("as quantized", label)[shape] for label in list(paths)[1:]}
+        faster = [label for label, s in result.speedup.items() if s["ci"][0] > 1]
+        if faster:
+            best = max(faster, key=lambda label: result.speedup[label]["speedup"])
+            result.applied = variants[best]
+            _replace(path, result.applied)
+        for name in nodes:
+            if name not in result.applied and name not in result.refused:
+                result.refused[name] = f"not faster here ({result.speedup[name]['speedup']:.2f}x, 95 % interval " \
+                                       f"{result.speedup[name]['ci']})"
+    return result
+
+
+def _disagreement(a: str, b: str, feed: dict[str, np.ndarray], threads: int) -> float:
+    """The largest difference between the outputs of the ONNX files `a` and `b` on `feed`, over the
+    largest absolute value of `a`'s."""
+    from . import bench
+
+    outs = [bench.make_session(p, threads).run(None, feed) for p in (a, b)]
+    gaps = [float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-30) for x, y in zip(*outs)]
+    return max(gaps, default=0.0)
+
+
+def _replace(path: Path, names: list[str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="compress-rewrites-", dir=path.parent) as tmp:
+        written = Path(tmp) / path.name
+        write(path, written, names)
+        written.replace(path)

@@ -1,18 +1,23 @@
 """Graph rewrites for ONNX Runtime's CPU kernels, measured before they are kept (`quantize.rewrites`).
 
 Two kernels of ONNX Runtime's CPU provider are slower than the graph they stand for, on the
-machines compress was measured on (benchmarks/fusion.py, all-MiniLM-L6-v2 at batch 8 x 64 tokens):
+machines compress was measured on (`python benchmarks/rewrites.py --kernels`, 1 thread, at
+all-MiniLM-L6-v2's shapes; what they buy on the model: benchmarks/README.md, "Graph rewrites"):
 
-- **layer_norms.** LayerNormalization and the fused SkipLayerNormalization took about 1 ms each
-  on a [8, 64, 384] tensor (5 ns an element), where the same normalization written as ReduceMean,
-  Sub, Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul, Add ran in 0.28 ms. The rewrite writes each
-  such node in that form, which ONNX Runtime's layer-norm fusion does not match (it looks for Pow
-  and Div), so it stays as written when the model is loaded. Exact in float up to rounding.
+- **layer_norms.** The fused SkipLayerNormalization (a residual Add and a LayerNormalization in one
+  kernel) took 1.0 ms on a [8, 64, 384] tensor, where the same Add with the normalization written
+  as ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul, Add ran in 0.28 ms
+  (LayerNormalization alone: 0.10 ms). ONNX Runtime fuses an Add and the LayerNormalization it
+  feeds into SkipLayerNormalization when it loads a model, so the rewrite writes each
+  SkipLayerNormalization, and each LayerNormalization fed by an Add, in that form, which its
+  fusions do not match (they look for Pow and Div). A LayerNormalization fed by anything else stays
+  as it is (its kernel is the faster there). Exact in float up to rounding.
 - **attention_masks.** A fused Attention or QAttention adds `mask_filter_value` (-10,000 by
   default) to the scores of padded positions. After the softmax subtracts the row's largest score,
-  exp() of those positions lands below float's smallest normal number (e^-87), and the CPU then
+  exp() of those positions falls below float's smallest normal number (e^-87), and the CPU then
   takes a slow path for every such element: the softmax of a [8, 12, 64, 64] score tensor with
-  three quarters of it padded took 2 ms instead of 0.17 ms. At `MASK_FILTER` (-40) a padded
+  three quarters of each row at a padded position's score took 1.6 ms (3.1 ms at -90, where the
+  results are subnormal rather than zero) instead of 0.16-0.18 ms. At `MASK_FILTER` (-40) a padded
   position still gets e^-40 of the weight of a key that scores as well as it, 4e-18, far below
   float's resolution, and exp() stays in the normal range unless a padded key scores 47 below the
   row's best. Not exact in principle (a padded key that scores 24 or more above every real key
@@ -52,14 +57,17 @@ class Rewrites:
 
 
 def decompose_layer_norms(model) -> int:
-    """Write every float LayerNormalization over the last axis (and ONNX Runtime's
-    SkipLayerNormalization) of `model` (an onnx.ModelProto, changed in place) as elementwise
-    operators and ReduceMean; the number of nodes rewritten. A node whose mean or inverse standard
-    deviation output is used, or whose scale is not a float initializer, is left as it is."""
+    """Write every ONNX Runtime SkipLayerNormalization of `model` (an onnx.ModelProto, changed in
+    place), and every float LayerNormalization over the last axis that an Add feeds (which ONNX
+    Runtime would fuse into one), as Add, ReduceMean and elementwise operators; the number of nodes
+    rewritten. A node whose mean or inverse standard deviation output is used, or whose scale is
+    not a float initializer, is left as it is."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    added_by = {out for node in graph.node if node.op_type == "Add" and node.domain in ("", "ai.onnx")
+                for out in node.output}
     floats = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     taken = {name for node in graph.node for name in list(node.input) + list(node.output)} | {
@@ -89,7 +97,7 @@ def decompose_layer_norms(model) -> int:
         return helper.make_node("ReduceMean", [x], [out], axes=[-1])
 
     for node in graph.node:
-        parts = _norm_parts(node, used, floats)
+        parts = _norm_parts(node, used, floats, added_by)
         if parts is None:
             nodes.append(node)
             continue
@@ -117,15 +125,16 @@ def decompose_layer_norms(model) -> int:
     return count
 
 
-def _norm_parts(node, used: set[str], floats: set[str]):
+def _norm_parts(node, used: set[str], floats: set[str], added_by: set[str]):
     """(input, terms added to it first, scale, bias, epsilon, output, the sum's output name) of a
-    layer-norm node `decompose_layer_norms` can rewrite; None for any other node."""
+    layer-norm node `decompose_layer_norms` rewrites (`added_by`: the outputs of Add nodes); None
+    for any other node."""
     from onnx import helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     extra = [o for o in node.output[1:] if o and o in used]
     if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
-        if attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1 or extra:
+        if attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1 or extra or node.input[0] not in added_by:
             return None
         x, scale, bias = (list(node.input) + ["", ""])[:3]
         adds, total = [], None

@@ -20,7 +20,8 @@ RNG = np.random.default_rng(0)
 
 def _model(nodes, inputs, outputs, inits, opset=17):
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                   helper.make_opsetid("com.microsoft", 1)])
 
 
 def _value(name, shape, dtype=TensorProto.FLOAT):
@@ -28,7 +29,8 @@ def _value(name, shape, dtype=TensorProto.FLOAT):
 
 
 def _norm_model(opset=17, scale_dtype=np.float32):
-    """x + skip -> SkipLayerNormalization (with its bias and its sum used) -> LayerNormalization."""
+    """x + skip -> SkipLayerNormalization (with its bias and its sum used) -> Relu -> LayerNormalization
+    (fed by the Relu: left as it is) -> + the sum -> LayerNormalization (fed by an Add: rewritten)."""
     inits = [numpy_helper.from_array(RNG.random(H).astype(scale_dtype) + 0.5, "g1"),
              numpy_helper.from_array(RNG.standard_normal(H).astype(np.float32), "b1"),
              numpy_helper.from_array(RNG.standard_normal(H).astype(np.float32), "bias"),
@@ -38,7 +40,8 @@ def _norm_model(opset=17, scale_dtype=np.float32):
                               domain="com.microsoft", epsilon=1e-5),
              helper.make_node("Relu", ["n1"], ["r"]),
              helper.make_node("LayerNormalization", ["r", "g2", "b2"], ["n2"], axis=-1, epsilon=1e-6),
-             helper.make_node("Add", ["n2", "sum"], ["y"])]
+             helper.make_node("Add", ["n2", "sum"], ["a"]),
+             helper.make_node("LayerNormalization", ["a", "g2", "b2"], ["y"], axis=-1, epsilon=1e-6)]
     return _model(nodes, [_value("x", [2, 5, H]), _value("skip", [2, 5, H])], [_value("y", [2, 5, H])], inits, opset)
 
 
@@ -58,11 +61,12 @@ def test_layer_norms_become_elementwise_and_keep_their_outputs(opset, tmp_path):
     assert ortgraph.decompose_layer_norms(model) == 2
     onnx.checker.check_model(model)
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    assert not ops["LayerNormalization"] and not ops["SkipLayerNormalization"] and ops["ReduceMean"] == 4
+    assert ops["LayerNormalization"] == 1 and not ops["SkipLayerNormalization"] and ops["ReduceMean"] == 4
+    assert next(n for n in model.graph.node if n.op_type == "LayerNormalization").input[0] == "r"  # the Relu's
     after = _run(model, feed, tmp_path / "loaded.onnx")[0]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
     loaded = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "loaded.onnx")).graph.node)
-    assert not loaded["LayerNormalization"] and not loaded["SkipLayerNormalization"]  # not fused back at load
+    assert loaded["LayerNormalization"] == 1 and not loaded["SkipLayerNormalization"]  # not fused back at load
 
 
 def test_a_norm_whose_statistics_are_used_or_whose_scale_is_not_float_is_left_alone():
@@ -70,10 +74,10 @@ def test_a_norm_whose_statistics_are_used_or_whose_scale_is_not_float_is_left_al
     assert ortgraph.decompose_layer_norms(model) == 1
     assert [n.op_type for n in model.graph.node].count("SkipLayerNormalization") == 1
     stats = _norm_model()
-    stats.graph.node[2].output.extend(["mean"])  # the LayerNormalization's mean, used below
+    stats.graph.node[4].output.extend(["mean"])  # the last LayerNormalization's mean, used below
     stats.graph.node.append(helper.make_node("Identity", ["mean"], ["m"]))
     assert ortgraph.decompose_layer_norms(stats) == 1
-    assert [n.op_type for n in stats.graph.node].count("LayerNormalization") == 1
+    assert [n.op_type for n in stats.graph.node].count("LayerNormalization") == 2
 
 
 def _attention_model(mask: bool = True):
@@ -122,7 +126,9 @@ def _save_both(tmp_path) -> tuple[Path, dict]:
     """A model with a layer norm and a masked attention, and a feed for it."""
     norm = _norm_model()
     attention = _attention_model()
-    nodes = list(attention.graph.node) + [helper.make_node("LayerNormalization", ["y", "g2", "b2"], ["z"], axis=-1)]
+    nodes = list(attention.graph.node) + [
+        helper.make_node("Add", ["y", "x"], ["residual"]),
+        helper.make_node("LayerNormalization", ["residual", "g2", "b2"], ["z"], axis=-1)]
     inits = list(attention.graph.initializer) + [i for i in norm.graph.initializer if i.name in ("g2", "b2")]
     model = _model(nodes, list(attention.graph.input), [_value("z", [2, 6, H])], inits)
     path = tmp_path / "model.onnx"

@@ -295,6 +295,9 @@ def layers_table(rows: list[dict]) -> list[str]:
                    f"{_num(r['macs_before'])} -> {_num(r['macs_after'])}", note(r)] for r in rows])
 
 
+SAME_SIZE = 0.001  # files within 0.1 % of each other's bytes are about the same size (a graph rewrite's nodes)
+
+
 def baseline_verdict(report: dict) -> str | None:
     """One plain sentence: does the shipped model beat int8 quantization of the original on size,
     latency (at the largest batch, by the interval of the paired runs) and metric?"""
@@ -308,9 +311,11 @@ def baseline_verdict(report: dict) -> str | None:
                 "baseline to beat: compare with the original.")
     c = report["compressed"]
     outcomes, parts = [], []  # one of "win", "tie", "loss" per criterion
-    size = (c["onnx_bytes"] > base["onnx_bytes"]) - (c["onnx_bytes"] < base["onnx_bytes"])
+    gap = c["onnx_bytes"] - base["onnx_bytes"]  # within SAME_SIZE of the baseline's bytes: no difference
+    size = 0 if abs(gap) <= SAME_SIZE * base["onnx_bytes"] else (gap > 0) - (gap < 0)
     outcomes.append(("win", "tie", "loss")[size + 1])
-    parts.append(f"{('smaller', 'the same size', 'larger')[size + 1]} ({_num(c['onnx_bytes'])} vs "
+    same = "the same size" if gap == 0 else f"about the same size ({gap / base['onnx_bytes']:+.2%})"
+    parts.append(f"{('smaller', same, 'larger')[size + 1]} ({_num(c['onnx_bytes'])} vs "
                  f"{_num(base['onnx_bytes'])} bytes)")
     batch = largest_key(base["compressed_speedup"])
     pair = base["compressed_speedup"][batch]
@@ -330,7 +335,7 @@ def baseline_verdict(report: dict) -> str | None:
     wins, losses, total = outcomes.count("win"), outcomes.count("loss"), len(outcomes)
     if wins == losses == 0:
         verdict = ("is the same model as far as can be measured: nothing is gained over the one-line alternative"
-                   if size == 0 else "ties it")
+                   if gap == 0 else "ties it")
     elif losses == 0:
         verdict = "beats it" if wins == total else f"beats it on {wins} of {total} and ties the rest"
     elif wins == 0:

@@ -6,6 +6,7 @@ import json
 import random
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -199,6 +200,39 @@ def test_the_sentence_encoder_example_runs_on_one_file(bert, tmp_path, run_cli):
     assert changed == {f"model.encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("intermediate", "output")}
     assert report["quantization"]["mode"] == "dynamic" and report["gates"]["passed"]
     assert report["compressed"]["metric"]["name"] == "cosine"
+
+
+def test_the_faster_than_int8_example_ships_fused_int8_with_its_rewrites_timed(bert, tmp_path, run_cli):
+    """examples/sentence-encoder/faster-than-int8.yaml on a tiny BERT (fine-tuning and timing cut
+    short; `speedup: 1` over int8 of the original, which a tiny model reaches by staying dense): the
+    attention ships fused and integer, both rewrites were timed at the budget's shape and the
+    bench's (whether they are kept depends on this machine), and the baseline has none."""
+    import yaml
+
+    from ..conftest import REPO
+
+    document = yaml.safe_load((REPO / "examples" / "sentence-encoder" / "faster-than-int8.yaml").read_text())
+    assert document["budget"] == {"speedup": 1.3, "over": "int8_original", "batch": 8, "seq_len": 64}
+    document["budget"].update(speedup=1.0, batch=4, seq_len=16)
+    document["finetune"]["steps"] = 3
+    document["bench"] = {"batch_sizes": [1, 4], "seq_lens": [16], "warmup": 1, "runs": 3, "threads": 1}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(document))
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(900, seed=7)) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("apply", "-r", tmp_path / "recipe.yaml", bert, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantization"]
+    assert q["quantized_ops"]["QAttention"] == 2
+    rewrites = q["rewrites"]
+    assert rewrites["nodes"] == {"layer_norms": 4, "attention_masks": 2} and rewrites["shape"] == "4x16"
+    assert set(rewrites["speedup"]) == {"layer_norms", "attention_masks", "layer_norms+attention_masks"}
+    assert set(rewrites["applied"]) | set(rewrites["refused"]) == {"layer_norms", "attention_masks"}
+    onnx_ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ("SkipLayerNormalization" in onnx_ops) == ("layer_norms" not in rewrites["applied"])
+    assert "Graph rewrites" in (out / "report.md").read_text() or not rewrites["applied"]
+    base = report["baselines"]["int8_original"]
+    assert [t["mode"] for t in base["tried"]][:2] == ["dynamic+fused", "dynamic"]
 
 
 def test_padding_that_would_not_fit_in_memory_is_refused(bert, tmp_path, monkeypatch, run_cli, write_recipe):

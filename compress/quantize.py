@@ -291,7 +291,7 @@ class Quantized:
     fidelity: Fidelity | None = None
     tables: dict | None = None  # quantize.tables: {bits, block_size, symmetric, quantized: Gather nodes in 4 bits}
     fused: dict[str, int] | None = None  # quantize.fuse: operator -> nodes ONNX Runtime's optimizer fused
-    rewrites: dict | None = None  # quantize.rewrites: ortgraph.Rewrites (applied, nodes, timing, refused)
+    rewrites: dict | None = None  # quantize.rewrites: ortgraph.Rewrites (applied, nodes, shape, speedup, refused)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ eval sentences' embeddings to the float original):
     report's baseline at these shapes (the fused option without rewrites is no faster: fusion.py);
   - fused int8, no rewrites: `quantize: {fuse: true, rewrites: []}`;
   - fused int8 with layer_norms, with attention_masks, with both (`rewrites` as a list);
-  - unfused int8 with layer_norms (`quantize: {rewrites: [layer_norms]}`).
+  - unfused int8 with each and with both (`quantize: {rewrites: [...]}`, fuse off).
 All are timed in one interleaved run per thread count and shape (speedups over int8 of the original
 with 95 % intervals, `RUNS` runs each after 5 warm-up), then profiled by operator. Last, what
 `rewrites: auto` (the default) keeps when compress times the variants itself (`auto`).
@@ -57,6 +57,8 @@ VARIANTS = {  # label -> quantize settings
     "fused int8 + attention_masks": quantize.QuantizeSection(fuse=True, rewrites=["attention_masks"]),
     "fused int8 + both": quantize.QuantizeSection(fuse=True, rewrites=["layer_norms", "attention_masks"]),
     "int8 + layer_norms": quantize.QuantizeSection(rewrites=["layer_norms"]),
+    "int8 + attention_masks": quantize.QuantizeSection(rewrites=["attention_masks"]),
+    "int8 + both": quantize.QuantizeSection(rewrites=["layer_norms", "attention_masks"]),
 }
 
 

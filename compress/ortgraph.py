@@ -13,7 +13,8 @@ all-MiniLM-L6-v2's shapes; what they buy on the model: benchmarks/README.md, "Gr
   fusions do not match (they look for Pow and Div). A LayerNormalization fed by anything else stays
   as it is (its kernel is the faster there). Exact in float up to rounding.
 - **attention_masks.** A fused Attention or QAttention adds `mask_filter_value` (-10,000 by
-  default) to the scores of padded positions. After the softmax subtracts the row's largest score,
+  default) to the scores of padded positions; an unfused attention adds a constant of its own
+  (-inf or float's lowest in PyTorch's exports). After the softmax subtracts the row's largest score,
   exp() of those positions falls below float's smallest normal number (e^-87), and the CPU then
   takes a slow path for every such element: the softmax of a [8, 12, 64, 64] score tensor with
   three quarters of each row at a padded position's score took 1.6 ms (3.1 ms at -90, where the
@@ -21,8 +22,9 @@ all-MiniLM-L6-v2's shapes; what they buy on the model: benchmarks/README.md, "Gr
   position still gets e^-40 of the weight of a key that scores as well as it, 4e-18, far below
   float's resolution, and exp() stays in the normal range unless a padded key scores 47 below the
   row's best. Not exact in principle (a padded key that scores 24 or more above every real key
-  would get a weight above float's resolution), so `choose` keeps it only where the outputs agree
-  with the unrewritten model's (`MASK_AGREEMENT`).
+  would get a weight above float's resolution, and a sequence with no token at all, every key
+  padded, averages its padded positions where -inf gave it no weights), so `choose` keeps it only
+  where the outputs agree with the unrewritten model's (`MASK_AGREEMENT`).
 
 Both depend on ONNX Runtime's version and the CPU, so `choose` times the model with and without
 each rewrite, interleaved (bench.measure), and keeps the fastest variant only when its 95 %
@@ -40,6 +42,7 @@ import numpy as np
 
 REWRITES = ("layer_norms", "attention_masks")
 MASK_FILTER = -40.0
+MASK_DEPTH = 4  # nodes from the scores' Add up to an unfused attention's mask constant
 MASK_AGREEMENT = 1e-4  # largest difference of any output from the unrewritten model's, over its largest value
 TIMING_RUNS = 20
 TIMING_S = 10.0  # at most, for the extra runs bench.measure takes while an interval is wide
@@ -101,28 +104,40 @@ def decompose_layer_norms(model) -> int:
         if parts is None:
             nodes.append(node)
             continue
-        x, adds, scale, bias, eps, out, total = parts
-        p = fresh(f"compress_norm{count}")
+        stem = fresh(f"compress_norm{count}")
+        while any(name.startswith(stem + "/") for name in taken):  # its tensors are named stem/...
+            stem = fresh(stem)
+        nodes += _written_norm(parts, stem, mean, constant(parts[4], np.float32))
         count += 1
-        for k, term in enumerate(adds):  # SkipLayerNormalization: input + skip (+ bias) first
-            s = total if k == len(adds) - 1 and total else f"{p}/sum{k}"
-            nodes.append(helper.make_node("Add", [x, term], [s]))
-            x = s
-        nodes += [mean(x, f"{p}/mean"), helper.make_node("Sub", [x, f"{p}/mean"], [f"{p}/centred"]),
-                  helper.make_node("Mul", [f"{p}/centred", f"{p}/centred"], [f"{p}/squared"]),
-                  mean(f"{p}/squared", f"{p}/var"),
-                  helper.make_node("Add", [f"{p}/var", constant(eps, np.float32)], [f"{p}/var_eps"]),
-                  helper.make_node("Sqrt", [f"{p}/var_eps"], [f"{p}/std"]),
-                  helper.make_node("Reciprocal", [f"{p}/std"], [f"{p}/inv_std"]),
-                  helper.make_node("Mul", [f"{p}/centred", f"{p}/inv_std"], [f"{p}/normed"]),
-                  helper.make_node("Mul", [f"{p}/normed", scale], [out if not bias else f"{p}/scaled"])]
-        if bias:
-            nodes.append(helper.make_node("Add", [f"{p}/scaled", bias], [out]))
     if count:
         del graph.node[:]
         graph.node.extend(nodes)
         graph.initializer.extend(added)
     return count
+
+
+def _written_norm(parts: tuple, p: str, mean: Callable, eps: str) -> list:
+    """The nodes that compute a layer norm (`_norm_parts`) as `decompose_layer_norms` writes it, its
+    tensors named `p`/..., `mean(x, out)` a ReduceMean over the last axis, `eps` the epsilon's name."""
+    from onnx import helper
+
+    x, adds, scale, bias, _, out, total = parts
+    nodes = []
+    for k, term in enumerate(adds):  # SkipLayerNormalization: input + skip (+ bias) first
+        s = total if k == len(adds) - 1 and total else f"{p}/sum{k}"
+        nodes.append(helper.make_node("Add", [x, term], [s]))
+        x = s
+    nodes += [mean(x, f"{p}/mean"), helper.make_node("Sub", [x, f"{p}/mean"], [f"{p}/centred"]),
+              helper.make_node("Mul", [f"{p}/centred", f"{p}/centred"], [f"{p}/squared"]),
+              mean(f"{p}/squared", f"{p}/var"),
+              helper.make_node("Add", [f"{p}/var", eps], [f"{p}/var_eps"]),
+              helper.make_node("Sqrt", [f"{p}/var_eps"], [f"{p}/std"]),
+              helper.make_node("Reciprocal", [f"{p}/std"], [f"{p}/inv_std"]),
+              helper.make_node("Mul", [f"{p}/centred", f"{p}/inv_std"], [f"{p}/normed"]),
+              helper.make_node("Mul", [f"{p}/normed", scale], [out if not bias else f"{p}/scaled"])]
+    if bias:
+        nodes.append(helper.make_node("Add", [f"{p}/scaled", bias], [out]))
+    return nodes
 
 
 def _norm_parts(node, used: set[str], floats: set[str], added_by: set[str]):
@@ -153,8 +168,9 @@ def _norm_parts(node, used: set[str], floats: set[str], added_by: set[str]):
 
 def soften_attention_masks(model, value: float | None = None) -> int:
     """Set `mask_filter_value` (default MASK_FILTER) on every ONNX Runtime Attention and QAttention
-    node of `model` that takes a mask (changed in place); the number of nodes changed."""
-    from onnx import helper
+    node of `model` that takes a mask, and give the same value to every unfused attention's mask
+    constant (`_mask_constants`); changed in place; the number of masks changed."""
+    from onnx import helper, numpy_helper
 
     value = MASK_FILTER if value is None else value
     mask_input = {"Attention": 3, "QAttention": 5}
@@ -167,7 +183,55 @@ def soften_attention_masks(model, value: float | None = None) -> int:
         del node.attribute[:]
         node.attribute.extend(kept + [helper.make_attribute("mask_filter_value", float(value))])
         count += 1
+    for k, (node, index) in enumerate(_mask_constants(model.graph)):
+        name = f"compress_mask_filter{k}"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        node.input[index] = name  # a constant of its own: the one it had may feed other nodes
+        count += 1
     return count
+
+
+MASK_OPS = {"Where", "Mul"}  # where an unfused attention's mask meets its padding value
+PASS_OPS = {"Expand", "Cast", "Unsqueeze", "Reshape", "Sub"}  # what may lie between that and the scores
+
+
+def _mask_constants(graph) -> list[tuple]:
+    """(node, input index) of each float constant of -10,000 or less (-inf included) that a Where or
+    Mul puts at the padded positions of an unfused attention: on the way from a Softmax's input,
+    an Add of the scores and the mask, up through at most MASK_DEPTH Where, Mul, Expand, Cast,
+    Unsqueeze, Reshape and Sub nodes."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    values = {i.name: i for i in graph.initializer}
+    values.update({node.output[0]: node.attribute[0].t for node in graph.node
+                   if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+
+    def padding(name: str) -> bool:
+        tensor = values.get(name)
+        if tensor is None or tensor.data_type != 1 or np.prod(tensor.dims, dtype=np.int64) > 1:
+            return False
+        return float(numpy_helper.to_array(tensor).reshape(-1)[0]) <= -1e4
+
+    found, seen = [], set()
+
+    def walk(name: str, depth: int):
+        node = producers.get(name)
+        if node is None or depth > MASK_DEPTH or id(node) in seen or node.op_type not in MASK_OPS | PASS_OPS:
+            return
+        seen.add(id(node))
+        for index, source in enumerate(node.input):
+            if node.op_type in MASK_OPS and padding(source):
+                found.append((node, index))
+            elif source:
+                walk(source, depth + 1)
+
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        add = producers.get(softmax.input[0])
+        if add is not None and add.op_type == "Add":
+            for source in add.input:
+                walk(source, 1)
+    return found
 
 
 FUNCTIONS: dict[str, Callable] = {"layer_norms": decompose_layer_norms, "attention_masks": soften_attention_masks}

@@ -104,6 +104,44 @@ def test_softened_attention_masks_leave_the_outputs_as_they_were():
     assert ortgraph.soften_attention_masks(_attention_model(mask=False)) == 0
 
 
+def _unfused_attention(padding: float, shared: bool = False, via_mul: bool = False):
+    """scores + mask -> Softmax, the mask a Where (or, via_mul, (1 - mask) * padding) of a padding constant."""
+    scores = _value("scores", [2, 2, 6, 6])
+    nodes = [helper.make_node("Constant", [], ["pad"], value=numpy_helper.from_array(np.array(padding, np.float32)))]
+    if via_mul:
+        nodes += [helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1, np.float32))),
+                  helper.make_node("Cast", ["keep"], ["keep_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Sub", ["one", "keep_f"], ["dropped"]),
+                  helper.make_node("Mul", ["dropped", "pad"], ["mask"])]
+    else:
+        nodes += [helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32))),
+                  helper.make_node("Where", ["keep", "zero", "pad"], ["mask"])]
+    nodes += [helper.make_node("Add", ["scores", "mask"], ["masked"]),
+              helper.make_node("Softmax", ["masked"], ["y"], axis=-1)]
+    outputs = [_value("y", [2, 2, 6, 6])]
+    if shared:  # the padding constant feeds something else too, which must keep it
+        nodes.append(helper.make_node("Identity", ["pad"], ["pad_out"]))
+        outputs.append(_value("pad_out", []))
+    return _model(nodes, [scores, _value("keep", [2, 1, 1, 6], TensorProto.BOOL)], outputs, [])
+
+
+@pytest.mark.parametrize("padding, via_mul", [(-np.inf, False), (float(np.finfo(np.float32).min), True)])
+def test_an_unfused_attentions_mask_gets_the_softened_value(padding, via_mul):
+    model = _unfused_attention(padding, shared=True, via_mul=via_mul)
+    keep = np.ones((2, 1, 1, 6), bool)
+    keep[0, ..., 3:] = keep[1, ..., 5:] = False
+    feed = {"scores": RNG.standard_normal((2, 2, 6, 6)).astype(np.float32) * 3, "keep": keep}
+    before = _run(model, feed)
+    assert ortgraph.soften_attention_masks(model) == 1
+    after = _run(model, feed)
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-6, atol=1e-12)
+    assert after[1] == before[1] == np.float32(padding)  # the other consumer still sees the old constant
+
+
+def test_a_mask_that_is_no_padding_value_is_left_alone():
+    assert ortgraph.soften_attention_masks(_unfused_attention(-5.0)) == 0
+
+
 class _Timed:
     """bench.measure's stand-in: every variant's speedup over the unrewritten model, as given."""
 

@@ -82,8 +82,8 @@ class QuantizeSection(Strict):
         "auto", description="graph rewrites of the int8 model for ONNX Runtime's CPU kernels (compress/ortgraph.py): "
         "layer_norms writes layer norms as elementwise operators, attention_masks keeps a fused attention's padded "
         "positions out of float's subnormal range; auto: each timed on this machine at the largest bench shape "
-        "and kept only where measurably faster (all-MiniLM-L6-v2, fused, batch 8 x 64: both together 1.48x over "
-        "int8 of the original at 1 thread, 1.26x at 2); a list applies those named, untimed; [] none")
+        "and kept only where measurably faster (all-MiniLM-L6-v2, fused, batch 8 x 64: both together 1.41-1.48x "
+        "over int8 of the original at 1 thread, 1.26-1.31x at 2); a list applies those named, untimed; [] none")
     max_metric_drop: float = Field(0.02, ge=0, description="largest allowed drop of the metric from the float "
                                    "compressed model to the quantized one (exit 4 when missed)")
     min_agreement: float = Field(0.9, ge=0, le=1, description="smallest allowed agreement of the quantized model with "

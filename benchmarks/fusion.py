@@ -11,7 +11,9 @@ over the float original with 95 % intervals) at batch 8 x 64 tokens and 32 x 128
     default SDPA export fuses no Attention), then `onnxruntime.transformers.optimizer` (model_type
     bert: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), in float;
   - fused + int8 as compress ships it (`quantize: {fuse: true}`): compress's own export with eager
-    attention, fusion and dynamic int8 (per-channel, MatMul and Attention as QAttention);
+    attention, fusion and dynamic int8 (per-channel, MatMul and Attention as QAttention), without
+    the graph rewrites compress now adds where they time faster (quantize.quantize keeps none
+    without a batch to time them on; benchmarks/rewrites.py measures them);
   - fused + int8 by hand: the fused model quantized with ORT's own quantize_dynamic, the same
     reduce_range: MatMul only (per-channel); MatMul and Attention per tensor (ORT's default, for
     what per-channel buys); and the Attention per tensor, then the MatMuls per channel.
@@ -36,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import profile  # noqa: E402
-from realistic import embed, encoder_script, exported_original, quality, text_feeds  # noqa: E402
+from realistic import embed, encoder_script, original_and_int8, quality, text_feeds  # noqa: E402
 
 from compress import bench, exporting, hf, quantize  # noqa: E402
 
@@ -79,10 +81,8 @@ def main() -> None:
     results: dict = {"model": str(folder), "reduce_range": reduce_range, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="compress-fusion-") as tmp:
         tmp = Path(tmp)
-        original = exported_original(folder, feeds, tmp / "original.onnx")
-        reference = embed(str(original), feeds)
-        paths = {"original": original, "int8 of the original": tmp / "int8.onnx"}
-        quantize.quantize(original, paths["int8 of the original"], quantize.QuantizeSection(mode="dynamic"), None)
+        paths, reference = original_and_int8(folder, feeds, tmp)
+        original = paths["original"]
         paths["fused"], results["fused_operators"] = fused_model(folder, feeds, tmp)
         model, _, _ = hf.load_folder(folder, None, None)
         sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in NAMES)

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import profile  # noqa: E402
-from realistic import embed, encoder_script, exported_original, quality, text_feeds  # noqa: E402
+from realistic import embed, encoder_script, original_and_int8, quality, text_feeds  # noqa: E402
 
 from compress import bench, exporting, hf, quantize  # noqa: E402
 
@@ -68,10 +68,8 @@ def main() -> None:
     logging.disable(logging.INFO)  # the optimizer logs every fusion at INFO
     with tempfile.TemporaryDirectory(prefix="compress-fusion-settings-") as tmp:
         tmp = Path(tmp)
-        original = exported_original(folder, feeds, tmp / "original.onnx")
-        reference = embed(str(original), feeds)
-        paths = {"original": original, "int8 of the original": tmp / "int8.onnx"}
-        quantize.quantize(original, paths["int8 of the original"], quantize.QuantizeSection(mode="dynamic"), None)
+        paths, reference = original_and_int8(folder, feeds, tmp)
+        original = paths["original"]
         model, _, _ = hf.load_folder(folder, None, None)
         sample = tuple(torch.from_numpy(feeds[0][n][:1]) for n in NAMES)
         axes = exporting.dynamic_axes_for(NAMES, sample, {}, True)

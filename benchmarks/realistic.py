@@ -171,6 +171,15 @@ def exported_original(folder: Path, feeds: list[dict], path: Path) -> Path:
     return path
 
 
+def original_and_int8(folder: Path, feeds: list[dict], tmp: Path) -> tuple[dict[str, Path], np.ndarray]:
+    """({"original": the folder's model exported, "int8 of the original": ONNX Runtime's dynamic int8 of
+    it, as the report's baseline makes it}, in `tmp`; the original's embeddings of `feeds`)."""
+    original = exported_original(folder, feeds, tmp / "original.onnx")
+    paths = {"original": original, "int8 of the original": tmp / "int8.onnx"}
+    quantize.quantize(original, paths["int8 of the original"], quantize.QuantizeSection(rewrites=[]), None)
+    return paths, embed(str(original), feeds)
+
+
 def embed(path: str, feeds: list[dict]) -> np.ndarray:
     session = bench.make_session(path, 2)
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])

@@ -180,22 +180,31 @@ def test_without_transformers_the_error_names_the_extra(monkeypatch):
         hf.transformers()
 
 
-def test_the_sentence_encoder_example_runs_on_one_file(bert, tmp_path, run_cli):
-    """examples/sentence-encoder/recipe.yaml as shipped (fine-tuning cut short), on one text file
-    that data.split divides: the encoder's feed-forward layers change, int8 ships, the gate holds."""
+def _apply_example(name: str, change, seed: int, bert, tmp_path, run_cli) -> tuple[dict, object]:
+    """(report, output folder) of `compress apply` with examples/sentence-encoder/`name`, as `change`
+    leaves it, on one file of 900 sentences; the run must succeed."""
     import yaml
 
     from ..conftest import REPO
 
-    document = yaml.safe_load((REPO / "examples" / "sentence-encoder" / "recipe.yaml").read_text())
-    document["finetune"]["steps"] = 3
-    document["bench"] = {"batch_sizes": [1, 4], "warmup": 1, "runs": 3}
+    document = yaml.safe_load((REPO / "examples" / "sentence-encoder" / name).read_text())
+    change(document)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(document))
-    (tmp_path / "sentences.txt").write_text("\n".join(sentences(900, seed=5)) + "\n")
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences(900, seed=seed)) + "\n")
     out = tmp_path / "out"
     result = run_cli("apply", "-r", tmp_path / "recipe.yaml", bert, "--out", out, "-q")
     assert result.exit_code == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_the_sentence_encoder_example_runs_on_one_file(bert, tmp_path, run_cli):
+    """examples/sentence-encoder/recipe.yaml as shipped (fine-tuning cut short), on one text file
+    that data.split divides: the encoder's feed-forward layers change, int8 ships, the gate holds."""
+    def change(document):
+        document["finetune"]["steps"] = 3
+        document["bench"] = {"batch_sizes": [1, 4], "warmup": 1, "runs": 3}
+
+    report, _ = _apply_example("recipe.yaml", change, 5, bert, tmp_path, run_cli)
     changed = {row["name"] for row in report["layers"] if row["action"] == "factorize"}
     assert changed == {f"model.encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("intermediate", "output")}
     assert report["quantization"]["mode"] == "dynamic" and report["gates"]["passed"]
@@ -207,21 +216,13 @@ def test_the_faster_than_int8_example_ships_fused_int8_with_its_rewrites_timed(b
     short; `speedup: 1` over int8 of the original, which a tiny model reaches by staying dense): the
     attention ships fused and integer, both rewrites were timed at the budget's shape and the
     bench's (whether they are kept depends on this machine), and the baseline has none."""
-    import yaml
+    def change(document):
+        assert document["budget"] == {"speedup": 1.3, "over": "int8_original", "batch": 8, "seq_len": 64}
+        document["budget"].update(speedup=1.0, batch=4, seq_len=16)
+        document["finetune"]["steps"] = 3
+        document["bench"] = {"batch_sizes": [1, 4], "seq_lens": [16], "warmup": 1, "runs": 3, "threads": 1}
 
-    from ..conftest import REPO
-
-    document = yaml.safe_load((REPO / "examples" / "sentence-encoder" / "faster-than-int8.yaml").read_text())
-    assert document["budget"] == {"speedup": 1.3, "over": "int8_original", "batch": 8, "seq_len": 64}
-    document["budget"].update(speedup=1.0, batch=4, seq_len=16)
-    document["finetune"]["steps"] = 3
-    document["bench"] = {"batch_sizes": [1, 4], "seq_lens": [16], "warmup": 1, "runs": 3, "threads": 1}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(document))
-    (tmp_path / "sentences.txt").write_text("\n".join(sentences(900, seed=7)) + "\n")
-    out = tmp_path / "out"
-    result = run_cli("apply", "-r", tmp_path / "recipe.yaml", bert, "--out", out, "-q")
-    assert result.exit_code == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    report, out = _apply_example("faster-than-int8.yaml", change, 7, bert, tmp_path, run_cli)
     q = report["quantization"]
     assert q["quantized_ops"]["QAttention"] == 2
     rewrites = q["rewrites"]

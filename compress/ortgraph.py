@@ -75,7 +75,7 @@ def decompose_layer_norms(model) -> int:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     taken = {name for node in graph.node for name in list(node.input) + list(node.output)} | {
         i.name for i in graph.initializer}
-    constants: dict[float, str] = {}
+    constants: dict[tuple, str] = {}  # (value, dtype) -> its initializer's name
     added, nodes, count = [], [], 0
 
     def fresh(stem: str) -> str:
@@ -183,8 +183,10 @@ def soften_attention_masks(model, value: float | None = None) -> int:
         del node.attribute[:]
         node.attribute.extend(kept + [helper.make_attribute("mask_filter_value", float(value))])
         count += 1
-    for k, (node, index) in enumerate(_mask_constants(model.graph)):
-        name = f"compress_mask_filter{k}"
+    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    for node, index in _mask_constants(model.graph):
+        name = next(n for n in (f"compress_mask_filter{k}" for k in range(len(taken) + 1)) if n not in taken)
+        taken.add(name)
         model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
         node.input[index] = name  # a constant of its own: the one it had may feed other nodes
         count += 1
@@ -319,7 +321,11 @@ def _disagreement(a: str, b: str, feed: dict[str, np.ndarray], threads: int) -> 
     from . import bench
 
     outs = [bench.make_session(p, threads).run(None, feed) for p in (a, b)]
-    gaps = [float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-30) for x, y in zip(*outs)]
+    gaps = []
+    for x, y in zip(*outs):
+        if not np.array_equal(np.isnan(x), np.isnan(y)):  # a NaN where the other has a number: no agreement
+            return float("inf")
+        gaps.append(float(np.nanmax(np.abs(x - y), initial=0)) / max(float(np.nanmax(np.abs(x), initial=0)), 1e-30))
     return max(gaps, default=0.0)
 
 

@@ -229,3 +229,20 @@ def test_a_recipes_list_applies_untimed_and_an_empty_one_nothing(tmp_path, monke
     assert quantize._rewrite(path, quantize.QuantizeSection(), None) is None  # auto without a place to time
     with pytest.raises(Exception, match="rewrites"):
         quantize.QuantizeSection(rewrites=["softmax"])
+
+
+def test_outputs_that_are_nan_in_one_model_only_do_not_agree(monkeypatch):
+    """A mask whose every key is padded gives -inf rows NaN (PyTorch's export then zeroes them):
+    a variant that answers with numbers there is not the same model."""
+    class Session:
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+        def run(self, names, feed):
+            return self.outputs
+
+    outputs = iter([[np.array([1.0, np.nan])], [np.array([1.0, 0.0])],
+                    [np.array([1.0, np.nan])], [np.array([1.00001, np.nan])]])
+    monkeypatch.setattr(bench, "make_session", lambda path, threads: Session(next(outputs)))
+    assert ortgraph._disagreement("a", "b", {}, 1) == float("inf")
+    assert ortgraph._disagreement("a", "b", {}, 1) == pytest.approx(1e-5)

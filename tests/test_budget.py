@@ -499,6 +499,27 @@ def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, m
     assert all(d.action == "keep" for d in planned.decisions)
 
 
+def test_rewrites_measured_slower_than_the_baseline_do_not_put_int8s_speed_out_of_reach(digits_model, monkeypatch):
+    """The rewrites are kept only where they time faster, so the dense int8 model costs the less of
+    int8 with them (as measured) and without them: a noisy timing that puts the rewritten file
+    behind the baseline cannot make `speedup: 1, over: int8_original` unreachable."""
+    from compress import opcost, planning
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+
+    monkeypatch.setattr(planning, "_measure_models", lambda ctx, models, budget: {
+        "original": planning.Counted(10.0), "original_int8": planning.Counted(4.5, (0.4, 0.5)),
+        "int8_baseline": planning.Counted(4.0, (0.35, 0.45))})
+    monkeypatch.setattr(opcost.OpCosts, "latency_ms", lambda self, layer, rank, scheme, shape, quantized=False:
+                        (0.1 if rank is None else 0.09) * (0.5 if quantized else 1))
+    document = {"data": DATA, "stages": [STAGE], "quantize": {"mode": "static"},
+                "budget": {"speedup": 1.0, "over": "int8_original", "batch": 1},
+                "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
+    planned = plan(load_context(as_recipe(document), digits_model, Options()))
+    assert planned.allocation.predicted == pytest.approx(4.0)
+    assert all(d.action == "keep" for d in planned.decisions)
+
+
 def test_models_with_the_same_bytes_are_measured_once(tmp_path):
     from compress import planning
 

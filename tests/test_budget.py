@@ -469,15 +469,29 @@ def test_a_speedup_over_int8_of_the_original_is_planned_over_the_original(digits
     assert asked == [{"original": None, "int8_baseline": "dynamic"}]
 
 
+def _planned_at_int8s_speed(digits_model, monkeypatch, measured, factorized_ms: float):
+    """The plan of `speedup: 1, over: int8_original` (static int8) with `_measure_models` replaced by
+    `measured` and every op priced 0.1 ms dense, `factorized_ms` at a rank (halved in int8)."""
+    from compress import opcost, planning
+    from compress.api import as_recipe
+    from compress.pipeline import Options, load_context, plan
+
+    monkeypatch.setattr(planning, "_measure_models", measured)
+    monkeypatch.setattr(opcost.OpCosts, "latency_ms", lambda self, layer, rank, scheme, shape, quantized=False:
+                        (0.1 if rank is None else factorized_ms) * (0.5 if quantized else 1))
+    document = {"data": DATA, "stages": [STAGE], "quantize": {"mode": "static"},
+                "budget": {"speedup": 1.0, "over": "int8_original", "batch": 1},
+                "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
+    return plan(load_context(as_recipe(document), digits_model, Options()))
+
+
 def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, monkeypatch):
     """With the recipe's own quantize settings, int8 of the original is the model the costs start
     from; the baseline is the same settings without compress's rewrites, which on this model is
     the same file, measured once (`_measure_models`): `speedup: 1, over: int8_original` is then met
     by leaving every layer dense (two timings of the same model would differ, and the allocation
     would factorize to make up the noise)."""
-    from compress import opcost, planning
-    from compress.api import as_recipe
-    from compress.pipeline import Options, load_context, plan
+    from compress import planning
 
     asked = []
 
@@ -487,13 +501,7 @@ def test_as_fast_as_int8_of_the_original_is_int8_of_the_original(digits_model, m
         same = planning.Counted(4.0, (0.4, 0.4))
         return {"original": planning.Counted(10.0), "original_int8": same, "int8_baseline": same}
 
-    monkeypatch.setattr(planning, "_measure_models", measured)
-    monkeypatch.setattr(opcost.OpCosts, "latency_ms", lambda self, layer, rank, scheme, shape, quantized=False:
-                        (0.1 if rank is None else 0.05) * (0.5 if quantized else 1))
-    document = {"data": DATA, "stages": [STAGE], "quantize": {"mode": "static"},
-                "budget": {"speedup": 1.0, "over": "int8_original", "batch": 1},
-                "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
-    planned = plan(load_context(as_recipe(document), digits_model, Options()))
+    planned = _planned_at_int8s_speed(digits_model, monkeypatch, measured, 0.05)
     assert asked == [["int8_baseline", "original", "original_int8"]]
     assert planned.allocation.value == pytest.approx(2.5) and planned.allocation.predicted == pytest.approx(4.0)
     assert all(d.action == "keep" for d in planned.decisions)
@@ -503,19 +511,11 @@ def test_rewrites_measured_slower_than_the_baseline_do_not_put_int8s_speed_out_o
     """The rewrites are kept only where they time faster, so the dense int8 model costs the less of
     int8 with them (as measured) and without them: a noisy timing that puts the rewritten file
     behind the baseline cannot make `speedup: 1, over: int8_original` unreachable."""
-    from compress import opcost, planning
-    from compress.api import as_recipe
-    from compress.pipeline import Options, load_context, plan
+    from compress import planning
 
-    monkeypatch.setattr(planning, "_measure_models", lambda ctx, models, budget: {
+    planned = _planned_at_int8s_speed(digits_model, monkeypatch, lambda ctx, models, budget: {
         "original": planning.Counted(10.0), "original_int8": planning.Counted(4.5, (0.4, 0.5)),
-        "int8_baseline": planning.Counted(4.0, (0.35, 0.45))})
-    monkeypatch.setattr(opcost.OpCosts, "latency_ms", lambda self, layer, rank, scheme, shape, quantized=False:
-                        (0.1 if rank is None else 0.09) * (0.5 if quantized else 1))
-    document = {"data": DATA, "stages": [STAGE], "quantize": {"mode": "static"},
-                "budget": {"speedup": 1.0, "over": "int8_original", "batch": 1},
-                "bench": {"batch_sizes": [1], "warmup": 1, "runs": 3}}
-    planned = plan(load_context(as_recipe(document), digits_model, Options()))
+        "int8_baseline": planning.Counted(4.0, (0.35, 0.45))}, 0.09)
     assert planned.allocation.predicted == pytest.approx(4.0)
     assert all(d.action == "keep" for d in planned.decisions)
 

@@ -162,7 +162,7 @@ def main() -> None:
                                                   for label in (BASE, "fused int8, no rewrites", "fused int8 + both")}
         auto = tmp / "auto.onnx"  # what `rewrites: auto` keeps, timed by compress itself at 8 x 64, 2 threads
         shutil.copyfile(paths["fused int8, no rewrites"], auto)
-        results["auto 8x64 t2"] = ortgraph.choose(auto, shape_feeds[key], key, 2).__dict__
+        results["auto 8x64 t2"] = ortgraph.choose(auto, {key: shape_feeds[key]}, 2).__dict__
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

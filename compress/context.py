@@ -447,12 +447,11 @@ def timing_feeds(ctx: Context, batch_sizes: list[int], seq_lens: list[int] | Non
 
 def rewrite_timing(ctx: Context, batch: int | None = None, seq_len: int | None = None) -> quantize.Timing:
     """Where `quantize.rewrites: auto` times its variants: real eval samples at `batch` (`seq_len`
-    tokens), by default the largest of the recipe's bench shapes, at the recipe's bench threads."""
+    tokens), by default at each of the recipe's bench shapes, at the recipe's bench threads."""
     r = ctx.recipe.recipe
     if batch is None:
-        batch, seq_len = max(r.bench.batch_sizes), max(r.bench.seq_lens) if r.bench.seq_lens else None
-    (shape, feed), = timing_feeds(ctx, [batch], [seq_len] if seq_len else None).items()
-    return quantize.Timing(feed, shape, r.bench.threads)
+        return quantize.Timing(timing_feeds(ctx, r.bench.batch_sizes, r.bench.seq_lens), r.bench.threads)
+    return quantize.Timing(timing_feeds(ctx, [batch], [seq_len] if seq_len else None), r.bench.threads)
 
 
 def file_size(path) -> int | None:

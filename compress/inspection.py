@@ -119,7 +119,7 @@ def _quantize_file(path: Path, recipe, mode: str, names, batch, data, model, exp
     quantize.check_section(cfg, [n for n, _ in model.named_modules() if n], True, model)
     quantized = path.with_name(path.name + ".int8")
     feed = export.to_feed(names, batch)
-    timing = quantize.Timing(feed, bench.shape_key(len(batch[0])), recipe.bench.threads if recipe is not None else 1)
+    timing = quantize.Timing({bench.shape_key(len(batch[0])): feed}, recipe.bench.threads if recipe is not None else 1)
     try:
         with quantize.int8_source(cfg, model, path, export_eager) as (source, heads):
             info = quantize.quantize(source, quantized, cfg, calibration, heads, timing)

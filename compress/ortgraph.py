@@ -54,8 +54,8 @@ class Rewrites:
 
     applied: list[str]  # the rewrites the shipped model has
     nodes: dict[str, int]  # rewrite -> nodes it changes (every applicable rewrite, applied or not)
-    shape: str | None = None  # the shape it was timed at (`bench.shape_key`)
-    speedup: dict[str, dict] = field(default_factory=dict)  # variant ("+"-joined rewrites) -> {speedup, ci}
+    shapes: list[str] = field(default_factory=list)  # the shapes it was timed at (`bench.shape_key`)
+    speedup: dict[str, dict] = field(default_factory=dict)  # variant ("+"-joined) -> shape -> {speedup, ci}
     refused: dict[str, str] = field(default_factory=dict)  # rewrite -> why it was not kept
 
 
@@ -274,17 +274,20 @@ def apply(path: Path, names: list[str]) -> Rewrites:
     return Rewrites(applied=applied, nodes=nodes)
 
 
-def choose(path: Path, feed: dict[str, np.ndarray], shape: str, threads: int) -> Rewrites:
+def choose(path: Path, feeds: dict[str, dict[str, np.ndarray]], threads: int) -> Rewrites:
     """Time the ONNX file at `path` beside its variants with each applicable rewrite (and with all of
-    them) on `feed`, interleaved; rewrite `path` in place to the fastest variant whose 95 % interval
-    over the unrewritten model lies above 1, if any. attention_masks is tried only where it leaves
-    the outputs within MASK_AGREEMENT of the unrewritten model's."""
+    them) on each of `feeds` (`bench.shape_key` -> feed), interleaved; rewrite `path` in place to the
+    variant fastest at the largest shape among those whose 95 % interval over the unrewritten model
+    lies above 1 there and reaches 1 at every other shape (none surely slower anywhere), if any.
+    attention_masks is tried only where it leaves the outputs within MASK_AGREEMENT of the
+    unrewritten model's."""
     from . import bench
 
     nodes = {name: n for name, n in applicable(path).items() if n}
-    result = Rewrites(applied=[], nodes=nodes, shape=shape)
+    result = Rewrites(applied=[], nodes=nodes, shapes=list(feeds))
     if not nodes:
         return result
+    largest = bench.largest_key(feeds)
     with tempfile.TemporaryDirectory(prefix="compress-rewrites-") as tmp:
         variants = {name: [name] for name in nodes}
         if len(nodes) > 1:
@@ -294,25 +297,39 @@ def choose(path: Path, feed: dict[str, np.ndarray], shape: str, threads: int) ->
             paths[label] = str(Path(tmp) / f"{label.replace('+', '_')}.onnx")
             write(path, Path(paths[label]), names)
         if "attention_masks" in nodes:
-            gap = _disagreement(str(path), paths["attention_masks"], feed, threads)
+            gap = _disagreement(str(path), paths["attention_masks"], feeds[largest], threads)
             if gap > MASK_AGREEMENT:
                 result.refused["attention_masks"] = (f"changed the outputs by {gap:.1e} of their largest value "
                                                      f"(more than {MASK_AGREEMENT:g})")
                 paths = {k: v for k, v in paths.items() if "attention_masks" not in variants.get(k, [])}
         if len(paths) == 1:
             return result
-        measured = bench.measure(paths, {shape: feed}, threads, warmup=3, runs=TIMING_RUNS, budget_s=TIMING_S)
-        result.speedup = {label: measured.pair("as quantized", label)[shape] for label in list(paths)[1:]}
-        faster = [label for label, s in result.speedup.items() if s["ci"][0] > 1]
+        measured = bench.measure(paths, feeds, threads, warmup=3, runs=TIMING_RUNS, budget_s=TIMING_S)
+        result.speedup = {label: measured.pair("as quantized", label) for label in list(paths)[1:]}
+        kept = {label: _why_not(by_shape, largest) for label, by_shape in result.speedup.items()}
+        faster = [label for label, why in kept.items() if why is None]
         if faster:
-            best = max(faster, key=lambda label: result.speedup[label]["speedup"])
-            result.applied = variants[best]
+            result.applied = variants[max(faster, key=lambda label: result.speedup[label][largest]["speedup"])]
             _replace(path, result.applied)
         for name in nodes:
             if name not in result.applied and name not in result.refused:
-                result.refused[name] = f"not faster here ({result.speedup[name]['speedup']:.2f}x, 95 % interval " \
-                                       f"{result.speedup[name]['ci']})"
+                result.refused[name] = kept[name] or "faster alone, but not as fast as the variant kept"
     return result
+
+
+def _why_not(by_shape: dict[str, dict], largest: str) -> str | None:
+    """Why a variant timed at each shape (shape -> {speedup, ci} over the model without it) is not
+    kept: not surely faster at the largest shape, or surely slower at another; None when it may be."""
+    from .bench import describe_key
+
+    def said(shape: str) -> str:
+        s = by_shape[shape]
+        return f"{s['speedup']:.2f}x [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}] at {describe_key(shape)}"
+
+    if by_shape[largest]["ci"][0] <= 1:
+        return f"not surely faster ({said(largest)})"
+    slower = [shape for shape, s in by_shape.items() if s["ci"][1] < 1]
+    return f"slower at a smaller shape ({said(slower[0])})" if slower else None
 
 
 def _disagreement(a: str, b: str, feed: dict[str, np.ndarray], threads: int) -> float:

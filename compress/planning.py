@@ -252,9 +252,9 @@ def _measure_models(ctx: Context, models: dict[str, tuple[nn.Module, quantize.Qu
         if budget.target == "onnx_bytes":
             return {label: Counted(float(file_size(path))) for label, path in paths.items()}
         same = _same_files(paths)  # label -> an earlier label with the same file: measured once
-        measured = bench.measure({k: v for k, v in paths.items() if k not in same}, {timing.shape: timing.feed},
+        measured = bench.measure({k: v for k, v in paths.items() if k not in same}, timing.feeds,
                                  r.bench.threads, r.bench.warmup, r.bench.runs)
-    key, first = timing.shape, next(iter(models))
+    (key,), first = timing.feeds, next(iter(models))
     out = {first: Counted(measured.latency_ms[first][key]["p50"])}
     for label in [k for k in list(models)[1:] if k not in same]:
         over = measured.over_reference(label)[key]  # latency ratios are the speedup's inverse

@@ -81,8 +81,8 @@ class QuantizeSection(Strict):
     rewrites: Literal["auto"] | list[Literal["layer_norms", "attention_masks"]] = Field(
         "auto", description="graph rewrites of the int8 model for ONNX Runtime's CPU kernels (compress/ortgraph.py): "
         "layer_norms writes layer norms as elementwise operators, attention_masks keeps a fused attention's padded "
-        "positions out of float's subnormal range; auto: each timed on this machine at the largest bench shape "
-        "and kept only where measurably faster (all-MiniLM-L6-v2, fused, batch 8 x 64: both together 1.41-1.48x "
+        "positions out of float's subnormal range; auto: each timed on this machine at the bench shapes and "
+        "kept only where measurably faster at the largest and not slower at any (all-MiniLM-L6-v2, fused, batch 8 x 64: both together 1.41-1.48x "
         "over int8 of the original at 1 thread, 1.26-1.31x at 2); a list applies those named, untimed; [] none")
     max_metric_drop: float = Field(0.02, ge=0, description="largest allowed drop of the metric from the float "
                                    "compressed model to the quantized one (exit 4 when missed)")
@@ -296,10 +296,9 @@ class Quantized:
 
 @dataclass(frozen=True)
 class Timing:
-    """Where `quantize.rewrites: auto` times its variants: one ONNX feed, its `bench.shape_key`, threads."""
+    """Where `quantize.rewrites: auto` times its variants: ONNX feeds by `bench.shape_key`, threads."""
 
-    feed: dict[str, np.ndarray]
-    shape: str
+    feeds: dict[str, dict[str, np.ndarray]]
     threads: int
 
 
@@ -373,7 +372,7 @@ def _rewrite(path: Path, cfg: QuantizeSection, timing: Timing | None) -> dict | 
     from . import ortgraph
 
     if cfg.rewrites == "auto":
-        done = ortgraph.choose(path, timing.feed, timing.shape, timing.threads) if timing is not None else None
+        done = ortgraph.choose(path, timing.feeds, timing.threads) if timing is not None else None
     else:
         done = ortgraph.apply(path, cfg.rewrites) if cfg.rewrites else None
     return dataclasses.asdict(done) if done is not None else None

@@ -159,8 +159,8 @@ class Report:
                                     "`metric_drop` from the float model, the limits, `passed`), `tables` (with "
                                     "quantize.tables: `bits`, `block_size`, `symmetric`, `quantized` tables), `fused` "
                                     "(with quantize.fuse: operator -> nodes fused), `rewrites` (quantize.rewrites: "
-                                    "`applied`, `nodes` each would change, the `shape` timed at, each variant's "
-                                    "`speedup` over the model without them, `refused` and why); null otherwise",
+                                    "`applied`, `nodes` each would change, the `shapes` timed at, each variant's "
+                                    "`speedup` per shape over the model without them, `refused` and why); null otherwise",
                                     default=None)
     baselines: dict[str, Baseline] = doc("`int8_original`: ONNX Runtime's quantization of the original, measured in the same run: "
                           "the fastest (at the largest batch size) of the options the data allows: the recipe's quantize "
@@ -484,9 +484,10 @@ def _rewrites_text(rewrites: dict | None) -> str:
     listed = ", ".join(f"{name} ({rewrites['nodes'][name]} nodes)" for name in applied)
     said = ""
     if applied:
-        said = f" Graph rewrites: {listed}" + (
-            f", {timed['speedup']:.2f}x [{timed['ci'][0]:.2f}, {timed['ci'][1]:.2f}] over the same model without "
-            f"them at {describe_key(rewrites['shape'])}" if timed else "") + "."
+        speeds = [f"{s['speedup']:.2f}x [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}] at {describe_key(shape)}"
+                  for shape, s in (timed or {}).items()]
+        said = f" Graph rewrites: {listed}" + (f", over the same model without them: {'; '.join(speeds)}"
+                                               if speeds else "") + "."
     return said + "".join(f" Not rewritten: {name}, {why}." for name, why in rewrites["refused"].items())
 
 

@@ -143,19 +143,20 @@ def test_a_mask_that_is_no_padding_value_is_left_alone():
 
 
 class _Timed:
-    """bench.measure's stand-in: every variant's speedup over the unrewritten model, as given."""
+    """bench.measure's stand-in: every variant's speedup over the unrewritten model, as given (one
+    {speedup, ci} for every shape, or shape -> {speedup, ci})."""
 
     def __init__(self, speedups):
         self.speedups, self.asked = speedups, []
 
     def __call__(self, paths, feeds, threads, **kwargs):
         self.asked.append(list(paths))
-        (shape,) = feeds
         speedups = self.speedups
 
         class Measured:
             def pair(self, a, b):
-                return {shape: speedups[b]}
+                given = speedups[b]
+                return {shape: given.get(shape, given) if "ci" not in given else given for shape in feeds}
 
         return Measured()
 
@@ -183,7 +184,7 @@ def test_choose_keeps_the_fastest_variant_that_is_surely_faster(tmp_path, monkey
                     "attention_masks": {"speedup": 1.1, "ci": [1.05, 1.15]},
                     "layer_norms+attention_masks": {"speedup": 1.4, "ci": [1.3, 1.5]}})
     monkeypatch.setattr(bench, "measure", timed)
-    done = ortgraph.choose(path, feed, "2x6", 1)
+    done = ortgraph.choose(path, {"2x6": feed}, 1)
     assert timed.asked == [["as quantized", "layer_norms", "attention_masks", "layer_norms+attention_masks"]]
     assert done.applied == ["layer_norms", "attention_masks"] and done.nodes == {"layer_norms": 1, "attention_masks": 1}
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
@@ -198,16 +199,30 @@ def test_choose_keeps_nothing_whose_interval_holds_one(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "measure", _Timed({
         "layer_norms": {"speedup": 1.05, "ci": [0.98, 1.12]}, "attention_masks": {"speedup": 0.9, "ci": [0.85, 0.95]},
         "layer_norms+attention_masks": {"speedup": 1.01, "ci": [0.95, 1.07]}}))
-    done = ortgraph.choose(path, feed, "2x6", 1)
+    done = ortgraph.choose(path, {"2x6": feed}, 1)
     assert done.applied == [] and path.read_bytes() == data
-    assert done.refused["layer_norms"].startswith("not faster here (1.05x")
+    assert done.refused["layer_norms"] == "not surely faster (1.05x [0.98, 1.12] at batch 2, 6 tokens)"
+
+
+def test_choose_keeps_nothing_that_is_surely_slower_at_a_smaller_shape(tmp_path, monkeypatch):
+    """Faster at the largest bench shape is not enough: a variant surely slower at another shape
+    (the unfused layer norms at batch 1 with 2 threads, measured) is not kept; one that may tie there is."""
+    path, feed = _save_both(tmp_path)
+    faster = {"speedup": 1.3, "ci": [1.2, 1.4]}
+    monkeypatch.setattr(bench, "measure", _Timed({
+        "layer_norms": {"1x6": {"speedup": 0.8, "ci": [0.75, 0.85]}, "2x6": faster},
+        "attention_masks": {"1x6": {"speedup": 1.0, "ci": [0.9, 1.1]}, "2x6": {"speedup": 1.1, "ci": [1.05, 1.15]}},
+        "layer_norms+attention_masks": {"1x6": {"speedup": 0.9, "ci": [0.85, 0.95]}, "2x6": faster}}))
+    done = ortgraph.choose(path, {"1x6": {k: v[:1] for k, v in feed.items()}, "2x6": feed}, 1)
+    assert done.applied == ["attention_masks"] and done.shapes == ["1x6", "2x6"]
+    assert done.refused["layer_norms"] == "slower at a smaller shape (0.80x [0.75, 0.85] at batch 1, 6 tokens)"
 
 
 def test_choose_refuses_a_mask_value_that_changes_the_outputs(tmp_path, monkeypatch):
     path, feed = _save_both(tmp_path)
     monkeypatch.setattr(ortgraph, "MASK_FILTER", 0.0)  # padded positions would then count
     monkeypatch.setattr(bench, "measure", _Timed({"layer_norms": {"speedup": 1.2, "ci": [1.1, 1.3]}}))
-    done = ortgraph.choose(path, feed, "2x6", 1)
+    done = ortgraph.choose(path, {"2x6": feed}, 1)
     assert done.applied == ["layer_norms"] and "changed the outputs" in done.refused["attention_masks"]
 
 
@@ -216,7 +231,7 @@ def test_nothing_to_rewrite_is_not_timed(tmp_path, monkeypatch):
     path = tmp_path / "relu.onnx"
     onnx.save(model, str(path))
     monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("timed a model with nothing to rewrite"))
-    done = ortgraph.choose(path, {"x": np.ones((2, H), np.float32)}, "2", 1)
+    done = ortgraph.choose(path, {"2": {"x": np.ones((2, H), np.float32)}}, 1)
     assert done.applied == [] and done.nodes == {}
 
 

@@ -33,6 +33,7 @@ only (the attention's are ONNX Runtime's already).
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,38 +240,16 @@ def _mask_constants(graph) -> list[tuple]:
 FUNCTIONS: dict[str, Callable] = {"layer_norms": decompose_layer_norms, "attention_masks": soften_attention_masks}
 
 
-def applicable(path: Path) -> dict[str, int]:
-    """rewrite -> nodes it would change in the ONNX file at `path` (0 where it has none; none at all
-    for a model whose weights lie in external data files, which a rewrite would have to copy)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
-        return {name: 0 for name in REWRITES}
-    counts = {}
-    for name in REWRITES:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        counts[name] = FUNCTIONS[name](copy)
-    return counts
-
-
-def write(source: Path, target: Path, names: list[str]) -> None:
-    """Write `source` with the rewrites `names` applied to `target`."""
-    import onnx
-
-    model = onnx.load(str(source))
-    for name in names:
-        FUNCTIONS[name](model)
-    onnx.save(model, str(target))
-
-
 def apply(path: Path, names: list[str]) -> Rewrites:
     """Apply the rewrites `names` to the ONNX file at `path` in place, untimed (a recipe's explicit list)."""
-    nodes = {name: n for name, n in applicable(path).items() if name in names}
-    applied = [name for name in names if nodes.get(name)]
+    names = list(dict.fromkeys(names))  # a rewrite named twice is applied once
+    model = _load(path)
+    if model is None:
+        return Rewrites(applied=[], nodes={name: 0 for name in names})
+    rewritten, nodes = _rewritten(model, names)
+    applied = [name for name in names if nodes[name]]
     if applied:
-        _replace(path, applied)
+        _save(path, lambda f: f.write(rewritten.SerializeToString()))
     return Rewrites(applied=applied, nodes=nodes)
 
 
@@ -283,19 +262,12 @@ def choose(path: Path, feeds: dict[str, dict[str, np.ndarray]], threads: int) ->
     unrewritten model's."""
     from . import bench
 
-    nodes = {name: n for name, n in applicable(path).items() if n}
-    result = Rewrites(applied=[], nodes=nodes, shapes=list(feeds))
-    if not nodes:
-        return result
     largest = bench.largest_key(feeds)
     with tempfile.TemporaryDirectory(prefix="compress-rewrites-") as tmp:
-        variants = {name: [name] for name in nodes}
-        if len(nodes) > 1:
-            variants["+".join(nodes)] = list(nodes)
-        paths = {"as quantized": str(path)}
-        for label, names in variants.items():
-            paths[label] = str(Path(tmp) / f"{label.replace('+', '_')}.onnx")
-            write(path, Path(paths[label]), names)
+        paths, variants, nodes = _variant_files(path, Path(tmp))
+        result = Rewrites(applied=[], nodes=nodes, shapes=list(feeds))
+        if not nodes:
+            return result
         if "attention_masks" in nodes:
             gap = _disagreement(str(path), paths["attention_masks"], feeds[largest], threads)
             if gap > MASK_AGREEMENT:
@@ -309,12 +281,61 @@ def choose(path: Path, feeds: dict[str, dict[str, np.ndarray]], threads: int) ->
         kept = {label: _why_not(by_shape, largest) for label, by_shape in result.speedup.items()}
         faster = [label for label, why in kept.items() if why is None]
         if faster:
-            result.applied = variants[max(faster, key=lambda label: result.speedup[label][largest]["speedup"])]
-            _replace(path, result.applied)
+            best = max(faster, key=lambda label: result.speedup[label][largest]["speedup"])
+            result.applied = variants[best]
+            with open(paths[best], "rb") as written:  # the file just timed, put in the model's place
+                _save(path, lambda f: shutil.copyfileobj(written, f))
         for name in nodes:
             if name not in result.applied and name not in result.refused:
                 result.refused[name] = kept[name] or "faster alone, but not as fast as the variant kept"
     return result
+
+
+def _variant_files(path: Path, folder: Path) -> tuple[dict[str, str], dict[str, list[str]], dict[str, int]]:
+    """({"as quantized": `path`, variant: its file in `folder`}, variant -> the rewrites it has,
+    rewrite -> nodes it changes) for each rewrite that changes the model at `path`, and for all of
+    them together; the model is read once, and each variant is written as soon as it is made."""
+    model = _load(path)
+    paths, variants, nodes = {"as quantized": str(path)}, {}, {}
+
+    def keep(label: str, names: list[str], rewritten) -> None:
+        variants[label], paths[label] = names, str(folder / f"{label.replace('+', '_')}.onnx")
+        Path(paths[label]).write_bytes(rewritten.SerializeToString())
+
+    for name in REWRITES if model is not None else ():
+        rewritten, counts = _rewritten(model, [name])
+        if counts[name]:
+            nodes[name] = counts[name]
+            keep(name, [name], rewritten)
+    if len(nodes) > 1:
+        keep("+".join(nodes), list(nodes), _rewritten(model, list(nodes))[0])
+    return paths, variants, nodes
+
+
+def _load(path: Path):
+    """The ONNX model at `path`; None where its weights lie in external data files, which a rewrite
+    would have to copy."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return None if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer) else model
+
+
+def _rewritten(model, names: list[str]) -> tuple:
+    """(a copy of `model` with the rewrites `names` applied, rewrite -> nodes it changed)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy, {name: FUNCTIONS[name](copy) for name in names}
+
+
+def _save(path: Path, write: Callable) -> None:
+    """`write(file)` over the ONNX file at `path`, atomically and never through a link, with the
+    umask's permissions like the file it replaces (outdir.write_atomic)."""
+    from .outdir import write_atomic
+
+    write_atomic(path, write, public=True)
 
 
 def _why_not(by_shape: dict[str, dict], largest: str) -> str | None:
@@ -344,10 +365,3 @@ def _disagreement(a: str, b: str, feed: dict[str, np.ndarray], threads: int) -> 
             return float("inf")
         gaps.append(float(np.nanmax(np.abs(x - y), initial=0)) / max(float(np.nanmax(np.abs(x), initial=0)), 1e-30))
     return max(gaps, default=0.0)
-
-
-def _replace(path: Path, names: list[str]) -> None:
-    with tempfile.TemporaryDirectory(prefix="compress-rewrites-", dir=path.parent) as tmp:
-        written = Path(tmp) / path.name
-        write(path, written, names)
-        written.replace(path)
